@@ -1,0 +1,2 @@
+//! The `redis-intercept` binary.
+fn main() {}

@@ -1,0 +1,209 @@
+//! Harness for end-to-end tests, the demo and the benchmark: real `redis-server` processes on
+//! free loopback ports in temporary directories, killed when dropped, and a tiny blocking RESP
+//! client for checks that must not go through the proxy.
+//!
+//! Panics are the error handling here: this is test support, and a panic with the server log
+//! is the most useful failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test support code")]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use redis_intercept::resp::{Frame, Limits};
+
+/// The redis-server binary: `$REDIS_SERVER_BIN`, else `redis-server` on PATH.
+pub fn redis_server_bin() -> String {
+    std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned())
+}
+
+/// A port that was free a moment ago on 127.0.0.1. Callers retry if it's taken by the time
+/// they bind it.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A redis-server child process with its own directory and log.
+pub struct RedisServer {
+    /// The running process, killed on drop.
+    child: Option<Child>,
+    /// Working directory holding the log (and any dump), removed on drop.
+    dir: tempfile::TempDir,
+    /// Extra arguments, kept to restart the server the same way.
+    extra: Vec<String>,
+    /// Where clients reach it.
+    pub addr: SocketAddr,
+}
+
+impl RedisServer {
+    /// Starts a plain standalone server.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments, e.g. `["--requirepass", "x"]`.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let mut dir = tempfile::Builder::new()
+            .prefix("ri-redis-")
+            .tempdir()
+            .expect("temp dir");
+        for _attempt in 0..10 {
+            let port = free_port();
+            let mut server = RedisServer {
+                child: None,
+                dir,
+                extra: extra.clone(),
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(log) if log.contains("Address already in use") => {
+                    dir = server.take_dir();
+                }
+                Err(log) => panic!("redis-server on port {port} did not start:\n{log}"),
+            }
+        }
+        panic!("no free port for redis-server after 10 attempts");
+    }
+
+    fn take_dir(mut self) -> tempfile::TempDir {
+        self.kill();
+        let placeholder = tempfile::tempdir().expect("temp dir");
+        std::mem::replace(&mut self.dir, placeholder)
+    }
+
+    /// Path of the server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let _ = std::fs::remove_file(self.log_path());
+        let child = Command::new(redis_server_bin())
+            .arg("--bind")
+            .arg(self.addr.ip().to_string())
+            .arg("--port")
+            .arg(self.addr.port().to_string())
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path())
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot run {}: {e} (run `cargo xtask setup` to install redis-server)",
+                    redis_server_bin()
+                )
+            })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(format!("exited with {status}\n{}", self.log()));
+            }
+            if TcpStream::connect(self.addr).is_ok() && self.log().contains("Ready to accept") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!("not ready within 10s\n{}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL) and waits for it; the address stays reserved for
+    /// [`RedisServer::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, with the same arguments.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(log) if Instant::now() < deadline && log.contains("Address already in use") => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(log) => panic!("restart of redis-server on {} failed:\n{log}", self.addr),
+            }
+        }
+    }
+
+    /// The server's process id, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends one command straight to the server (not through the proxy).
+    pub fn cmd(&self, args: &[&str]) -> Frame {
+        raw_command(self.addr, args)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- log of redis-server {} ---\n{}", self.addr, self.log());
+        }
+        self.kill();
+    }
+}
+
+/// Sends one command over a fresh blocking connection and returns the reply.
+pub fn raw_command(addr: SocketAddr, args: &[&str]) -> Frame {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut out = Vec::new();
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    stream.write_all(&out).unwrap();
+    read_frame(&mut stream)
+}
+
+/// Reads exactly one reply from a blocking stream.
+pub fn read_frame(stream: &mut TcpStream) -> Frame {
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        let bytes = Bytes::copy_from_slice(&buf);
+        if let Some((frame, _)) = Frame::parse(&bytes, &Limits::default()).unwrap() {
+            return frame;
+        }
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed before a full reply");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
