@@ -1,7 +1,16 @@
 //! redis-intercept: a node-level transparent Redis proxy.
 //!
 //! # Layout
+//! Lower layers never import higher ones.
 //! - [`resp`]: bytes ⇄ RESP frames, with limits.
 //! - [`command`]: the Redis command table and how the proxy handles each command.
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`upstream`]: shared pipelined connections to Redis nodes.
+//! - [`session`]: one client connection.
+//! - [`app`]: binding, worker threads, shutdown.
+pub mod app;
 pub mod command;
+pub mod config;
 pub mod resp;
+pub mod session;
+pub mod upstream;

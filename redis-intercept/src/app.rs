@@ -1,0 +1,276 @@
+//! Life cycle of the proxy: bind every listener, start the worker threads, serve, and drain
+//! on shutdown.
+//!
+//! Each worker is an OS thread running a single-threaded tokio runtime. It accepts from its
+//! own handle of every service listener and owns its own upstream connections, so the data
+//! path shares nothing between threads and takes no locks.
+
+use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, Mode};
+use crate::resp::Limits;
+use crate::session::{self, ClientGuard, ServiceCtx};
+use crate::upstream::{ConnSettings, SharedConn};
+
+/// A bound service listener.
+#[derive(Debug, Clone)]
+pub struct BoundService {
+    /// Service name from the config.
+    pub name: String,
+    /// Address actually bound (useful when the config said port 0).
+    pub addr: SocketAddr,
+}
+
+/// A running proxy. Dropping it without [`Proxy::shutdown`] leaves the workers running.
+pub struct Proxy {
+    /// Every service listener, in config order.
+    pub services: Vec<BoundService>,
+    /// Tells workers to stop accepting and drain.
+    shutdown: watch::Sender<bool>,
+    /// Worker threads, joined on shutdown.
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// The bound address of the service called `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.services.iter().find(|s| s.name == name).map(|s| s.addr)
+    }
+
+    /// Stops accepting, lets clients receive the replies they are owed (up to the drain
+    /// timeout), closes everything and waits for the workers.
+    pub fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for w in self.workers {
+            if w.join().is_err() {
+                error!("a worker thread panicked");
+            }
+        }
+    }
+}
+
+/// Binds every listener, then starts the workers. Errors (a port in use, a bad address)
+/// surface here, before anything is served.
+///
+/// # Errors
+/// Configuration this build can't run, or a listener that can't be bound.
+pub fn start(config: &Config) -> Result<Proxy> {
+    let unsupported = config.unsupported_features();
+    if !unsupported.is_empty() {
+        bail!(
+            "this build of redis-intercept does not implement: {}. Remove these settings to run \
+             (they would otherwise be silently ignored).",
+            unsupported.join(", ")
+        );
+    }
+    let mut listeners = Vec::new();
+    let mut services = Vec::new();
+    for svc in &config.services {
+        let listener = bind(svc.listen).with_context(|| {
+            format!("service {:?}: cannot listen on {}", svc.name, svc.listen)
+        })?;
+        let addr = listener.local_addr()?;
+        info!(service = %svc.name, %addr, "listening");
+        services.push(BoundService {
+            name: svc.name.clone(),
+            addr,
+        });
+        listeners.push(listener);
+    }
+    let workers = match config.proxy.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let (tx, rx) = watch::channel(false);
+    let counters: Vec<Arc<AtomicUsize>> =
+        config.services.iter().map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let mut handles = Vec::new();
+    for index in 0..workers {
+        let plan = WorkerPlan {
+            index,
+            config: config.clone(),
+            listeners: listeners
+                .iter()
+                .map(TcpListener::try_clone)
+                .collect::<std::io::Result<_>>()
+                .context("clone listener for a worker")?,
+            counters: counters.clone(),
+            shutdown: rx.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("ri-worker-{index}"))
+            .spawn(move || {
+                if let Err(e) = plan.run() {
+                    error!(error = %format!("{e:#}"), "worker failed");
+                }
+            })
+            .context("spawn worker thread")?;
+        handles.push(handle);
+    }
+    info!(workers, "proxy started");
+    Ok(Proxy {
+        services,
+        shutdown: tx,
+        workers: handles,
+    })
+}
+
+/// Binds a non-blocking listener with SO_REUSEADDR, so a restarted proxy can bind at once.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// What one worker thread needs to start.
+struct WorkerPlan {
+    /// Worker number, for logs.
+    index: usize,
+    /// The configuration.
+    config: Config,
+    /// This worker's handles of the service listeners, in config order.
+    listeners: Vec<TcpListener>,
+    /// Connected clients per service, shared by all workers.
+    counters: Vec<Arc<AtomicUsize>>,
+    /// Becomes true at shutdown.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl WorkerPlan {
+    fn run(self) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("build worker runtime")?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, self.serve())
+    }
+
+    async fn serve(self) -> Result<()> {
+        let WorkerPlan {
+            index,
+            config,
+            listeners,
+            counters,
+            shutdown,
+        } = self;
+        let limits = Limits::default();
+        let mut all_conns = Vec::new();
+        let active = Rc::new(std::cell::Cell::new(0usize));
+        for ((svc, listener), counter) in config.services.iter().zip(listeners).zip(counters) {
+            let Some(up) = config.upstream(&svc.upstream) else {
+                bail!("service {:?}: unknown upstream {:?}", svc.name, svc.upstream);
+            };
+            if up.mode != Mode::Standalone {
+                bail!("upstream {:?}: only standalone mode is served", up.name);
+            }
+            let settings = ConnSettings {
+                connect_timeout: up.connect_timeout.0,
+                backoff_max: up.reconnect_backoff_max.0,
+                max_pending_bytes: up.max_pending_bytes.0,
+                limits,
+            };
+            let conns: Vec<SharedConn> = (0..up.connections_per_node)
+                .map(|_| SharedConn::new(up.nodes[0].clone(), settings.clone()))
+                .collect();
+            for c in &conns {
+                tokio::task::spawn_local(c.clone().run());
+            }
+            all_conns.extend(conns.iter().cloned());
+            let ctx = Rc::new(ServiceCtx {
+                name: svc.name.clone(),
+                conns,
+                op_timeout: svc.op_timeout.0,
+                idle_timeout: svc.idle_timeout.non_zero(),
+                max_client_buffer: svc.max_client_buffer.0,
+                max_pipeline: svc.max_pipeline,
+                limits,
+            });
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tokio::task::spawn_local(accept_loop(
+                listener,
+                ctx,
+                counter,
+                svc.max_clients,
+                shutdown.clone(),
+                Rc::clone(&active),
+            ));
+        }
+        let mut stop = shutdown.clone();
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+        // Sessions see the same signal: they stop reading and finish the replies they owe.
+        let deadline = tokio::time::Instant::now() + config.proxy.drain_timeout.0;
+        while active.get() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if active.get() > 0 {
+            warn!(worker = index, clients = active.get(), "drain timeout: closing remaining clients");
+        }
+        for c in &all_conns {
+            c.close();
+        }
+        Ok(())
+    }
+}
+
+/// Accepts clients of one service on this worker until shutdown.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    ctx: Rc<ServiceCtx>,
+    counter: Arc<AtomicUsize>,
+    max_clients: usize,
+    mut shutdown: watch::Receiver<bool>,
+    active: Rc<std::cell::Cell<usize>>,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                backoff = Duration::from_millis(10);
+                let Some(guard) = ClientGuard::acquire(&counter, max_clients) else {
+                    // Redis's own words, then close.
+                    let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
+                    continue;
+                };
+                let ctx = Rc::clone(&ctx);
+                let rx = shutdown.clone();
+                let active = Rc::clone(&active);
+                active.set(active.get() + 1);
+                tokio::task::spawn_local(async move {
+                    session::run(stream, ctx, rx, guard).await;
+                    active.set(active.get() - 1);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait rather than spin.
+                warn!(service = %ctx.name, error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

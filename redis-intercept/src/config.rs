@@ -1,0 +1,790 @@
+//! The TOML configuration: model, defaults, and validation with errors that name the file,
+//! the key path and the problem.
+//!
+//! Split as Aeraki does: `[[upstream]]` says how to reach a Redis deployment, `[[service]]`
+//! says what clients see. Durations are strings ("5s", "250ms"); sizes are bytes or strings
+//! ("64MiB").
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Every problem found in one configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct Error {
+    /// File the configuration came from (or `<command line>`).
+    pub file: String,
+    /// Each problem as (key path, message).
+    pub problems: Vec<(String, String)>,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (path, msg)) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if path.is_empty() {
+                write!(f, "{}: {msg}", self.file)?;
+            } else {
+                write!(f, "{}: {path}: {msg}", self.file)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide settings.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// Local HTTP endpoint for metrics, readiness and state; absent: no admin listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
+    /// eBPF interception; absent: plain proxy, no eBPF.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercept: Option<InterceptConfig>,
+    /// Redis deployments the proxy talks to.
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// What clients connect to.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// Process-wide settings (`[proxy]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Worker threads, each with its own event loop and upstream connections; 0 means one
+    /// per CPU.
+    #[serde(default)]
+    pub workers: usize,
+    /// How long shutdown waits for clients to receive the replies they are owed.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            workers: 0,
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+fn default_drain_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+/// The admin HTTP endpoint (`[admin]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener; keep it on loopback.
+    pub listen: SocketAddr,
+}
+
+/// Interception settings (`[intercept]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptConfig {
+    /// cgroup2 directory the programs attach to; default: the cgroup2 mount root.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Policy for cgroups with no explicit setting.
+    #[serde(default)]
+    pub default: OnOff,
+    /// cgroups explicitly intercepted at start.
+    #[serde(default)]
+    pub enable: Vec<PathBuf>,
+    /// cgroups explicitly not intercepted at start.
+    #[serde(default)]
+    pub disable: Vec<PathBuf>,
+}
+
+/// An on/off switch written as "on" or "off".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    #[default]
+    Off,
+}
+
+/// How an upstream is deployed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A Redis Cluster; `nodes` are seeds.
+    Cluster,
+    /// One Redis server.
+    Standalone,
+}
+
+/// How to reach one Redis deployment (`[[upstream]]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Name services, routes and mirrors refer to.
+    pub name: String,
+    /// Cluster or standalone.
+    pub mode: Mode,
+    /// `host:port` of the server (standalone) or the seed nodes (cluster).
+    pub nodes: Vec<String>,
+    /// ACL user the proxy authenticates as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// File holding the upstream password (as Kubernetes mounts a Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the upstream password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// TLS to the upstream; absent: plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Longest time one connection attempt may take.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Shared pipelined connections per node and worker thread.
+    #[serde(default = "default_connections_per_node")]
+    pub connections_per_node: usize,
+    /// Longest wait between reconnection attempts (the backoff doubles from 50ms up to this).
+    #[serde(default = "default_backoff_max")]
+    pub reconnect_backoff_max: Dur,
+    /// Largest amount of request bytes queued for one upstream connection before new
+    /// requests are refused with an error.
+    #[serde(default = "default_upstream_backlog")]
+    pub max_pending_bytes: ByteSize,
+    /// Cluster: how often the slot map is refreshed.
+    #[serde(default = "default_refresh_interval")]
+    pub refresh_interval: Dur,
+}
+
+fn default_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_connections_per_node() -> usize {
+    1
+}
+fn default_backoff_max() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+fn default_upstream_backlog() -> ByteSize {
+    ByteSize(256 * 1024 * 1024)
+}
+fn default_refresh_interval() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+/// TLS settings of an upstream.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM bundle of CAs trusted for the server certificate; default: system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Name checked against the server certificate; default: the node's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// Accept any server certificate. For tests only.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// Where replicas may serve reads (Envoy's `read_policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadPolicy {
+    /// Reads go to masters.
+    #[default]
+    Master,
+    /// Masters, replicas when no master is reachable.
+    PreferMaster,
+    /// Replicas only.
+    Replica,
+    /// Replicas, masters when no replica is reachable.
+    PreferReplica,
+    /// Any node of the shard.
+    Any,
+}
+
+/// What clients see (`[[service]]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// The proxy listener for this service (also the redirect target of its VIPs).
+    pub listen: SocketAddr,
+    /// Addresses clients connect to, intercepted when `[intercept]` is on.
+    #[serde(default)]
+    pub vips: Vec<SocketAddr>,
+    /// The upstream serving every key no route claims.
+    pub upstream: String,
+    /// Where reads go in a cluster.
+    #[serde(default)]
+    pub read_policy: ReadPolicy,
+    /// Longest time a request may wait for its reply before the client gets an error.
+    #[serde(default = "default_op_timeout")]
+    pub op_timeout: Dur,
+    /// Most clients connected at once; more are refused with Redis's own error.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+    /// Close a client idle this long; "0s" (the default) never does.
+    #[serde(default)]
+    pub idle_timeout: Dur,
+    /// Most reply bytes held for one client that doesn't read them; over it the client is
+    /// disconnected (a slow reader must not grow the proxy without bound).
+    #[serde(default = "default_max_client_buffer")]
+    pub max_client_buffer: ByteSize,
+    /// Most requests of one client in flight at once; the proxy stops reading that client
+    /// until replies drain (back pressure, not an error).
+    #[serde(default = "default_max_pipeline")]
+    pub max_pipeline: usize,
+    /// Client-facing authentication; absent: clients need no password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+    /// Key-prefix routes; longest prefix wins.
+    #[serde(default, rename = "route", skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+    /// Traffic mirrors.
+    #[serde(default, rename = "mirror", skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<MirrorConfig>,
+    /// Fault injection rules.
+    #[serde(default, rename = "fault", skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<FaultConfig>,
+}
+
+fn default_op_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn default_max_clients() -> usize {
+    10_000
+}
+fn default_max_client_buffer() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
+}
+fn default_max_pipeline() -> usize {
+    1024
+}
+
+/// Client-facing authentication of a service.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// ACL-style user name for `AUTH user pass`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Accepted passwords (several, for rotation).
+    #[serde(default, serialize_with = "redact_list")]
+    pub passwords: Vec<String>,
+    /// File with one accepted password per line.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// A key-prefix route of a service.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Keys starting with this go to `upstream`.
+    pub prefix: String,
+    /// Upstream for those keys.
+    pub upstream: String,
+    /// Strip the prefix before sending.
+    #[serde(default)]
+    pub remove_prefix: bool,
+    /// Match the prefix ignoring ASCII case.
+    #[serde(default)]
+    pub case_insensitive: bool,
+    /// Read policy for this route; default: the service's.
+    #[serde(default)]
+    pub read_policy: Option<ReadPolicy>,
+    /// Mirrors for this route.
+    #[serde(default, rename = "mirror")]
+    pub mirrors: Vec<MirrorConfig>,
+}
+
+/// A traffic mirror.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// Upstream receiving the copies.
+    pub upstream: String,
+    /// Share of requests copied, 0 to 100.
+    #[serde(default = "hundred")]
+    pub percentage: f64,
+    /// Copy writes only.
+    #[serde(default)]
+    pub exclude_reads: bool,
+}
+
+fn hundred() -> f64 {
+    100.0
+}
+
+/// Kind of injected fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultKind {
+    /// Reply with an error instead of forwarding.
+    Error,
+    /// Forward after a delay.
+    Delay,
+}
+
+/// A fault injection rule.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultConfig {
+    /// Error or delay.
+    pub kind: FaultKind,
+    /// Share of matching requests affected, 0 to 100.
+    pub percentage: f64,
+    /// Commands affected; empty: all but AUTH and PING.
+    #[serde(default)]
+    pub commands: Vec<String>,
+    /// Only keys starting with this.
+    #[serde(default)]
+    pub key_prefix: Option<String>,
+    /// Delay for `kind = "delay"`.
+    #[serde(default)]
+    pub delay: Option<Dur>,
+    /// Error text for `kind = "error"`.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+fn redact_list<S: Serializer>(list: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(list.iter().map(|_| "<redacted>"))
+}
+
+/// A duration written as a string with a unit: "250ms", "5s", "1m", "1h".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    /// The duration, or `None` when it is zero ("off").
+    pub fn non_zero(self) -> Option<Duration> {
+        (!self.0.is_zero()).then_some(self.0)
+    }
+}
+
+/// Parses "250ms", "5s", "1.5s", "2m", "1h", "0".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("duration {text:?} needs a unit (ms, s, m, h)"))?;
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("duration {text:?} does not start with a number"))?;
+    let secs = match unit {
+        "us" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("duration {text:?} has unknown unit {unit:?} (use ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("duration {text:?} is out of range"))
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text).map(Dur).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", self.0.as_millis()))
+    }
+}
+
+/// A size in bytes, written as a number or a string with a unit: "64MiB", "512KiB", "1GB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+/// Parses "1024", "64KiB", "64MiB", "1GiB", "10MB", "5KB", "1GB".
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: usize = num
+        .parse()
+        .map_err(|_| format!("size {text:?} does not start with a whole number"))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "size {text:?} has unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ));
+        }
+    };
+    value
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => usize::try_from(n)
+                .map(ByteSize)
+                .map_err(|_| serde::de::Error::custom("size is too large")),
+            Raw::Text(t) => parse_size(&t).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0 as u64)
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    ///
+    /// # Errors
+    /// An [`Error`] naming the file, each key path at fault, and what is wrong.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error {
+            file: file.clone(),
+            problems: vec![(String::new(), format!("cannot read: {e}"))],
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and validates configuration text; `file` names it in errors.
+    ///
+    /// # Errors
+    /// An [`Error`] naming each key path at fault and what is wrong.
+    pub fn parse(text: &str, file: &str) -> Result<Config, Error> {
+        let fail = |path: String, msg: String| Error {
+            file: file.to_owned(),
+            problems: vec![(path, msg)],
+        };
+        let de = toml::de::Deserializer::parse(text)
+            .map_err(|e| fail(String::new(), e.to_string().trim_end().to_owned()))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            fail(path, e.into_inner().to_string().trim_end().to_owned())
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(Error {
+                file: file.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Rules that span fields: references, uniqueness, ranges.
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let mut err = |path: String, msg: &str| p.push((path, msg.to_owned()));
+        if self.services.is_empty() {
+            err("service".into(), "at least one [[service]] is required");
+        }
+        let mut names = HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let at = |k: &str| format!("upstream[{i}].{k}");
+            if u.name.is_empty() {
+                err(at("name"), "must not be empty");
+            } else if !names.insert(u.name.as_str()) {
+                err(at("name"), &format!("duplicate upstream name {:?}", u.name));
+            }
+            if u.nodes.is_empty() {
+                err(at("nodes"), "needs at least one host:port");
+            }
+            for (j, node) in u.nodes.iter().enumerate() {
+                if let Err(e) = split_host_port(node) {
+                    err(format!("upstream[{i}].nodes[{j}]"), &e);
+                }
+            }
+            if u.mode == Mode::Standalone && u.nodes.len() > 1 {
+                err(at("nodes"), "a standalone upstream has exactly one node");
+            }
+            if u.password_file.is_some() && u.password_env.is_some() {
+                err(at("password_env"), "set password_file or password_env, not both");
+            }
+            if u.connections_per_node == 0 {
+                err(at("connections_per_node"), "must be at least 1");
+            }
+            if u.connect_timeout.0.is_zero() {
+                err(at("connect_timeout"), "must be more than 0");
+            }
+        }
+        let known = |name: &str| self.upstreams.iter().any(|u| u.name == name);
+        let mut service_names = HashSet::new();
+        let mut listens = HashSet::new();
+        let mut vips = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |k: &str| format!("service[{i}].{k}");
+            if s.name.is_empty() {
+                err(at("name"), "must not be empty");
+            } else if !service_names.insert(s.name.as_str()) {
+                err(at("name"), &format!("duplicate service name {:?}", s.name));
+            }
+            if !listens.insert(s.listen) {
+                err(at("listen"), &format!("{} is already used by another service", s.listen));
+            }
+            for (j, vip) in s.vips.iter().enumerate() {
+                if !vips.insert(*vip) {
+                    err(format!("service[{i}].vips[{j}]"), &format!("{vip} is listed twice"));
+                }
+            }
+            if !known(&s.upstream) {
+                err(at("upstream"), &format!("no [[upstream]] is named {:?}", s.upstream));
+            }
+            if s.op_timeout.0.is_zero() {
+                err(at("op_timeout"), "must be more than 0");
+            }
+            if s.max_clients == 0 {
+                err(at("max_clients"), "must be at least 1");
+            }
+            if s.max_pipeline == 0 {
+                err(at("max_pipeline"), "must be at least 1");
+            }
+            if let Some(a) = &s.auth {
+                if a.passwords.is_empty() && a.password_file.is_none() {
+                    err(format!("service[{i}].auth"), "needs passwords or password_file");
+                }
+            }
+            for (j, r) in s.routes.iter().enumerate() {
+                if !known(&r.upstream) {
+                    err(
+                        format!("service[{i}].route[{j}].upstream"),
+                        &format!("no [[upstream]] is named {:?}", r.upstream),
+                    );
+                }
+                for (k, m) in r.mirrors.iter().enumerate() {
+                    check_mirror(m, &format!("service[{i}].route[{j}].mirror[{k}]"), &known, &mut err);
+                }
+            }
+            for (j, m) in s.mirrors.iter().enumerate() {
+                check_mirror(m, &format!("service[{i}].mirror[{j}]"), &known, &mut err);
+            }
+            for (j, f) in s.faults.iter().enumerate() {
+                let at = |k: &str| format!("service[{i}].fault[{j}].{k}");
+                if !(0.0..=100.0).contains(&f.percentage) {
+                    err(at("percentage"), "must be between 0 and 100");
+                }
+                if f.kind == FaultKind::Delay && f.delay.is_none() {
+                    err(at("delay"), "is required for kind = \"delay\"");
+                }
+            }
+        }
+        p
+    }
+
+    /// Features present in this file that this build does not enforce yet. Running with them
+    /// would silently ignore them (an auth setting that isn't enforced is a hole), so `run`
+    /// refuses and `check` warns.
+    pub fn unsupported_features(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.intercept.is_some() {
+            out.push("[intercept] (eBPF interception)".to_owned());
+        }
+        if self.admin.is_some() {
+            out.push("[admin] (admin HTTP endpoint)".to_owned());
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if u.mode == Mode::Cluster {
+                out.push(format!("upstream[{i}].mode = \"cluster\""));
+            }
+            if u.username.is_some() || u.password_file.is_some() || u.password_env.is_some() {
+                out.push(format!("upstream[{i}] credentials"));
+            }
+            if u.tls.is_some() {
+                out.push(format!("upstream[{i}].tls"));
+            }
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            if s.read_policy != ReadPolicy::Master {
+                out.push(format!("service[{i}].read_policy"));
+            }
+            for (what, used) in [
+                ("auth", s.auth.is_some()),
+                ("route", !s.routes.is_empty()),
+                ("mirror", !s.mirrors.is_empty()),
+                ("fault", !s.faults.is_empty()),
+            ] {
+                if used {
+                    out.push(format!("service[{i}].{what}"));
+                }
+            }
+        }
+        out
+    }
+
+    /// The configuration of the upstream called `name`.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+fn check_mirror(
+    m: &MirrorConfig,
+    at: &str,
+    known: &dyn Fn(&str) -> bool,
+    err: &mut dyn FnMut(String, &str),
+) {
+    if !known(&m.upstream) {
+        err(
+            format!("{at}.upstream"),
+            &format!("no [[upstream]] is named {:?}", m.upstream),
+        );
+    }
+    if !(0.0..=100.0).contains(&m.percentage) {
+        err(format!("{at}.percentage"), "must be between 0 and 100");
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`).
+///
+/// # Errors
+/// A message saying what is malformed.
+pub fn split_host_port(node: &str) -> Result<(String, u16), String> {
+    let (host, port) = node
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{node:?} is not host:port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{node:?} has no host"));
+    }
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| format!("{node:?} has no valid port"))?;
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[upstream]]
+        name = "main"
+        mode = "standalone"
+        nodes = ["127.0.0.1:6379"]
+
+        [[service]]
+        name = "cache"
+        listen = "127.0.0.1:16379"
+        upstream = "main"
+    "#;
+
+    fn errors(text: &str) -> String {
+        Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, "test.toml").unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.op_timeout.0, Duration::from_secs(5));
+        assert_eq!(s.idle_timeout.non_zero(), None);
+        assert_eq!(s.max_client_buffer.0, 64 << 20);
+        assert_eq!(c.upstreams[0].connections_per_node, 1);
+        assert!(c.unsupported_features().is_empty());
+    }
+
+    #[test]
+    fn type_errors_name_file_and_key_path() {
+        let bad = MINIMAL.replace("mode = \"standalone\"", "mode = \"clustr\"");
+        let e = errors(&bad);
+        assert!(e.starts_with("test.toml: upstream[0].mode: "), "{e}");
+        assert!(e.contains("unknown variant `clustr`"), "{e}");
+        let bad = MINIMAL.replace("upstream = \"main\"", "upstream = \"main\"\nop_timeout = \"5 parsecs\"");
+        let e = errors(&bad);
+        assert!(e.contains("service[0].op_timeout"), "{e}");
+        assert!(e.contains("unknown unit"), "{e}");
+        let bad = MINIMAL.replace("[[service]]", "[[service]]\nlisten_addr = 1");
+        assert!(errors(&bad).contains("unknown field `listen_addr`"));
+    }
+
+    #[test]
+    fn cross_field_rules() {
+        let bad = MINIMAL.replace("upstream = \"main\"", "upstream = \"nope\"");
+        assert_eq!(
+            errors(&bad),
+            "test.toml: service[0].upstream: no [[upstream]] is named \"nope\""
+        );
+        let e = errors(&MINIMAL.replace("nodes = [\"127.0.0.1:6379\"]", "nodes = [\"localhost\"]"));
+        assert!(e.contains("upstream[0].nodes[0]: \"localhost\" is not host:port"), "{e}");
+        let e = errors("[[upstream]]\nname='a'\nmode='standalone'\nnodes=[]\n");
+        assert!(e.contains("service: at least one [[service]] is required"), "{e}");
+        assert!(e.contains("upstream[0].nodes: needs at least one host:port"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_point_at_the_line() {
+        let e = errors("[[service]\nname = 1");
+        assert!(e.starts_with("test.toml: "), "{e}");
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("5").is_err());
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("1TiB").is_err());
+    }
+
+    #[test]
+    fn features_not_built_yet_are_reported() {
+        let text = format!("{MINIMAL}\n[service.auth]\npasswords = [\"x\"]\n");
+        let c = Config::parse(&text, "t").unwrap();
+        assert_eq!(c.unsupported_features(), ["service[0].auth"]);
+    }
+}

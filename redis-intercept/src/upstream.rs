@@ -1,0 +1,343 @@
+//! Connections to Redis nodes: a few shared, pipelined connections per node and worker, each
+//! matching replies to requests in FIFO order.
+//!
+//! Many clients' requests are appended to one connection's write buffer and sent in one write
+//! as soon as the socket takes them (no flush timer), so N non-pipelined clients become one
+//! pipelined stream for Redis. Replies are cut at frame boundaries and handed back as the bytes
+//! Redis sent. Each connection is driven by one task on its worker's single-threaded runtime,
+//! so the shared state needs no locks.
+//!
+//! Dedicated connections (transactions, pub/sub, blocking commands) will be a second kind of
+//! connection built from the same pieces; they are not here yet.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::resp::{Limits, ReplyScanner, Request};
+
+/// Receives the reply to a request. Implemented by client sessions; the upstream side only
+/// knows the token it was given.
+pub trait ReplySink {
+    /// Hands over the reply (or an error reply the proxy made) for request `token`.
+    fn deliver(&self, token: u64, reply: Bytes);
+}
+
+/// How one connection behaves; shared by all connections of an upstream.
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    /// Longest time one connect attempt may take.
+    pub connect_timeout: Duration,
+    /// Longest wait between reconnect attempts.
+    pub backoff_max: Duration,
+    /// Most request bytes queued before new requests are refused.
+    pub max_pending_bytes: usize,
+    /// Limits applied to replies.
+    pub limits: Limits,
+}
+
+/// First reconnect delay after a failed attempt; doubles up to `backoff_max`.
+const BACKOFF_START: Duration = Duration::from_millis(50);
+
+/// Read buffer growth step for upstream replies.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Write buffers larger than this are released once empty, so one big value doesn't pin
+/// memory forever.
+const KEEP_BUFFER: usize = 1024 * 1024;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// A connect attempt is under way; requests queue and go out once it succeeds.
+    Connecting,
+    /// Connected; requests go out as soon as the socket takes them.
+    Up,
+    /// The last attempt failed; requests are refused at once until the backoff ends.
+    Down,
+}
+
+/// A request written (or about to be written) whose reply hasn't come back yet.
+struct InFlight {
+    /// Who gets the reply.
+    sink: Rc<dyn ReplySink>,
+    /// The sink's identifier for the request.
+    token: u64,
+    /// When the client stops waiting.
+    deadline: Instant,
+}
+
+/// A shared pipelined connection to one node. Cloning gives another handle to the same
+/// connection.
+#[derive(Clone)]
+pub struct SharedConn(Rc<Inner>);
+
+struct Inner {
+    /// `host:port` as configured, for connecting and for messages.
+    addr: String,
+    /// Behaviour settings.
+    settings: ConnSettings,
+    /// Current life-cycle state.
+    state: Cell<State>,
+    /// Error reply given to requests while the connection is down.
+    down_reply: RefCell<Bytes>,
+    /// Request bytes not yet handed to the socket.
+    out: RefCell<BytesMut>,
+    /// Requests awaiting replies, in the order they were queued (and written).
+    inflight: RefCell<VecDeque<InFlight>>,
+    /// Wakes the writer when `out` gains bytes.
+    wake_writer: Notify,
+    /// Wakes the timeout watcher when `inflight` stops being empty.
+    wake_timer: Notify,
+    /// Set when the worker shuts down; the task then ends.
+    closed: Cell<bool>,
+    /// Wakes the task out of a backoff sleep on shutdown.
+    wake_close: Notify,
+}
+
+impl SharedConn {
+    /// A connection to `addr`, not started yet: call [`SharedConn::run`] on a task.
+    pub fn new(addr: String, settings: ConnSettings) -> SharedConn {
+        SharedConn(Rc::new(Inner {
+            down_reply: RefCell::new(error_reply(&format!("upstream {addr} is not connected yet"))),
+            addr,
+            settings,
+            state: Cell::new(State::Connecting),
+            out: RefCell::new(BytesMut::new()),
+            inflight: RefCell::new(VecDeque::new()),
+            wake_writer: Notify::new(),
+            wake_timer: Notify::new(),
+            closed: Cell::new(false),
+            wake_close: Notify::new(),
+        }))
+    }
+
+    /// The node this connection goes to.
+    pub fn addr(&self) -> &str {
+        &self.0.addr
+    }
+
+    /// Whether the connection is up right now.
+    pub fn is_up(&self) -> bool {
+        self.0.state.get() == State::Up
+    }
+
+    /// Queues `req`; its reply goes to `sink` with `token`. If the reply hasn't come by
+    /// `deadline`, the connection is reset and every waiting request gets an error.
+    ///
+    /// # Errors
+    /// The error reply to give the client at once: the upstream is down, or its queue is full.
+    pub fn send(
+        &self,
+        req: &Request<'_>,
+        sink: Rc<dyn ReplySink>,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<(), Bytes> {
+        let inner = &self.0;
+        if inner.state.get() == State::Down || inner.closed.get() {
+            return Err(inner.down_reply.borrow().clone());
+        }
+        let mut out = inner.out.borrow_mut();
+        if out.len() >= inner.settings.max_pending_bytes {
+            return Err(error_reply(&format!(
+                "upstream {} has too many requests queued",
+                inner.addr
+            )));
+        }
+        let was_empty = out.is_empty();
+        req.write_resp(&mut out);
+        drop(out);
+        let mut inflight = inner.inflight.borrow_mut();
+        if inflight.is_empty() {
+            inner.wake_timer.notify_one();
+        }
+        inflight.push_back(InFlight {
+            sink,
+            token,
+            deadline,
+        });
+        if was_empty {
+            inner.wake_writer.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Stops the connection: the task ends and waiting requests get an error.
+    pub fn close(&self) {
+        self.0.closed.set(true);
+        self.0.wake_close.notify_one();
+        self.0.wake_writer.notify_one();
+    }
+
+    /// Drives the connection until [`SharedConn::close`]: connect, serve, and on failure fail
+    /// the waiting requests and reconnect with backoff.
+    pub async fn run(self) {
+        let inner = &*self.0;
+        let mut backoff = BACKOFF_START;
+        let mut reconnect_now = false;
+        while !inner.closed.get() {
+            if !reconnect_now {
+                inner.state.set(State::Connecting);
+            }
+            let reason = match tokio::time::timeout(
+                inner.settings.connect_timeout,
+                TcpStream::connect(&inner.addr),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => {
+                    info!(upstream = %inner.addr, "connected");
+                    inner.state.set(State::Up);
+                    backoff = BACKOFF_START;
+                    let reason = self.serve(stream).await;
+                    // A connection that worked gets one immediate retry before backoff.
+                    reconnect_now = true;
+                    reason
+                }
+                Ok(Err(e)) => {
+                    reconnect_now = false;
+                    e.to_string()
+                }
+                Err(_) => {
+                    reconnect_now = false;
+                    format!("connect timed out after {:?}", inner.settings.connect_timeout)
+                }
+            };
+            if inner.closed.get() {
+                self.fail_all(&error_reply("proxy is shutting down"));
+                break;
+            }
+            let reply = error_reply(&format!("upstream {} unavailable: {reason}", inner.addr));
+            self.fail_all(&reply);
+            *inner.down_reply.borrow_mut() = reply;
+            if reconnect_now {
+                warn!(upstream = %inner.addr, %reason, "upstream connection lost, reconnecting");
+                inner.state.set(State::Connecting);
+                continue;
+            }
+            warn!(upstream = %inner.addr, %reason, retry_in = ?backoff, "upstream connect failed");
+            inner.state.set(State::Down);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = inner.wake_close.notified() => {}
+            }
+            backoff = (backoff * 2).min(inner.settings.backoff_max.max(BACKOFF_START));
+        }
+        inner.state.set(State::Down);
+        self.fail_all(&error_reply("proxy is shutting down"));
+    }
+
+    /// Serves one established connection until it fails; returns why it ended.
+    async fn serve(&self, mut stream: TcpStream) -> String {
+        let inner = &*self.0;
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(upstream = %inner.addr, error = %e, "set_nodelay failed");
+        }
+        let (mut rd, mut wr) = stream.split();
+        let reader = async {
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            let mut scanner = ReplyScanner::default();
+            loop {
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                    buf.reserve(READ_CHUNK);
+                }
+                match tokio::io::AsyncReadExt::read_buf(&mut rd, &mut buf).await {
+                    Ok(0) => return "closed by the server".to_owned(),
+                    Ok(_) => {}
+                    Err(e) => return format!("read failed: {e}"),
+                }
+                loop {
+                    match scanner.scan(&buf, &inner.settings.limits) {
+                        Ok(Some(len)) => {
+                            let reply = buf.split_to(len).freeze();
+                            let next = inner.inflight.borrow_mut().pop_front();
+                            match next {
+                                Some(req) => req.sink.deliver(req.token, reply),
+                                None => return "reply with no request waiting".to_owned(),
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return format!("protocol error from server: {e}"),
+                    }
+                }
+            }
+        };
+        let writer = async {
+            let mut spare = BytesMut::new();
+            loop {
+                {
+                    let mut out = inner.out.borrow_mut();
+                    if out.is_empty() {
+                        drop(out);
+                        if inner.closed.get() {
+                            return "closed".to_owned();
+                        }
+                        inner.wake_writer.notified().await;
+                        continue;
+                    }
+                    std::mem::swap(&mut *out, &mut spare);
+                }
+                if let Err(e) = wr.write_all(&spare).await {
+                    return format!("write failed: {e}");
+                }
+                spare.clear();
+                if spare.capacity() > KEEP_BUFFER {
+                    spare = BytesMut::new();
+                }
+            }
+        };
+        let timer = async {
+            loop {
+                let head = inner.inflight.borrow().front().map(|r| r.deadline);
+                match head {
+                    None => inner.wake_timer.notified().await,
+                    Some(deadline) if deadline <= Instant::now() => {
+                        return "a request timed out (op_timeout)".to_owned();
+                    }
+                    Some(deadline) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(deadline) => {}
+                            _ = inner.wake_timer.notified() => {}
+                        }
+                    }
+                }
+            }
+        };
+        let reason = tokio::select! {
+            r = reader => r,
+            r = writer => r,
+            r = timer => r,
+        };
+        if reason.starts_with("a request timed out") {
+            self.fail_all(&error_reply(&format!(
+                "operation timed out waiting for upstream {}",
+                inner.addr
+            )));
+        }
+        reason
+    }
+
+    /// Answers every waiting request with `reply` and drops unsent bytes.
+    fn fail_all(&self, reply: &Bytes) {
+        let inner = &*self.0;
+        inner.out.borrow_mut().clear();
+        let waiting: Vec<InFlight> = inner.inflight.borrow_mut().drain(..).collect();
+        for req in waiting {
+            req.sink.deliver(req.token, reply.clone());
+        }
+    }
+}
+
+/// A RESP error reply `-ERR <message>\r\n`.
+pub fn error_reply(message: &str) -> Bytes {
+    Bytes::from(format!("-ERR {message}\r\n"))
+}
