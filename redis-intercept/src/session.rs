@@ -251,10 +251,13 @@ impl Session {
         tokio::pin!(idle_sleep);
         let mut last_active = Instant::now();
         loop {
+            // Drain first: freed pipeline places let already-buffered commands through, and the
+            // client may have nothing more to send to wake us.
+            self.core.drain_ready(&mut out);
             if !self.state.closing && !input.is_empty() {
                 self.process_input(&mut input);
+                self.core.drain_ready(&mut out);
             }
-            self.core.drain_ready(&mut out);
             if out.len() + self.core.held.get() > self.svc.max_client_buffer {
                 return End::SlowReader;
             }
@@ -445,6 +448,7 @@ fn local_reply(local: Local, req: &Request<'_>, state: &mut ClientState) -> Byte
     use crate::resp::Frame;
     let arg = |i| req.arg(i).unwrap_or_default();
     match local {
+        Local::Ping if req.len() > 2 => wrong_arity(req),
         Local::Ping if req.len() == 1 => Bytes::from_static(b"+PONG\r\n"),
         Local::Ping | Local::Echo => bulk(arg(1)),
         Local::Quit => {

@@ -193,17 +193,90 @@ pub fn raw_command(addr: SocketAddr, args: &[&str]) -> Frame {
     read_frame(&mut stream)
 }
 
-/// Reads exactly one reply from a blocking stream.
-pub fn read_frame(stream: &mut TcpStream) -> Frame {
-    let mut buf = BytesMut::new();
-    let mut chunk = [0u8; 64 * 1024];
-    loop {
-        let bytes = Bytes::copy_from_slice(&buf);
-        if let Some((frame, _)) = Frame::parse(&bytes, &Limits::default()).unwrap() {
-            return frame;
+/// Reads replies one at a time from a blocking stream, keeping bytes that arrived early.
+pub struct RespReader {
+    /// The connection.
+    pub stream: TcpStream,
+    /// Bytes received and not yet returned as a frame.
+    buf: BytesMut,
+}
+
+impl RespReader {
+    /// Wraps a connected stream with a 10 s read timeout.
+    pub fn new(stream: TcpStream) -> Self {
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        RespReader {
+            stream,
+            buf: BytesMut::new(),
         }
-        let n = stream.read(&mut chunk).unwrap();
-        assert!(n > 0, "connection closed before a full reply");
-        buf.extend_from_slice(&chunk[..n]);
     }
+
+    /// Connects to `addr`.
+    pub fn connect(addr: SocketAddr) -> Self {
+        Self::new(TcpStream::connect(addr).unwrap())
+    }
+
+    /// Sends raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads the next reply.
+    pub fn read(&mut self) -> Frame {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            let bytes = Bytes::copy_from_slice(&self.buf);
+            if let Some((frame, len)) = Frame::parse(&bytes, &Limits::default()).unwrap() {
+                let _ = self.buf.split_to(len);
+                return frame;
+            }
+            let n = self.stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "connection closed before a full reply");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// Reads exactly one reply from a blocking stream that carries only that reply.
+pub fn read_frame(stream: &mut TcpStream) -> Frame {
+    RespReader::new(stream.try_clone().unwrap()).read()
+}
+
+/// Starts the proxy in-process with its real listeners: one service called `svc` on a free
+/// loopback port in front of the standalone server `upstream`. `service_extra` is TOML added to
+/// the `[[service]]` table (e.g. `op_timeout = "300ms"`).
+pub fn start_proxy(upstream: SocketAddr, service_extra: &str) -> redis_intercept::app::Proxy {
+    let text = format!(
+        "[proxy]\nworkers = 2\ndrain_timeout = \"1s\"\n\n\
+         [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{upstream}\"]\n\
+         connect_timeout = \"500ms\"\nreconnect_backoff_max = \"200ms\"\n\n\
+         [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n{service_extra}\n"
+    );
+    let config = redis_intercept::config::Config::parse(&text, "<test>").unwrap();
+    let proxy = redis_intercept::app::start(&config).unwrap();
+    wait_until(Duration::from_secs(5), || TcpStream::connect(proxy.addr("svc").unwrap()).is_ok());
+    proxy
+}
+
+/// Polls `f` every 20ms until it returns true; panics after `limit`.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "condition not met within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `redis-cli` with `args` against `addr` and returns its stdout (panics on failure to
+/// start).
+pub fn redis_cli(addr: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-h")
+        .arg(addr.ip().to_string())
+        .arg("-p")
+        .arg(addr.port().to_string())
+        .args(args)
+        .output()
+        .expect("run redis-cli (cargo xtask setup installs redis-tools)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

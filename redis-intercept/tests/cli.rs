@@ -1,0 +1,95 @@
+//! The `redis-intercept` binary's command line: `check`, `--help`, and refusals.
+
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_redis-intercept"))
+}
+
+fn check(text: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("conf.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = bin().arg("check").arg("--config").arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).replace(&path.display().to_string(), "FILE");
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "FILE");
+    (out.status.success(), stdout, stderr)
+}
+
+const GOOD: &str = r#"
+[[upstream]]
+name = "main"
+mode = "standalone"
+nodes = ["127.0.0.1:6379"]
+
+[[service]]
+name = "cache"
+listen = "127.0.0.1:16379"
+upstream = "main"
+"#;
+
+#[test]
+fn check_accepts_a_good_config_with_a_summary() {
+    let (ok, out, err) = check(GOOD);
+    assert!(ok, "{err}");
+    assert_eq!(out, "FILE: ok: 1 service(s), 1 upstream(s), interception off\n");
+}
+
+#[test]
+fn check_rejects_broken_configs_naming_file_key_and_problem() {
+    let (ok, _, err) = check(&GOOD.replace("mode = \"standalone\"", "mode = \"sentinel\""));
+    assert!(!ok);
+    assert!(err.contains("FILE: upstream[0].mode: "), "{err}");
+    assert!(err.contains("line 4") && err.contains("unknown variant `sentinel`"), "{err}");
+
+    let (ok, _, err) = check(&GOOD.replace("upstream = \"main\"", "upstream = \"missing\"\nop_timeout = \"0s\""));
+    assert!(!ok);
+    assert!(err.contains("FILE: service[0].upstream: no [[upstream]] is named \"missing\""), "{err}");
+    assert!(err.contains("FILE: service[0].op_timeout: must be more than 0"), "{err}");
+
+    let (ok, _, err) = check("[[service]\n");
+    assert!(!ok);
+    assert!(err.contains("FILE: ") && err.contains("line 1"), "{err}");
+
+    let (ok, _, err) = check(&GOOD.replace("listen = \"127.0.0.1:16379\"", "listen = \"localhost\""));
+    assert!(!ok);
+    assert!(err.contains("FILE: service[0].listen:"), "{err}");
+}
+
+#[test]
+fn check_warns_about_features_run_would_refuse() {
+    let (ok, _, err) = check(&format!("{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n"));
+    assert!(ok);
+    assert!(err.contains("service[0].auth is not implemented in this build"), "{err}");
+    assert!(!err.contains("s3cret"), "a password leaked: {err}");
+}
+
+#[test]
+fn run_refuses_settings_it_would_silently_ignore() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("conf.toml");
+    std::fs::write(&path, format!("{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n")).unwrap();
+    let out = bin().arg("run").arg("--config").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not implement: service[0].auth"), "{err}");
+    let out = bin()
+        .args(["run", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--vip", "127.0.100.1:6379"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vip and --cgroup are reserved"));
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let out = bin().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for word in ["run", "check", "RUST_LOG"] {
+        assert!(text.contains(word), "--help lacks {word}: {text}");
+    }
+    let out = bin().args(["run", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("--listen") && text.contains("--upstream") && text.contains("--config"));
+}
