@@ -43,7 +43,10 @@ pub struct Proxy {
 impl Proxy {
     /// The bound address of the service called `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.services.iter().find(|s| s.name == name).map(|s| s.addr)
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.addr)
     }
 
     /// Stops accepting, lets clients receive the replies they are owed (up to the drain
@@ -75,9 +78,8 @@ pub fn start(config: &Config) -> Result<Proxy> {
     let mut listeners = Vec::new();
     let mut services = Vec::new();
     for svc in &config.services {
-        let listener = bind(svc.listen).with_context(|| {
-            format!("service {:?}: cannot listen on {}", svc.name, svc.listen)
-        })?;
+        let listener = bind(svc.listen)
+            .with_context(|| format!("service {:?}: cannot listen on {}", svc.name, svc.listen))?;
         let addr = listener.local_addr()?;
         info!(service = %svc.name, %addr, "listening");
         services.push(BoundService {
@@ -91,8 +93,11 @@ pub fn start(config: &Config) -> Result<Proxy> {
         n => n,
     };
     let (tx, rx) = watch::channel(false);
-    let counters: Vec<Arc<AtomicUsize>> =
-        config.services.iter().map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let counters: Vec<Arc<AtomicUsize>> = config
+        .services
+        .iter()
+        .map(|_| Arc::new(AtomicUsize::new(0)))
+        .collect();
     let mut handles = Vec::new();
     for index in 0..workers {
         let plan = WorkerPlan {
@@ -175,7 +180,11 @@ impl WorkerPlan {
         let active = Rc::new(std::cell::Cell::new(0usize));
         for ((svc, listener), counter) in config.services.iter().zip(listeners).zip(counters) {
             let Some(up) = config.upstream(&svc.upstream) else {
-                bail!("service {:?}: unknown upstream {:?}", svc.name, svc.upstream);
+                bail!(
+                    "service {:?}: unknown upstream {:?}",
+                    svc.name,
+                    svc.upstream
+                );
             };
             if up.mode != Mode::Standalone {
                 bail!("upstream {:?}: only standalone mode is served", up.name);
@@ -224,7 +233,11 @@ impl WorkerPlan {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if active.get() > 0 {
-            warn!(worker = index, clients = active.get(), "drain timeout: closing remaining clients");
+            warn!(
+                worker = index,
+                clients = active.get(),
+                "drain timeout: closing remaining clients"
+            );
         }
         for c in &all_conns {
             c.close();

@@ -407,7 +407,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("duration {text:?} has unknown unit {unit:?} (use ms, s, m, h)")),
+        _ => {
+            return Err(format!(
+                "duration {text:?} has unknown unit {unit:?} (use ms, s, m, h)"
+            ));
+        }
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("duration {text:?} is out of range"))
 }
@@ -415,7 +419,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        parse_duration(&text).map(Dur).map_err(serde::de::Error::custom)
+        parse_duration(&text)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -468,7 +474,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             Raw::Number(n) => usize::try_from(n)
                 .map(ByteSize)
                 .map_err(|_| serde::de::Error::custom("size is too large")),
-            Raw::Text(t) => parse_size(&t).map(ByteSize).map_err(serde::de::Error::custom),
+            Raw::Text(t) => parse_size(&t)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -547,7 +555,10 @@ impl Config {
                 err(at("nodes"), "a standalone upstream has exactly one node");
             }
             if u.password_file.is_some() && u.password_env.is_some() {
-                err(at("password_env"), "set password_file or password_env, not both");
+                err(
+                    at("password_env"),
+                    "set password_file or password_env, not both",
+                );
             }
             if u.connections_per_node == 0 {
                 err(at("connections_per_node"), "must be at least 1");
@@ -568,15 +579,24 @@ impl Config {
                 err(at("name"), &format!("duplicate service name {:?}", s.name));
             }
             if !listens.insert(s.listen) {
-                err(at("listen"), &format!("{} is already used by another service", s.listen));
+                err(
+                    at("listen"),
+                    &format!("{} is already used by another service", s.listen),
+                );
             }
             for (j, vip) in s.vips.iter().enumerate() {
                 if !vips.insert(*vip) {
-                    err(format!("service[{i}].vips[{j}]"), &format!("{vip} is listed twice"));
+                    err(
+                        format!("service[{i}].vips[{j}]"),
+                        &format!("{vip} is listed twice"),
+                    );
                 }
             }
             if !known(&s.upstream) {
-                err(at("upstream"), &format!("no [[upstream]] is named {:?}", s.upstream));
+                err(
+                    at("upstream"),
+                    &format!("no [[upstream]] is named {:?}", s.upstream),
+                );
             }
             if s.op_timeout.0.is_zero() {
                 err(at("op_timeout"), "must be more than 0");
@@ -587,10 +607,14 @@ impl Config {
             if s.max_pipeline == 0 {
                 err(at("max_pipeline"), "must be at least 1");
             }
-            if let Some(a) = &s.auth {
-                if a.passwords.is_empty() && a.password_file.is_none() {
-                    err(format!("service[{i}].auth"), "needs passwords or password_file");
-                }
+            if let Some(a) = &s.auth
+                && a.passwords.is_empty()
+                && a.password_file.is_none()
+            {
+                err(
+                    format!("service[{i}].auth"),
+                    "needs passwords or password_file",
+                );
             }
             for (j, r) in s.routes.iter().enumerate() {
                 if !known(&r.upstream) {
@@ -600,7 +624,12 @@ impl Config {
                     );
                 }
                 for (k, m) in r.mirrors.iter().enumerate() {
-                    check_mirror(m, &format!("service[{i}].route[{j}].mirror[{k}]"), &known, &mut err);
+                    check_mirror(
+                        m,
+                        &format!("service[{i}].route[{j}].mirror[{k}]"),
+                        &known,
+                        &mut err,
+                    );
                 }
             }
             for (j, m) in s.mirrors.iter().enumerate() {
@@ -739,7 +768,10 @@ mod tests {
         let e = errors(&bad);
         assert!(e.starts_with("test.toml: upstream[0].mode: "), "{e}");
         assert!(e.contains("unknown variant `clustr`"), "{e}");
-        let bad = MINIMAL.replace("upstream = \"main\"", "upstream = \"main\"\nop_timeout = \"5 parsecs\"");
+        let bad = MINIMAL.replace(
+            "upstream = \"main\"",
+            "upstream = \"main\"\nop_timeout = \"5 parsecs\"",
+        );
         let e = errors(&bad);
         assert!(e.contains("service[0].op_timeout"), "{e}");
         assert!(e.contains("unknown unit"), "{e}");
@@ -755,10 +787,19 @@ mod tests {
             "test.toml: service[0].upstream: no [[upstream]] is named \"nope\""
         );
         let e = errors(&MINIMAL.replace("nodes = [\"127.0.0.1:6379\"]", "nodes = [\"localhost\"]"));
-        assert!(e.contains("upstream[0].nodes[0]: \"localhost\" is not host:port"), "{e}");
+        assert!(
+            e.contains("upstream[0].nodes[0]: \"localhost\" is not host:port"),
+            "{e}"
+        );
         let e = errors("[[upstream]]\nname='a'\nmode='standalone'\nnodes=[]\n");
-        assert!(e.contains("service: at least one [[service]] is required"), "{e}");
-        assert!(e.contains("upstream[0].nodes: needs at least one host:port"), "{e}");
+        assert!(
+            e.contains("service: at least one [[service]] is required"),
+            "{e}"
+        );
+        assert!(
+            e.contains("upstream[0].nodes: needs at least one host:port"),
+            "{e}"
+        );
     }
 
     #[test]

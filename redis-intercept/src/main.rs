@@ -110,20 +110,32 @@ fn check(path: &std::path::Path) -> Result<()> {
         path.display(),
         config.services.len(),
         config.upstreams.len(),
-        if config.intercept.is_some() { "on" } else { "off" }
+        if config.intercept.is_some() {
+            "on"
+        } else {
+            "off"
+        }
     );
     Ok(())
 }
 
 fn run(args: RunArgs) -> Result<()> {
     if args.vip.is_some() || args.cgroup.is_some() {
-        bail!("--vip and --cgroup are reserved for eBPF interception, which this build does not implement yet");
+        bail!(
+            "--vip and --cgroup are reserved for eBPF interception, which this build does not implement yet"
+        );
     }
     let config = match (&args.config, &args.listen, &args.upstream) {
         (Some(path), _, _) => Config::load(path)?,
-        (None, Some(listen), Some(upstream)) => quick_config(*listen, upstream, args.mode, args.workers)?,
+        (None, Some(listen), Some(upstream)) => {
+            quick_config(*listen, upstream, args.mode, args.workers)?
+        }
         _ => bail!("give --config FILE, or --listen ADDR --upstream ADDR (see --help)"),
     };
+    // Each client is a socket: lift the soft open-file limit to the hard one.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "could not raise the open file limit");
+    }
     let proxy = app::start(&config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -143,7 +155,12 @@ fn run(args: RunArgs) -> Result<()> {
 }
 
 /// The one-service config the quick-start flags describe.
-fn quick_config(listen: SocketAddr, upstream: &str, mode: ModeArg, workers: usize) -> Result<Config> {
+fn quick_config(
+    listen: SocketAddr,
+    upstream: &str,
+    mode: ModeArg,
+    workers: usize,
+) -> Result<Config> {
     let mode = match mode {
         ModeArg::Standalone => "standalone",
         ModeArg::Cluster => "cluster",

@@ -156,6 +156,10 @@ fn parse_i64(digits: &[u8]) -> Option<i64> {
     if rest.is_empty() || rest.len() > 19 {
         return None;
     }
+    // Like string2ll: "0" alone, otherwise no leading zero (and so no "-0").
+    if rest[0] == b'0' && (rest.len() > 1 || neg) {
+        return None;
+    }
     let mut v: i64 = 0;
     for &d in rest {
         if !d.is_ascii_digit() {
@@ -186,6 +190,8 @@ mod tests {
         assert_eq!(parse_i64(b"-"), None);
         assert_eq!(parse_i64(b"+1"), None);
         assert_eq!(parse_i64(b"1 "), None);
+        assert_eq!(parse_i64(b"007"), None);
+        assert_eq!(parse_i64(b"-0"), None);
     }
 
     #[test]

@@ -68,7 +68,9 @@ impl ClientGuard {
     /// Takes a place if fewer than `max` are taken.
     pub fn acquire(count: &Arc<AtomicUsize>, max: usize) -> Option<ClientGuard> {
         count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()
             .map(|_| ClientGuard(Arc::clone(count)))
     }
@@ -346,13 +348,7 @@ impl Session {
                     let req = self.parser.request(&input[..n]);
                     if !req.is_empty() {
                         self.commands += 1;
-                        dispatch(
-                            &req,
-                            &self.core,
-                            &mut self.state,
-                            &self.conn,
-                            deadline,
-                        );
+                        dispatch(&req, &self.core, &mut self.state, &self.conn, deadline);
                     }
                     input.advance(n);
                 }
@@ -412,10 +408,18 @@ fn dispatch(
         Some((handling, info)) => {
             let name = display_name(info.name);
             let why = match handling {
-                Handling::Transaction => "transactions need a dedicated upstream connection, which this version does not provide yet",
-                Handling::PubSub => "pub/sub needs a dedicated upstream connection, which this version does not provide yet",
-                Handling::Blocking => "blocking commands need a dedicated upstream connection, which this version does not provide yet",
-                _ => "it would act on the proxy's shared upstream connection or on the server as a whole",
+                Handling::Transaction => {
+                    "transactions need a dedicated upstream connection, which this version does not provide yet"
+                }
+                Handling::PubSub => {
+                    "pub/sub needs a dedicated upstream connection, which this version does not provide yet"
+                }
+                Handling::Blocking => {
+                    "blocking commands need a dedicated upstream connection, which this version does not provide yet"
+                }
+                _ => {
+                    "it would act on the proxy's shared upstream connection or on the server as a whole"
+                }
             };
             core.push_ready(error_reply(&format!(
                 "'{name}' is not supported by redis-intercept: {why}"
@@ -455,7 +459,10 @@ fn local_reply(local: Local, req: &Request<'_>, state: &mut ClientState) -> Byte
             state.closing = true;
             Bytes::from_static(OK)
         }
-        Local::Select => match std::str::from_utf8(arg(1)).ok().and_then(|s| s.parse::<i64>().ok()) {
+        Local::Select => match std::str::from_utf8(arg(1))
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+        {
             Some(0) => Bytes::from_static(OK),
             Some(db) => error_reply(&format!(
                 "redis-intercept serves database 0 only; SELECT {db} is not supported"
@@ -495,7 +502,10 @@ fn set_name(state: &mut ClientState, name: &[u8]) -> Result<(), Bytes> {
 fn hello(req: &Request<'_>, state: &mut ClientState) -> Bytes {
     use crate::resp::Frame;
     if let Some(ver) = req.arg(1) {
-        match std::str::from_utf8(ver).ok().and_then(|v| v.parse::<i64>().ok()) {
+        match std::str::from_utf8(ver)
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+        {
             Some(2) => {}
             Some(3) => {
                 return Bytes::from_static(

@@ -107,7 +107,9 @@ impl SharedConn {
     /// A connection to `addr`, not started yet: call [`SharedConn::run`] on a task.
     pub fn new(addr: String, settings: ConnSettings) -> SharedConn {
         SharedConn(Rc::new(Inner {
-            down_reply: RefCell::new(error_reply(&format!("upstream {addr} is not connected yet"))),
+            down_reply: RefCell::new(error_reply(&format!(
+                "upstream {addr} is not connected yet"
+            ))),
             addr,
             settings,
             state: Cell::new(State::Connecting),
@@ -209,7 +211,10 @@ impl SharedConn {
                 }
                 Err(_) => {
                     reconnect_now = false;
-                    format!("connect timed out after {:?}", inner.settings.connect_timeout)
+                    format!(
+                        "connect timed out after {:?}",
+                        inner.settings.connect_timeout
+                    )
                 }
             };
             if inner.closed.get() {
@@ -274,17 +279,20 @@ impl SharedConn {
         let writer = async {
             let mut spare = BytesMut::new();
             loop {
-                {
+                let took = {
                     let mut out = inner.out.borrow_mut();
-                    if out.is_empty() {
-                        drop(out);
-                        if inner.closed.get() {
-                            return "closed".to_owned();
-                        }
-                        inner.wake_writer.notified().await;
-                        continue;
+                    let took = !out.is_empty();
+                    if took {
+                        std::mem::swap(&mut *out, &mut spare);
                     }
-                    std::mem::swap(&mut *out, &mut spare);
+                    took
+                };
+                if !took {
+                    if inner.closed.get() {
+                        return "closed".to_owned();
+                    }
+                    inner.wake_writer.notified().await;
+                    continue;
                 }
                 if let Err(e) = wr.write_all(&spare).await {
                     return format!("write failed: {e}");

@@ -1,4 +1,9 @@
 //! The `redis-intercept` binary's command line: `check`, `--help`, and refusals.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic on failure"
+)]
 
 use std::process::Command;
 
@@ -10,7 +15,12 @@ fn check(text: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("conf.toml");
     std::fs::write(&path, text).unwrap();
-    let out = bin().arg("check").arg("--config").arg(&path).output().unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).replace(&path.display().to_string(), "FILE");
     let stderr = String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "FILE");
     (out.status.success(), stdout, stderr)
@@ -32,7 +42,10 @@ upstream = "main"
 fn check_accepts_a_good_config_with_a_summary() {
     let (ok, out, err) = check(GOOD);
     assert!(ok, "{err}");
-    assert_eq!(out, "FILE: ok: 1 service(s), 1 upstream(s), interception off\n");
+    assert_eq!(
+        out,
+        "FILE: ok: 1 service(s), 1 upstream(s), interception off\n"
+    );
 }
 
 #[test]
@@ -40,27 +53,45 @@ fn check_rejects_broken_configs_naming_file_key_and_problem() {
     let (ok, _, err) = check(&GOOD.replace("mode = \"standalone\"", "mode = \"sentinel\""));
     assert!(!ok);
     assert!(err.contains("FILE: upstream[0].mode: "), "{err}");
-    assert!(err.contains("line 4") && err.contains("unknown variant `sentinel`"), "{err}");
+    assert!(
+        err.contains("line 4") && err.contains("unknown variant `sentinel`"),
+        "{err}"
+    );
 
-    let (ok, _, err) = check(&GOOD.replace("upstream = \"main\"", "upstream = \"missing\"\nop_timeout = \"0s\""));
+    let (ok, _, err) = check(&GOOD.replace(
+        "upstream = \"main\"",
+        "upstream = \"missing\"\nop_timeout = \"0s\"",
+    ));
     assert!(!ok);
-    assert!(err.contains("FILE: service[0].upstream: no [[upstream]] is named \"missing\""), "{err}");
-    assert!(err.contains("FILE: service[0].op_timeout: must be more than 0"), "{err}");
+    assert!(
+        err.contains("FILE: service[0].upstream: no [[upstream]] is named \"missing\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("FILE: service[0].op_timeout: must be more than 0"),
+        "{err}"
+    );
 
     let (ok, _, err) = check("[[service]\n");
     assert!(!ok);
     assert!(err.contains("FILE: ") && err.contains("line 1"), "{err}");
 
-    let (ok, _, err) = check(&GOOD.replace("listen = \"127.0.0.1:16379\"", "listen = \"localhost\""));
+    let (ok, _, err) =
+        check(&GOOD.replace("listen = \"127.0.0.1:16379\"", "listen = \"localhost\""));
     assert!(!ok);
     assert!(err.contains("FILE: service[0].listen:"), "{err}");
 }
 
 #[test]
 fn check_warns_about_features_run_would_refuse() {
-    let (ok, _, err) = check(&format!("{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n"));
+    let (ok, _, err) = check(&format!(
+        "{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n"
+    ));
     assert!(ok);
-    assert!(err.contains("service[0].auth is not implemented in this build"), "{err}");
+    assert!(
+        err.contains("service[0].auth is not implemented in this build"),
+        "{err}"
+    );
     assert!(!err.contains("s3cret"), "a password leaked: {err}");
 }
 
@@ -68,13 +99,30 @@ fn check_warns_about_features_run_would_refuse() {
 fn run_refuses_settings_it_would_silently_ignore() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("conf.toml");
-    std::fs::write(&path, format!("{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n")).unwrap();
-    let out = bin().arg("run").arg("--config").arg(&path).output().unwrap();
+    std::fs::write(
+        &path,
+        format!("{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n"),
+    )
+    .unwrap();
+    let out = bin()
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not implement: service[0].auth"), "{err}");
     let out = bin()
-        .args(["run", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--vip", "127.0.100.1:6379"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:1",
+            "--vip",
+            "127.0.100.1:6379",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -92,4 +140,28 @@ fn help_explains_the_commands() {
     let out = bin().args(["run", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("--listen") && text.contains("--upstream") && text.contains("--config"));
+}
+
+#[test]
+fn shipped_configs_pass_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = vec![root.join("config/redis-intercept.toml")];
+    for entry in std::fs::read_dir(root.join("config/examples")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    assert!(files.len() >= 3);
+    for file in files {
+        let out = bin()
+            .arg("check")
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -204,7 +204,9 @@ pub struct RespReader {
 impl RespReader {
     /// Wraps a connected stream with a 10 s read timeout.
     pub fn new(stream: TcpStream) -> Self {
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         RespReader {
             stream,
             buf: BytesMut::new(),
@@ -254,7 +256,9 @@ pub fn start_proxy(upstream: SocketAddr, service_extra: &str) -> redis_intercept
     );
     let config = redis_intercept::config::Config::parse(&text, "<test>").unwrap();
     let proxy = redis_intercept::app::start(&config).unwrap();
-    wait_until(Duration::from_secs(5), || TcpStream::connect(proxy.addr("svc").unwrap()).is_ok());
+    wait_until(Duration::from_secs(5), || {
+        TcpStream::connect(proxy.addr("svc").unwrap()).is_ok()
+    });
     proxy
 }
 
@@ -262,7 +266,10 @@ pub fn start_proxy(upstream: SocketAddr, service_extra: &str) -> redis_intercept
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
-        assert!(Instant::now() < deadline, "condition not met within {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -1,4 +1,9 @@
 //! The generated command table matches what a live redis-server reports in `COMMAND`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic on failure"
+)]
 
 use redis_intercept::command::{self, BeginSearch, CommandInfo, FindKeys, flags};
 use redis_intercept::resp::Frame;
@@ -58,9 +63,16 @@ fn check(live: &Frame, ours: &CommandInfo) {
         match spec.begin {
             BeginSearch::Index(i) => {
                 assert_eq!(text(field(begin, "type")), "index", "{name}");
-                assert_eq!(i64::from(i), int(field(items(field(begin, "spec")), "index")), "{name}");
+                assert_eq!(
+                    i64::from(i),
+                    int(field(items(field(begin, "spec")), "index")),
+                    "{name}"
+                );
             }
-            BeginSearch::Keyword { keyword, start_from } => {
+            BeginSearch::Keyword {
+                keyword,
+                start_from,
+            } => {
                 let s = items(field(begin, "spec"));
                 assert_eq!(keyword, text(field(s, "keyword")), "{name}");
                 assert_eq!(i64::from(start_from), int(field(s, "startfrom")), "{name}");
@@ -69,19 +81,35 @@ fn check(live: &Frame, ours: &CommandInfo) {
         }
         let find = items(field(live, "find_keys"));
         match spec.find {
-            FindKeys::Range { last_key, step, limit } => {
+            FindKeys::Range {
+                last_key,
+                step,
+                limit,
+            } => {
                 let s = items(field(find, "spec"));
                 assert_eq!(
                     (i64::from(last_key), i64::from(step), i64::from(limit)),
-                    (int(field(s, "lastkey")), int(field(s, "keystep")), int(field(s, "limit"))),
+                    (
+                        int(field(s, "lastkey")),
+                        int(field(s, "keystep")),
+                        int(field(s, "limit"))
+                    ),
                     "{name}"
                 );
             }
-            FindKeys::Keynum { keynum_idx, first_key, step } => {
+            FindKeys::Keynum {
+                keynum_idx,
+                first_key,
+                step,
+            } => {
                 let s = items(field(find, "spec"));
                 assert_eq!(
                     (i64::from(keynum_idx), i64::from(first_key), i64::from(step)),
-                    (int(field(s, "keynumidx")), int(field(s, "firstkey")), int(field(s, "keystep"))),
+                    (
+                        int(field(s, "keynumidx")),
+                        int(field(s, "firstkey")),
+                        int(field(s, "keystep"))
+                    ),
                     "{name}"
                 );
             }
@@ -91,7 +119,11 @@ fn check(live: &Frame, ours: &CommandInfo) {
         assert_eq!(spec.flags, live_flags, "{name}: key spec flags");
     }
     let live_subs = f.get(9).map(items).unwrap_or(&[]);
-    assert_eq!(ours.subcommands.len(), live_subs.len(), "{name}: subcommand count");
+    assert_eq!(
+        ours.subcommands.len(),
+        live_subs.len(),
+        "{name}: subcommand count"
+    );
     for sub in live_subs {
         let sub_name = text(&items(sub)[0]).to_lowercase();
         let ours_sub = ours
@@ -108,7 +140,11 @@ fn table_matches_live_command_info() {
     let server = RedisServer::start();
     let live = server.cmd(&["COMMAND"]);
     let live = items(&live);
-    assert_eq!(live.len(), command::COMMANDS.len(), "command count differs: run `cargo xtask gen-commands`");
+    assert_eq!(
+        live.len(),
+        command::COMMANDS.len(),
+        "command count differs: run `cargo xtask gen-commands`"
+    );
     for entry in live {
         let name = text(&items(entry)[0]).to_lowercase();
         let ours = command::by_name(&name)

@@ -1,4 +1,9 @@
 //! End-to-end: the proxy in front of a real standalone redis-server, driven by real clients.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic on failure"
+)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -34,7 +39,10 @@ fn redis_cli_session_through_the_proxy() {
     assert_eq!(redis_cli(addr, &["SELECT", "0"]), "OK\n");
     assert!(redis_cli(addr, &["SELECT", "2"]).contains("database 0 only"));
     assert!(redis_cli(addr, &["MULTI"]).contains("'MULTI' is not supported"));
-    assert!(redis_cli(addr, &["CONFIG", "SET", "maxmemory", "1"]).contains("'CONFIG SET' is not supported"));
+    assert!(
+        redis_cli(addr, &["CONFIG", "SET", "maxmemory", "1"])
+            .contains("'CONFIG SET' is not supported")
+    );
     assert!(redis_cli(addr, &["NOSUCHCMD"]).contains("unknown command"));
     proxy.shutdown();
 }
@@ -48,7 +56,11 @@ fn local_commands_answer_like_redis() {
     assert!(id > 0);
     let name: Option<String> = redis::cmd("CLIENT").arg("GETNAME").query(&mut c).unwrap();
     assert_eq!(name, None);
-    let _: () = redis::cmd("CLIENT").arg("SETNAME").arg("app-1").query(&mut c).unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("app-1")
+        .query(&mut c)
+        .unwrap();
     let name: Option<String> = redis::cmd("CLIENT").arg("GETNAME").query(&mut c).unwrap();
     assert_eq!(name.as_deref(), Some("app-1"));
     let err = redis::cmd("CLIENT")
@@ -59,16 +71,28 @@ fn local_commands_answer_like_redis() {
     assert!(err.to_string().contains("cannot contain spaces"), "{err}");
     let hello: Vec<redis::Value> = redis::cmd("HELLO").arg("2").query(&mut c).unwrap();
     assert_eq!(hello.len(), 16);
-    let err = redis::cmd("HELLO").arg("3").query::<()>(&mut c).unwrap_err();
+    let err = redis::cmd("HELLO")
+        .arg("3")
+        .query::<()>(&mut c)
+        .unwrap_err();
     assert!(err.to_string().contains("NOPROTO"), "{err}");
     let pong: String = redis::cmd("PING").arg("x").query(&mut c).unwrap();
     assert_eq!(pong, "x");
-    let err = redis::cmd("PING").arg("a").arg("b").query::<()>(&mut c).unwrap_err();
-    assert!(err.to_string().contains("wrong number of arguments for 'ping'"), "{err}");
+    let err = redis::cmd("PING")
+        .arg("a")
+        .arg("b")
+        .query::<()>(&mut c)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("wrong number of arguments for 'ping'"),
+        "{err}"
+    );
 
     // QUIT answers OK and closes after earlier replies.
     let mut raw = TcpStream::connect(proxy.addr("svc").unwrap()).unwrap();
-    raw.write_all(b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nQUIT\r\n*1\r\n$4\r\nPING\r\n").unwrap();
+    raw.write_all(b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nQUIT\r\n*1\r\n$4\r\nPING\r\n")
+        .unwrap();
     let mut all = Vec::new();
     raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     raw.read_to_end(&mut all).unwrap();
@@ -94,7 +118,10 @@ fn inline_commands_are_served() {
     bad.write_all(b"SET 'it''s' v\r\n").unwrap();
     let mut all = Vec::new();
     bad.read_to_end(&mut all).unwrap();
-    assert_eq!(all, b"-ERR Protocol error: unbalanced quotes in request\r\n");
+    assert_eq!(
+        all,
+        b"-ERR Protocol error: unbalanced quotes in request\r\n"
+    );
     proxy.shutdown();
 }
 
@@ -131,7 +158,10 @@ fn redis_cli_pipe_mode_loads_data() {
     let addr = proxy.addr("svc").unwrap();
     let mut input = String::new();
     for i in 0..20_000 {
-        input.push_str(&format!("*3\r\n$3\r\nSET\r\n${}\r\npipe:{i}\r\n$1\r\nv\r\n", 5 + i.to_string().len()));
+        input.push_str(&format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\npipe:{i}\r\n$1\r\nv\r\n",
+            5 + i.to_string().len()
+        ));
     }
     let mut child = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &addr.port().to_string(), "--pipe"])
@@ -139,7 +169,12 @@ fn redis_cli_pipe_mode_loads_data() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
@@ -153,7 +188,9 @@ fn large_values_pass_intact() {
     let server = RedisServer::start();
     let proxy = start_proxy(server.addr, "");
     let mut c = client(proxy.addr("svc").unwrap());
-    let value: Vec<u8> = (0..12 * 1024 * 1024).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let value: Vec<u8> = (0..12 * 1024 * 1024)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let _: () = c.set("big", &value).unwrap();
     let back: Vec<u8> = c.get("big").unwrap();
     assert!(back == value, "12 MiB value came back different");
@@ -199,11 +236,17 @@ fn upstream_restart_gives_errors_then_recovers() {
     server.kill();
     let start = Instant::now();
     let err = c.get::<_, String>("a").unwrap_err();
-    assert!(start.elapsed() < Duration::from_secs(2), "error took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "error took {:?}",
+        start.elapsed()
+    );
     assert!(err.to_string().contains("unavailable"), "{err}");
     server.restart();
     // The same client connection recovers once the proxy reconnects.
-    wait_until(Duration::from_secs(5), || c.set::<_, _, ()>("a", "2").is_ok());
+    wait_until(Duration::from_secs(5), || {
+        c.set::<_, _, ()>("a", "2").is_ok()
+    });
     let v: String = c.get("a").unwrap();
     assert_eq!(v, "2");
     proxy.shutdown();
@@ -217,7 +260,10 @@ fn upstream_down_at_start_answers_with_an_error_not_a_hang() {
     let start = Instant::now();
     let err = c.get::<_, String>("a").unwrap_err();
     assert!(start.elapsed() < Duration::from_secs(2));
-    assert!(err.to_string().contains("unavailable") || err.to_string().contains("not connected"), "{err}");
+    assert!(
+        err.to_string().contains("unavailable") || err.to_string().contains("not connected"),
+        "{err}"
+    );
     proxy.shutdown();
 }
 
@@ -228,14 +274,31 @@ fn op_timeout_answers_when_the_server_hangs() {
     let mut c = client(proxy.addr("svc").unwrap());
     let _: () = c.set("a", "1").unwrap();
     let pid = server.pid().unwrap().to_string();
-    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let start = Instant::now();
     let err = c.get::<_, String>("a").unwrap_err();
     let waited = start.elapsed();
-    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     assert!(err.to_string().contains("timed out"), "{err}");
-    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(2), "{waited:?}");
-    wait_until(Duration::from_secs(5), || c.get::<_, String>("a").is_ok_and(|v| v == "1"));
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    wait_until(Duration::from_secs(5), || {
+        c.get::<_, String>("a").is_ok_and(|v| v == "1")
+    });
     proxy.shutdown();
 }
 
@@ -275,7 +338,8 @@ fn slow_reader_is_disconnected_and_others_are_not_affected() {
     // Never read: 500 × 100 KiB of replies cannot fit in the socket buffers plus 1 MiB.
     let _ = slow.write_all(&req);
     wait_until(Duration::from_secs(10), || {
-        slow.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        slow.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let mut sink = vec![0u8; 1 << 20];
         // Drain what the kernel buffered; the proxy must have closed its end.
         loop {
@@ -302,7 +366,9 @@ fn max_clients_refuses_with_redis_error() {
     let _: () = a.set("x", "1").unwrap();
     let _: () = b.set("y", "1").unwrap();
     let mut third = TcpStream::connect(addr).unwrap();
-    third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut reply = Vec::new();
     let _ = third.read_to_end(&mut reply);
     assert_eq!(reply, b"-ERR max number of clients reached\r\n");
@@ -329,7 +395,10 @@ fn idle_clients_are_closed_when_configured() {
     raw.read_to_end(&mut all).unwrap();
     assert_eq!(all, b"+PONG\r\n");
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
     proxy.shutdown();
 }
 
@@ -341,7 +410,10 @@ fn redis_benchmark_runs_clean_through_the_proxy() {
     for pipeline in ["1", "16"] {
         let out = Command::new("redis-benchmark")
             .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
-            .args(["-t", "set,get", "-n", "20000", "-c", "20", "-r", "1000", "-d", "64", "-P", pipeline, "-q"])
+            .args([
+                "-t", "set,get", "-n", "20000", "-c", "20", "-r", "1000", "-d", "64", "-P",
+                pipeline, "-q",
+            ])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);

@@ -1,11 +1,17 @@
 //! `cargo xtask <task>`: the project's set-up, build, demo, test and benchmark entry points.
 
+mod bench;
+mod demo;
 mod gen_commands;
+mod setup;
 
 use std::path::PathBuf;
+use std::process::Command;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+use crate::setup::{run, say};
 
 /// Project tasks. Each one installs what it needs first and says what it does.
 #[derive(Parser)]
@@ -17,6 +23,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Install what is missing: redis-server/redis-tools, bpftool, LLVM 22, nightly rust-src,
+    /// bpf-linker.
+    Setup,
+    /// Build the eBPF programs (nightly, bpfel-unknown-none).
+    BuildEbpf,
+    /// Start a local Redis and the proxy, run a redis-cli session through it, stop both.
+    Demo,
+    /// Setup, then rustfmt, clippy, the eBPF build, and every unit and end-to-end test.
+    Test,
+    /// redis-benchmark directly vs through the proxy; prints ratios.
+    Bench(bench::BenchArgs),
+    /// Fuzz the RESP parsers with cargo-fuzz (nightly).
+    Fuzz {
+        /// Seconds to fuzz.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Regenerate the command table from a live redis-server's COMMAND output.
     GenCommands,
 }
@@ -25,8 +48,78 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     match cli.task {
+        Task::Setup => setup::setup(),
+        Task::BuildEbpf => setup::build_ebpf(&root).map(|_| ()),
+        Task::Demo => {
+            setup::setup()?;
+            demo::demo(&root)
+        }
+        Task::Test => test(&root),
+        Task::Bench(args) => {
+            setup::setup()?;
+            bench::bench(&root, &args)
+        }
+        Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::GenCommands => gen_commands::run(&root),
     }
+}
+
+fn cargo(root: &std::path::Path) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(root);
+    c
+}
+
+/// Everything CI checks, in order of cost.
+fn test(root: &std::path::Path) -> Result<()> {
+    setup::setup()?;
+    say("cargo fmt --check");
+    run(
+        cargo(root).args(["fmt", "--all", "--", "--check"]),
+        "cargo fmt --check (run `cargo fmt --all`)",
+    )?;
+    say("cargo clippy --all-targets -- -D warnings");
+    run(
+        cargo(root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        "cargo clippy",
+    )?;
+    setup::build_ebpf(root)?;
+    say("cargo test --workspace (unit and end-to-end tests against real redis-server processes)");
+    run(cargo(root).args(["test", "--workspace"]), "cargo test")?;
+    say("all checks passed");
+    Ok(())
+}
+
+/// Runs the RESP fuzz target for `seconds`.
+fn fuzz(root: &std::path::Path, seconds: u64) -> Result<()> {
+    if !setup::have("cargo-fuzz") {
+        say("installing cargo-fuzz");
+        run(
+            Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]),
+            "cargo install cargo-fuzz",
+        )?;
+    }
+    say(&format!("fuzzing the RESP parsers for {seconds}s"));
+    run(
+        cargo(&root.join("fuzz"))
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                "resp",
+                "--",
+                &format!("-max_total_time={seconds}"),
+            ])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+        "cargo fuzz run resp",
+    )
 }
 
 /// The workspace root: xtask's manifest directory's parent.

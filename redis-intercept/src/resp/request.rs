@@ -194,12 +194,13 @@ fn split_inline(
                     return Err(ProtocolError::UnbalancedQuotes);
                 };
                 let hex = |i: usize| line.get(i).and_then(|&h| (h as char).to_digit(16));
-                if c == b'\\' && line.get(p + 1) == Some(&b'x') {
-                    if let (Some(hi), Some(lo)) = (hex(p + 2), hex(p + 3)) {
-                        out.push((hi * 16 + lo) as u8);
-                        p += 4;
-                        continue;
-                    }
+                if c == b'\\'
+                    && line.get(p + 1) == Some(&b'x')
+                    && let (Some(hi), Some(lo)) = (hex(p + 2), hex(p + 3))
+                {
+                    out.push((hi * 16 + lo) as u8);
+                    p += 4;
+                    continue;
                 }
                 if c == b'\\' && p + 1 < line.len() {
                     p += 1;
@@ -302,7 +303,10 @@ pub fn encode_command<'a>(args: impl ExactSizeIterator<Item = &'a [u8]>, out: &m
 mod tests {
     use super::*;
 
-    fn parse_one(input: &[u8]) -> Result<Option<(usize, Vec<Vec<u8>>)>, ProtocolError> {
+    /// Bytes consumed and the arguments of one parsed command.
+    type Parsed = Option<(usize, Vec<Vec<u8>>)>;
+
+    fn parse_one(input: &[u8]) -> Result<Parsed, ProtocolError> {
         let mut p = RequestParser::new(Limits::default());
         Ok(p.parse(input)?.map(|n| {
             let args = p.request(&input[..n]).args().map(<[u8]>::to_vec).collect();

@@ -49,7 +49,13 @@ impl ReplyScanner {
             match kind {
                 // Simple string, error, integer, null, double, boolean, big number.
                 b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => {
-                    if kind == b':' && parse_i64(line).is_none() {
+                    let valid = match kind {
+                        b':' => parse_i64(line).is_some(),
+                        b'_' => line.is_empty(),
+                        b'#' => line == b"t" || line == b"f",
+                        _ => true,
+                    };
+                    if !valid {
                         return Err(ProtocolError::InvalidNumber);
                     }
                     self.pos = after_line;

@@ -1,0 +1,241 @@
+//! `cargo xtask bench`: redis-benchmark against Redis directly and through the proxy, in the
+//! same run, alternating targets; prints medians and proxy/direct ratios, the proxy's CPU cost
+//! per million requests, its RSS, and the memory of idle client connections.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use redis_intercept_e2e::RedisServer;
+
+use crate::demo::{ProxyProcess, build_proxy};
+use crate::setup::say;
+
+/// Options of `cargo xtask bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Rounds; each runs every workload against both targets.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Requests per redis-benchmark run.
+    #[arg(long, default_value_t = 200_000)]
+    requests: usize,
+    /// Proxy worker threads (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Idle client connections opened to measure per-client memory.
+    #[arg(long, default_value_t = 5000)]
+    idle_clients: usize,
+}
+
+/// One redis-benchmark configuration.
+struct Workload {
+    /// Label in the report.
+    name: &'static str,
+    /// redis-benchmark test (`set` or `get`).
+    test: &'static str,
+    /// Pipeline depth.
+    pipeline: usize,
+    /// Target ratio proxy/direct from the issue.
+    target: f64,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "SET",
+        test: "set",
+        pipeline: 1,
+        target: 0.9,
+    },
+    Workload {
+        name: "GET",
+        test: "get",
+        pipeline: 1,
+        target: 0.9,
+    },
+    Workload {
+        name: "SET -P 16",
+        test: "set",
+        pipeline: 16,
+        target: 0.7,
+    },
+    Workload {
+        name: "GET -P 16",
+        test: "get",
+        pipeline: 16,
+        target: 0.7,
+    },
+];
+
+/// Runs redis-benchmark once; returns requests per second.
+fn benchmark(addr: SocketAddr, w: &Workload, requests: usize) -> Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args([
+            "-t",
+            w.test,
+            "-n",
+            &requests.to_string(),
+            "-c",
+            "50",
+            "-r",
+            "100000",
+            "-d",
+            "64",
+        ])
+        .args(["-P", &w.pipeline.to_string(), "--csv"])
+        .output()
+        .context("run redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // --csv: "test","rps","avg_latency_ms",…
+    for line in text.lines() {
+        let cols: Vec<&str> = line.split(',').map(|c| c.trim_matches('"')).collect();
+        if cols.first().is_some_and(|t| t.eq_ignore_ascii_case(w.test)) {
+            return cols
+                .get(1)
+                .and_then(|r| r.parse().ok())
+                .with_context(|| format!("bad redis-benchmark line {line:?}"));
+        }
+    }
+    bail!("redis-benchmark printed no {} result:\n{text}", w.test)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the ")" that closes the command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    let hz: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    Ok(ticks / hz)
+}
+
+/// A `/proc/PID/status` memory field in KiB (VmRSS, VmHWM).
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim_start_matches(':').split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the benchmark and prints the report.
+pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
+    let bin = build_proxy(root)?;
+    let server = RedisServer::start_with(&["--maxclients", "20000"]);
+    let workers = args.workers.to_string();
+    let proxy = ProxyProcess::start(&bin, server.addr, &["--workers", &workers])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_rss = status_kib(proxy.pid(), "VmRSS")?;
+    say(&format!(
+        "redis-server {} vs redis-intercept {} ({} rounds of {} requests, -c 50 -r 100000 -d 64)",
+        server.addr, proxy.addr, args.rounds, args.requests
+    ));
+    let mut direct = vec![Vec::new(); WORKLOADS.len()];
+    let mut proxied = vec![Vec::new(); WORKLOADS.len()];
+    let mut cpu = vec![Vec::new(); WORKLOADS.len()];
+    for round in 1..=args.rounds {
+        for (i, w) in WORKLOADS.iter().enumerate() {
+            // Alternate which target goes first so drift on a shared machine hits both.
+            let order = if round % 2 == 1 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for via_proxy in order {
+                if via_proxy {
+                    let before = cpu_seconds(proxy.pid())?;
+                    let rps = benchmark(proxy.addr, w, args.requests)?;
+                    let used = cpu_seconds(proxy.pid())? - before;
+                    cpu[i].push(used / args.requests as f64 * 1e6);
+                    proxied[i].push(rps);
+                } else {
+                    direct[i].push(benchmark(server.addr, w, args.requests)?);
+                }
+            }
+        }
+        say(&format!("round {round}/{} done", args.rounds));
+    }
+    println!();
+    println!(
+        "{:<12} {:>12} {:>12} {:>7} {:>8}  {:>16}",
+        "workload", "direct rps", "proxy rps", "ratio", "target", "proxy CPU s/Mreq"
+    );
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let d = median(&mut direct[i]);
+        let p = median(&mut proxied[i]);
+        let ratio = p / d;
+        println!(
+            "{:<12} {:>12.0} {:>12.0} {:>7.2} {:>7}{} {:>16.2}",
+            w.name,
+            d,
+            p,
+            ratio,
+            format!("≥{:.1}", w.target),
+            if ratio >= w.target { " " } else { "!" },
+            median(&mut cpu[i])
+        );
+    }
+    let peak = status_kib(proxy.pid(), "VmHWM")?;
+    println!();
+    println!(
+        "proxy RSS idle (upstream connected, no clients): {:.1} MiB (target ≤ 20 MiB)",
+        idle_rss as f64 / 1024.0
+    );
+    println!(
+        "proxy peak RSS during the runs: {:.1} MiB",
+        peak as f64 / 1024.0
+    );
+    idle_clients(&proxy, args.idle_clients)?;
+    Ok(())
+}
+
+/// Opens `n` client connections, sends each one PING, and reports the proxy's RSS growth per
+/// connection while they sit idle.
+fn idle_clients(proxy: &ProxyProcess, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let _ = rlimit::increase_nofile_limit(n as u64 + 1024);
+    let before = status_kib(proxy.pid(), "VmRSS")?;
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = TcpStream::connect(proxy.addr).context("open idle client")?;
+        c.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+        conns.push(c);
+    }
+    for c in &mut conns {
+        let mut pong = [0u8; 7];
+        c.read_exact(&mut pong)?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = status_kib(proxy.pid(), "VmRSS")?;
+    let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
+    println!(
+        "idle clients: {n} connected (each sent one PING): RSS {:.1} → {:.1} MiB, {:.1} KiB per client (target ≤ 16 KiB)",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        per / 1024.0
+    );
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! `cargo xtask setup`: installs what building and testing need, and says what it does.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// The bpf-linker release we build the eBPF object with.
+const BPF_LINKER: &str = "bpf-linker@0.13.0";
+/// The LLVM that bpf-linker links against (Debian's llvm-22 packages).
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Prints one progress line.
+pub fn say(msg: &str) {
+    println!("xtask: {msg}");
+}
+
+/// Whether `cmd` is on PATH or in cargo's bin directory.
+pub fn have(cmd: &str) -> bool {
+    find(cmd).is_some()
+}
+
+/// Full path of `cmd` on PATH or in `~/.cargo/bin`.
+pub fn find(cmd: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        dirs.push(Path::new(&home).join("bin"));
+    } else if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(cmd)).find(|p| p.is_file())
+}
+
+/// Runs a command, failing with its description if it doesn't succeed.
+pub fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start: {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Installs Debian packages with apt-get (through sudo when not root).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        bail!(
+            "missing {}; this is not a Debian-like system, install them yourself",
+            packages.join(" ")
+        );
+    }
+    let sudo = if is_root() {
+        None
+    } else if have("sudo") {
+        Some("sudo")
+    } else {
+        bail!("need root (or sudo) to install: {}", packages.join(" "));
+    };
+    let apt = |args: &[&str]| {
+        let mut c = match sudo {
+            Some(s) => {
+                let mut c = Command::new(s);
+                c.arg("apt-get");
+                c
+            }
+            None => Command::new("apt-get"),
+        };
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    say(&format!(
+        "installing Debian packages: {}",
+        packages.join(" ")
+    ));
+    run(&mut apt(&["update", "-qq"]), "apt-get update")?;
+    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    install.args(packages);
+    run(&mut install, "apt-get install")
+}
+
+fn nightly_has_rust_src() -> bool {
+    Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src")
+        })
+}
+
+/// Installs everything missing: Redis server and tools, LLVM 22 for bpf-linker, bpftool,
+/// nightly `rust-src`, and bpf-linker itself.
+pub fn setup() -> Result<()> {
+    let mut packages = Vec::new();
+    if !have("redis-server") {
+        packages.push("redis-server");
+    }
+    if !have("redis-cli") || !have("redis-benchmark") {
+        packages.push("redis-tools");
+    }
+    if !have("bpftool") {
+        packages.push("bpftool");
+    }
+    let need_linker = !have("bpf-linker");
+    if need_linker && !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
+        packages.extend([
+            "llvm-22-dev",
+            "libpolly-22-dev",
+            "libzstd-dev",
+            "zlib1g-dev",
+        ]);
+    }
+    apt_install(&packages)?;
+
+    if !have("rustup") {
+        bail!("rustup is required (the eBPF programs build with a nightly toolchain)");
+    }
+    let nightly = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("nightly"));
+    if !nightly {
+        say("installing the nightly toolchain (for the eBPF programs)");
+        run(
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]),
+            "rustup toolchain install nightly",
+        )?;
+    }
+    if !nightly_has_rust_src() {
+        say("adding rust-src to the nightly toolchain (build-std for bpfel-unknown-none)");
+        run(
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+            "rustup component add rust-src",
+        )?;
+    }
+    if need_linker {
+        say(&format!(
+            "building {BPF_LINKER} against {LLVM_PREFIX} (about 2 minutes)"
+        ));
+        run(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    BPF_LINKER,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", LLVM_PREFIX)
+                .env_remove("RUSTUP_TOOLCHAIN"),
+            "cargo install bpf-linker",
+        )?;
+    }
+    say(
+        "setup complete: redis-server, redis-cli, redis-benchmark, bpftool, nightly rust-src, bpf-linker",
+    );
+    Ok(())
+}
+
+/// Builds the eBPF object with nightly; returns its path.
+pub fn build_ebpf(root: &Path) -> Result<PathBuf> {
+    if !have("bpf-linker") || !nightly_has_rust_src() {
+        bail!("the eBPF toolchain is missing: run `cargo xtask setup`");
+    }
+    let dir = root.join("redis-intercept-ebpf");
+    let target_dir = root.join("target/ebpf");
+    say("building the eBPF programs (nightly, bpfel-unknown-none)");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&dir)
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    // Variables the outer cargo set would pin the stable toolchain or its flags.
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    run(&mut cmd, "eBPF build")?;
+    let object = target_dir.join("bpfel-unknown-none/release/redis-intercept-ebpf");
+    let bytes = std::fs::read(&object).with_context(|| format!("read {}", object.display()))?;
+    if !bytes.starts_with(b"\x7fELF") {
+        bail!("{} is not an ELF object", object.display());
+    }
+    say(&format!(
+        "eBPF object: {} ({} bytes)",
+        object.display(),
+        bytes.len()
+    ));
+    Ok(object)
+}
