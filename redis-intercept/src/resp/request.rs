@@ -177,6 +177,8 @@ fn split_inline(
     out: &mut Vec<u8>,
     spans: &mut Vec<(usize, usize)>,
 ) -> Result<(), ProtocolError> {
+    // sdssplitargs works on a C string: a NUL ends the line.
+    let line = &line[..line.iter().position(|&b| b == 0).unwrap_or(line.len())];
     let mut p = 0;
     loop {
         while p < line.len() && is_space(line[p]) {
@@ -239,7 +241,7 @@ fn split_inline(
                 }
             } else {
                 match c {
-                    None | Some(b' ' | b'\n' | b'\r' | b'\t' | 0) => break,
+                    None | Some(b' ' | b'\n' | b'\r' | b'\t') => break,
                     Some(b'"') => in_dq = true,
                     Some(b'\'') => in_sq = true,
                     Some(c) => out.push(c),
@@ -352,6 +354,9 @@ mod tests {
         assert_eq!(parse_one(b"PING\n"), Ok(Some((5, args(&["PING"])))));
         assert_eq!(parse_one(b"   \r\n"), Ok(Some((5, vec![]))));
         assert_eq!(parse_one(b"GET foo"), Ok(None));
+        // Found by the fuzzer: a NUL ends the line, as in Redis (it used to loop forever).
+        assert_eq!(parse_one(b"\0\0\nW"), Ok(Some((3, vec![]))));
+        assert_eq!(parse_one(b"GET a\0b\r\n"), Ok(Some((9, args(&["GET", "a"])))));
         assert_eq!(
             parse_one(b"set \"abc\r\n"),
             Err(ProtocolError::UnbalancedQuotes)
