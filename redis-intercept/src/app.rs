@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, Mode};
 use crate::resp::Limits;
-use crate::session::{self, ClientGuard, ServiceCtx};
+use crate::session::{self, ClientGuard, ServiceCtx, Sessions};
 use crate::upstream::{ConnSettings, SharedConn};
 
 /// A bound service listener.
@@ -177,7 +177,7 @@ impl WorkerPlan {
         } = self;
         let limits = Limits::default();
         let mut all_conns = Vec::new();
-        let active = Rc::new(std::cell::Cell::new(0usize));
+        let sessions = Rc::new(Sessions::default());
         for ((svc, listener), counter) in config.services.iter().zip(listeners).zip(counters) {
             let Some(up) = config.upstream(&svc.upstream) else {
                 bail!(
@@ -218,7 +218,7 @@ impl WorkerPlan {
                 counter,
                 svc.max_clients,
                 shutdown.clone(),
-                Rc::clone(&active),
+                Rc::clone(&sessions),
             ));
         }
         let mut stop = shutdown.clone();
@@ -227,15 +227,18 @@ impl WorkerPlan {
                 break;
             }
         }
-        // Sessions see the same signal: they stop reading and finish the replies they owe.
+        // Sessions stop reading and finish the replies they owe.
+        sessions.shut_down();
         let deadline = tokio::time::Instant::now() + config.proxy.drain_timeout.0;
-        while active.get() > 0 && tokio::time::Instant::now() < deadline {
+        while !sessions.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
+            // Sessions accepted just before the signal get it too.
+            sessions.shut_down();
         }
-        if active.get() > 0 {
+        if !sessions.is_empty() {
             warn!(
                 worker = index,
-                clients = active.get(),
+                clients = sessions.len(),
                 "drain timeout: closing remaining clients"
             );
         }
@@ -253,7 +256,7 @@ async fn accept_loop(
     counter: Arc<AtomicUsize>,
     max_clients: usize,
     mut shutdown: watch::Receiver<bool>,
-    active: Rc<std::cell::Cell<usize>>,
+    sessions: Rc<Sessions>,
 ) {
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -269,14 +272,12 @@ async fn accept_loop(
                     let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
                     continue;
                 };
-                let ctx = Rc::clone(&ctx);
-                let rx = shutdown.clone();
-                let active = Rc::clone(&active);
-                active.set(active.get() + 1);
-                tokio::task::spawn_local(async move {
-                    session::run(stream, ctx, rx, guard).await;
-                    active.set(active.get() - 1);
-                });
+                tokio::task::spawn_local(session::run(
+                    stream,
+                    Rc::clone(&ctx),
+                    Rc::clone(&sessions),
+                    guard,
+                ));
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait rather than spin.

@@ -5,6 +5,7 @@
 //! - [`resp`]: bytes ⇄ RESP frames, with limits.
 //! - [`command`]: the Redis command table and how the proxy handles each command.
 //! - [`config`]: the TOML configuration and its validation.
+//! - [`signal`]: a cheap single-threaded wake-up flag.
 //! - [`upstream`]: shared pipelined connections to Redis nodes.
 //! - [`session`]: one client connection.
 //! - [`app`]: binding, worker threads, shutdown.
@@ -13,4 +14,5 @@ pub mod command;
 pub mod config;
 pub mod resp;
 pub mod session;
+pub mod signal;
 pub mod upstream;

@@ -1,15 +1,18 @@
 //! One client connection: parse its commands, answer local ones, hand the rest to upstream
 //! connections, and write replies back strictly in request order.
 //!
-//! Each request takes a numbered slot in [`Core`]; replies fill slots as they arrive and the
-//! session writes the filled prefix in one batch. A client may have at most `max_pipeline`
-//! requests in flight: past that the session stops reading it (back pressure) until replies
-//! drain. A client that doesn't read its replies is disconnected once they exceed
-//! `max_client_buffer`; nobody else is affected.
+//! Each request takes a numbered slot in [`Core`]; replies fill slots as they arrive. After
+//! each upstream read, the filled prefix of a client's slots is written to the client in one
+//! system call, by the upstream task itself ([`ReplySink::flush`]): the session task is woken
+//! only when it waits on reply progress (pipeline full, closing, idle timer, full socket). A
+//! client may have at most `max_pipeline` requests in flight; past that the session stops
+//! reading it (back pressure) until replies drain. A client that doesn't read its replies is
+//! disconnected once they exceed `max_client_buffer`; nobody else is affected.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
-use std::pin::Pin;
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::io::Read;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,13 +20,14 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::command::{self, Handling, Local};
 use crate::resp::{Limits, Request, RequestParser};
+use crate::signal::Signal;
 use crate::upstream::{ReplySink, SharedConn, error_reply};
 
 /// Initial read buffer of a client; grows while reads fill it.
@@ -82,32 +86,91 @@ impl Drop for ClientGuard {
     }
 }
 
-/// Reply slots of one session, shared with the upstream connections that fill them.
+/// The sessions of one worker, so shutdown can reach them and the worker can wait for them.
 #[derive(Default)]
+pub struct Sessions {
+    /// Live sessions by client id.
+    live: RefCell<HashMap<u64, Rc<Core>>>,
+}
+
+impl Sessions {
+    /// Sessions still running.
+    pub fn len(&self) -> usize {
+        self.live.borrow().len()
+    }
+
+    /// Whether no session runs.
+    pub fn is_empty(&self) -> bool {
+        self.live.borrow().is_empty()
+    }
+
+    /// Asks every session to stop reading, finish the replies it owes, and close.
+    pub fn shut_down(&self) {
+        for core in self.live.borrow().values() {
+            core.shutdown.set(true);
+            core.signal.notify();
+        }
+    }
+}
+
+/// What made a session's reply writing fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Writing to the client failed.
+    Broken,
+    /// Replies held for the client exceeded `max_client_buffer`.
+    SlowReader,
+}
+
+/// Reply slots and output of one session, shared with the upstream connections that fill
+/// and flush them.
 struct Core {
+    /// The client socket, written by whoever flushes; taken away when the session ends, so
+    /// that requests still in flight upstream don't keep the client's socket open.
+    stream: RefCell<Option<Rc<TcpStream>>>,
     /// One entry per request not yet written to the client, in request order; `None` until
     /// its reply arrives.
     slots: RefCell<VecDeque<Option<Bytes>>>,
     /// Token of `slots[0]`.
     head: Cell<u64>,
-    /// Bytes of replies received and not yet moved to the output buffer.
+    /// Bytes of replies in `slots`.
     held: Cell<usize>,
-    /// Wakes the session when the first slot is filled.
-    ready: Notify,
+    /// Reply bytes the client socket hasn't taken yet.
+    out: RefCell<BytesMut>,
+    /// Most bytes `held` + `out` may reach.
+    max_buffer: usize,
+    /// A flush is already queued for the end of the current upstream batch.
+    flush_queued: Cell<bool>,
+    /// The session task waits on reply progress and wants a wake-up after flushes.
+    wake_on_progress: Cell<bool>,
+    /// Writing to the client failed or overflowed; the session ends.
+    failure: Cell<Option<Failure>>,
+    /// Shutdown was requested.
+    shutdown: Cell<bool>,
+    /// Wakes the session task.
+    signal: Signal,
 }
 
 impl ReplySink for Core {
-    fn deliver(&self, token: u64, reply: Bytes) {
+    fn deliver(&self, token: u64, reply: Bytes) -> bool {
         let Some(index) = token.checked_sub(self.head.get()) else {
-            return;
+            return false;
         };
         let mut slots = self.slots.borrow_mut();
-        if let Some(slot) = slots.get_mut(index as usize) {
-            self.held.set(self.held.get() + reply.len());
-            *slot = Some(reply);
-            if index == 0 {
-                self.ready.notify_one();
-            }
+        let Some(slot) = slots.get_mut(index as usize) else {
+            return false;
+        };
+        self.held.set(self.held.get() + reply.len());
+        *slot = Some(reply);
+        let head_ready = slots.front().is_some_and(Option::is_some);
+        head_ready && !self.flush_queued.replace(true)
+    }
+
+    fn flush(&self) {
+        self.write_out();
+        let out_left = !self.out.borrow().is_empty();
+        if self.wake_on_progress.get() || out_left || self.failure.get().is_some() {
+            self.signal.notify();
         }
     }
 }
@@ -126,21 +189,147 @@ impl Core {
         self.slots.borrow_mut().push_back(Some(reply));
     }
 
-    /// Moves the filled prefix of the slots into `out`.
-    fn drain_ready(&self, out: &mut BytesMut) {
-        let mut slots = self.slots.borrow_mut();
-        while let Some(Some(_)) = slots.front() {
-            if let Some(Some(reply)) = slots.pop_front() {
-                self.held.set(self.held.get() - reply.len());
-                self.head.set(self.head.get() + 1);
-                out.extend_from_slice(&reply);
+    /// Moves the filled prefix of the slots to the output and writes as much as the socket
+    /// takes, without waiting. Records a failure instead of returning it, since upstream tasks
+    /// call this for the session.
+    fn write_out(&self) {
+        self.flush_queued.set(false);
+        if self.failure.get().is_some() {
+            return;
+        }
+        let mut out = self.out.borrow_mut();
+        {
+            let mut slots = self.slots.borrow_mut();
+            while let Some(Some(_)) = slots.front() {
+                if let Some(Some(reply)) = slots.pop_front() {
+                    self.held.set(self.held.get() - reply.len());
+                    self.head.set(self.head.get() + 1);
+                    out.extend_from_slice(&reply);
+                }
             }
+        }
+        let stream = self.stream.borrow();
+        let Some(stream) = stream.as_ref() else {
+            return;
+        };
+        if !out.is_empty() {
+            match stream.try_write(&out) {
+                Ok(n) => out.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!(error = %e, "write to client failed");
+                    self.failure.set(Some(Failure::Broken));
+                    return;
+                }
+            }
+        }
+        if out.is_empty() && out.capacity() > KEEP_BUFFER {
+            *out = BytesMut::new();
+        }
+        if out.len() + self.held.get() > self.max_buffer {
+            self.failure.set(Some(Failure::SlowReader));
         }
     }
 
-    /// Requests whose replies haven't been written yet.
+    /// Requests whose replies haven't been moved to the output yet.
     fn outstanding(&self) -> usize {
         self.slots.borrow().len()
+    }
+
+    /// Bytes waiting for the client socket.
+    fn out_len(&self) -> usize {
+        self.out.borrow().len()
+    }
+}
+
+/// A client's unparsed input. The buffer stays initialized, so reads go straight into it
+/// without unsafe code; `start..end` are the bytes not yet consumed.
+#[derive(Default)]
+struct InputBuf {
+    /// Storage; allocated on the first read.
+    buf: Vec<u8>,
+    /// First unconsumed byte.
+    start: usize,
+    /// One past the last byte read.
+    end: usize,
+}
+
+impl InputBuf {
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start >= self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Drops a large buffer once it is empty.
+    fn release_if_empty(&mut self) {
+        if self.is_empty() && self.buf.len() > KEEP_BUFFER {
+            self.buf = Vec::new();
+        }
+    }
+
+    /// Room for the next read: compacts, then grows while reads fill the buffer.
+    fn spare(&mut self) -> &mut [u8] {
+        if self.start > 0 && self.buf.len() - self.end < READ_START / 2 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < READ_START / 2 {
+            let grow = self.buf.len().clamp(READ_START, READ_MAX_STEP);
+            self.buf.resize(self.buf.len() + grow, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+}
+
+/// Reads what the socket has without waiting. `Ok(None)`: nothing yet. `Ok(Some(0))`: the
+/// client closed its side.
+///
+/// A read that returns less than asked has emptied the socket; reporting "would block" to
+/// tokio then clears its readiness, which saves the `read` that would only say EAGAIN.
+fn read_input(stream: &TcpStream, input: &mut InputBuf) -> std::io::Result<Option<usize>> {
+    let spare = input.spare();
+    let want = spare.len();
+    let mut got = 0;
+    let result = stream.try_io(Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(stream)).read(spare)?;
+        got = n;
+        if n > 0 && n < want {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match result {
+        Ok(n) => {
+            input.end += n;
+            Ok(Some(n))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            input.end += got;
+            Ok((got > 0).then_some(got))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -170,7 +359,7 @@ enum End {
     /// Idle longer than `idle_timeout`.
     Idle,
     /// A socket error.
-    Io(std::io::Error),
+    Io(String),
 }
 
 impl std::fmt::Display for End {
@@ -186,19 +375,46 @@ impl std::fmt::Display for End {
     }
 }
 
+/// What ended a session's wait.
+enum Woke {
+    /// The signal: replies flushed, shutdown, or a failure.
+    Signal,
+    /// The socket has input.
+    Readable,
+    /// The socket takes output again.
+    Writable,
+    /// The idle timer fired.
+    Idle,
+}
+
 /// Serves one client until it leaves, breaks the protocol, or shutdown completes.
 pub async fn run(
     stream: TcpStream,
     svc: Rc<ServiceCtx>,
-    mut shutdown: watch::Receiver<bool>,
+    sessions: Rc<Sessions>,
     _guard: ClientGuard,
 ) {
     let id = next_client_id();
     let peer = stream.peer_addr().ok();
     let started = std::time::Instant::now();
     let _ = stream.set_nodelay(true);
+    let stream = Rc::new(stream);
+    let core = Rc::new(Core {
+        stream: RefCell::new(Some(Rc::clone(&stream))),
+        slots: RefCell::default(),
+        head: Cell::new(0),
+        held: Cell::new(0),
+        out: RefCell::default(),
+        max_buffer: svc.max_client_buffer,
+        flush_queued: Cell::new(false),
+        wake_on_progress: Cell::new(false),
+        failure: Cell::new(None),
+        shutdown: Cell::new(false),
+        signal: Signal::default(),
+    });
+    sessions.live.borrow_mut().insert(id, Rc::clone(&core));
     let mut session = Session {
-        core: Rc::new(Core::default()),
+        core,
         parser: RequestParser::new(svc.limits),
         state: ClientState {
             id,
@@ -210,10 +426,11 @@ pub async fn run(
         svc,
         commands: 0,
     };
-    let mut stream = stream;
-    let end = session.serve(&mut stream, &mut shutdown).await;
-    let level_warn = matches!(end, End::SlowReader);
-    if level_warn {
+    let end = session.serve(&stream).await;
+    sessions.live.borrow_mut().remove(&id);
+    session.core.stream.borrow_mut().take();
+    drop(stream);
+    if matches!(end, End::SlowReader) {
         warn!(service = %session.svc.name, client = id, ?peer, "client disconnected: replies exceeded max_client_buffer (slow reader)");
     }
     info!(
@@ -244,37 +461,30 @@ struct Session {
 }
 
 impl Session {
-    async fn serve(&mut self, stream: &mut TcpStream, shutdown: &mut watch::Receiver<bool>) -> End {
-        let mut input = BytesMut::new();
-        let mut out = BytesMut::new();
+    async fn serve(&mut self, stream: &TcpStream) -> End {
+        let mut input = InputBuf::default();
         let mut eof = false;
         let idle = self.svc.idle_timeout;
         let idle_sleep = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86400)));
         tokio::pin!(idle_sleep);
         let mut last_active = Instant::now();
+        let core = Rc::clone(&self.core);
         loop {
-            // Drain first: freed pipeline places let already-buffered commands through, and the
-            // client may have nothing more to send to wake us.
-            self.core.drain_ready(&mut out);
+            if core.shutdown.get() {
+                self.state.closing = true;
+            }
             if !self.state.closing && !input.is_empty() {
                 self.process_input(&mut input);
-                self.core.drain_ready(&mut out);
             }
-            if out.len() + self.core.held.get() > self.svc.max_client_buffer {
-                return End::SlowReader;
+            core.write_out();
+            match core.failure.get() {
+                Some(Failure::SlowReader) => return End::SlowReader,
+                Some(Failure::Broken) => return End::Io("write failed".to_owned()),
+                None => {}
             }
-            if !out.is_empty() {
-                match stream.try_write(&out) {
-                    Ok(n) => out.advance(n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return End::Io(e),
-                }
-                if out.is_empty() && out.capacity() > KEEP_BUFFER {
-                    out = BytesMut::new();
-                }
-            }
-            let outstanding = self.core.outstanding();
-            if (self.state.closing || eof) && outstanding == 0 && out.is_empty() {
+            let outstanding = core.outstanding();
+            let out_len = core.out_len();
+            if (self.state.closing || eof) && outstanding == 0 && out_len == 0 {
                 return if self.state.protocol_error {
                     End::ProtocolError
                 } else if eof {
@@ -283,34 +493,47 @@ impl Session {
                     End::Done
                 };
             }
-            if input.is_empty() && input.capacity() > KEEP_BUFFER {
-                input = BytesMut::new();
-            }
+            input.release_if_empty();
             let can_read = !self.state.closing
                 && !eof
                 && outstanding < self.svc.max_pipeline
-                && out.len() < self.svc.max_client_buffer / 2
+                && out_len < self.svc.max_client_buffer / 2
                 && input.len() < MAX_QUERY_BUFFER;
-            let idle_armed = idle.is_some() && outstanding == 0 && out.is_empty();
-            let mut readable = false;
-            tokio::select! {
-                biased;
-                r = stream.writable(), if !out.is_empty() => {
-                    if let Err(e) = r {
-                        return End::Io(e);
+            let idle_armed = idle.is_some() && outstanding == 0 && out_len == 0;
+            // Replies are flushed without us; we only need waking when our wait depends on
+            // them.
+            core.wake_on_progress
+                .set(!can_read || self.state.closing || eof || idle.is_some());
+            let woke = poll_fn(|cx| {
+                if core.signal.poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Signal);
+                }
+                if out_len > 0 && stream.poll_write_ready(cx).is_ready() {
+                    return Poll::Ready(Woke::Writable);
+                }
+                if can_read && stream.poll_read_ready(cx).is_ready() {
+                    return Poll::Ready(Woke::Readable);
+                }
+                if idle_armed && idle_sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Idle);
+                }
+                Poll::Pending
+            })
+            .await;
+            match woke {
+                Woke::Signal | Woke::Writable => {}
+                Woke::Readable => match read_input(stream, &mut input) {
+                    Ok(Some(0)) => {
+                        eof = true;
+                        if input.is_empty() && outstanding == 0 {
+                            return End::ClientClosed;
+                        }
                     }
-                }
-                _ = self.core.ready.notified(), if outstanding > 0 => {}
-                r = stream.readable(), if can_read => {
-                    if let Err(e) = r {
-                        return End::Io(e);
-                    }
-                    readable = true;
-                }
-                _ = shutdown.changed(), if !self.state.closing => {
-                    self.state.closing = true;
-                }
-                () = &mut idle_sleep, if idle_armed => {
+                    Ok(Some(_)) => last_active = Instant::now(),
+                    Ok(None) => {}
+                    Err(e) => return End::Io(e.to_string()),
+                },
+                Woke::Idle => {
                     if let Some(limit) = idle {
                         if last_active.elapsed() >= limit {
                             return End::Idle;
@@ -319,38 +542,23 @@ impl Session {
                     }
                 }
             }
-            if readable {
-                match read_some(stream, &mut input) {
-                    Poll::Ready(Ok(0)) => {
-                        eof = true;
-                        if input.is_empty() && outstanding == 0 {
-                            return End::ClientClosed;
-                        }
-                    }
-                    Poll::Ready(Ok(_)) => last_active = Instant::now(),
-                    Poll::Ready(Err(e)) => return End::Io(e),
-                    Poll::Pending => {}
-                }
-            }
-            if *shutdown.borrow() {
-                self.state.closing = true;
-            }
         }
     }
 
     /// Parses and dispatches every complete command in `input`, up to the pipeline limit.
-    fn process_input(&mut self, input: &mut BytesMut) {
+    fn process_input(&mut self, input: &mut InputBuf) {
         let deadline = Instant::now() + self.svc.op_timeout;
         while !self.state.closing && self.core.outstanding() < self.svc.max_pipeline {
-            match self.parser.parse(input) {
+            match self.parser.parse(input.data()) {
                 Ok(None) => break,
                 Ok(Some(n)) => {
-                    let req = self.parser.request(&input[..n]);
+                    let data = input.data();
+                    let req = self.parser.request(&data[..n]);
                     if !req.is_empty() {
                         self.commands += 1;
                         dispatch(&req, &self.core, &mut self.state, &self.conn, deadline);
                     }
-                    input.advance(n);
+                    input.consume(n);
                 }
                 Err(e) => {
                     debug!(client = self.state.id, error = %e, "protocol error; closing the client");
@@ -362,21 +570,6 @@ impl Session {
             }
         }
     }
-}
-
-/// Reads what the socket has into `input` with a single non-blocking attempt.
-///
-/// Uses `poll_read`, which on Linux marks the socket drained when a read returns less than
-/// asked, saving the extra `read` that would only say "would block".
-fn read_some(stream: &mut TcpStream, input: &mut BytesMut) -> Poll<std::io::Result<usize>> {
-    let spare = input.capacity() - input.len();
-    if spare < READ_START / 2 {
-        let step = input.capacity().clamp(READ_START, READ_MAX_STEP);
-        input.reserve(step);
-    }
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    tokio_util::io::poll_read_buf(Pin::new(stream), &mut cx, input)
 }
 
 /// Handles one command: a local reply, a refusal, or a hand-off to the upstream.
@@ -394,7 +587,8 @@ fn dispatch(
             let token = core.push_pending();
             let sink: Rc<dyn ReplySink> = core.clone();
             if let Err(reply) = conn.send(req, sink, token, deadline) {
-                core.deliver(token, reply);
+                // The session writes its output right after dispatching; no flush needed.
+                let _ = core.deliver(token, reply);
             }
         }
         Some((Handling::Local(local), info)) => {

@@ -18,17 +18,25 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::resp::{Limits, ReplyScanner, Request};
+use crate::signal::Signal;
 
 /// Receives the reply to a request. Implemented by client sessions; the upstream side only
 /// knows the token it was given.
+///
+/// Replies arrive in batches (everything one upstream read produced). A sink that returns true
+/// from `deliver` gets one `flush` call after the batch, so it can write all of a client's
+/// replies from that batch in one system call.
 pub trait ReplySink {
-    /// Hands over the reply (or an error reply the proxy made) for request `token`.
-    fn deliver(&self, token: u64, reply: Bytes);
+    /// Hands over the reply (or an error reply the proxy made) for request `token`. Returns
+    /// true if the sink wants [`ReplySink::flush`] at the end of the current batch (at most
+    /// once per batch).
+    fn deliver(&self, token: u64, reply: Bytes) -> bool;
+    /// Called after a batch for every sink whose `deliver` asked for it.
+    fn flush(&self);
 }
 
 /// How one connection behaves; shared by all connections of an upstream.
@@ -94,13 +102,13 @@ struct Inner {
     /// Requests awaiting replies, in the order they were queued (and written).
     inflight: RefCell<VecDeque<InFlight>>,
     /// Wakes the writer when `out` gains bytes.
-    wake_writer: Notify,
+    wake_writer: Signal,
     /// Wakes the timeout watcher when `inflight` stops being empty.
-    wake_timer: Notify,
+    wake_timer: Signal,
     /// Set when the worker shuts down; the task then ends.
     closed: Cell<bool>,
     /// Wakes the task out of a backoff sleep on shutdown.
-    wake_close: Notify,
+    wake_close: Signal,
 }
 
 impl SharedConn {
@@ -115,10 +123,10 @@ impl SharedConn {
             state: Cell::new(State::Connecting),
             out: RefCell::new(BytesMut::new()),
             inflight: RefCell::new(VecDeque::new()),
-            wake_writer: Notify::new(),
-            wake_timer: Notify::new(),
+            wake_writer: Signal::default(),
+            wake_timer: Signal::default(),
             closed: Cell::new(false),
-            wake_close: Notify::new(),
+            wake_close: Signal::default(),
         }))
     }
 
@@ -160,7 +168,7 @@ impl SharedConn {
         drop(out);
         let mut inflight = inner.inflight.borrow_mut();
         if inflight.is_empty() {
-            inner.wake_timer.notify_one();
+            inner.wake_timer.notify();
         }
         inflight.push_back(InFlight {
             sink,
@@ -168,7 +176,7 @@ impl SharedConn {
             deadline,
         });
         if was_empty {
-            inner.wake_writer.notify_one();
+            inner.wake_writer.notify();
         }
         Ok(())
     }
@@ -176,8 +184,8 @@ impl SharedConn {
     /// Stops the connection: the task ends and waiting requests get an error.
     pub fn close(&self) {
         self.0.closed.set(true);
-        self.0.wake_close.notify_one();
-        self.0.wake_writer.notify_one();
+        self.0.wake_close.notify();
+        self.0.wake_writer.notify();
     }
 
     /// Drives the connection until [`SharedConn::close`]: connect, serve, and on failure fail
@@ -233,7 +241,7 @@ impl SharedConn {
             inner.state.set(State::Down);
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = inner.wake_close.notified() => {}
+                () = inner.wake_close.wait() => {}
             }
             backoff = (backoff * 2).min(inner.settings.backoff_max.max(BACKOFF_START));
         }
@@ -251,6 +259,7 @@ impl SharedConn {
         let reader = async {
             let mut buf = BytesMut::with_capacity(READ_CHUNK);
             let mut scanner = ReplyScanner::default();
+            let mut to_flush: Vec<Rc<dyn ReplySink>> = Vec::new();
             loop {
                 if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                     buf.reserve(READ_CHUNK);
@@ -266,13 +275,20 @@ impl SharedConn {
                             let reply = buf.split_to(len).freeze();
                             let next = inner.inflight.borrow_mut().pop_front();
                             match next {
-                                Some(req) => req.sink.deliver(req.token, reply),
+                                Some(req) => {
+                                    if req.sink.deliver(req.token, reply) {
+                                        to_flush.push(req.sink);
+                                    }
+                                }
                                 None => return "reply with no request waiting".to_owned(),
                             }
                         }
                         Ok(None) => break,
                         Err(e) => return format!("protocol error from server: {e}"),
                     }
+                }
+                for sink in to_flush.drain(..) {
+                    sink.flush();
                 }
             }
         };
@@ -291,7 +307,7 @@ impl SharedConn {
                     if inner.closed.get() {
                         return "closed".to_owned();
                     }
-                    inner.wake_writer.notified().await;
+                    inner.wake_writer.wait().await;
                     continue;
                 }
                 if let Err(e) = wr.write_all(&spare).await {
@@ -307,14 +323,14 @@ impl SharedConn {
             loop {
                 let head = inner.inflight.borrow().front().map(|r| r.deadline);
                 match head {
-                    None => inner.wake_timer.notified().await,
+                    None => inner.wake_timer.wait().await,
                     Some(deadline) if deadline <= Instant::now() => {
                         return "a request timed out (op_timeout)".to_owned();
                     }
                     Some(deadline) => {
                         tokio::select! {
                             _ = tokio::time::sleep_until(deadline) => {}
-                            _ = inner.wake_timer.notified() => {}
+                            () = inner.wake_timer.wait() => {}
                         }
                     }
                 }
@@ -339,8 +355,14 @@ impl SharedConn {
         let inner = &*self.0;
         inner.out.borrow_mut().clear();
         let waiting: Vec<InFlight> = inner.inflight.borrow_mut().drain(..).collect();
+        let mut to_flush = Vec::new();
         for req in waiting {
-            req.sink.deliver(req.token, reply.clone());
+            if req.sink.deliver(req.token, reply.clone()) {
+                to_flush.push(req.sink);
+            }
+        }
+        for sink in to_flush {
+            sink.flush();
         }
     }
 }

@@ -356,7 +356,10 @@ mod tests {
         assert_eq!(parse_one(b"GET foo"), Ok(None));
         // Found by the fuzzer: a NUL ends the line, as in Redis (it used to loop forever).
         assert_eq!(parse_one(b"\0\0\nW"), Ok(Some((3, vec![]))));
-        assert_eq!(parse_one(b"GET a\0b\r\n"), Ok(Some((9, args(&["GET", "a"])))));
+        assert_eq!(
+            parse_one(b"GET a\0b\r\n"),
+            Ok(Some((9, args(&["GET", "a"]))))
+        );
         assert_eq!(
             parse_one(b"set \"abc\r\n"),
             Err(ProtocolError::UnbalancedQuotes)
