@@ -61,6 +61,29 @@ impl Proxy {
     }
 }
 
+/// Runs the proxy until SIGTERM or SIGINT, then drains and stops it.
+///
+/// # Errors
+/// Start-up failures from [`start`], or signal handlers that can't be installed.
+pub fn run(config: &Config) -> Result<()> {
+    let proxy = start(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("build signal runtime")?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    info!("shutting down: draining clients");
+    proxy.shutdown();
+    Ok(())
+}
+
 /// Binds every listener, then starts the workers. Errors (a port in use, a bad address)
 /// surface here, before anything is served.
 ///

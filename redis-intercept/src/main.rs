@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use redis_intercept::app;
 use redis_intercept::config::Config;
@@ -136,22 +136,7 @@ fn run(args: RunArgs) -> Result<()> {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "could not raise the open file limit");
     }
-    let proxy = app::start(&config)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("build signal runtime")?;
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
-        }
-        anyhow::Ok(())
-    })?;
-    tracing::info!("shutting down: draining clients");
-    proxy.shutdown();
-    Ok(())
+    app::run(&config)
 }
 
 /// The one-service config the quick-start flags describe.

@@ -31,7 +31,7 @@ use crate::signal::Signal;
 use crate::upstream::{ReplySink, SharedConn, error_reply};
 
 /// Initial read buffer of a client; grows while reads fill it.
-const READ_START: usize = 8 * 1024;
+const READ_START: usize = 4 * 1024;
 /// Largest read buffer growth step.
 const READ_MAX_STEP: usize = 256 * 1024;
 /// Buffers larger than this are released when empty, so an idle client costs little.

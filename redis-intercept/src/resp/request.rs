@@ -169,6 +169,15 @@ fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
 }
 
+/// Position after the closing quote at `p`, which Redis requires to be followed by a space or
+/// the end of the line.
+fn after_closing_quote(line: &[u8], p: usize) -> Result<usize, ProtocolError> {
+    if line.get(p + 1).is_some_and(|&n| !is_space(n)) {
+        return Err(ProtocolError::UnbalancedQuotes);
+    }
+    Ok(p + 1)
+}
+
 /// Splits an inline command line into arguments with Redis's quoting rules: `"…"` with `\n`,
 /// `\r`, `\t`, `\b`, `\a`, `\\`, `\"` and `\xHH` escapes, `'…'` with `\'`, and a closing quote
 /// that must be followed by a space or the end.
@@ -215,10 +224,7 @@ fn split_inline(
                         other => other,
                     });
                 } else if c == b'"' {
-                    if line.get(p + 1).is_some_and(|&n| !is_space(n)) {
-                        return Err(ProtocolError::UnbalancedQuotes);
-                    }
-                    p += 1;
+                    p = after_closing_quote(line, p)?;
                     break;
                 } else {
                     out.push(c);
@@ -231,10 +237,7 @@ fn split_inline(
                     p += 1;
                     out.push(b'\'');
                 } else if c == b'\'' {
-                    if line.get(p + 1).is_some_and(|&n| !is_space(n)) {
-                        return Err(ProtocolError::UnbalancedQuotes);
-                    }
-                    p += 1;
+                    p = after_closing_quote(line, p)?;
                     break;
                 } else {
                     out.push(c);
