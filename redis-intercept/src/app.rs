@@ -16,7 +16,9 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::admin::{Admin, AdminState};
 use crate::config::{Config, Mode};
+use crate::metrics::Metrics;
 use crate::resp::Limits;
 use crate::session::{self, ClientGuard, ServiceCtx, Sessions};
 use crate::upstream::{ConnSettings, SharedConn};
@@ -38,6 +40,10 @@ pub struct Proxy {
     shutdown: watch::Sender<bool>,
     /// Worker threads, joined on shutdown.
     workers: Vec<JoinHandle<()>>,
+    /// The admin endpoint, when configured.
+    admin: Option<Admin>,
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Proxy {
@@ -49,6 +55,11 @@ impl Proxy {
             .map(|s| s.addr)
     }
 
+    /// Where the admin endpoint listens, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr)
+    }
+
     /// Stops accepting, lets clients receive the replies they are owed (up to the drain
     /// timeout), closes everything and waits for the workers.
     pub fn shutdown(self) {
@@ -57,6 +68,9 @@ impl Proxy {
             if w.join().is_err() {
                 error!("a worker thread panicked");
             }
+        }
+        if let Some(admin) = self.admin {
+            admin.join();
         }
     }
 }
@@ -116,6 +130,16 @@ pub fn start(config: &Config) -> Result<Proxy> {
         n => n,
     };
     let (tx, rx) = watch::channel(false);
+    let metrics = Metrics::new();
+    let admin = match &config.admin {
+        Some(a) => {
+            let state = Arc::new(AdminState::new(config, Arc::clone(&metrics)));
+            let admin = Admin::start(a.listen, state, rx.clone())?;
+            info!(addr = %admin.addr, "admin endpoint listening");
+            Some(admin)
+        }
+        None => None,
+    };
     let counters: Vec<Arc<AtomicUsize>> = config
         .services
         .iter()
@@ -133,6 +157,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
                 .context("clone listener for a worker")?,
             counters: counters.clone(),
             shutdown: rx.clone(),
+            metrics: Arc::clone(&metrics),
         };
         let handle = std::thread::Builder::new()
             .name(format!("ri-worker-{index}"))
@@ -149,6 +174,8 @@ pub fn start(config: &Config) -> Result<Proxy> {
         services,
         shutdown: tx,
         workers: handles,
+        admin,
+        metrics,
     })
 }
 
@@ -178,6 +205,8 @@ struct WorkerPlan {
     counters: Vec<Arc<AtomicUsize>>,
     /// Becomes true at shutdown.
     shutdown: watch::Receiver<bool>,
+    /// The process's metrics.
+    metrics: Arc<Metrics>,
 }
 
 impl WorkerPlan {
@@ -197,6 +226,7 @@ impl WorkerPlan {
             listeners,
             counters,
             shutdown,
+            metrics,
         } = self;
         let limits = Limits::default();
         let mut all_conns = Vec::new();
@@ -219,7 +249,13 @@ impl WorkerPlan {
                 limits,
             };
             let conns: Vec<SharedConn> = (0..up.connections_per_node)
-                .map(|_| SharedConn::new(up.nodes[0].clone(), settings.clone()))
+                .map(|_| {
+                    SharedConn::new(
+                        up.nodes[0].clone(),
+                        settings.clone(),
+                        metrics.node(&up.name, &up.nodes[0]),
+                    )
+                })
                 .collect();
             for c in &conns {
                 tokio::task::spawn_local(c.clone().run());
@@ -233,6 +269,7 @@ impl WorkerPlan {
                 max_client_buffer: svc.max_client_buffer.0,
                 max_pipeline: svc.max_pipeline,
                 limits,
+                metrics: metrics.service(&svc.name),
             });
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tokio::task::spawn_local(accept_loop(
@@ -291,10 +328,12 @@ async fn accept_loop(
             Ok((stream, _peer)) => {
                 backoff = Duration::from_millis(10);
                 let Some(guard) = ClientGuard::acquire(&counter, max_clients) else {
+                    ctx.metrics.rejected.inc();
                     // Redis's own words, then close.
                     let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
                     continue;
                 };
+                ctx.metrics.accepted.inc();
                 tokio::task::spawn_local(session::run(
                     stream,
                     Rc::clone(&ctx),

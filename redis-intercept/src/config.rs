@@ -656,9 +656,6 @@ impl Config {
         if self.intercept.is_some() {
             out.push("[intercept] (eBPF interception)".to_owned());
         }
-        if self.admin.is_some() {
-            out.push("[admin] (admin HTTP endpoint)".to_owned());
-        }
         for (i, u) in self.upstreams.iter().enumerate() {
             if u.mode == Mode::Cluster {
                 out.push(format!("upstream[{i}].mode = \"cluster\""));

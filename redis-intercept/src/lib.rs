@@ -8,10 +8,14 @@
 //! - [`signal`]: a cheap single-threaded wake-up flag.
 //! - [`upstream`]: shared pipelined connections to Redis nodes.
 //! - [`session`]: one client connection.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`admin`]: the local HTTP endpoint (`/metrics`, `/ready`, `/config`).
 //! - [`app`]: binding, worker threads, shutdown.
+pub mod admin;
 pub mod app;
 pub mod command;
 pub mod config;
+pub mod metrics;
 pub mod resp;
 pub mod session;
 pub mod signal;

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::command::{self, Handling, Local};
+use crate::metrics::ServiceMetrics;
 use crate::resp::{Limits, Request, RequestParser};
 use crate::signal::Signal;
 use crate::upstream::{ReplySink, SharedConn, error_reply};
@@ -55,6 +56,8 @@ pub struct ServiceCtx {
     pub max_pipeline: usize,
     /// Request parsing limits.
     pub limits: Limits,
+    /// The service's metric handles.
+    pub metrics: ServiceMetrics,
 }
 
 /// Process-wide client ids, as CLIENT ID reports them.
@@ -362,6 +365,20 @@ enum End {
     Io(String),
 }
 
+impl End {
+    /// The `reason` label of the close metric.
+    fn reason(&self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::Done => "quit_or_shutdown",
+            End::ProtocolError => "protocol_error",
+            End::SlowReader => "slow_reader",
+            End::Idle => "idle",
+            End::Io(_) => "io_error",
+        }
+    }
+}
+
 impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -413,6 +430,7 @@ pub async fn run(
         signal: Signal::default(),
     });
     sessions.live.borrow_mut().insert(id, Rc::clone(&core));
+    svc.metrics.connected.inc();
     let mut session = Session {
         core,
         parser: RequestParser::new(svc.limits),
@@ -430,6 +448,8 @@ pub async fn run(
     sessions.live.borrow_mut().remove(&id);
     session.core.stream.borrow_mut().take();
     drop(stream);
+    session.svc.metrics.connected.dec();
+    session.svc.metrics.closed(end.reason());
     if matches!(end, End::SlowReader) {
         warn!(service = %session.svc.name, client = id, ?peer, "client disconnected: replies exceeded max_client_buffer (slow reader)");
     }
@@ -548,6 +568,7 @@ impl Session {
     /// Parses and dispatches every complete command in `input`, up to the pipeline limit.
     fn process_input(&mut self, input: &mut InputBuf) {
         let deadline = Instant::now() + self.svc.op_timeout;
+        let before = self.commands;
         while !self.state.closing && self.core.outstanding() < self.svc.max_pipeline {
             match self.parser.parse(input.data()) {
                 Ok(None) => break,
@@ -569,6 +590,7 @@ impl Session {
                 }
             }
         }
+        self.svc.metrics.commands.inc_by(self.commands - before);
     }
 }
 

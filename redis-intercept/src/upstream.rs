@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::metrics::NodeMetrics;
 use crate::resp::{Limits, ReplyScanner, Request};
 use crate::signal::Signal;
 
@@ -93,6 +94,8 @@ struct Inner {
     addr: String,
     /// Behaviour settings.
     settings: ConnSettings,
+    /// This node's metrics.
+    metrics: NodeMetrics,
     /// Current life-cycle state.
     state: Cell<State>,
     /// Error reply given to requests while the connection is down.
@@ -113,13 +116,14 @@ struct Inner {
 
 impl SharedConn {
     /// A connection to `addr`, not started yet: call [`SharedConn::run`] on a task.
-    pub fn new(addr: String, settings: ConnSettings) -> SharedConn {
+    pub fn new(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> SharedConn {
         SharedConn(Rc::new(Inner {
             down_reply: RefCell::new(error_reply(&format!(
                 "upstream {addr} is not connected yet"
             ))),
             addr,
             settings,
+            metrics,
             state: Cell::new(State::Connecting),
             out: RefCell::new(BytesMut::new()),
             inflight: RefCell::new(VecDeque::new()),
@@ -207,8 +211,10 @@ impl SharedConn {
                 Ok(Ok(stream)) => {
                     info!(upstream = %inner.addr, "connected");
                     inner.state.set(State::Up);
+                    inner.metrics.up.inc();
                     backoff = BACKOFF_START;
                     let reason = self.serve(stream).await;
+                    inner.metrics.up.dec();
                     // A connection that worked gets one immediate retry before backoff.
                     reconnect_now = true;
                     reason
@@ -229,6 +235,7 @@ impl SharedConn {
                 self.fail_all(&error_reply("proxy is shutting down"));
                 break;
             }
+            inner.metrics.failures.inc();
             let reply = error_reply(&format!("upstream {} unavailable: {reason}", inner.addr));
             self.fail_all(&reply);
             *inner.down_reply.borrow_mut() = reply;
@@ -342,6 +349,7 @@ impl SharedConn {
             r = timer => r,
         };
         if reason.starts_with("a request timed out") {
+            inner.metrics.timeouts.inc();
             self.fail_all(&error_reply(&format!(
                 "operation timed out waiting for upstream {}",
                 inner.addr

@@ -248,8 +248,17 @@ pub fn read_frame(stream: &mut TcpStream) -> Frame {
 /// loopback port in front of the standalone server `upstream`. `service_extra` is TOML added to
 /// the `[[service]]` table (e.g. `op_timeout = "300ms"`).
 pub fn start_proxy(upstream: SocketAddr, service_extra: &str) -> redis_intercept::app::Proxy {
+    start_proxy_with(upstream, "", service_extra)
+}
+
+/// Like [`start_proxy`], with `top_extra` TOML (e.g. an `[admin]` table) before the upstream.
+pub fn start_proxy_with(
+    upstream: SocketAddr,
+    top_extra: &str,
+    service_extra: &str,
+) -> redis_intercept::app::Proxy {
     let text = format!(
-        "[proxy]\nworkers = 2\ndrain_timeout = \"1s\"\n\n\
+        "[proxy]\nworkers = 2\ndrain_timeout = \"1s\"\n\n{top_extra}\n\
          [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{upstream}\"]\n\
          connect_timeout = \"500ms\"\nreconnect_backoff_max = \"200ms\"\n\n\
          [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n{service_extra}\n"
@@ -286,4 +295,29 @@ pub fn redis_cli(addr: SocketAddr, args: &[&str]) -> String {
         .output()
         .expect("run redis-cli (cargo xtask setup installs redis-tools)");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `GET path` over HTTP/1.1 to `addr`; returns (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad HTTP response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -1,0 +1,237 @@
+//! The local admin HTTP endpoint: `/metrics` (Prometheus), `/ready`, `/config` (secrets
+//! redacted). It runs on its own thread and runtime, away from the data path, and should only
+//! listen on loopback.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::config::Config;
+use crate::metrics::{Metrics, NodeLabels};
+
+/// What the admin handlers read.
+pub struct AdminState {
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The effective config as TOML, secrets redacted, rendered once at start.
+    pub config_toml: String,
+    /// For each service: its name and the upstream nodes it needs up to be ready.
+    pub readiness: Vec<(String, Vec<NodeLabels>)>,
+}
+
+impl AdminState {
+    /// Builds the state for `config`.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> AdminState {
+        let readiness = config
+            .services
+            .iter()
+            .map(|s| {
+                let nodes = config
+                    .upstream(&s.upstream)
+                    .map(|u| {
+                        u.nodes
+                            .iter()
+                            .map(|n| NodeLabels {
+                                upstream: u.name.clone(),
+                                node: n.clone(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (s.name.clone(), nodes)
+            })
+            .collect();
+        AdminState {
+            metrics,
+            config_toml: redacted_toml(config),
+            readiness,
+        }
+    }
+
+    /// `Ok` when every service has a connection up to each of its upstream nodes; otherwise
+    /// the services that don't.
+    pub fn ready(&self) -> Result<(), String> {
+        let mut missing = Vec::new();
+        for (service, nodes) in &self.readiness {
+            for node in nodes {
+                let up = self
+                    .metrics
+                    .upstream_connections_up
+                    .get_or_create(node)
+                    .get();
+                if up <= 0 {
+                    missing.push(format!(
+                        "service {service}: upstream {} node {} is not connected",
+                        node.upstream, node.node
+                    ));
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing.join("\n"))
+        }
+    }
+}
+
+/// The config as TOML with every secret replaced (passwords are serialized as `<redacted>`).
+pub fn redacted_toml(config: &Config) -> String {
+    toml::to_string(config).unwrap_or_else(|e| format!("# config could not be rendered: {e}\n"))
+}
+
+/// A running admin server.
+pub struct Admin {
+    /// Address actually bound.
+    pub addr: SocketAddr,
+    /// The server thread.
+    thread: JoinHandle<()>,
+}
+
+impl Admin {
+    /// Binds `addr` now (so a bad address fails start-up) and serves on a thread until
+    /// `shutdown` turns true.
+    ///
+    /// # Errors
+    /// The address can't be bound, or the thread can't start.
+    pub fn start(
+        addr: SocketAddr,
+        state: Arc<AdminState>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Admin> {
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("admin: cannot listen on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let thread = std::thread::Builder::new()
+            .name("ri-admin".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        warn!(error = %e, "admin runtime failed to start");
+                        return;
+                    }
+                };
+                rt.block_on(serve(listener, state, shutdown));
+            })
+            .context("spawn admin thread")?;
+        Ok(Admin { addr, thread })
+    }
+
+    /// Waits for the server thread (after the shutdown signal).
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "admin listener failed");
+            return;
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(handle(&req, &state)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "admin connection failed");
+            }
+        });
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.method() != Method::GET {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "only GET is served\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.encode(),
+        ),
+        "/ready" => match state.ready() {
+            Ok(()) => respond(StatusCode::OK, TEXT, "ready\n".into()),
+            Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready:\n{why}\n")),
+        },
+        "/config" => respond(StatusCode::OK, "application/toml; charset=utf-8", state.config_toml.clone()),
+        "/" => respond(
+            StatusCode::OK,
+            TEXT,
+            "redis-intercept admin\n  /metrics  Prometheus metrics\n  /ready    200 when every upstream is connected\n  /config   effective configuration, secrets redacted\n".into(),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, TEXT, "not found (see /)\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_dump_redacts_passwords() {
+        let text = r#"
+            [[upstream]]
+            name = "main"
+            mode = "standalone"
+            nodes = ["127.0.0.1:6379"]
+            [[service]]
+            name = "cache"
+            listen = "127.0.0.1:16379"
+            upstream = "main"
+            [service.auth]
+            passwords = ["hunter2", "swordfish"]
+        "#;
+        let config = Config::parse(text, "t").unwrap();
+        let dump = redacted_toml(&config);
+        assert!(
+            !dump.contains("hunter2") && !dump.contains("swordfish"),
+            "{dump}"
+        );
+        assert!(dump.contains("<redacted>"), "{dump}");
+        assert!(dump.contains("127.0.0.1:16379"), "{dump}");
+        // What the dump shows parses back as a config.
+        assert!(Config::parse(&dump, "dump").is_ok(), "{dump}");
+    }
+}

@@ -1,0 +1,223 @@
+//! Prometheus metrics: one registry for the process, with handles resolved once so the data
+//! path only does relaxed atomic adds.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of per-service metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// Service name from the config.
+    pub service: String,
+}
+
+/// Labels of client disconnects.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// Service name from the config.
+    pub service: String,
+    /// Why the client went away: client_closed, quit, protocol_error, slow_reader, idle,
+    /// io_error, shutdown.
+    pub reason: String,
+}
+
+/// Labels of per-upstream-node metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    /// Upstream name from the config.
+    pub upstream: String,
+    /// `host:port` of the node.
+    pub node: String,
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    registry: Registry,
+    /// Clients connected now.
+    pub clients_connected: Family<ServiceLabels, Gauge>,
+    /// Clients accepted since start.
+    pub clients_accepted: Family<ServiceLabels, Counter>,
+    /// Clients refused because of `max_clients`.
+    pub clients_rejected: Family<ServiceLabels, Counter>,
+    /// Client connections closed, by reason.
+    pub clients_closed: Family<CloseLabels, Counter>,
+    /// Commands received from clients.
+    pub commands: Family<ServiceLabels, Counter>,
+    /// Shared upstream connections up now (summed over workers).
+    pub upstream_connections_up: Family<NodeLabels, Gauge<i64, AtomicI64>>,
+    /// Upstream connections lost or failed to connect.
+    pub upstream_failures: Family<NodeLabels, Counter>,
+    /// Upstream connections reset because a request passed its op_timeout.
+    pub upstream_timeouts: Family<NodeLabels, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("redis_intercept");
+        let m = Metrics {
+            clients_connected: Family::default(),
+            clients_accepted: Family::default(),
+            clients_rejected: Family::default(),
+            clients_closed: Family::default(),
+            commands: Family::default(),
+            upstream_connections_up: Family::default(),
+            upstream_failures: Family::default(),
+            upstream_timeouts: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "clients_connected",
+            "Clients connected now",
+            m.clients_connected.clone(),
+        );
+        registry.register(
+            "clients_accepted",
+            "Clients accepted",
+            m.clients_accepted.clone(),
+        );
+        registry.register(
+            "clients_rejected",
+            "Clients refused because max_clients was reached",
+            m.clients_rejected.clone(),
+        );
+        registry.register(
+            "clients_closed",
+            "Client connections closed, by reason",
+            m.clients_closed.clone(),
+        );
+        registry.register(
+            "commands",
+            "Commands received from clients",
+            m.commands.clone(),
+        );
+        registry.register(
+            "upstream_connections_up",
+            "Shared upstream connections that are up",
+            m.upstream_connections_up.clone(),
+        );
+        registry.register(
+            "upstream_failures",
+            "Upstream connections lost or failed to connect",
+            m.upstream_failures.clone(),
+        );
+        registry.register(
+            "upstream_timeouts",
+            "Upstream connections reset because a request passed op_timeout",
+            m.upstream_timeouts.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String can't fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Handles for one service's hot-path metrics.
+    pub fn service(&self, service: &str) -> ServiceMetrics {
+        let labels = ServiceLabels {
+            service: service.to_owned(),
+        };
+        ServiceMetrics {
+            connected: self.clients_connected.get_or_create(&labels).clone(),
+            accepted: self.clients_accepted.get_or_create(&labels).clone(),
+            rejected: self.clients_rejected.get_or_create(&labels).clone(),
+            commands: self.commands.get_or_create(&labels).clone(),
+            service: service.to_owned(),
+            closed: self.clients_closed.clone(),
+        }
+    }
+
+    /// Handles for one upstream node's metrics.
+    pub fn node(&self, upstream: &str, node: &str) -> NodeMetrics {
+        let labels = NodeLabels {
+            upstream: upstream.to_owned(),
+            node: node.to_owned(),
+        };
+        NodeMetrics {
+            up: self.upstream_connections_up.get_or_create(&labels).clone(),
+            failures: self.upstream_failures.get_or_create(&labels).clone(),
+            timeouts: self.upstream_timeouts.get_or_create(&labels).clone(),
+        }
+    }
+}
+
+/// Pre-resolved metric handles of one service (cheap to clone: each is an `Arc`).
+#[derive(Clone)]
+pub struct ServiceMetrics {
+    /// Clients connected now.
+    pub connected: Gauge,
+    /// Clients accepted.
+    pub accepted: Counter,
+    /// Clients refused by `max_clients`.
+    pub rejected: Counter,
+    /// Commands received.
+    pub commands: Counter,
+    /// Service name, for the close-reason family.
+    service: String,
+    /// Closes by reason (rare, so looked up when it happens).
+    closed: Family<CloseLabels, Counter>,
+}
+
+impl ServiceMetrics {
+    /// Counts a closed client.
+    pub fn closed(&self, reason: &str) {
+        self.closed
+            .get_or_create(&CloseLabels {
+                service: self.service.clone(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Pre-resolved metric handles of one upstream node.
+#[derive(Clone)]
+pub struct NodeMetrics {
+    /// Connections up now.
+    pub up: Gauge<i64, AtomicI64>,
+    /// Connection failures.
+    pub failures: Counter,
+    /// Timeout resets.
+    pub timeouts: Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_with_prefix_and_labels() {
+        let m = Metrics::new();
+        let s = m.service("cache");
+        s.commands.inc_by(3);
+        s.closed("slow_reader");
+        m.node("main", "127.0.0.1:6379").up.inc();
+        let text = m.encode();
+        assert!(
+            text.contains("redis_intercept_commands_total{service=\"cache\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "redis_intercept_clients_closed_total{service=\"cache\",reason=\"slow_reader\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("redis_intercept_upstream_connections_up{upstream=\"main\",node=\"127.0.0.1:6379\"} 1"),
+            "{text}"
+        );
+    }
+}

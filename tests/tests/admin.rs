@@ -1,0 +1,90 @@
+//! End-to-end: the admin endpoint reports readiness, metrics and the config of a running proxy.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic on failure"
+)]
+
+use std::time::Duration;
+
+use redis_intercept_e2e::{RedisServer, RespReader, http_get, start_proxy_with, wait_until};
+
+fn metric(body: &str, line_start: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn admin_reports_ready_metrics_and_config() {
+    let mut server = RedisServer::start();
+    let proxy = start_proxy_with(server.addr, "[admin]\nlisten = \"127.0.0.1:0\"\n", "");
+    let admin = proxy.admin_addr().unwrap();
+    wait_until(Duration::from_secs(5), || {
+        http_get(admin, "/ready").0 == 200
+    });
+    let closed = "redis_intercept_clients_closed_total{service=\"svc\",reason=\"client_closed\"}";
+    // start_proxy_with probes the listener once; let that close settle to get a baseline.
+    std::thread::sleep(Duration::from_millis(200));
+    let baseline = metric(&http_get(admin, "/metrics").1, closed).unwrap_or(0.0);
+
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    c.send(b"PING\r\nSET k v\r\nGET k\r\nECHO x\r\nINCR n\r\n");
+    for _ in 0..5 {
+        c.read();
+    }
+    let (status, body) = http_get(admin, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(&body, "redis_intercept_commands_total{service=\"svc\"}"),
+        Some(5.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "redis_intercept_clients_connected{service=\"svc\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    let up = format!(
+        "redis_intercept_upstream_connections_up{{upstream=\"main\",node=\"{}\"}}",
+        server.addr
+    );
+    // One shared connection per worker (the test proxy has 2).
+    assert_eq!(metric(&body, &up), Some(2.0), "{body}");
+    drop(c);
+    let mut last = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric(&last, closed) != Some(baseline + 1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no close counted:\n{last}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        last = http_get(admin, "/metrics").1;
+    }
+
+    let (status, config) = http_get(admin, "/config");
+    assert_eq!(status, 200);
+    assert!(config.contains(&server.addr.to_string()), "{config}");
+
+    // Readiness follows the upstream.
+    server.kill();
+    wait_until(Duration::from_secs(5), || {
+        http_get(admin, "/ready").0 == 503
+    });
+    let (_, why) = http_get(admin, "/ready");
+    assert!(why.contains("is not connected"), "{why}");
+    let (_, body) = http_get(admin, "/metrics");
+    let failures = format!(
+        "redis_intercept_upstream_failures_total{{upstream=\"main\",node=\"{}\"}}",
+        server.addr
+    );
+    assert!(metric(&body, &failures).unwrap_or(0.0) >= 1.0, "{body}");
+    server.restart();
+    wait_until(Duration::from_secs(5), || {
+        http_get(admin, "/ready").0 == 200
+    });
+    assert_eq!(http_get(admin, "/nope").0, 404);
+    proxy.shutdown();
+}
