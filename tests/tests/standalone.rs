@@ -152,6 +152,42 @@ fn pipeline_of_10000_commands_keeps_order() {
 }
 
 #[test]
+fn local_and_forwarded_replies_interleave_in_request_order() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    // Local replies are ready at once while earlier forwarded ones are still in flight.
+    let mut batch = Vec::new();
+    for i in 0..300 {
+        batch.extend_from_slice(format!("SET k{i} {i}\r\nPING\r\nGET k{i}\r\nECHO e{i}\r\nMULTI\r\n").as_bytes());
+    }
+    c.send(&batch);
+    for i in 0..300 {
+        assert_eq!(c.read(), Frame::Simple("OK".into()), "SET {i}");
+        assert_eq!(c.read(), Frame::Simple("PONG".into()), "PING {i}");
+        assert_eq!(c.read(), bulk(&i.to_string()), "GET {i}");
+        assert_eq!(c.read(), bulk(&format!("e{i}")), "ECHO {i}");
+        assert!(matches!(c.read(), Frame::Error(_)), "MULTI {i}");
+    }
+    proxy.shutdown();
+}
+
+#[test]
+fn hello_with_auth_and_setname() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    c.send(b"HELLO 2 AUTH default whatever SETNAME app-7\r\nCLIENT GETNAME\r\nHELLO 2 BOGUS\r\n");
+    match c.read() {
+        Frame::Array(items) => assert!(items.contains(&bulk("proto")) && items.contains(&Frame::Integer(2))),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.read(), bulk("app-7"));
+    assert!(matches!(c.read(), Frame::Error(e) if e.starts_with(b"ERR Syntax error in HELLO")));
+    proxy.shutdown();
+}
+
+#[test]
 fn redis_cli_pipe_mode_loads_data() {
     let server = RedisServer::start();
     let proxy = start_proxy(server.addr, "");
