@@ -4,6 +4,7 @@
 //! Lower layers never import higher ones.
 //! - [`resp`]: bytes ⇄ RESP frames, with limits.
 //! - [`command`]: the Redis command table and how the proxy handles each command.
+//! - [`cluster`]: Redis Cluster slots, slot maps and redirects (pure logic).
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`signal`]: a cheap single-threaded wake-up flag.
 //! - [`upstream`]: shared pipelined connections to Redis nodes.
@@ -13,6 +14,7 @@
 //! - [`app`]: binding, worker threads, shutdown.
 pub mod admin;
 pub mod app;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod metrics;

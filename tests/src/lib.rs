@@ -321,3 +321,110 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// A Redis Cluster of real redis-server processes (each in its own directory, so a killed node
+/// restarts with its `nodes.conf`).
+pub struct RedisCluster {
+    /// Every node, masters first as `redis-cli --cluster create` assigned them.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `masters × (1 + replicas)` nodes, creates the cluster with
+    /// `redis-cli --cluster create … --cluster-replicas R`, and waits until every node reports
+    /// `cluster_state:ok` and the same slot table.
+    pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_consistent(Duration::from_secs(30));
+        // Replicas attach after `create` returns; wait until every range lists them.
+        wait_until(Duration::from_secs(30), || {
+            let table = slots_without_ids(&cluster.nodes[0].cmd(&["CLUSTER", "SLOTS"]));
+            !table.is_empty()
+                && table
+                    .iter()
+                    .all(|(_, _, nodes)| nodes.len() == 1 + replicas)
+        });
+        cluster.wait_consistent(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Addresses of every node, as seeds.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.addr).collect()
+    }
+
+    /// Waits until every running node says `cluster_state:ok` and agrees on `CLUSTER SLOTS`.
+    pub fn wait_consistent(&self, limit: Duration) {
+        wait_until(limit, || {
+            let mut tables = Vec::new();
+            for node in self.nodes.iter().filter(|n| n.pid().is_some()) {
+                let info = match node.cmd(&["CLUSTER", "INFO"]) {
+                    Frame::Bulk(b) => String::from_utf8_lossy(&b).into_owned(),
+                    _ => return false,
+                };
+                if !info.contains("cluster_state:ok") {
+                    return false;
+                }
+                tables.push(slots_without_ids(&node.cmd(&["CLUSTER", "SLOTS"])));
+            }
+            tables.windows(2).all(|w| w[0] == w[1])
+        });
+    }
+}
+
+/// A CLUSTER SLOTS reply with node ids and metadata dropped and ranges sorted, for comparing
+/// what nodes believe.
+fn slots_without_ids(reply: &Frame) -> Vec<(i64, i64, Vec<String>)> {
+    let Frame::Array(ranges) = reply else {
+        return Vec::new();
+    };
+    let mut out: Vec<(i64, i64, Vec<String>)> = ranges
+        .iter()
+        .filter_map(|r| {
+            let Frame::Array(p) = r else { return None };
+            let (Frame::Integer(s), Frame::Integer(e)) = (p.first()?, p.get(1)?) else {
+                return None;
+            };
+            let nodes = p[2..]
+                .iter()
+                .filter_map(|n| match n {
+                    Frame::Array(n) => match (n.first(), n.get(1)) {
+                        (Some(Frame::Bulk(h)), Some(Frame::Integer(port))) => {
+                            Some(format!("{}:{port}", String::from_utf8_lossy(h)))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect();
+            Some((*s, *e, nodes))
+        })
+        .collect();
+    out.sort();
+    out
+}

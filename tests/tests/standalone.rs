@@ -159,7 +159,9 @@ fn local_and_forwarded_replies_interleave_in_request_order() {
     // Local replies are ready at once while earlier forwarded ones are still in flight.
     let mut batch = Vec::new();
     for i in 0..300 {
-        batch.extend_from_slice(format!("SET k{i} {i}\r\nPING\r\nGET k{i}\r\nECHO e{i}\r\nMULTI\r\n").as_bytes());
+        batch.extend_from_slice(
+            format!("SET k{i} {i}\r\nPING\r\nGET k{i}\r\nECHO e{i}\r\nMULTI\r\n").as_bytes(),
+        );
     }
     c.send(&batch);
     for i in 0..300 {
@@ -179,7 +181,9 @@ fn hello_with_auth_and_setname() {
     let mut c = RespReader::connect(proxy.addr("svc").unwrap());
     c.send(b"HELLO 2 AUTH default whatever SETNAME app-7\r\nCLIENT GETNAME\r\nHELLO 2 BOGUS\r\n");
     match c.read() {
-        Frame::Array(items) => assert!(items.contains(&bulk("proto")) && items.contains(&Frame::Integer(2))),
+        Frame::Array(items) => {
+            assert!(items.contains(&bulk("proto")) && items.contains(&Frame::Integer(2)))
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(c.read(), bulk("app-7"));
