@@ -268,6 +268,48 @@ fn hundred_concurrent_clients_get_their_own_replies() {
 }
 
 #[test]
+fn clients_share_a_few_upstream_connections() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let addr = proxy.addr("svc").unwrap();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(101));
+    let threads: Vec<_> = (0..100)
+        .map(|t| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut c = client(addr);
+                let _: () = c.set(format!("s{t}"), t).unwrap();
+                // Everyone is connected at once while the server is asked.
+                barrier.wait();
+                barrier.wait();
+                let v: i64 = c.get(format!("s{t}")).unwrap();
+                assert_eq!(v, t);
+            })
+        })
+        .collect();
+    barrier.wait();
+    let info = match server.cmd(&["INFO", "clients"]) {
+        Frame::Bulk(b) => String::from_utf8_lossy(&b).into_owned(),
+        other => panic!("{other:?}"),
+    };
+    let connected: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap();
+    barrier.wait();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // 2 workers × 1 connection per node, plus the INFO connection itself.
+    assert!(
+        connected <= 3,
+        "{connected} upstream connections for 100 clients"
+    );
+    proxy.shutdown();
+}
+
+#[test]
 fn upstream_restart_gives_errors_then_recovers() {
     let mut server = RedisServer::start();
     let proxy = start_proxy(server.addr, "op_timeout = \"1s\"");
