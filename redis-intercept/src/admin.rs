@@ -26,11 +26,18 @@ pub struct AdminState {
     pub config_toml: String,
     /// For each service: its name and the upstream nodes it needs up to be ready.
     pub readiness: Vec<(String, Vec<NodeLabels>)>,
+    /// Connections each node needs up: workers × `connections_per_node`, per upstream name.
+    pub expected: std::collections::HashMap<String, i64>,
 }
 
 impl AdminState {
-    /// Builds the state for `config`.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> AdminState {
+    /// Builds the state for `config` run by `workers` worker threads.
+    pub fn new(config: &Config, workers: usize, metrics: Arc<Metrics>) -> AdminState {
+        let expected = config
+            .upstreams
+            .iter()
+            .map(|u| (u.name.clone(), (workers * u.connections_per_node) as i64))
+            .collect();
         let readiness = config
             .services
             .iter()
@@ -54,11 +61,12 @@ impl AdminState {
             metrics,
             config_toml: redacted_toml(config),
             readiness,
+            expected,
         }
     }
 
-    /// `Ok` when every service has a connection up to each of its upstream nodes; otherwise
-    /// the services that don't.
+    /// `Ok` when every worker has all its connections up to each node of every service's
+    /// upstream (a client may land on any worker); otherwise what is missing.
     pub fn ready(&self) -> Result<(), String> {
         let mut missing = Vec::new();
         for (service, nodes) in &self.readiness {
@@ -68,9 +76,10 @@ impl AdminState {
                     .upstream_connections_up
                     .get_or_create(node)
                     .get();
-                if up <= 0 {
+                let want = self.expected.get(&node.upstream).copied().unwrap_or(1);
+                if up < want {
                     missing.push(format!(
-                        "service {service}: upstream {} node {} is not connected",
+                        "service {service}: upstream {} node {}: {up} of {want} connections up",
                         node.upstream, node.node
                     ));
                 }

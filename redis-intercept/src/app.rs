@@ -20,8 +20,8 @@ use crate::admin::{Admin, AdminState};
 use crate::config::{Config, Mode};
 use crate::metrics::Metrics;
 use crate::resp::Limits;
-use crate::session::{self, ClientGuard, ServiceCtx, Sessions};
-use crate::upstream::{ConnSettings, SharedConn};
+use crate::session::{self, ClientAuth, ClientGuard, ServiceCtx, Sessions};
+use crate::upstream::{ConnSettings, PasswordSource, SharedConn, UpstreamAuth};
 
 /// A bound service listener.
 #[derive(Debug, Clone)]
@@ -129,11 +129,34 @@ pub fn start(config: &Config) -> Result<Proxy> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    // Secrets are resolved before anything runs, so a missing one fails start-up.
+    let mut upstream_auths = std::collections::HashMap::new();
+    for up in &config.upstreams {
+        upstream_auths.insert(up.name.clone(), upstream_auth(up)?);
+    }
+    let client_auths = config
+        .services
+        .iter()
+        .map(|s| {
+            s.auth
+                .as_ref()
+                .map(|a| {
+                    let passwords = a
+                        .load_passwords()
+                        .map_err(|e| anyhow::anyhow!("service {:?}: auth: {e}", s.name))?;
+                    Ok(ClientAuth {
+                        username: a.username.clone().unwrap_or_else(|| "default".to_owned()),
+                        passwords: passwords.into_iter().map(String::into_bytes).collect(),
+                    })
+                })
+                .transpose()
+        })
+        .collect::<Result<Vec<Option<ClientAuth>>>>()?;
     let (tx, rx) = watch::channel(false);
     let metrics = Metrics::new();
     let admin = match &config.admin {
         Some(a) => {
-            let state = Arc::new(AdminState::new(config, Arc::clone(&metrics)));
+            let state = Arc::new(AdminState::new(config, workers, Arc::clone(&metrics)));
             let admin = Admin::start(a.listen, state, rx.clone())?;
             info!(addr = %admin.addr, "admin endpoint listening");
             Some(admin)
@@ -158,6 +181,8 @@ pub fn start(config: &Config) -> Result<Proxy> {
             counters: counters.clone(),
             shutdown: rx.clone(),
             metrics: Arc::clone(&metrics),
+            upstream_auths: upstream_auths.clone(),
+            client_auths: client_auths.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("ri-worker-{index}"))
@@ -207,6 +232,10 @@ struct WorkerPlan {
     shutdown: watch::Receiver<bool>,
     /// The process's metrics.
     metrics: Arc<Metrics>,
+    /// Credentials of each upstream, by name.
+    upstream_auths: std::collections::HashMap<String, Option<UpstreamAuth>>,
+    /// Client-facing credentials of each service, in config order.
+    client_auths: Vec<Option<ClientAuth>>,
 }
 
 impl WorkerPlan {
@@ -227,11 +256,19 @@ impl WorkerPlan {
             counters,
             shutdown,
             metrics,
+            upstream_auths,
+            client_auths,
         } = self;
         let limits = Limits::default();
         let mut all_conns = Vec::new();
         let sessions = Rc::new(Sessions::default());
-        for ((svc, listener), counter) in config.services.iter().zip(listeners).zip(counters) {
+        for (((svc, listener), counter), client_auth) in config
+            .services
+            .iter()
+            .zip(listeners)
+            .zip(counters)
+            .zip(client_auths)
+        {
             let Some(up) = config.upstream(&svc.upstream) else {
                 bail!(
                     "service {:?}: unknown upstream {:?}",
@@ -243,6 +280,7 @@ impl WorkerPlan {
                 bail!("upstream {:?}: only standalone mode is served", up.name);
             }
             let settings = ConnSettings {
+                auth: upstream_auths.get(&up.name).cloned().flatten(),
                 connect_timeout: up.connect_timeout.0,
                 backoff_max: up.reconnect_backoff_max.0,
                 max_pending_bytes: up.max_pending_bytes.0,
@@ -270,6 +308,8 @@ impl WorkerPlan {
                 max_pipeline: svc.max_pipeline,
                 limits,
                 metrics: metrics.service(&svc.name),
+                auth: client_auth,
+                legacy_auth_reject: svc.legacy_auth == crate::config::LegacyAuth::Reject,
             });
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tokio::task::spawn_local(accept_loop(
@@ -307,6 +347,24 @@ impl WorkerPlan {
         }
         Ok(())
     }
+}
+
+/// The credentials of an upstream, with `password_env` read now (it can't appear later).
+fn upstream_auth(up: &crate::config::UpstreamConfig) -> Result<Option<UpstreamAuth>> {
+    let password = match (&up.password_file, &up.password_env) {
+        (Some(path), _) => PasswordSource::File(path.clone()),
+        (None, Some(var)) => PasswordSource::Value(std::env::var(var).with_context(|| {
+            format!(
+                "upstream {:?}: environment variable {var} (password_env) is not set",
+                up.name
+            )
+        })?),
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(UpstreamAuth {
+        username: up.username.clone(),
+        password,
+    }))
 }
 
 /// Accepts clients of one service on this worker until shutdown.

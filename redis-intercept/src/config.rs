@@ -262,6 +262,11 @@ pub struct ServiceConfig {
     /// Client-facing authentication; absent: clients need no password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthConfig>,
+    /// Without `auth`: what AUTH from a client gets. "accept" (OK, so apps that still send
+    /// the old password keep working after it moved into the proxy) or "reject" (Redis's own
+    /// error for AUTH without a configured password).
+    #[serde(default)]
+    pub legacy_auth: LegacyAuth,
     /// Key-prefix routes; longest prefix wins.
     #[serde(default, rename = "route", skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConfig>,
@@ -299,6 +304,44 @@ pub struct AuthConfig {
     /// File with one accepted password per line.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+}
+
+/// What AUTH gets on a service without client-facing auth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LegacyAuth {
+    /// Answer OK.
+    #[default]
+    Accept,
+    /// Answer Redis's error for AUTH without a configured password.
+    Reject,
+}
+
+impl AuthConfig {
+    /// Every accepted password: the `passwords` list, then each non-empty line of
+    /// `password_file`.
+    ///
+    /// # Errors
+    /// The file can't be read, or no password results.
+    pub fn load_passwords(&self) -> Result<Vec<String>, String> {
+        let mut all = self.passwords.clone();
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read password_file {}: {e}", path.display()))?;
+            all.extend(
+                text.lines()
+                    .map(|l| l.trim_end_matches('\r'))
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+        if all.is_empty() {
+            return Err(
+                "no password configured (passwords is empty and password_file has no line)".into(),
+            );
+        }
+        Ok(all)
+    }
 }
 
 /// A key-prefix route of a service.
@@ -560,6 +603,9 @@ impl Config {
                     "set password_file or password_env, not both",
                 );
             }
+            if u.username.is_some() && u.password_file.is_none() && u.password_env.is_none() {
+                err(at("username"), "needs password_file or password_env");
+            }
             if u.connections_per_node == 0 {
                 err(at("connections_per_node"), "must be at least 1");
             }
@@ -660,9 +706,6 @@ impl Config {
             if u.mode == Mode::Cluster {
                 out.push(format!("upstream[{i}].mode = \"cluster\""));
             }
-            if u.username.is_some() || u.password_file.is_some() || u.password_env.is_some() {
-                out.push(format!("upstream[{i}] credentials"));
-            }
             if u.tls.is_some() {
                 out.push(format!("upstream[{i}].tls"));
             }
@@ -672,7 +715,6 @@ impl Config {
                 out.push(format!("service[{i}].read_policy"));
             }
             for (what, used) in [
-                ("auth", s.auth.is_some()),
                 ("route", !s.routes.is_empty()),
                 ("mirror", !s.mirrors.is_empty()),
                 ("fault", !s.faults.is_empty()),
@@ -821,8 +863,35 @@ mod tests {
 
     #[test]
     fn features_not_built_yet_are_reported() {
-        let text = format!("{MINIMAL}\n[service.auth]\npasswords = [\"x\"]\n");
+        let text = format!("{MINIMAL}\n[[service.fault]]\nkind = \"error\"\npercentage = 5.0\n");
         let c = Config::parse(&text, "t").unwrap();
-        assert_eq!(c.unsupported_features(), ["service[0].auth"]);
+        assert_eq!(c.unsupported_features(), ["service[0].fault"]);
+    }
+
+    #[test]
+    fn client_passwords_come_from_the_list_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "rotated\r\n\nolder\n").unwrap();
+        let auth = AuthConfig {
+            username: None,
+            passwords: vec!["inline".into()],
+            password_file: Some(file),
+        };
+        assert_eq!(
+            auth.load_passwords().unwrap(),
+            ["inline", "rotated", "older"]
+        );
+        let missing = AuthConfig {
+            username: None,
+            passwords: vec![],
+            password_file: Some(dir.path().join("nope")),
+        };
+        assert!(
+            missing
+                .load_passwords()
+                .unwrap_err()
+                .contains("cannot read password_file")
+        );
     }
 }

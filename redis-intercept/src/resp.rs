@@ -15,7 +15,7 @@ mod request;
 mod scan;
 
 pub use frame::Frame;
-pub use request::{Request, RequestParser};
+pub use request::{Request, RequestParser, encode_command};
 pub use scan::ReplyScanner;
 
 /// Largest bulk string Redis accepts by default (`proto-max-bulk-len`, 512 MB).

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::command::{self, Handling, Local};
+use crate::command::{self, Handling, Local, flags};
 use crate::metrics::ServiceMetrics;
 use crate::resp::{Limits, Request, RequestParser};
 use crate::signal::Signal;
@@ -58,6 +58,41 @@ pub struct ServiceCtx {
     pub limits: Limits,
     /// The service's metric handles.
     pub metrics: ServiceMetrics,
+    /// Client-facing credentials; `None`: clients need none.
+    pub auth: Option<ClientAuth>,
+    /// Without `auth`: refuse AUTH as Redis does when no password is set (else answer OK).
+    pub legacy_auth_reject: bool,
+}
+
+/// The credentials clients of a service must present.
+#[derive(Clone)]
+pub struct ClientAuth {
+    /// The user name clients authenticate as (`default` for plain `AUTH password`).
+    pub username: String,
+    /// Accepted passwords; several, so a password can be rotated.
+    pub passwords: Vec<Vec<u8>>,
+}
+
+impl ClientAuth {
+    /// Whether `user`/`pass` are valid. Every password is compared, each in constant time,
+    /// so the time taken doesn't reveal how close a guess was or which password matched.
+    pub fn check(&self, user: &[u8], pass: &[u8]) -> bool {
+        let user_ok = ct_eq(user, self.username.as_bytes());
+        let mut pass_ok = false;
+        for p in &self.passwords {
+            pass_ok |= ct_eq(p, pass);
+        }
+        user_ok & pass_ok
+    }
+}
+
+/// Compares two byte strings without an early exit on the first difference.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 /// Process-wide client ids, as CLIENT ID reports them.
@@ -346,6 +381,8 @@ struct ClientState {
     closing: bool,
     /// The client broke the protocol (the reason to close).
     protocol_error: bool,
+    /// AUTH (or HELLO … AUTH) succeeded, or the service needs none.
+    authenticated: bool,
 }
 
 /// Why a session ended, for the access log.
@@ -439,6 +476,7 @@ pub async fn run(
             name: None,
             closing: false,
             protocol_error: false,
+            authenticated: svc.auth.is_none(),
         },
         conn: svc.conns[(id as usize) % svc.conns.len().max(1)].clone(),
         svc,
@@ -577,7 +615,14 @@ impl Session {
                     let req = self.parser.request(&data[..n]);
                     if !req.is_empty() {
                         self.commands += 1;
-                        dispatch(&req, &self.core, &mut self.state, &self.conn, deadline);
+                        dispatch(
+                            &req,
+                            &self.core,
+                            &mut self.state,
+                            &self.svc,
+                            &self.conn,
+                            deadline,
+                        );
                     }
                     input.consume(n);
                 }
@@ -599,10 +644,15 @@ fn dispatch(
     req: &Request<'_>,
     core: &Rc<Core>,
     state: &mut ClientState,
+    svc: &ServiceCtx,
     conn: &SharedConn,
     deadline: Instant,
 ) {
     let handling = command::lookup(req).map(|c| (c.handling, c.info));
+    if !state.authenticated && !handling.is_some_and(|(_, info)| info.has(flags::NO_AUTH)) {
+        core.push_ready(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
+        return;
+    }
     match handling {
         // Standalone upstreams answer unknown commands themselves, in Redis's words.
         None | Some((Handling::Forward, _)) => {
@@ -615,7 +665,7 @@ fn dispatch(
         }
         Some((Handling::Local(local), info)) => {
             let reply = if info.arity_ok(req.len()) {
-                local_reply(local, req, state)
+                local_reply(local, req, state, svc)
             } else {
                 wrong_arity(req)
             };
@@ -664,7 +714,12 @@ fn bulk(data: &[u8]) -> Bytes {
 const OK: &[u8] = b"+OK\r\n";
 
 /// Answers a command the proxy handles itself. Arity was checked by the caller.
-fn local_reply(local: Local, req: &Request<'_>, state: &mut ClientState) -> Bytes {
+fn local_reply(
+    local: Local,
+    req: &Request<'_>,
+    state: &mut ClientState,
+    svc: &ServiceCtx,
+) -> Bytes {
     use crate::resp::Frame;
     let arg = |i| req.arg(i).unwrap_or_default();
     match local {
@@ -685,7 +740,7 @@ fn local_reply(local: Local, req: &Request<'_>, state: &mut ClientState) -> Byte
             )),
             None => error_reply("value is not an integer or out of range"),
         },
-        Local::Auth => Bytes::from_static(OK),
+        Local::Auth => auth(req, state, svc),
         Local::ClientId => Frame::Integer(state.id as i64).to_bytes(),
         Local::ClientGetName => match &state.name {
             Some(name) => bulk(name),
@@ -698,9 +753,10 @@ fn local_reply(local: Local, req: &Request<'_>, state: &mut ClientState) -> Byte
         Local::ClientSetInfo => Bytes::from_static(OK),
         Local::Reset => {
             state.name = None;
+            state.authenticated = svc.auth.is_none();
             Bytes::from_static(b"+RESET\r\n")
         }
-        Local::Hello => hello(req, state),
+        Local::Hello => hello(req, state, svc),
     }
 }
 
@@ -714,8 +770,52 @@ fn set_name(state: &mut ClientState, name: &[u8]) -> Result<(), Bytes> {
     Ok(())
 }
 
+const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+
+/// Checks credentials against the service's client auth. Without client auth, AUTH is
+/// accepted (or refused with Redis's words when `legacy_auth = "reject"`). A failed attempt
+/// leaves an authenticated client authenticated, as in Redis.
+fn check_credentials(
+    user: Option<&[u8]>,
+    pass: &[u8],
+    state: &mut ClientState,
+    svc: &ServiceCtx,
+) -> Result<(), Bytes> {
+    match &svc.auth {
+        Some(auth) => {
+            if auth.check(user.unwrap_or(b"default"), pass) {
+                state.authenticated = true;
+                Ok(())
+            } else {
+                Err(Bytes::from_static(WRONGPASS))
+            }
+        }
+        None if svc.legacy_auth_reject => Err(match user {
+            Some(_) => Bytes::from_static(WRONGPASS),
+            None => Bytes::from_static(
+                b"-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n",
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// AUTH [username] password, answered by the proxy: it never reaches Redis.
+fn auth(req: &Request<'_>, state: &mut ClientState, svc: &ServiceCtx) -> Bytes {
+    let arg = |i| req.arg(i).unwrap_or_default();
+    let result = match req.len() {
+        2 => check_credentials(None, arg(1), state, svc),
+        3 => check_credentials(Some(arg(1)), arg(2), state, svc),
+        _ => return error_reply("syntax error"),
+    };
+    match result {
+        Ok(()) => Bytes::from_static(OK),
+        Err(e) => e,
+    }
+}
+
 /// HELLO [protover [AUTH user pass] [SETNAME name]]: RESP2 only for now.
-fn hello(req: &Request<'_>, state: &mut ClientState) -> Bytes {
+fn hello(req: &Request<'_>, state: &mut ClientState, svc: &ServiceCtx) -> Bytes {
     use crate::resp::Frame;
     if let Some(ver) = req.arg(1) {
         match std::str::from_utf8(ver)
@@ -733,14 +833,17 @@ fn hello(req: &Request<'_>, state: &mut ClientState) -> Bytes {
         }
     }
     let mut i = 2;
+    let mut credentials = None;
+    let mut name = None;
     while let Some(opt) = req.arg(i) {
         if opt.eq_ignore_ascii_case(b"AUTH") && req.len() > i + 2 {
-            // No client-facing auth is configured: any credentials are accepted.
+            credentials = Some((
+                req.arg(i + 1).unwrap_or_default(),
+                req.arg(i + 2).unwrap_or_default(),
+            ));
             i += 3;
         } else if opt.eq_ignore_ascii_case(b"SETNAME") && req.len() > i + 1 {
-            if let Err(e) = set_name(state, req.arg(i + 1).unwrap_or_default()) {
-                return e;
-            }
+            name = req.arg(i + 1);
             i += 2;
         } else {
             return error_reply(&format!(
@@ -748,6 +851,21 @@ fn hello(req: &Request<'_>, state: &mut ClientState) -> Bytes {
                 String::from_utf8_lossy(opt)
             ));
         }
+    }
+    if let Some((user, pass)) = credentials
+        && let Err(e) = check_credentials(Some(user), pass, state, svc)
+    {
+        return e;
+    }
+    if !state.authenticated {
+        return Bytes::from_static(
+            b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n",
+        );
+    }
+    if let Some(name) = name
+        && let Err(e) = set_name(state, name)
+    {
+        return e;
     }
     let s = |t: &'static str| Frame::Bulk(Bytes::from_static(t.as_bytes()));
     Frame::Array(vec![

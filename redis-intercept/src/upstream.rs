@@ -12,17 +12,18 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::metrics::NodeMetrics;
-use crate::resp::{Limits, ReplyScanner, Request};
+use crate::resp::{Limits, ReplyScanner, Request, encode_command};
 use crate::signal::Signal;
 
 /// Receives the reply to a request. Implemented by client sessions; the upstream side only
@@ -40,9 +41,50 @@ pub trait ReplySink {
     fn flush(&self);
 }
 
+/// Where the upstream password comes from.
+#[derive(Clone)]
+pub enum PasswordSource {
+    /// A file, read at every connect so a rotated Kubernetes Secret is picked up.
+    File(PathBuf),
+    /// A value read once at start (from an environment variable).
+    Value(String),
+}
+
+impl PasswordSource {
+    fn read(&self) -> Result<String, String> {
+        match self {
+            PasswordSource::File(path) => std::fs::read_to_string(path)
+                .map(|p| p.trim_end_matches(['\r', '\n']).to_owned())
+                .map_err(|e| format!("cannot read password_file {}: {e}", path.display())),
+            PasswordSource::Value(v) => Ok(v.clone()),
+        }
+    }
+}
+
+/// Credentials every connection sends (`AUTH [username] password`) before carrying traffic.
+#[derive(Clone)]
+pub struct UpstreamAuth {
+    /// ACL user; `None` authenticates the default user.
+    pub username: Option<String>,
+    /// The password.
+    pub password: PasswordSource,
+}
+
+impl std::fmt::Debug for UpstreamAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password, even in debug output.
+        f.debug_struct("UpstreamAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 /// How one connection behaves; shared by all connections of an upstream.
 #[derive(Debug, Clone)]
 pub struct ConnSettings {
+    /// Credentials sent after connecting.
+    pub auth: Option<UpstreamAuth>,
     /// Longest time one connect attempt may take.
     pub connect_timeout: Duration,
     /// Longest wait between reconnect attempts.
@@ -202,12 +244,20 @@ impl SharedConn {
             if !reconnect_now {
                 inner.state.set(State::Connecting);
             }
-            let reason = match tokio::time::timeout(
-                inner.settings.connect_timeout,
-                TcpStream::connect(&inner.addr),
-            )
-            .await
-            {
+            let attempt = tokio::time::timeout(inner.settings.connect_timeout, async {
+                let mut stream = TcpStream::connect(&inner.addr)
+                    .await
+                    .map_err(|e| (false, e.to_string()))?;
+                if let Some(auth) = &inner.settings.auth {
+                    handshake(&mut stream, auth, &inner.settings.limits)
+                        .await
+                        .map_err(|e| (true, e))?;
+                }
+                Ok::<_, (bool, String)>(stream)
+            })
+            .await;
+            let mut auth_failed = false;
+            let reason = match attempt {
                 Ok(Ok(stream)) => {
                     info!(upstream = %inner.addr, "connected");
                     inner.state.set(State::Up);
@@ -219,9 +269,14 @@ impl SharedConn {
                     reconnect_now = true;
                     reason
                 }
-                Ok(Err(e)) => {
+                Ok(Err((auth, e))) => {
                     reconnect_now = false;
-                    e.to_string()
+                    auth_failed = auth;
+                    if auth {
+                        format!("authentication failed: {e}")
+                    } else {
+                        e
+                    }
                 }
                 Err(_) => {
                     reconnect_now = false;
@@ -236,7 +291,11 @@ impl SharedConn {
                 break;
             }
             inner.metrics.failures.inc();
-            let reply = error_reply(&format!("upstream {} unavailable: {reason}", inner.addr));
+            let reply = if auth_failed {
+                error_reply(&format!("upstream {reason} ({})", inner.addr))
+            } else {
+                error_reply(&format!("upstream {} unavailable: {reason}", inner.addr))
+            };
             self.fail_all(&reply);
             *inner.down_reply.borrow_mut() = reply;
             if reconnect_now {
@@ -371,6 +430,45 @@ impl SharedConn {
         }
         for sink in to_flush {
             sink.flush();
+        }
+    }
+}
+
+/// Sends `AUTH [username] password` and reads the answer. The error text returned is the
+/// server's (it never contains the password).
+async fn handshake(
+    stream: &mut TcpStream,
+    auth: &UpstreamAuth,
+    limits: &Limits,
+) -> Result<(), String> {
+    let password = auth.password.read()?;
+    let mut args: Vec<&[u8]> = vec![b"AUTH"];
+    if let Some(user) = &auth.username {
+        args.push(user.as_bytes());
+    }
+    args.push(password.as_bytes());
+    let mut out = BytesMut::new();
+    encode_command(args.into_iter(), &mut out);
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| format!("write failed: {e}"))?;
+    let mut buf = BytesMut::with_capacity(512);
+    let mut scanner = ReplyScanner::default();
+    loop {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) => return Err("closed by the server during AUTH".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read failed: {e}")),
+        }
+        match scanner.scan(&buf, limits) {
+            Ok(Some(len)) if buf.starts_with(b"+") && len > 0 => return Ok(()),
+            Ok(Some(len)) => {
+                let text = String::from_utf8_lossy(&buf[..len]);
+                return Err(text.trim_start_matches('-').trim_end().to_owned());
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("protocol error during AUTH: {e}")),
         }
     }
 }

@@ -82,14 +82,36 @@ fn check_rejects_broken_configs_naming_file_key_and_problem() {
     assert!(err.contains("FILE: service[0].listen:"), "{err}");
 }
 
+/// A feature `run` refuses in this build.
+const FAULT: &str = "[[service.fault]]\nkind = \"error\"\npercentage = 1.0\n";
+
+/// Runs a command that should exit by itself; kills it and fails the test after 10 s.
+fn run_bounded(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the command was still running after 10s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn check_warns_about_features_run_would_refuse() {
     let (ok, _, err) = check(&format!(
-        "{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n"
+        "{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n{FAULT}"
     ));
     assert!(ok);
     assert!(
-        err.contains("service[0].auth is not implemented in this build"),
+        err.contains("service[0].fault is not implemented in this build"),
         "{err}"
     );
     assert!(!err.contains("s3cret"), "a password leaked: {err}");
@@ -99,32 +121,23 @@ fn check_warns_about_features_run_would_refuse() {
 fn run_refuses_settings_it_would_silently_ignore() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("conf.toml");
-    std::fs::write(
-        &path,
-        format!("{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n"),
-    )
-    .unwrap();
-    let out = bin()
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    std::fs::write(&path, format!("{GOOD}\n{FAULT}")).unwrap();
+    let out = run_bounded(bin().arg("run").arg("--config").arg(&path));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("does not implement: service[0].auth"), "{err}");
-    let out = bin()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:1",
-            "--vip",
-            "127.0.100.1:6379",
-        ])
-        .output()
-        .unwrap();
+    assert!(
+        err.contains("does not implement: service[0].fault"),
+        "{err}"
+    );
+    let out = run_bounded(bin().args([
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:1",
+        "--vip",
+        "127.0.100.1:6379",
+    ]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vip and --cgroup are reserved"));
 }

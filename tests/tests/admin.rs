@@ -74,7 +74,7 @@ fn admin_reports_ready_metrics_and_config() {
         http_get(admin, "/ready").0 == 503
     });
     let (_, why) = http_get(admin, "/ready");
-    assert!(why.contains("is not connected"), "{why}");
+    assert!(why.contains("0 of 2 connections up"), "{why}");
     let (_, body) = http_get(admin, "/metrics");
     let failures = format!(
         "redis_intercept_upstream_failures_total{{upstream=\"main\",node=\"{}\"}}",
