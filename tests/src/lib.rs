@@ -257,10 +257,21 @@ pub fn start_proxy_with(
     top_extra: &str,
     service_extra: &str,
 ) -> redis_intercept::app::Proxy {
+    start_proxy_full(upstream, top_extra, "", service_extra)
+}
+
+/// Like [`start_proxy_with`], with `upstream_extra` TOML (e.g. credentials) in the
+/// `[[upstream]]` table.
+pub fn start_proxy_full(
+    upstream: SocketAddr,
+    top_extra: &str,
+    upstream_extra: &str,
+    service_extra: &str,
+) -> redis_intercept::app::Proxy {
     let text = format!(
         "[proxy]\nworkers = 2\ndrain_timeout = \"1s\"\n\n{top_extra}\n\
          [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{upstream}\"]\n\
-         connect_timeout = \"500ms\"\nreconnect_backoff_max = \"200ms\"\n\n\
+         connect_timeout = \"500ms\"\nreconnect_backoff_max = \"200ms\"\n{upstream_extra}\n\n\
          [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n{service_extra}\n"
     );
     let config = redis_intercept::config::Config::parse(&text, "<test>").unwrap();

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use redis_intercept::resp::Frame;
 use redis_intercept_e2e::{
-    RedisServer, RespReader, http_get, redis_cli, start_proxy_with, wait_until,
+    RedisServer, RespReader, http_get, redis_cli, start_proxy_full, start_proxy_with, wait_until,
 };
 
 fn ok() -> Frame {
@@ -63,10 +63,10 @@ fn requirepass_upstream_is_reached_without_a_client_password() {
     let dir = tempfile::tempdir().unwrap();
     let file = secret_file(&dir, "redis-pw", "upstream-s3cret\n");
     let top = "[admin]\nlisten = \"127.0.0.1:0\"\n";
-    let proxy = start_with_upstream_auth(
+    let proxy = start_proxy_full(
         server.addr,
-        &format!("password_file = {:?}", file.display().to_string()),
         top,
+        &format!("password_file = {:?}", file.display().to_string()),
         "",
     );
     let addr = proxy.addr("svc").unwrap();
@@ -91,10 +91,10 @@ fn acl_user_upstream_with_password_env() {
     let password = std::env::var("CARGO_PKG_NAME").unwrap();
     let rule = format!(">{password}");
     let server = RedisServer::start_with(&["--user", "proxy", "on", &rule, "~*", "&*", "+@all"]);
-    let proxy = start_with_upstream_auth(
+    let proxy = start_proxy_full(
         server.addr,
-        "username = \"proxy\"\npassword_env = \"CARGO_PKG_NAME\"",
         "",
+        "username = \"proxy\"\npassword_env = \"CARGO_PKG_NAME\"",
         "",
     );
     let addr = proxy.addr("svc").unwrap();
@@ -114,10 +114,10 @@ fn wrong_upstream_password_is_a_clear_error_and_not_ready_until_rotated() {
     let server = RedisServer::start_with(&["--requirepass", "right-one"]);
     let dir = tempfile::tempdir().unwrap();
     let file = secret_file(&dir, "pw", "wrong-one\n");
-    let proxy = start_with_upstream_auth(
+    let proxy = start_proxy_full(
         server.addr,
-        &format!("password_file = {:?}", file.display().to_string()),
         "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        &format!("password_file = {:?}", file.display().to_string()),
         "",
     );
     let admin = proxy.admin_addr().unwrap();
@@ -242,25 +242,4 @@ fn legacy_auth_without_client_auth() {
     ));
     assert_eq!(c.read(), Frame::NullBulk);
     proxy.shutdown();
-}
-
-/// Starts the proxy with `upstream_extra` TOML (credentials) in the `[[upstream]]` table.
-fn start_with_upstream_auth(
-    upstream: std::net::SocketAddr,
-    upstream_extra: &str,
-    top_extra: &str,
-    service_extra: &str,
-) -> redis_intercept::app::Proxy {
-    let text = format!(
-        "[proxy]\nworkers = 2\ndrain_timeout = \"1s\"\n\n{top_extra}\n\
-         [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{upstream}\"]\n\
-         connect_timeout = \"500ms\"\nreconnect_backoff_max = \"200ms\"\n{upstream_extra}\n\n\
-         [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n{service_extra}\n"
-    );
-    let config = redis_intercept::config::Config::parse(&text, "<test>").unwrap();
-    let proxy = redis_intercept::app::start(&config).unwrap();
-    wait_until(Duration::from_secs(5), || {
-        std::net::TcpStream::connect(proxy.addr("svc").unwrap()).is_ok()
-    });
-    proxy
 }
