@@ -18,9 +18,10 @@ use tracing::{error, info, warn};
 
 use crate::admin::{Admin, AdminState};
 use crate::config::{Config, Mode};
+use crate::config::{FaultConfig, FaultKind};
 use crate::metrics::Metrics;
 use crate::resp::Limits;
-use crate::session::{self, ClientAuth, ClientGuard, ServiceCtx, Sessions};
+use crate::session::{self, ClientAuth, ClientGuard, Fault, FaultAction, ServiceCtx, Sessions};
 use crate::upstream::{ConnSettings, PasswordSource, SharedConn, UpstreamAuth};
 
 /// A bound service listener.
@@ -310,6 +311,7 @@ impl WorkerPlan {
                 metrics: metrics.service(&svc.name),
                 auth: client_auth,
                 legacy_auth_reject: svc.legacy_auth == crate::config::LegacyAuth::Reject,
+                faults: svc.faults.iter().map(fault).collect(),
             });
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tokio::task::spawn_local(accept_loop(
@@ -346,6 +348,28 @@ impl WorkerPlan {
             c.close();
         }
         Ok(())
+    }
+}
+
+/// The runtime form of a fault rule.
+fn fault(f: &FaultConfig) -> Fault {
+    let action = match f.kind {
+        FaultKind::Error => {
+            let message = f.message.as_deref().unwrap_or("ERR Fault Injected: Error");
+            // One line: a CR or LF would break the reply framing.
+            let message: String = message
+                .chars()
+                .filter(|c| *c != '\r' && *c != '\n')
+                .collect();
+            FaultAction::Error(bytes::Bytes::from(format!("-{message}\r\n")))
+        }
+        FaultKind::Delay => FaultAction::Delay(f.delay.map(|d| d.0).unwrap_or_default()),
+    };
+    Fault {
+        action,
+        per_10000: (f.percentage * 100.0).round().clamp(0.0, 10_000.0) as u32,
+        commands: f.commands.iter().map(|c| c.as_bytes().to_vec()).collect(),
+        key_prefix: f.key_prefix.as_ref().map(|p| p.as_bytes().to_vec()),
     }
 }
 

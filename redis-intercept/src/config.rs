@@ -717,7 +717,6 @@ impl Config {
             for (what, used) in [
                 ("route", !s.routes.is_empty()),
                 ("mirror", !s.mirrors.is_empty()),
-                ("fault", !s.faults.is_empty()),
             ] {
                 if used {
                     out.push(format!("service[{i}].{what}"));
@@ -863,9 +862,9 @@ mod tests {
 
     #[test]
     fn features_not_built_yet_are_reported() {
-        let text = format!("{MINIMAL}\n[[service.fault]]\nkind = \"error\"\npercentage = 5.0\n");
+        let text = format!("{MINIMAL}\n[[service.mirror]]\nupstream = \"main\"\n");
         let c = Config::parse(&text, "t").unwrap();
-        assert_eq!(c.unsupported_features(), ["service[0].fault"]);
+        assert_eq!(c.unsupported_features(), ["service[0].mirror"]);
     }
 
     #[test]

@@ -62,6 +62,122 @@ pub struct ServiceCtx {
     pub auth: Option<ClientAuth>,
     /// Without `auth`: refuse AUTH as Redis does when no password is set (else answer OK).
     pub legacy_auth_reject: bool,
+    /// Fault injection rules, tried in order; the first that matches and hits applies.
+    pub faults: Vec<Fault>,
+}
+
+/// What an injected fault does.
+#[derive(Debug, Clone)]
+pub enum FaultAction {
+    /// Answer with this error reply instead of forwarding.
+    Error(Bytes),
+    /// Forward after this delay. Later commands of the same client wait behind it, so the
+    /// client's commands still run in order; other clients are not affected.
+    Delay(Duration),
+}
+
+/// One fault injection rule, resolved from the config.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// What happens.
+    pub action: FaultAction,
+    /// Chance per matching request in hundredths of a percent (0 to 10000).
+    pub per_10000: u32,
+    /// Command names it applies to (compared ignoring case); empty: every forwarded command.
+    pub commands: Vec<Vec<u8>>,
+    /// Only requests whose first key starts with this.
+    pub key_prefix: Option<Vec<u8>>,
+}
+
+/// A small xorshift generator for fault dice: statistically fine for percentages, and
+/// cheaper than a shared generator.
+struct Dice(u64);
+
+impl Dice {
+    fn new(seed: u64) -> Dice {
+        Dice(seed | 1)
+    }
+
+    /// A number in `0..n`.
+    fn below(&mut self, n: u32) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 32) % u64::from(n)) as u32
+    }
+}
+
+/// A request held back by a delay fault.
+struct Delayed {
+    /// When it may go.
+    until: Instant,
+    /// The command, encoded.
+    request: Bytes,
+    /// Its reply slot.
+    token: u64,
+}
+
+/// Applies a fault to `req` if one hits. Returns true when the request was consumed: an
+/// error reply took its slot, or it was held back in `delayed`.
+fn inject_fault(
+    req: &Request<'_>,
+    svc: &ServiceCtx,
+    core: &Core,
+    dice: &mut Dice,
+    delayed: &mut Option<Delayed>,
+) -> bool {
+    let Some(action) = pick_fault(req, &svc.faults, dice) else {
+        return false;
+    };
+    match action {
+        FaultAction::Error(reply) => core.push_ready(reply.clone()),
+        FaultAction::Delay(delay) => {
+            let token = core.push_pending();
+            let mut request = BytesMut::new();
+            req.write_resp(&mut request);
+            *delayed = Some(Delayed {
+                until: Instant::now() + *delay,
+                request: request.freeze(),
+                token,
+            });
+        }
+    }
+    true
+}
+
+/// The fault to apply to `req`, if any: only commands that would be forwarded are affected
+/// (AUTH, PING and other local commands never are).
+fn pick_fault<'f>(
+    req: &Request<'_>,
+    faults: &'f [Fault],
+    dice: &mut Dice,
+) -> Option<&'f FaultAction> {
+    let cmd = command::lookup(req);
+    if !matches!(cmd.map(|c| c.handling), None | Some(Handling::Forward)) {
+        return None;
+    }
+    let name = req.arg(0)?;
+    for fault in faults {
+        if !fault.commands.is_empty()
+            && !fault.commands.iter().any(|c| c.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        if let Some(prefix) = &fault.key_prefix {
+            let mut keys = Vec::new();
+            if let Some(c) = cmd {
+                c.info.key_indexes(req, &mut keys);
+            }
+            let first = keys.first().and_then(|&i| req.arg(i));
+            if !first.is_some_and(|k| k.starts_with(prefix)) {
+                continue;
+            }
+        }
+        if dice.below(10_000) < fault.per_10000 {
+            return Some(&fault.action);
+        }
+    }
+    None
 }
 
 /// The credentials clients of a service must present.
@@ -439,6 +555,8 @@ enum Woke {
     Writable,
     /// The idle timer fired.
     Idle,
+    /// A delayed request may go now.
+    Delay,
 }
 
 /// Serves one client until it leaves, breaks the protocol, or shutdown completes.
@@ -481,6 +599,10 @@ pub async fn run(
         conn: svc.conns[(id as usize) % svc.conns.len().max(1)].clone(),
         svc,
         commands: 0,
+        dice: Dice::new(
+            id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(started.elapsed().subsec_nanos()),
+        ),
+        delayed: None,
     };
     let end = session.serve(&stream).await;
     sessions.live.borrow_mut().remove(&id);
@@ -516,6 +638,10 @@ struct Session {
     svc: Rc<ServiceCtx>,
     /// Commands received, for the access log.
     commands: u64,
+    /// Dice for fault injection.
+    dice: Dice,
+    /// A request held back by a delay fault; input processing waits until it is sent.
+    delayed: Option<Delayed>,
 }
 
 impl Session {
@@ -527,9 +653,18 @@ impl Session {
         tokio::pin!(idle_sleep);
         let mut last_active = Instant::now();
         let core = Rc::clone(&self.core);
+        let delay_sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(delay_sleep);
         loop {
             if core.shutdown.get() {
                 self.state.closing = true;
+            }
+            if self
+                .delayed
+                .as_ref()
+                .is_some_and(|d| d.until <= Instant::now())
+            {
+                self.send_delayed();
             }
             if !self.state.closing && !input.is_empty() {
                 self.process_input(&mut input);
@@ -558,6 +693,12 @@ impl Session {
                 && out_len < self.svc.max_client_buffer / 2
                 && input.len() < MAX_QUERY_BUFFER;
             let idle_armed = idle.is_some() && outstanding == 0 && out_len == 0;
+            let delay_until = self.delayed.as_ref().map(|d| d.until);
+            if let Some(until) = delay_until
+                && delay_sleep.deadline() != until
+            {
+                delay_sleep.as_mut().reset(until);
+            }
             // Replies are flushed without us; we only need waking when our wait depends on
             // them.
             core.wake_on_progress
@@ -575,11 +716,14 @@ impl Session {
                 if idle_armed && idle_sleep.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Woke::Idle);
                 }
+                if delay_until.is_some() && delay_sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Delay);
+                }
                 Poll::Pending
             })
             .await;
             match woke {
-                Woke::Signal | Woke::Writable => {}
+                Woke::Signal | Woke::Writable | Woke::Delay => {}
                 Woke::Readable => match read_input(stream, &mut input) {
                     Ok(Some(0)) => {
                         eof = true;
@@ -603,17 +747,47 @@ impl Session {
         }
     }
 
+    /// Sends the request a delay fault held back.
+    fn send_delayed(&mut self) {
+        let Some(d) = self.delayed.take() else {
+            return;
+        };
+        let deadline = Instant::now() + self.svc.op_timeout;
+        let sink: Rc<dyn ReplySink> = self.core.clone();
+        if let Err(reply) = self.conn.send_encoded(&d.request, sink, d.token, deadline) {
+            // The session writes its output right after this; no flush needed.
+            let _ = self.core.deliver(d.token, reply);
+        }
+    }
+
     /// Parses and dispatches every complete command in `input`, up to the pipeline limit.
+    /// A delayed request stops it until that request is sent, so the client's commands keep
+    /// their order.
     fn process_input(&mut self, input: &mut InputBuf) {
         let deadline = Instant::now() + self.svc.op_timeout;
         let before = self.commands;
-        while !self.state.closing && self.core.outstanding() < self.svc.max_pipeline {
+        while !self.state.closing
+            && self.delayed.is_none()
+            && self.core.outstanding() < self.svc.max_pipeline
+        {
             match self.parser.parse(input.data()) {
                 Ok(None) => break,
                 Ok(Some(n)) => {
                     let data = input.data();
                     let req = self.parser.request(&data[..n]);
-                    if !req.is_empty() {
+                    if !req.is_empty()
+                        && self.state.authenticated
+                        && !self.svc.faults.is_empty()
+                        && inject_fault(
+                            &req,
+                            &self.svc,
+                            &self.core,
+                            &mut self.dice,
+                            &mut self.delayed,
+                        )
+                    {
+                        self.commands += 1;
+                    } else if !req.is_empty() {
                         self.commands += 1;
                         dispatch(
                             &req,

@@ -198,6 +198,31 @@ impl SharedConn {
         token: u64,
         deadline: Instant,
     ) -> Result<(), Bytes> {
+        self.enqueue(|out| req.write_resp(out), sink, token, deadline)
+    }
+
+    /// Like [`SharedConn::send`] for a command already encoded as RESP (e.g. one held back by
+    /// a delay fault).
+    ///
+    /// # Errors
+    /// As [`SharedConn::send`].
+    pub fn send_encoded(
+        &self,
+        resp: &[u8],
+        sink: Rc<dyn ReplySink>,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<(), Bytes> {
+        self.enqueue(|out| out.extend_from_slice(resp), sink, token, deadline)
+    }
+
+    fn enqueue(
+        &self,
+        write: impl FnOnce(&mut BytesMut),
+        sink: Rc<dyn ReplySink>,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<(), Bytes> {
         let inner = &self.0;
         if inner.state.get() == State::Down || inner.closed.get() {
             return Err(inner.down_reply.borrow().clone());
@@ -210,7 +235,7 @@ impl SharedConn {
             )));
         }
         let was_empty = out.is_empty();
-        req.write_resp(&mut out);
+        write(&mut out);
         drop(out);
         let mut inflight = inner.inflight.borrow_mut();
         if inflight.is_empty() {

@@ -83,7 +83,7 @@ fn check_rejects_broken_configs_naming_file_key_and_problem() {
 }
 
 /// A feature `run` refuses in this build.
-const FAULT: &str = "[[service.fault]]\nkind = \"error\"\npercentage = 1.0\n";
+const UNBUILT: &str = "[[service.mirror]]\nupstream = \"main\"\n";
 
 /// Runs a command that should exit by itself; kills it and fails the test after 10 s.
 fn run_bounded(cmd: &mut Command) -> std::process::Output {
@@ -107,11 +107,11 @@ fn run_bounded(cmd: &mut Command) -> std::process::Output {
 #[test]
 fn check_warns_about_features_run_would_refuse() {
     let (ok, _, err) = check(&format!(
-        "{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n{FAULT}"
+        "{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n{UNBUILT}"
     ));
     assert!(ok);
     assert!(
-        err.contains("service[0].fault is not implemented in this build"),
+        err.contains("service[0].mirror is not implemented in this build"),
         "{err}"
     );
     assert!(!err.contains("s3cret"), "a password leaked: {err}");
@@ -121,12 +121,12 @@ fn check_warns_about_features_run_would_refuse() {
 fn run_refuses_settings_it_would_silently_ignore() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("conf.toml");
-    std::fs::write(&path, format!("{GOOD}\n{FAULT}")).unwrap();
+    std::fs::write(&path, format!("{GOOD}\n{UNBUILT}")).unwrap();
     let out = run_bounded(bin().arg("run").arg("--config").arg(&path));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("does not implement: service[0].fault"),
+        err.contains("does not implement: service[0].mirror"),
         "{err}"
     );
     let out = run_bounded(bin().args([
