@@ -21,7 +21,9 @@ use crate::config::{Config, Mode};
 use crate::config::{FaultConfig, FaultKind};
 use crate::metrics::Metrics;
 use crate::resp::Limits;
-use crate::session::{self, ClientAuth, ClientGuard, Fault, FaultAction, ServiceCtx, Sessions};
+use crate::session::{
+    self, ClientAuth, ClientGuard, Discard, Fault, FaultAction, Mirror, ServiceCtx, Sessions,
+};
 use crate::upstream::{ConnSettings, PasswordSource, SharedConn, UpstreamAuth};
 
 /// A bound service listener.
@@ -263,6 +265,7 @@ impl WorkerPlan {
         let limits = Limits::default();
         let mut all_conns = Vec::new();
         let sessions = Rc::new(Sessions::default());
+        let discard: Rc<dyn crate::upstream::ReplySink> = Rc::new(Discard);
         for (((svc, listener), counter), client_auth) in config
             .services
             .iter()
@@ -277,29 +280,31 @@ impl WorkerPlan {
                     svc.upstream
                 );
             };
-            if up.mode != Mode::Standalone {
-                bail!("upstream {:?}: only standalone mode is served", up.name);
-            }
-            let settings = ConnSettings {
-                auth: upstream_auths.get(&up.name).cloned().flatten(),
-                connect_timeout: up.connect_timeout.0,
-                backoff_max: up.reconnect_backoff_max.0,
-                max_pending_bytes: up.max_pending_bytes.0,
-                limits,
-            };
-            let conns: Vec<SharedConn> = (0..up.connections_per_node)
-                .map(|_| {
-                    SharedConn::new(
-                        up.nodes[0].clone(),
-                        settings.clone(),
-                        metrics.node(&up.name, &up.nodes[0]),
-                    )
-                })
-                .collect();
-            for c in &conns {
-                tokio::task::spawn_local(c.clone().run());
-            }
+            let auth = |name: &str| upstream_auths.get(name).cloned().flatten();
+            let conns =
+                connect_upstream(up, auth(&up.name), up.max_pending_bytes.0, limits, &metrics)?;
             all_conns.extend(conns.iter().cloned());
+            let mut mirrors = Vec::new();
+            for m in &svc.mirrors {
+                let Some(target) = config.upstream(&m.upstream) else {
+                    bail!(
+                        "service {:?}: unknown mirror upstream {:?}",
+                        svc.name,
+                        m.upstream
+                    );
+                };
+                let mirror_conns =
+                    connect_upstream(target, auth(&target.name), m.max_queue.0, limits, &metrics)?;
+                all_conns.extend(mirror_conns.iter().cloned());
+                let (sent, dropped) = metrics.mirror(&svc.name, &target.name);
+                mirrors.push(Mirror {
+                    conns: mirror_conns,
+                    per_10000: percent_to_per_10000(m.percentage),
+                    exclude_reads: m.exclude_reads,
+                    sent,
+                    dropped,
+                });
+            }
             let ctx = Rc::new(ServiceCtx {
                 name: svc.name.clone(),
                 conns,
@@ -312,6 +317,8 @@ impl WorkerPlan {
                 auth: client_auth,
                 legacy_auth_reject: svc.legacy_auth == crate::config::LegacyAuth::Reject,
                 faults: svc.faults.iter().map(fault).collect(),
+                mirrors,
+                discard: Rc::clone(&discard),
             });
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tokio::task::spawn_local(accept_loop(
@@ -351,6 +358,40 @@ impl WorkerPlan {
     }
 }
 
+/// A percentage (0 to 100, validated by the config) in hundredths of a percent.
+fn percent_to_per_10000(percentage: f64) -> u32 {
+    (percentage * 100.0).round().clamp(0.0, 10_000.0) as u32
+}
+
+/// Starts this worker's shared connections to a standalone upstream's node.
+fn connect_upstream(
+    up: &crate::config::UpstreamConfig,
+    auth: Option<UpstreamAuth>,
+    max_pending_bytes: usize,
+    limits: Limits,
+    metrics: &Metrics,
+) -> Result<Vec<SharedConn>> {
+    if up.mode != Mode::Standalone {
+        bail!("upstream {:?}: only standalone mode is served", up.name);
+    }
+    let settings = ConnSettings {
+        auth,
+        connect_timeout: up.connect_timeout.0,
+        backoff_max: up.reconnect_backoff_max.0,
+        max_pending_bytes,
+        limits,
+    };
+    // Config validation rejects an upstream without nodes, and a standalone one has exactly one.
+    let node = &up.nodes[0];
+    let conns: Vec<SharedConn> = (0..up.connections_per_node)
+        .map(|_| SharedConn::new(node.clone(), settings.clone(), metrics.node(&up.name, node)))
+        .collect();
+    for c in &conns {
+        tokio::task::spawn_local(c.clone().run());
+    }
+    Ok(conns)
+}
+
 /// The runtime form of a fault rule.
 fn fault(f: &FaultConfig) -> Fault {
     let action = match f.kind {
@@ -367,7 +408,7 @@ fn fault(f: &FaultConfig) -> Fault {
     };
     Fault {
         action,
-        per_10000: (f.percentage * 100.0).round().clamp(0.0, 10_000.0) as u32,
+        per_10000: percent_to_per_10000(f.percentage),
         commands: f.commands.iter().map(|c| c.as_bytes().to_vec()).collect(),
         key_prefix: f.key_prefix.as_ref().map(|p| p.as_bytes().to_vec()),
     }

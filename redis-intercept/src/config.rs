@@ -378,6 +378,14 @@ pub struct MirrorConfig {
     /// Copy writes only.
     #[serde(default)]
     pub exclude_reads: bool,
+    /// Most request bytes queued for the mirror per connection; copies beyond it (or while
+    /// the mirror is down) are dropped and counted, never waited for.
+    #[serde(default = "default_mirror_queue")]
+    pub max_queue: ByteSize,
+}
+
+fn default_mirror_queue() -> ByteSize {
+    ByteSize(16 * 1024 * 1024)
 }
 
 fn hundred() -> f64 {
@@ -714,10 +722,7 @@ impl Config {
             if s.read_policy != ReadPolicy::Master {
                 out.push(format!("service[{i}].read_policy"));
             }
-            for (what, used) in [
-                ("route", !s.routes.is_empty()),
-                ("mirror", !s.mirrors.is_empty()),
-            ] {
+            for (what, used) in [("route", !s.routes.is_empty())] {
                 if used {
                     out.push(format!("service[{i}].{what}"));
                 }
@@ -862,9 +867,9 @@ mod tests {
 
     #[test]
     fn features_not_built_yet_are_reported() {
-        let text = format!("{MINIMAL}\n[[service.mirror]]\nupstream = \"main\"\n");
+        let text = format!("{MINIMAL}\n[[service.route]]\nprefix = \"a:\"\nupstream = \"main\"\n");
         let c = Config::parse(&text, "t").unwrap();
-        assert_eq!(c.unsupported_features(), ["service[0].mirror"]);
+        assert_eq!(c.unsupported_features(), ["service[0].route"]);
     }
 
     #[test]

@@ -36,6 +36,17 @@ pub struct NodeLabels {
     pub node: String,
 }
 
+/// Labels of mirrored requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// Service name from the config.
+    pub service: String,
+    /// The mirror upstream.
+    pub upstream: String,
+    /// `sent` or `dropped` (queue full or mirror down).
+    pub result: String,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -56,6 +67,8 @@ pub struct Metrics {
     pub upstream_failures: Family<NodeLabels, Counter>,
     /// Upstream connections reset because a request passed its op_timeout.
     pub upstream_timeouts: Family<NodeLabels, Counter>,
+    /// Requests copied to mirrors, sent or dropped.
+    pub mirror_requests: Family<MirrorLabels, Counter>,
 }
 
 impl Metrics {
@@ -71,6 +84,7 @@ impl Metrics {
             upstream_connections_up: Family::default(),
             upstream_failures: Family::default(),
             upstream_timeouts: Family::default(),
+            mirror_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -113,6 +127,11 @@ impl Metrics {
             "Upstream connections reset because a request passed op_timeout",
             m.upstream_timeouts.clone(),
         );
+        registry.register(
+            "mirror_requests",
+            "Requests copied to a mirror: sent, or dropped because its queue was full or it was down",
+            m.mirror_requests.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -137,6 +156,20 @@ impl Metrics {
             service: service.to_owned(),
             closed: self.clients_closed.clone(),
         }
+    }
+
+    /// Handles for one mirror of one service: (sent, dropped).
+    pub fn mirror(&self, service: &str, upstream: &str) -> (Counter, Counter) {
+        let get = |result: &str| {
+            self.mirror_requests
+                .get_or_create(&MirrorLabels {
+                    service: service.to_owned(),
+                    upstream: upstream.to_owned(),
+                    result: result.to_owned(),
+                })
+                .clone()
+        };
+        (get("sent"), get("dropped"))
     }
 
     /// Handles for one upstream node's metrics.

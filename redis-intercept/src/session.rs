@@ -64,6 +64,55 @@ pub struct ServiceCtx {
     pub legacy_auth_reject: bool,
     /// Fault injection rules, tried in order; the first that matches and hits applies.
     pub faults: Vec<Fault>,
+    /// Traffic mirrors.
+    pub mirrors: Vec<Mirror>,
+    /// The sink that swallows mirror replies.
+    pub discard: Rc<dyn ReplySink>,
+}
+
+/// A traffic mirror of a service, on one worker.
+pub struct Mirror {
+    /// This worker's connections to the mirror node, picked by client id.
+    pub conns: Vec<SharedConn>,
+    /// Chance per request in hundredths of a percent (0 to 10000).
+    pub per_10000: u32,
+    /// Copy only commands Redis flags `write`.
+    pub exclude_reads: bool,
+    /// Copies handed to the mirror connection.
+    pub sent: prometheus_client::metrics::counter::Counter,
+    /// Copies dropped: the mirror's queue was full or the mirror was down.
+    pub dropped: prometheus_client::metrics::counter::Counter,
+}
+
+/// Swallows mirror replies: they are read (to keep the connection in step) and dropped,
+/// never returned to a client and never waited for.
+pub struct Discard;
+
+impl ReplySink for Discard {
+    fn deliver(&self, _token: u64, _reply: Bytes) -> bool {
+        false
+    }
+
+    fn flush(&self) {}
+}
+
+/// Copies a forwarded request to the service's mirrors. A mirror that can't take it (queue
+/// full, down) drops it and counts: the client never waits for a mirror.
+fn mirror(req: &Request<'_>, svc: &ServiceCtx, dice: &mut Dice, client: u64, deadline: Instant) {
+    let is_write = command::lookup(req).is_some_and(|c| c.info.has(flags::WRITE));
+    for m in &svc.mirrors {
+        if (m.exclude_reads && !is_write) || m.conns.is_empty() {
+            continue;
+        }
+        if m.per_10000 < 10_000 && dice.below(10_000) >= m.per_10000 {
+            continue;
+        }
+        let conn = &m.conns[(client as usize) % m.conns.len()];
+        match conn.send(req, Rc::clone(&svc.discard), 0, deadline) {
+            Ok(()) => m.sent.inc(),
+            Err(_) => m.dropped.inc(),
+        };
+    }
 }
 
 /// What an injected fault does.
@@ -789,7 +838,7 @@ impl Session {
                         self.commands += 1;
                     } else if !req.is_empty() {
                         self.commands += 1;
-                        dispatch(
+                        let forwarded = dispatch(
                             &req,
                             &self.core,
                             &mut self.state,
@@ -797,6 +846,9 @@ impl Session {
                             &self.conn,
                             deadline,
                         );
+                        if forwarded && !self.svc.mirrors.is_empty() {
+                            mirror(&req, &self.svc, &mut self.dice, self.state.id, deadline);
+                        }
                     }
                     input.consume(n);
                 }
@@ -821,11 +873,11 @@ fn dispatch(
     svc: &ServiceCtx,
     conn: &SharedConn,
     deadline: Instant,
-) {
+) -> bool {
     let handling = command::lookup(req).map(|c| (c.handling, c.info));
     if !state.authenticated && !handling.is_some_and(|(_, info)| info.has(flags::NO_AUTH)) {
         core.push_ready(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
-        return;
+        return false;
     }
     match handling {
         // Standalone upstreams answer unknown commands themselves, in Redis's words.
@@ -836,6 +888,7 @@ fn dispatch(
                 // The session writes its output right after dispatching; no flush needed.
                 let _ = core.deliver(token, reply);
             }
+            true
         }
         Some((Handling::Local(local), info)) => {
             let reply = if info.arity_ok(req.len()) {
@@ -844,6 +897,7 @@ fn dispatch(
                 wrong_arity(req)
             };
             core.push_ready(reply);
+            false
         }
         Some((handling, info)) => {
             let name = display_name(info.name);
@@ -864,6 +918,7 @@ fn dispatch(
             core.push_ready(error_reply(&format!(
                 "'{name}' is not supported by redis-intercept: {why}"
             )));
+            false
         }
     }
 }

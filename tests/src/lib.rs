@@ -274,7 +274,13 @@ pub fn start_proxy_full(
          connect_timeout = \"500ms\"\nreconnect_backoff_max = \"200ms\"\n{upstream_extra}\n\n\
          [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n{service_extra}\n"
     );
-    let config = redis_intercept::config::Config::parse(&text, "<test>").unwrap();
+    start_proxy_config(&text)
+}
+
+/// Starts the proxy in-process from config text with a service called `svc`, and waits until
+/// that service accepts connections.
+pub fn start_proxy_config(text: &str) -> redis_intercept::app::Proxy {
+    let config = redis_intercept::config::Config::parse(text, "<test>").unwrap();
     let proxy = redis_intercept::app::start(&config).unwrap();
     wait_until(Duration::from_secs(5), || {
         TcpStream::connect(proxy.addr("svc").unwrap()).is_ok()
