@@ -445,3 +445,11 @@ fn slots_without_ids(reply: &Frame) -> Vec<(i64, i64, Vec<String>)> {
     out.sort();
     out
 }
+
+/// A temporary directory (for configs and secrets of tools built on this harness).
+pub fn tempfile_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ri-")
+        .tempdir()
+        .expect("temp dir")
+}

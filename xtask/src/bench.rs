@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Idle client connections opened to measure per-client memory.
     #[arg(long, default_value_t = 5000)]
     idle_clients: usize,
+    /// Instead: the cost of traffic policy. Non-pipelined SET through a proxy with a 100%
+    /// write mirror, and through one with client auth, each against a plain proxy.
+    #[arg(long)]
+    policy: bool,
 }
 
 /// One redis-benchmark configuration.
@@ -72,8 +76,14 @@ const WORKLOADS: &[Workload] = &[
 
 /// Runs redis-benchmark once; returns requests per second.
 fn benchmark(addr: SocketAddr, w: &Workload, requests: usize) -> Result<f64> {
+    benchmark_with(addr, w, requests, &[])
+}
+
+/// Like [`benchmark`] with extra redis-benchmark arguments (e.g. `-a password`).
+fn benchmark_with(addr: SocketAddr, w: &Workload, requests: usize, extra: &[&str]) -> Result<f64> {
     let out = Command::new("redis-benchmark")
         .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(extra)
         .args([
             "-t",
             w.test,
@@ -141,6 +151,9 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Runs the benchmark and prints the report.
 pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
+    if args.policy {
+        return policy(root, args);
+    }
     let bin = build_proxy(root)?;
     let server = RedisServer::start_with(&["--maxclients", "20000"]);
     let workers = args.workers.to_string();
@@ -207,6 +220,89 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
         peak as f64 / 1024.0
     );
     idle_clients(&proxy, args.idle_clients)?;
+    Ok(())
+}
+
+/// One proxy of the policy benchmark.
+struct Variant {
+    /// Label in the report.
+    name: &'static str,
+    /// Extra TOML for the service table.
+    service: &'static str,
+    /// Extra redis-benchmark arguments.
+    client: &'static [&'static str],
+}
+
+/// Non-pipelined SET through a plain proxy, one with a 100% write mirror, and one with
+/// client auth, alternating in one run; prints each against the plain proxy.
+fn policy(root: &Path, args: &BenchArgs) -> Result<()> {
+    let bin = build_proxy(root)?;
+    let primary = RedisServer::start();
+    let staging = RedisServer::start();
+    let dir = redis_intercept_e2e::tempfile_dir();
+    let variants = [
+        Variant {
+            name: "plain",
+            service: "",
+            client: &[],
+        },
+        Variant {
+            name: "100% write mirror",
+            service: "[[service.mirror]]\nupstream = \"staging\"\npercentage = 100.0\nexclude_reads = true\n",
+            client: &[],
+        },
+        Variant {
+            name: "client auth",
+            service: "[service.auth]\npasswords = [\"bench-secret\"]\n",
+            client: &["-a", "bench-secret"],
+        },
+    ];
+    let mut proxies = Vec::new();
+    for v in &variants {
+        let addr = SocketAddr::from(([127, 0, 0, 1], redis_intercept_e2e::free_port()));
+        let toml = format!(
+            "[proxy]\nworkers = {}\n\n[[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{}\"]\n\n\
+             [[upstream]]\nname = \"staging\"\nmode = \"standalone\"\nnodes = [\"{}\"]\n\n\
+             [[service]]\nname = \"bench\"\nlisten = \"{addr}\"\nupstream = \"main\"\n{}",
+            args.workers, primary.addr, staging.addr, v.service
+        );
+        proxies.push(ProxyProcess::start_config(&bin, dir.path(), addr, &toml)?);
+    }
+    let set = &WORKLOADS[0];
+    let mut rps = vec![Vec::new(); variants.len()];
+    let mut cpu = vec![Vec::new(); variants.len()];
+    for round in 0..args.rounds {
+        for k in 0..variants.len() {
+            // Rotate the order so drift on a shared machine hits every variant.
+            let i = (k + round) % variants.len();
+            let pid = proxies[i].pid();
+            let before = cpu_seconds(pid)?;
+            let r = benchmark_with(proxies[i].addr, set, args.requests, variants[i].client)?;
+            cpu[i].push((cpu_seconds(pid)? - before) / args.requests as f64 * 1e6);
+            rps[i].push(r);
+        }
+        say(&format!("round {}/{} done", round + 1, args.rounds));
+    }
+    let plain = median(&mut rps[0]);
+    println!();
+    println!(
+        "{:<20} {:>12} {:>8} {:>18}  target",
+        "SET, -c 50", "rps", "ratio", "proxy CPU s/Mreq"
+    );
+    for (i, target) in [(0, ""), (1, "≥0.90"), (2, "≥0.98 (≤ 2% cost)")] {
+        let r = median(&mut rps[i]);
+        let c = median(&mut cpu[i]);
+        println!(
+            "{:<20} {:>12.0} {:>8.2} {:>18.2}  {target}",
+            variants[i].name,
+            r,
+            r / plain,
+            c
+        );
+    }
+    println!(
+        "(the mirror's redis-server shares the cores with the client, the proxy and the primary)"
+    );
     Ok(())
 }
 

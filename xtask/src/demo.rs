@@ -40,15 +40,41 @@ impl ProxyProcess {
     /// waits until it accepts connections.
     pub fn start(bin: &Path, upstream: SocketAddr, extra: &[&str]) -> Result<ProxyProcess> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut args = vec![
+            "run".to_owned(),
+            "--listen".to_owned(),
+            addr.to_string(),
+            "--upstream".to_owned(),
+            upstream.to_string(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        Self::spawn(bin, addr, &args)
+    }
+
+    /// Starts `bin run --config FILE` for config text whose only service listens on `addr`.
+    /// The file lives in `dir`, which must outlive the proxy.
+    pub fn start_config(
+        bin: &Path,
+        dir: &Path,
+        addr: SocketAddr,
+        toml: &str,
+    ) -> Result<ProxyProcess> {
+        let file = dir.join(format!("proxy-{}.toml", addr.port()));
+        std::fs::write(&file, toml).with_context(|| format!("write {}", file.display()))?;
+        Self::spawn(
+            bin,
+            addr,
+            &[
+                "run".to_owned(),
+                "--config".to_owned(),
+                file.display().to_string(),
+            ],
+        )
+    }
+
+    fn spawn(bin: &Path, addr: SocketAddr, args: &[String]) -> Result<ProxyProcess> {
         let child = Command::new(bin)
-            .args([
-                "run",
-                "--listen",
-                &addr.to_string(),
-                "--upstream",
-                &upstream.to_string(),
-            ])
-            .args(extra)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
