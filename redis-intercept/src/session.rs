@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::command::{self, Handling, Local, flags};
+use crate::command::{self, Command, Handling, Local, flags};
 use crate::metrics::ServiceMetrics;
 use crate::resp::{Limits, Request, RequestParser};
 use crate::signal::Signal;
@@ -98,8 +98,15 @@ impl ReplySink for Discard {
 
 /// Copies a forwarded request to the service's mirrors. A mirror that can't take it (queue
 /// full, down) drops it and counts: the client never waits for a mirror.
-fn mirror(req: &Request<'_>, svc: &ServiceCtx, dice: &mut Dice, client: u64, deadline: Instant) {
-    let is_write = command::lookup(req).is_some_and(|c| c.info.has(flags::WRITE));
+fn mirror(
+    req: &Request<'_>,
+    cmd: Option<Command>,
+    svc: &ServiceCtx,
+    dice: &mut Dice,
+    client: u64,
+    deadline: Instant,
+) {
+    let is_write = cmd.is_some_and(|c| c.info.has(flags::WRITE));
     for m in &svc.mirrors {
         if (m.exclude_reads && !is_write) || m.conns.is_empty() {
             continue;
@@ -170,12 +177,13 @@ struct Delayed {
 /// error reply took its slot, or it was held back in `delayed`.
 fn inject_fault(
     req: &Request<'_>,
+    cmd: Option<Command>,
     svc: &ServiceCtx,
     core: &Core,
     dice: &mut Dice,
     delayed: &mut Option<Delayed>,
 ) -> bool {
-    let Some(action) = pick_fault(req, &svc.faults, dice) else {
+    let Some(action) = pick_fault(req, cmd, &svc.faults, dice) else {
         return false;
     };
     match action {
@@ -198,10 +206,10 @@ fn inject_fault(
 /// (AUTH, PING and other local commands never are).
 fn pick_fault<'f>(
     req: &Request<'_>,
+    cmd: Option<Command>,
     faults: &'f [Fault],
     dice: &mut Dice,
 ) -> Option<&'f FaultAction> {
-    let cmd = command::lookup(req);
     if !matches!(cmd.map(|c| c.handling), None | Some(Handling::Forward)) {
         return None;
     }
@@ -824,30 +832,40 @@ impl Session {
                 Ok(Some(n)) => {
                     let data = input.data();
                     let req = self.parser.request(&data[..n]);
-                    if !req.is_empty()
-                        && self.state.authenticated
-                        && !self.svc.faults.is_empty()
-                        && inject_fault(
-                            &req,
-                            &self.svc,
-                            &self.core,
-                            &mut self.dice,
-                            &mut self.delayed,
-                        )
-                    {
+                    if !req.is_empty() {
                         self.commands += 1;
-                    } else if !req.is_empty() {
-                        self.commands += 1;
-                        let forwarded = dispatch(
-                            &req,
-                            &self.core,
-                            &mut self.state,
-                            &self.svc,
-                            &self.conn,
-                            deadline,
-                        );
-                        if forwarded && !self.svc.mirrors.is_empty() {
-                            mirror(&req, &self.svc, &mut self.dice, self.state.id, deadline);
+                        // Looked up once for faults, dispatch and mirrors.
+                        let cmd = command::lookup(&req);
+                        let faulted = self.state.authenticated
+                            && !self.svc.faults.is_empty()
+                            && inject_fault(
+                                &req,
+                                cmd,
+                                &self.svc,
+                                &self.core,
+                                &mut self.dice,
+                                &mut self.delayed,
+                            );
+                        if !faulted {
+                            let forwarded = dispatch(
+                                &req,
+                                cmd,
+                                &self.core,
+                                &mut self.state,
+                                &self.svc,
+                                &self.conn,
+                                deadline,
+                            );
+                            if forwarded && !self.svc.mirrors.is_empty() {
+                                mirror(
+                                    &req,
+                                    cmd,
+                                    &self.svc,
+                                    &mut self.dice,
+                                    self.state.id,
+                                    deadline,
+                                );
+                            }
                         }
                     }
                     input.consume(n);
@@ -868,13 +886,14 @@ impl Session {
 /// Handles one command: a local reply, a refusal, or a hand-off to the upstream.
 fn dispatch(
     req: &Request<'_>,
+    cmd: Option<Command>,
     core: &Rc<Core>,
     state: &mut ClientState,
     svc: &ServiceCtx,
     conn: &SharedConn,
     deadline: Instant,
 ) -> bool {
-    let handling = command::lookup(req).map(|c| (c.handling, c.info));
+    let handling = cmd.map(|c| (c.handling, c.info));
     if !state.authenticated && !handling.is_some_and(|(_, info)| info.has(flags::NO_AUTH)) {
         core.push_ready(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
         return false;
