@@ -1,5 +1,5 @@
 //! The local admin HTTP endpoint: `/metrics` (Prometheus), `/ready`, `/config` (secrets
-//! redacted). It runs on its own thread and runtime, away from the data path, and should only
+//! redacted), `/topology` (each worker's view of each cluster). It runs on its own thread and runtime, away from the data path, and should only
 //! listen on loopback.
 
 use std::convert::Infallible;
@@ -15,8 +15,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::metrics::{Metrics, NodeLabels};
+use crate::upstream::pool::ClusterStatus;
 
 /// What the admin handlers read.
 pub struct AdminState {
@@ -28,11 +29,18 @@ pub struct AdminState {
     pub readiness: Vec<(String, Vec<NodeLabels>)>,
     /// Connections each node needs up: workers × `connections_per_node`, per upstream name.
     pub expected: std::collections::HashMap<String, i64>,
+    /// Workers' views of each cluster upstream, by upstream name.
+    pub clusters: std::collections::HashMap<String, Arc<ClusterStatus>>,
 }
 
 impl AdminState {
     /// Builds the state for `config` run by `workers` worker threads.
-    pub fn new(config: &Config, workers: usize, metrics: Arc<Metrics>) -> AdminState {
+    pub fn new(
+        config: &Config,
+        workers: usize,
+        metrics: Arc<Metrics>,
+        clusters: std::collections::HashMap<String, Arc<ClusterStatus>>,
+    ) -> AdminState {
         let expected = config
             .upstreams
             .iter()
@@ -44,6 +52,8 @@ impl AdminState {
             .map(|s| {
                 let nodes = config
                     .upstream(&s.upstream)
+                    // A cluster's nodes come from its topology, checked separately.
+                    .filter(|u| u.mode == Mode::Standalone)
                     .map(|u| {
                         u.nodes
                             .iter()
@@ -62,7 +72,81 @@ impl AdminState {
             config_toml: redacted_toml(config),
             readiness,
             expected,
+            clusters,
         }
+    }
+
+    /// What is missing for cluster `name` to be ready: every worker has a map that covers
+    /// every slot, and all connections to each master are up.
+    fn cluster_missing(&self, name: &str, status: &ClusterStatus, missing: &mut Vec<String>) {
+        let want = self.expected.get(name).copied().unwrap_or(1);
+        let workers = status
+            .workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut masters = std::collections::BTreeSet::new();
+        for (i, view) in workers.iter().enumerate() {
+            match view {
+                None => missing.push(format!(
+                    "cluster {name}: worker {i} has not discovered the topology yet"
+                )),
+                Some(v) if !v.complete => missing.push(format!(
+                    "cluster {name}: worker {i} sees {} of 16384 slots served",
+                    v.covered
+                )),
+                Some(v) => masters.extend(v.shards.iter().map(|s| s.1.clone())),
+            }
+        }
+        for master in masters {
+            let up = self
+                .metrics
+                .upstream_connections_up
+                .get_or_create(&NodeLabels {
+                    upstream: name.to_owned(),
+                    node: master.clone(),
+                })
+                .get();
+            if up < want {
+                missing.push(format!(
+                    "cluster {name}: master {master}: {up} of {want} connections up"
+                ));
+            }
+        }
+    }
+
+    /// Each worker's view of each cluster upstream, as text.
+    pub fn topology(&self) -> String {
+        let mut out = String::new();
+        let mut names: Vec<&String> = self.clusters.keys().collect();
+        names.sort();
+        for name in names {
+            let workers = self.clusters[name]
+                .workers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (i, view) in workers.iter().enumerate() {
+                match view {
+                    None => out.push_str(&format!("{name} worker {i}: not discovered yet\n")),
+                    Some(v) => {
+                        out.push_str(&format!(
+                            "{name} worker {i}: {} slots served{}\n",
+                            v.covered,
+                            if v.complete { "" } else { " (INCOMPLETE)" }
+                        ));
+                        for (slots, master, replicas) in &v.shards {
+                            out.push_str(&format!(
+                                "  {slots} master {master} replicas [{}]\n",
+                                replicas.join(", ")
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if out.is_empty() {
+            out.push_str("no cluster upstreams\n");
+        }
+        out
     }
 
     /// `Ok` when every worker has all its connections up to each node of every service's
@@ -84,6 +168,11 @@ impl AdminState {
                     ));
                 }
             }
+        }
+        let mut names: Vec<&String> = self.clusters.keys().collect();
+        names.sort();
+        for name in names {
+            self.cluster_missing(name, &self.clusters[name], &mut missing);
         }
         if missing.is_empty() {
             Ok(())
@@ -204,11 +293,12 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
             Ok(()) => respond(StatusCode::OK, TEXT, "ready\n".into()),
             Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready:\n{why}\n")),
         },
+        "/topology" => respond(StatusCode::OK, TEXT, state.topology()),
         "/config" => respond(StatusCode::OK, "application/toml; charset=utf-8", state.config_toml.clone()),
         "/" => respond(
             StatusCode::OK,
             TEXT,
-            "redis-intercept admin\n  /metrics  Prometheus metrics\n  /ready    200 when every upstream is connected\n  /config   effective configuration, secrets redacted\n".into(),
+            "redis-intercept admin\n  /metrics  Prometheus metrics\n  /ready    200 when every upstream is connected\n  /config   effective configuration, secrets redacted\n  /topology each worker's slot map of each cluster upstream\n".into(),
         ),
         _ => respond(StatusCode::NOT_FOUND, TEXT, "not found (see /)\n".into()),
     }

@@ -22,8 +22,10 @@ use crate::config::{FaultConfig, FaultKind};
 use crate::metrics::Metrics;
 use crate::resp::Limits;
 use crate::session::{
-    self, ClientAuth, ClientGuard, Discard, Fault, FaultAction, Mirror, ServiceCtx, Sessions,
+    self, Backend, ClientAuth, ClientGuard, Discard, Fault, FaultAction, Mirror, ServiceCtx,
+    Sessions,
 };
+use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
 use crate::upstream::{ConnSettings, PasswordSource, SharedConn, UpstreamAuth};
 
 /// A bound service listener.
@@ -157,9 +159,22 @@ pub fn start(config: &Config) -> Result<Proxy> {
         .collect::<Result<Vec<Option<ClientAuth>>>>()?;
     let (tx, rx) = watch::channel(false);
     let metrics = Metrics::new();
+    // Every worker publishes its view of each cluster upstream here, for /ready and /topology.
+    let cluster_status: std::collections::HashMap<String, Arc<ClusterStatus>> = config
+        .upstreams
+        .iter()
+        .filter(|u| u.mode == Mode::Cluster)
+        .filter(|u| config.services.iter().any(|s| s.upstream == u.name))
+        .map(|u| (u.name.clone(), ClusterStatus::new(workers)))
+        .collect();
     let admin = match &config.admin {
         Some(a) => {
-            let state = Arc::new(AdminState::new(config, workers, Arc::clone(&metrics)));
+            let state = Arc::new(AdminState::new(
+                config,
+                workers,
+                Arc::clone(&metrics),
+                cluster_status.clone(),
+            ));
             let admin = Admin::start(a.listen, state, rx.clone())?;
             info!(addr = %admin.addr, "admin endpoint listening");
             Some(admin)
@@ -186,6 +201,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
             metrics: Arc::clone(&metrics),
             upstream_auths: upstream_auths.clone(),
             client_auths: client_auths.clone(),
+            cluster_status: cluster_status.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("ri-worker-{index}"))
@@ -239,6 +255,8 @@ struct WorkerPlan {
     upstream_auths: std::collections::HashMap<String, Option<UpstreamAuth>>,
     /// Client-facing credentials of each service, in config order.
     client_auths: Vec<Option<ClientAuth>>,
+    /// Where workers publish their view of each cluster upstream.
+    cluster_status: std::collections::HashMap<String, Arc<ClusterStatus>>,
 }
 
 impl WorkerPlan {
@@ -261,9 +279,15 @@ impl WorkerPlan {
             metrics,
             upstream_auths,
             client_auths,
+            cluster_status,
         } = self;
         let limits = Limits::default();
         let mut all_conns = Vec::new();
+        // Cluster pools by (upstream, whether replicas serve reads): services that share an
+        // upstream share its connections.
+        let mut pools: std::collections::HashMap<(String, bool), Rc<ClusterPool>> =
+            std::collections::HashMap::new();
+        let mut accepts = Vec::new();
         let sessions = Rc::new(Sessions::default());
         let discard: Rc<dyn crate::upstream::ReplySink> = Rc::new(Discard);
         for (((svc, listener), counter), client_auth) in config
@@ -281,9 +305,52 @@ impl WorkerPlan {
                 );
             };
             let auth = |name: &str| upstream_auths.get(name).cloned().flatten();
-            let conns =
-                connect_upstream(up, auth(&up.name), up.max_pending_bytes.0, limits, &metrics)?;
-            all_conns.extend(conns.iter().cloned());
+            let backend = match up.mode {
+                Mode::Standalone => {
+                    let conns = connect_upstream(
+                        up,
+                        auth(&up.name),
+                        up.max_pending_bytes.0,
+                        limits,
+                        &metrics,
+                    )?;
+                    all_conns.extend(conns.iter().cloned());
+                    Backend::Standalone(conns)
+                }
+                Mode::Cluster => {
+                    let readonly = svc.read_policy != crate::config::ReadPolicy::Master;
+                    let pool = pools.entry((up.name.clone(), readonly)).or_insert_with(|| {
+                        let pool = ClusterPool::new(
+                            PoolSettings {
+                                name: up.name.clone(),
+                                seeds: up.nodes.clone(),
+                                conn: ConnSettings {
+                                    readonly,
+                                    ..conn_settings(
+                                        up,
+                                        auth(&up.name),
+                                        up.max_pending_bytes.0,
+                                        limits,
+                                    )
+                                },
+                                per_node: up.connections_per_node,
+                                refresh_interval: up.refresh_interval.0,
+                                refresh_threshold: up.redirect_refresh_threshold,
+                                refresh_min_interval: up.redirect_refresh_interval.0,
+                                worker: index,
+                            },
+                            Arc::clone(&metrics),
+                            cluster_status
+                                .get(&up.name)
+                                .cloned()
+                                .unwrap_or_else(|| ClusterStatus::new(index + 1)),
+                        );
+                        tokio::task::spawn_local(Rc::clone(&pool).run());
+                        pool
+                    });
+                    Backend::Cluster(Rc::clone(pool), svc.read_policy)
+                }
+            };
             let mut mirrors = Vec::new();
             for m in &svc.mirrors {
                 let Some(target) = config.upstream(&m.upstream) else {
@@ -307,7 +374,7 @@ impl WorkerPlan {
             }
             let ctx = Rc::new(ServiceCtx {
                 name: svc.name.clone(),
-                conns,
+                backend,
                 op_timeout: svc.op_timeout.0,
                 idle_timeout: svc.idle_timeout.non_zero(),
                 max_client_buffer: svc.max_client_buffer.0,
@@ -320,12 +387,21 @@ impl WorkerPlan {
                 mirrors,
                 discard: Rc::clone(&discard),
             });
+            accepts.push((listener, ctx, counter, svc.max_clients));
+        }
+        // Clients wait in the listen backlog until each cluster's first topology discovery
+        // has succeeded (or taken too long), so early requests aren't refused for want of a
+        // slot map.
+        for pool in pools.values() {
+            pool.wait_first(FIRST_DISCOVERY_WAIT).await;
+        }
+        for (listener, ctx, counter, max_clients) in accepts {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tokio::task::spawn_local(accept_loop(
                 listener,
                 ctx,
                 counter,
-                svc.max_clients,
+                max_clients,
                 shutdown.clone(),
                 Rc::clone(&sessions),
             ));
@@ -354,6 +430,9 @@ impl WorkerPlan {
         for c in &all_conns {
             c.close();
         }
+        for pool in pools.values() {
+            pool.close();
+        }
         Ok(())
     }
 }
@@ -372,15 +451,12 @@ fn connect_upstream(
     metrics: &Metrics,
 ) -> Result<Vec<SharedConn>> {
     if up.mode != Mode::Standalone {
-        bail!("upstream {:?}: only standalone mode is served", up.name);
+        bail!(
+            "upstream {:?}: a cluster can't be used here (mirrors to clusters are not built yet)",
+            up.name
+        );
     }
-    let settings = ConnSettings {
-        auth,
-        connect_timeout: up.connect_timeout.0,
-        backoff_max: up.reconnect_backoff_max.0,
-        max_pending_bytes,
-        limits,
-    };
+    let settings = conn_settings(up, auth, max_pending_bytes, limits);
     // Config validation rejects an upstream without nodes, and a standalone one has exactly one.
     let node = &up.nodes[0];
     let conns: Vec<SharedConn> = (0..up.connections_per_node)
@@ -391,6 +467,26 @@ fn connect_upstream(
     }
     Ok(conns)
 }
+
+/// How the connections of `up` behave.
+fn conn_settings(
+    up: &crate::config::UpstreamConfig,
+    auth: Option<UpstreamAuth>,
+    max_pending_bytes: usize,
+    limits: Limits,
+) -> ConnSettings {
+    ConnSettings {
+        auth,
+        connect_timeout: up.connect_timeout.0,
+        backoff_max: up.reconnect_backoff_max.0,
+        max_pending_bytes,
+        limits,
+        readonly: false,
+    }
+}
+
+/// Longest a worker waits for a cluster's first topology before it accepts clients anyway.
+const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(5);
 
 /// The runtime form of a fault rule.
 fn fault(f: &FaultConfig) -> Fault {

@@ -402,6 +402,221 @@ impl Redirect {
     }
 }
 
+/// A cluster-wide SCAN cursor, as one decimal `u64` for the client.
+///
+/// Layout, high bits to low: a 10-bit tag of the shard's master address (1 to 1023; 0 only in
+/// the start cursor), the 14-bit *anchor* slot (the lowest slot the shard owns), and the
+/// 40-bit cursor of that master's own SCAN. Shards are visited in the order of their lowest
+/// slot. Naming the shard by a slot rather than a node index keeps the cursor meaningful after
+/// a failover (the promoted replica owns the same slots); the tag notices that the master
+/// changed, and that shard's scan restarts at 0, which may repeat keys but never skips any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanCursor {
+    /// Lowest slot of the shard being scanned.
+    pub anchor: Slot,
+    /// Tag of the master the node cursor belongs to; 0: none yet.
+    pub tag: u16,
+    /// The master's own SCAN cursor.
+    pub node: u64,
+}
+
+/// Bits of the node cursor. A node cursor walks a hash table of at most 2^40 buckets, far more
+/// than any node holds.
+const NODE_CURSOR_BITS: u32 = 40;
+/// Bits of the anchor slot (16384 slots).
+const ANCHOR_BITS: u32 = 14;
+
+impl ScanCursor {
+    /// The cursor that starts a full iteration (`0`).
+    pub const START: ScanCursor = ScanCursor {
+        anchor: Slot(0),
+        tag: 0,
+        node: 0,
+    };
+
+    /// Splits a client cursor into its parts. Any `u64` decodes to some cursor; a cursor the
+    /// proxy never issued just starts somewhere (as a made-up cursor does in Redis).
+    pub fn decode(cursor: u64) -> ScanCursor {
+        let node = cursor & ((1 << NODE_CURSOR_BITS) - 1);
+        let anchor = ((cursor >> NODE_CURSOR_BITS) & ((1 << ANCHOR_BITS) - 1)) as u16;
+        let tag = (cursor >> (NODE_CURSOR_BITS + ANCHOR_BITS)) as u16;
+        ScanCursor {
+            anchor: Slot(anchor),
+            tag,
+            node,
+        }
+    }
+
+    /// The client's cursor; `None` if the node cursor doesn't fit its 40 bits.
+    pub fn encode(self) -> Option<u64> {
+        if self.node >> NODE_CURSOR_BITS != 0 {
+            return None;
+        }
+        Some(
+            (u64::from(self.tag) << (NODE_CURSOR_BITS + ANCHOR_BITS))
+                | (u64::from(self.anchor.get()) << NODE_CURSOR_BITS)
+                | self.node,
+        )
+    }
+
+    /// The tag of a master address: FNV-1a folded to 1..=1023.
+    pub fn tag_of(master: &str) -> u16 {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in master.bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        (h % 1023) as u16 + 1
+    }
+}
+
+/// Where one SCAN step goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanStep {
+    /// Index of the shard to scan, in [`SlotMap::shards`].
+    pub shard: usize,
+    /// Cursor to send to that shard's master.
+    pub node_cursor: u64,
+}
+
+impl SlotMap {
+    /// The lowest slot each shard owns (`None` for a shard that owns none any more).
+    fn first_slots(&self) -> Vec<Option<u16>> {
+        let mut first = vec![None; self.shards.len()];
+        for (slot, &o) in self.owner.iter().enumerate() {
+            if let Some(f) = first.get_mut(usize::from(o))
+                && f.is_none()
+            {
+                *f = Some(slot as u16);
+            }
+        }
+        first
+    }
+
+    /// Where the SCAN step for `cursor` goes: the shard owning the anchor slot (or the next
+    /// owned slot), restarting at node cursor 0 if that shard's master isn't the one the
+    /// cursor was issued for. `None` when no slot from the anchor on has an owner.
+    pub fn scan_step(&self, cursor: ScanCursor) -> Option<ScanStep> {
+        let from = usize::from(cursor.anchor.get());
+        let (slot, &owner) = self
+            .owner
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, o)| **o != NO_OWNER)?;
+        let shard = usize::from(owner);
+        let master = &self.shards.get(shard)?.master;
+        let same_node = slot == from && cursor.tag != 0 && cursor.tag == ScanCursor::tag_of(master);
+        Some(ScanStep {
+            shard,
+            node_cursor: if same_node { cursor.node } else { 0 },
+        })
+    }
+
+    /// The cursor to give the client after `shard`'s master answered `node_next`: the same
+    /// shard while it has more, else the start of the shard with the next lowest first slot,
+    /// else 0 (the iteration is complete). `None` if the node cursor doesn't fit.
+    pub fn scan_next(&self, shard: usize, node_next: u64) -> Option<u64> {
+        let first = self.first_slots();
+        let this = first.get(shard).copied().flatten()?;
+        if node_next != 0 {
+            return ScanCursor {
+                anchor: Slot(this),
+                tag: ScanCursor::tag_of(&self.shards.get(shard)?.master),
+                node: node_next,
+            }
+            .encode();
+        }
+        let next = first
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.map(|f| (f, i)))
+            .filter(|&(f, _)| f > this)
+            .min();
+        match next {
+            None => Some(0),
+            Some((slot, i)) => ScanCursor {
+                anchor: Slot(slot),
+                tag: ScanCursor::tag_of(&self.shards.get(i)?.master),
+                node: 0,
+            }
+            .encode(),
+        }
+    }
+
+    /// Masters of the shards that own at least one slot, in shard order.
+    pub fn serving_masters(&self) -> Vec<&str> {
+        self.first_slots()
+            .iter()
+            .zip(&self.shards)
+            .filter(|(f, _)| f.is_some())
+            .map(|(_, s)| s.master.as_str())
+            .collect()
+    }
+
+    /// Index of the shard that owns `slot`.
+    pub fn shard_index(&self, slot: Slot) -> Option<usize> {
+        let o = *self.owner.get(usize::from(slot.get()))?;
+        (o != NO_OWNER).then_some(usize::from(o))
+    }
+
+    /// Number of slots that have an owner.
+    pub fn covered(&self) -> usize {
+        self.owner.iter().filter(|&&o| o != NO_OWNER).count()
+    }
+}
+
+/// When to refresh the topology besides the periodic refresh: after `threshold` redirects or
+/// upstream failures, but not more often than `min_interval` (Envoy's
+/// `redirect_refresh_threshold` / `redirect_refresh_interval`). Times are passed in, so the
+/// rule is tested without clocks.
+#[derive(Debug, Clone)]
+pub struct RefreshTrigger {
+    /// Events that ask for a refresh.
+    pub threshold: u32,
+    /// Shortest time between two refreshes.
+    pub min_interval: std::time::Duration,
+    /// Events since the last refresh.
+    events: u32,
+    /// When the last refresh started.
+    last: Option<std::time::Instant>,
+}
+
+impl RefreshTrigger {
+    /// A trigger with nothing counted yet.
+    pub fn new(threshold: u32, min_interval: std::time::Duration) -> RefreshTrigger {
+        RefreshTrigger {
+            threshold: threshold.max(1),
+            min_interval,
+            events: 0,
+            last: None,
+        }
+    }
+
+    /// Counts a redirect or failure; true when enough have been seen to ask for a refresh.
+    pub fn note(&mut self) -> bool {
+        self.events = self.events.saturating_add(1);
+        self.events >= self.threshold
+    }
+
+    /// When a refresh may start, if one is wanted: now, or when the minimum interval ends.
+    pub fn due(&self, now: std::time::Instant) -> Option<std::time::Instant> {
+        if self.events < self.threshold {
+            return None;
+        }
+        Some(match self.last {
+            Some(last) if now < last + self.min_interval => last + self.min_interval,
+            _ => now,
+        })
+    }
+
+    /// Records that a refresh started at `now`.
+    pub fn refreshed(&mut self, now: std::time::Instant) {
+        self.events = 0;
+        self.last = Some(now);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,5 +812,104 @@ mod tests {
         map.set_owner(Slot(7), "b:2");
         assert_eq!(map.master(Slot(7)), Some("b:2"));
         assert_eq!(map.shards().len(), 2);
+    }
+    fn three_shards() -> SlotMap {
+        let mut map = SlotMap::empty();
+        let shard = |m: &str| Shard {
+            master: m.into(),
+            replicas: vec![],
+        };
+        map.assign(0, 5460, shard("a:1")).unwrap();
+        map.assign(5461, 10922, shard("b:2")).unwrap();
+        map.assign(10923, 16383, shard("c:3")).unwrap();
+        map
+    }
+
+    #[test]
+    fn scan_cursor_round_trips_and_starts_at_zero() {
+        assert_eq!(ScanCursor::decode(0), ScanCursor::START);
+        let c = ScanCursor {
+            anchor: Slot(10923),
+            tag: 1023,
+            node: (1 << 40) - 1,
+        };
+        assert_eq!(ScanCursor::decode(c.encode().unwrap()), c);
+        assert_eq!(
+            ScanCursor {
+                node: 1 << 40,
+                ..ScanCursor::START
+            }
+            .encode(),
+            None
+        );
+        for m in ["a:1", "127.0.0.1:7000", ""] {
+            assert!((1..=1023).contains(&ScanCursor::tag_of(m)));
+        }
+    }
+
+    #[test]
+    fn scan_visits_each_shard_once_in_slot_order() {
+        let map = three_shards();
+        let mut cursor = 0;
+        let mut visited = Vec::new();
+        // Each master answers "more" once, then 0.
+        let mut answered_more = std::collections::HashSet::new();
+        loop {
+            let step = map.scan_step(ScanCursor::decode(cursor)).unwrap();
+            visited.push((step.shard, step.node_cursor));
+            let next = if answered_more.insert(step.shard) {
+                77
+            } else {
+                0
+            };
+            cursor = map.scan_next(step.shard, next).unwrap();
+            if cursor == 0 {
+                break;
+            }
+        }
+        assert_eq!(visited, [(0, 0), (0, 77), (1, 0), (1, 77), (2, 0), (2, 77)]);
+    }
+
+    #[test]
+    fn scan_restarts_a_shard_whose_master_changed() {
+        let map = three_shards();
+        let mid_b = map.scan_next(1, 42).unwrap();
+        assert_eq!(
+            map.scan_step(ScanCursor::decode(mid_b)),
+            Some(ScanStep {
+                shard: 1,
+                node_cursor: 42
+            })
+        );
+        // Failover: b's replica d takes over the same slots.
+        let mut after = SlotMap::empty();
+        let shard = |m: &str| Shard {
+            master: m.into(),
+            replicas: vec![],
+        };
+        after.assign(0, 5460, shard("a:1")).unwrap();
+        after.assign(5461, 10922, shard("d:4")).unwrap();
+        after.assign(10923, 16383, shard("c:3")).unwrap();
+        let step = after.scan_step(ScanCursor::decode(mid_b)).unwrap();
+        assert_eq!(after.shards()[step.shard].master, "d:4");
+        assert_eq!(step.node_cursor, 0, "a new master's scan starts over");
+    }
+
+    #[test]
+    fn refresh_trigger_waits_for_threshold_and_interval() {
+        let t0 = std::time::Instant::now();
+        let sec = std::time::Duration::from_secs(1);
+        let mut t = RefreshTrigger::new(3, sec);
+        assert!(!t.note() && !t.note());
+        assert_eq!(t.due(t0), None);
+        assert!(t.note());
+        assert_eq!(t.due(t0), Some(t0));
+        t.refreshed(t0);
+        assert_eq!(t.due(t0), None);
+        for _ in 0..3 {
+            t.note();
+        }
+        assert_eq!(t.due(t0 + sec / 2), Some(t0 + sec));
+        assert_eq!(t.due(t0 + sec * 2), Some(t0 + sec * 2));
     }
 }

@@ -170,6 +170,12 @@ pub struct UpstreamConfig {
     /// Cluster: how often the slot map is refreshed.
     #[serde(default = "default_refresh_interval")]
     pub refresh_interval: Dur,
+    /// Cluster: redirects or connection failures that trigger an early refresh.
+    #[serde(default = "default_redirect_refresh_threshold")]
+    pub redirect_refresh_threshold: u32,
+    /// Cluster: shortest time between two refreshes triggered by redirects or failures.
+    #[serde(default = "default_redirect_refresh_interval")]
+    pub redirect_refresh_interval: Dur,
 }
 
 fn default_connect_timeout() -> Dur {
@@ -186,6 +192,12 @@ fn default_upstream_backlog() -> ByteSize {
 }
 fn default_refresh_interval() -> Dur {
     Dur(Duration::from_secs(5))
+}
+fn default_redirect_refresh_threshold() -> u32 {
+    5
+}
+fn default_redirect_refresh_interval() -> Dur {
+    Dur(Duration::from_secs(1))
 }
 
 /// TLS settings of an upstream.
@@ -711,16 +723,21 @@ impl Config {
             out.push("[intercept] (eBPF interception)".to_owned());
         }
         for (i, u) in self.upstreams.iter().enumerate() {
-            if u.mode == Mode::Cluster {
-                out.push(format!("upstream[{i}].mode = \"cluster\""));
-            }
             if u.tls.is_some() {
                 out.push(format!("upstream[{i}].tls"));
             }
         }
         for (i, s) in self.services.iter().enumerate() {
-            if s.read_policy != ReadPolicy::Master {
-                out.push(format!("service[{i}].read_policy"));
+            let upstream_mode = self.upstream(&s.upstream).map(|u| u.mode);
+            if s.read_policy != ReadPolicy::Master && upstream_mode != Some(Mode::Cluster) {
+                out.push(format!(
+                    "service[{i}].read_policy (only meaningful for a cluster upstream)"
+                ));
+            }
+            for (j, m) in s.mirrors.iter().enumerate() {
+                if self.upstream(&m.upstream).map(|u| u.mode) == Some(Mode::Cluster) {
+                    out.push(format!("service[{i}].mirror[{j}] to a cluster upstream"));
+                }
             }
             for (what, used) in [("route", !s.routes.is_empty())] {
                 if used {

@@ -5,6 +5,7 @@
 //! - [`resp`]: bytes ⇄ RESP frames, with limits.
 //! - [`command`]: the Redis command table and how the proxy handles each command.
 //! - [`cluster`]: Redis Cluster slots, slot maps and redirects (pure logic).
+//! - [`route`]: where a request goes on a cluster: slots, splits, read policy (pure logic).
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`signal`]: a cheap single-threaded wake-up flag.
 //! - [`upstream`]: shared pipelined connections to Redis nodes.
@@ -19,6 +20,7 @@ pub mod command;
 pub mod config;
 pub mod metrics;
 pub mod resp;
+pub mod route;
 pub mod session;
 pub mod signal;
 pub mod upstream;

@@ -47,6 +47,15 @@ pub struct MirrorLabels {
     pub result: String,
 }
 
+/// Labels of cluster events (redirects, topology refreshes).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// Upstream name from the config.
+    pub upstream: String,
+    /// Redirects: `moved`, `ask`, `tryagain`, `clusterdown`. Refreshes: `ok`, `failed`.
+    pub kind: String,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -69,6 +78,10 @@ pub struct Metrics {
     pub upstream_timeouts: Family<NodeLabels, Counter>,
     /// Requests copied to mirrors, sent or dropped.
     pub mirror_requests: Family<MirrorLabels, Counter>,
+    /// Cluster redirects and retries followed, by kind.
+    pub cluster_redirects: Family<ClusterLabels, Counter>,
+    /// Cluster topology refreshes, by result.
+    pub cluster_refreshes: Family<ClusterLabels, Counter>,
 }
 
 impl Metrics {
@@ -85,6 +98,8 @@ impl Metrics {
             upstream_failures: Family::default(),
             upstream_timeouts: Family::default(),
             mirror_requests: Family::default(),
+            cluster_redirects: Family::default(),
+            cluster_refreshes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -132,6 +147,16 @@ impl Metrics {
             "Requests copied to a mirror: sent, or dropped because its queue was full or it was down",
             m.mirror_requests.clone(),
         );
+        registry.register(
+            "cluster_redirects",
+            "Cluster redirects and retries the proxy followed (moved, ask, tryagain, clusterdown)",
+            m.cluster_redirects.clone(),
+        );
+        registry.register(
+            "cluster_refreshes",
+            "Cluster topology refreshes, by result (ok, failed), summed over workers",
+            m.cluster_refreshes.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -170,6 +195,16 @@ impl Metrics {
                 .clone()
         };
         (get("sent"), get("dropped"))
+    }
+
+    /// The counter of cluster events `kind` in `family` for `upstream`.
+    pub fn cluster(family: &Family<ClusterLabels, Counter>, upstream: &str, kind: &str) -> Counter {
+        family
+            .get_or_create(&ClusterLabels {
+                upstream: upstream.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .clone()
     }
 
     /// Handles for one upstream node's metrics.

@@ -25,11 +25,23 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+mod cluster;
+
 use crate::command::{self, Command, Handling, Local, flags};
+use crate::config::ReadPolicy;
 use crate::metrics::ServiceMetrics;
 use crate::resp::{Limits, Request, RequestParser};
 use crate::signal::Signal;
+use crate::upstream::pool::ClusterPool;
 use crate::upstream::{ReplySink, SharedConn, error_reply};
+
+/// Where a service's requests go.
+pub enum Backend {
+    /// One server: this worker's shared connections to it, picked by client id.
+    Standalone(Vec<SharedConn>),
+    /// A Redis Cluster: this worker's pool of its nodes, and where reads may go.
+    Cluster(Rc<ClusterPool>, ReadPolicy),
+}
 
 /// Initial read buffer of a client; grows while reads fill it.
 const READ_START: usize = 4 * 1024;
@@ -44,8 +56,8 @@ const MAX_QUERY_BUFFER: usize = 1024 * 1024 * 1024;
 pub struct ServiceCtx {
     /// Service name, for logs.
     pub name: String,
-    /// Shared connections to the service's upstream node, picked by client id.
-    pub conns: Vec<SharedConn>,
+    /// The service's upstream.
+    pub backend: Backend,
     /// How long a request may wait for its reply.
     pub op_timeout: Duration,
     /// Close clients idle this long (`None`: never).
@@ -653,7 +665,23 @@ pub async fn run(
             protocol_error: false,
             authenticated: svc.auth.is_none(),
         },
-        conn: svc.conns[(id as usize) % svc.conns.len().max(1)].clone(),
+        conn: match &svc.backend {
+            Backend::Standalone(conns) if !conns.is_empty() => {
+                Some(conns[(id as usize) % conns.len()].clone())
+            }
+            _ => None,
+        },
+        cluster: match &svc.backend {
+            Backend::Cluster(pool, policy) => {
+                Some(cluster::ClusterClient::new(cluster::ClusterShared {
+                    pool: Rc::clone(pool),
+                    policy: *policy,
+                    client: id,
+                    discard: Rc::clone(&svc.discard),
+                }))
+            }
+            Backend::Standalone(_) => None,
+        },
         svc,
         commands: 0,
         dice: Dice::new(
@@ -689,8 +717,10 @@ struct Session {
     parser: RequestParser,
     /// Client-visible connection state.
     state: ClientState,
-    /// This client's shared upstream connection.
-    conn: SharedConn,
+    /// This client's shared upstream connection (standalone upstreams).
+    conn: Option<SharedConn>,
+    /// This client's routing state (cluster upstreams).
+    cluster: Option<cluster::ClusterClient>,
     /// The service.
     svc: Rc<ServiceCtx>,
     /// Commands received, for the access log.
@@ -811,7 +841,22 @@ impl Session {
         };
         let deadline = Instant::now() + self.svc.op_timeout;
         let sink: Rc<dyn ReplySink> = self.core.clone();
-        if let Err(reply) = self.conn.send_encoded(&d.request, sink, d.token, deadline) {
+        let sent = match (&self.conn, &mut self.cluster) {
+            (Some(conn), _) => conn.send_encoded(&d.request, sink, d.token, deadline),
+            (None, Some(cluster)) => {
+                // The held request was encoded from a parsed one, so it parses again.
+                let mut parser = RequestParser::new(self.svc.limits);
+                match parser.parse(&d.request) {
+                    Ok(Some(n)) => {
+                        let req = parser.request(&d.request[..n]);
+                        cluster.forward(&req, command::lookup(&req), sink, d.token, deadline)
+                    }
+                    _ => Err(error_reply("internal error: delayed request lost")),
+                }
+            }
+            (None, None) => Err(error_reply("service has no upstream")),
+        };
+        if let Err(reply) = sent {
             // The session writes its output right after this; no flush needed.
             let _ = self.core.deliver(d.token, reply);
         }
@@ -853,7 +898,10 @@ impl Session {
                                 &self.core,
                                 &mut self.state,
                                 &self.svc,
-                                &self.conn,
+                                Upstream {
+                                    conn: self.conn.as_ref(),
+                                    cluster: self.cluster.as_mut(),
+                                },
                                 deadline,
                             );
                             if forwarded && !self.svc.mirrors.is_empty() {
@@ -883,6 +931,14 @@ impl Session {
     }
 }
 
+/// A session's way to its upstream: a shared connection, or cluster routing.
+struct Upstream<'a> {
+    /// Standalone: the client's shared connection.
+    conn: Option<&'a SharedConn>,
+    /// Cluster: the client's routing state.
+    cluster: Option<&'a mut cluster::ClusterClient>,
+}
+
 /// Handles one command: a local reply, a refusal, or a hand-off to the upstream.
 fn dispatch(
     req: &Request<'_>,
@@ -890,7 +946,7 @@ fn dispatch(
     core: &Rc<Core>,
     state: &mut ClientState,
     svc: &ServiceCtx,
-    conn: &SharedConn,
+    upstream: Upstream<'_>,
     deadline: Instant,
 ) -> bool {
     let handling = cmd.map(|c| (c.handling, c.info));
@@ -903,7 +959,17 @@ fn dispatch(
         None | Some((Handling::Forward, _)) => {
             let token = core.push_pending();
             let sink: Rc<dyn ReplySink> = core.clone();
-            if let Err(reply) = conn.send(req, sink, token, deadline) {
+            let sent = match upstream {
+                Upstream {
+                    conn: Some(conn), ..
+                } => conn.send(req, sink, token, deadline),
+                Upstream {
+                    cluster: Some(cluster),
+                    ..
+                } => cluster.forward(req, cmd, sink, token, deadline),
+                _ => Err(error_reply("service has no upstream")),
+            };
+            if let Err(reply) = sent {
                 // The session writes its output right after dispatching; no flush needed.
                 let _ = core.deliver(token, reply);
             }

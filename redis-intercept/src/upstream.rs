@@ -8,7 +8,10 @@
 //! so the shared state needs no locks.
 //!
 //! Dedicated connections (transactions, pub/sub, blocking commands) will be a second kind of
-//! connection built from the same pieces; they are not here yet.
+//! connection built from the same pieces; they are not here yet. [`pool`] keeps the
+//! connections of a cluster upstream and its slot map.
+
+pub mod pool;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -93,6 +96,8 @@ pub struct ConnSettings {
     pub max_pending_bytes: usize,
     /// Limits applied to replies.
     pub limits: Limits,
+    /// Send `READONLY` after connecting, so a cluster replica serves reads.
+    pub readonly: bool,
 }
 
 /// First reconnect delay after a failed attempt; doubles up to `backoff_max`.
@@ -154,6 +159,10 @@ struct Inner {
     closed: Cell<bool>,
     /// Wakes the task out of a backoff sleep on shutdown.
     wake_close: Signal,
+    /// Close as soon as nothing is waiting (the node left the cluster).
+    retiring: Cell<bool>,
+    /// Called when the connection fails, so a cluster pool can refresh its topology.
+    on_failure: RefCell<Option<Rc<dyn Fn()>>>,
 }
 
 impl SharedConn {
@@ -173,7 +182,66 @@ impl SharedConn {
             wake_timer: Signal::default(),
             closed: Cell::new(false),
             wake_close: Signal::default(),
+            retiring: Cell::new(false),
+            on_failure: RefCell::new(None),
         }))
+    }
+
+    /// Calls `hook` whenever the connection fails or a connect attempt does.
+    pub fn set_failure_hook(&self, hook: Rc<dyn Fn()>) {
+        *self.0.on_failure.borrow_mut() = Some(hook);
+    }
+
+    /// Whether the last connect attempt failed and the connection waits out its backoff:
+    /// requests sent now fail at once.
+    pub fn is_down(&self) -> bool {
+        self.0.state.get() == State::Down || self.0.closed.get()
+    }
+
+    /// Closes the connection once the requests already sent have their replies, for a node
+    /// that left the topology. Requests may still be sent until then.
+    pub fn retire(&self) {
+        self.0.retiring.set(true);
+        self.0.wake_timer.notify();
+        if self.0.inflight.borrow().is_empty() {
+            self.close();
+        }
+    }
+
+    /// Sends `ASKING` and then `resp` (an encoded command) back to back, as a redirect during
+    /// slot migration requires: nothing else can come between them on the connection. The
+    /// `ASKING` reply goes to `discard`.
+    ///
+    /// # Errors
+    /// As [`SharedConn::send`].
+    pub fn send_asking(
+        &self,
+        resp: &[u8],
+        discard: Rc<dyn ReplySink>,
+        sink: Rc<dyn ReplySink>,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<(), Bytes> {
+        self.enqueue(
+            |out| {
+                out.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
+                out.extend_from_slice(resp);
+            },
+            sink,
+            token,
+            deadline,
+        )?;
+        // The ASKING reply comes first: its entry goes in front of the command's.
+        let mut inflight = self.0.inflight.borrow_mut();
+        if let Some(cmd) = inflight.pop_back() {
+            inflight.push_back(InFlight {
+                sink: discard,
+                token: 0,
+                deadline,
+            });
+            inflight.push_back(cmd);
+        }
+        Ok(())
     }
 
     /// The node this connection goes to.
@@ -273,8 +341,8 @@ impl SharedConn {
                 let mut stream = TcpStream::connect(&inner.addr)
                     .await
                     .map_err(|e| (false, e.to_string()))?;
-                if let Some(auth) = &inner.settings.auth {
-                    handshake(&mut stream, auth, &inner.settings.limits)
+                if inner.settings.auth.is_some() || inner.settings.readonly {
+                    handshake(&mut stream, &inner.settings)
                         .await
                         .map_err(|e| (true, e))?;
                 }
@@ -316,6 +384,10 @@ impl SharedConn {
                 break;
             }
             inner.metrics.failures.inc();
+            let hook = inner.on_failure.borrow().clone();
+            if let Some(hook) = hook {
+                hook();
+            }
             let reply = if auth_failed {
                 error_reply(&format!("upstream {reason} ({})", inner.addr))
             } else {
@@ -414,6 +486,10 @@ impl SharedConn {
             loop {
                 let head = inner.inflight.borrow().front().map(|r| r.deadline);
                 match head {
+                    None if inner.retiring.get() => {
+                        inner.closed.set(true);
+                        return "retired: the node left the cluster".to_owned();
+                    }
                     None => inner.wake_timer.wait().await,
                     Some(deadline) if deadline <= Instant::now() => {
                         return "a request timed out (op_timeout)".to_owned();
@@ -459,43 +535,68 @@ impl SharedConn {
     }
 }
 
-/// Sends `AUTH [username] password` and reads the answer. The error text returned is the
-/// server's (it never contains the password).
-async fn handshake(
+/// Sends `AUTH [username] password` (if configured) and `READONLY` (if asked) and reads the
+/// answers. The error text returned is the server's (it never contains the password).
+pub(crate) async fn handshake(
     stream: &mut TcpStream,
-    auth: &UpstreamAuth,
-    limits: &Limits,
+    settings: &ConnSettings,
 ) -> Result<(), String> {
-    let password = auth.password.read()?;
-    let mut args: Vec<&[u8]> = vec![b"AUTH"];
-    if let Some(user) = &auth.username {
-        args.push(user.as_bytes());
-    }
-    args.push(password.as_bytes());
     let mut out = BytesMut::new();
-    encode_command(args.into_iter(), &mut out);
+    let mut expected = 0;
+    if let Some(auth) = &settings.auth {
+        let password = auth.password.read()?;
+        let mut args: Vec<&[u8]> = vec![b"AUTH"];
+        if let Some(user) = &auth.username {
+            args.push(user.as_bytes());
+        }
+        args.push(password.as_bytes());
+        encode_command(args.into_iter(), &mut out);
+        expected += 1;
+    }
+    if settings.readonly {
+        encode_command([&b"READONLY"[..]].into_iter(), &mut out);
+        expected += 1;
+    }
     stream
         .write_all(&out)
         .await
         .map_err(|e| format!("write failed: {e}"))?;
+    for reply in read_replies(stream, expected, &settings.limits).await? {
+        if !reply.starts_with(b"+") {
+            let text = String::from_utf8_lossy(&reply);
+            return Err(text.trim_start_matches('-').trim_end().to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// Reads `n` replies from a connection that carries nothing else (handshakes and topology
+/// queries). The caller sent exactly `n` commands, so nothing follows the last reply.
+pub(crate) async fn read_replies(
+    stream: &mut TcpStream,
+    n: usize,
+    limits: &Limits,
+) -> Result<Vec<Bytes>, String> {
     let mut buf = BytesMut::with_capacity(512);
     let mut scanner = ReplyScanner::default();
-    loop {
+    let mut replies = Vec::with_capacity(n);
+    while replies.len() < n {
+        match scanner.scan(&buf, limits) {
+            Ok(Some(len)) => {
+                replies.push(buf.split_to(len).freeze());
+                scanner.reset();
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("protocol error: {e}")),
+        }
         match stream.read_buf(&mut buf).await {
-            Ok(0) => return Err("closed by the server during AUTH".into()),
+            Ok(0) => return Err("closed by the server".into()),
             Ok(_) => {}
             Err(e) => return Err(format!("read failed: {e}")),
         }
-        match scanner.scan(&buf, limits) {
-            Ok(Some(len)) if buf.starts_with(b"+") && len > 0 => return Ok(()),
-            Ok(Some(len)) => {
-                let text = String::from_utf8_lossy(&buf[..len]);
-                return Err(text.trim_start_matches('-').trim_end().to_owned());
-            }
-            Ok(None) => {}
-            Err(e) => return Err(format!("protocol error during AUTH: {e}")),
-        }
     }
+    Ok(replies)
 }
 
 /// A RESP error reply `-ERR <message>\r\n`.

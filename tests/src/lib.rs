@@ -184,13 +184,18 @@ pub fn raw_command(addr: SocketAddr, args: &[&str]) -> Frame {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
+    stream.write_all(&encode(args)).unwrap();
+    read_frame(&mut stream)
+}
+
+/// A command as RESP.
+pub fn encode(args: &[&str]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
     for a in args {
         out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
     }
-    stream.write_all(&out).unwrap();
-    read_frame(&mut stream)
+    out
 }
 
 /// Reads replies one at a time from a blocking stream, keeping bytes that arrived early.
@@ -221,6 +226,12 @@ impl RespReader {
     /// Sends raw bytes.
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends one command and reads its reply.
+    pub fn call(&mut self, args: &[&str]) -> Frame {
+        self.send(&encode(args));
+        self.read()
     }
 
     /// Reads the next reply.
@@ -273,6 +284,24 @@ pub fn start_proxy_full(
          [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{upstream}\"]\n\
          connect_timeout = \"500ms\"\nreconnect_backoff_max = \"200ms\"\n{upstream_extra}\n\n\
          [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n{service_extra}\n"
+    );
+    start_proxy_config(&text)
+}
+
+/// Starts the proxy in-process in front of a cluster whose seeds are `seeds`: a service `svc`
+/// with `service_extra`, an `[admin]` on a free port, and `upstream_extra` in the upstream.
+pub fn start_cluster_proxy(
+    seeds: &[String],
+    upstream_extra: &str,
+    service_extra: &str,
+) -> redis_intercept::app::Proxy {
+    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+    let text = format!(
+        "[proxy]\nworkers = 2\ndrain_timeout = \"1s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[upstream]]\nname = \"main\"\nmode = \"cluster\"\nnodes = [{}]\n\
+         connect_timeout = \"500ms\"\nreconnect_backoff_max = \"200ms\"\n{upstream_extra}\n\n\
+         [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n{service_extra}\n",
+        seeds.join(", ")
     );
     start_proxy_config(&text)
 }

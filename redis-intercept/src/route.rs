@@ -1,0 +1,270 @@
+//! Pure routing decisions for a cluster upstream: which slots a request touches, whether it
+//! must be split or refused, and which node of a shard serves it under the read policy.
+//!
+//! No sockets here: callers pass node health in as a function, so every rule is unit-tested.
+
+use std::collections::HashMap;
+
+use crate::cluster::{Shard, Slot};
+use crate::command::{Command, flags};
+use crate::config::ReadPolicy;
+use crate::resp::Request;
+
+/// How a multi-slot command's per-slot replies are put back together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitKind {
+    /// MGET: values in the order of the original keys.
+    Values,
+    /// MSET: `OK` when every part is OK.
+    AllOk,
+    /// DEL, UNLINK, EXISTS, TOUCH: the integers added up.
+    Sum,
+}
+
+/// What a keyless command does on a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyless {
+    /// Any one master answers (TIME, COMMAND, EVAL with no keys, unknown commands…).
+    AnyMaster,
+    /// KEYS: every master's array, concatenated.
+    Concat,
+    /// DBSIZE: every master's integer, added up.
+    Sum,
+    /// FLUSHDB, FLUSHALL, SCRIPT FLUSH, FUNCTION FLUSH: every master; OK when all are.
+    AllOk,
+    /// SCRIPT LOAD, FUNCTION LOAD/DELETE: every master, so any node can run it; the first
+    /// master's reply (they are equal).
+    First,
+    /// SCAN with a cluster-wide cursor.
+    Scan,
+    /// RANDOMKEY: a random master.
+    RandomKey,
+    /// INFO: the proxy's own sections plus the masters' keyspace, added up.
+    Info,
+}
+
+/// Where a request goes on a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// No keys.
+    Keyless(Keyless),
+    /// Every key hashes to this slot.
+    Slot(Slot),
+    /// Keys span slots and the command can be split: the slots with the key argument indexes
+    /// of each, in the order slots first appear.
+    Split(SplitKind, Vec<(Slot, Vec<usize>)>),
+    /// Keys span slots and the command must not be split.
+    CrossSlot,
+}
+
+/// Redis's reply to keys that span slots.
+pub const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+
+/// How a command's keys are split, if they may be.
+fn split_kind(name: &str) -> Option<SplitKind> {
+    match name {
+        "mget" => Some(SplitKind::Values),
+        "mset" => Some(SplitKind::AllOk),
+        "del" | "unlink" | "exists" | "touch" => Some(SplitKind::Sum),
+        _ => None,
+    }
+}
+
+/// The keyless behaviour of a command by name.
+fn keyless(name: &str) -> Keyless {
+    match name {
+        "keys" => Keyless::Concat,
+        "dbsize" => Keyless::Sum,
+        "flushdb" | "flushall" | "script|flush" | "function|flush" => Keyless::AllOk,
+        "script|load" | "function|load" | "function|delete" => Keyless::First,
+        "scan" => Keyless::Scan,
+        "randomkey" => Keyless::RandomKey,
+        "info" => Keyless::Info,
+        _ => Keyless::AnyMaster,
+    }
+}
+
+/// Decides where `req` goes. `keys` is scratch space for key indexes (reused to avoid an
+/// allocation per request). Unknown commands are keyless: sent to a master, whose MOVED (if
+/// the command had keys after all) is followed.
+pub fn plan(cmd: Option<Command>, req: &Request<'_>, keys: &mut Vec<usize>) -> Plan {
+    let Some(cmd) = cmd else {
+        return Plan::Keyless(Keyless::AnyMaster);
+    };
+    keys.clear();
+    cmd.info.key_indexes(req, keys);
+    let mut slots = keys.iter().filter_map(|&i| req.arg(i)).map(Slot::for_key);
+    let Some(first) = slots.next() else {
+        return Plan::Keyless(keyless(cmd.info.name));
+    };
+    if slots.all(|s| s == first) {
+        return Plan::Slot(first);
+    }
+    let Some(kind) = split_kind(cmd.info.name) else {
+        return Plan::CrossSlot;
+    };
+    let mut order: Vec<(Slot, Vec<usize>)> = Vec::new();
+    let mut index: HashMap<Slot, usize> = HashMap::new();
+    for &k in keys.iter() {
+        let Some(key) = req.arg(k) else { continue };
+        let slot = Slot::for_key(key);
+        let at = *index.entry(slot).or_insert_with(|| {
+            order.push((slot, Vec::new()));
+            order.len() - 1
+        });
+        order[at].1.push(k);
+    }
+    Plan::Split(kind, order)
+}
+
+/// Whether the command may be served by a replica under a read policy.
+pub fn is_read(cmd: Option<Command>) -> bool {
+    cmd.is_some_and(|c| c.info.has(flags::READONLY) && !c.info.has(flags::WRITE))
+}
+
+/// Picks the node of `shard` that serves a request. Writes (`read == false`) always go to the
+/// master. `usable` says whether a node is reachable right now; `roll` is a random number for
+/// spreading reads. `None` only under `Replica` when the shard has no replica at all.
+///
+/// Semantics follow Envoy's `read_policy`: the `Prefer*` policies fall back to the other role
+/// when no node of the preferred role is usable; `Any` spreads over every usable node.
+pub fn pick_node<'a>(
+    shard: &'a Shard,
+    policy: ReadPolicy,
+    read: bool,
+    usable: impl Fn(&str) -> bool,
+    roll: u32,
+) -> Option<&'a str> {
+    let master = shard.master.as_str();
+    if !read {
+        return Some(master);
+    }
+    let pick = |nodes: &[&'a str]| -> Option<&'a str> {
+        (!nodes.is_empty()).then(|| nodes[roll as usize % nodes.len()])
+    };
+    let usable_replicas: Vec<&str> = shard
+        .replicas
+        .iter()
+        .map(String::as_str)
+        .filter(|r| usable(r))
+        .collect();
+    match policy {
+        ReadPolicy::Master => Some(master),
+        ReadPolicy::PreferMaster => {
+            if usable(master) {
+                Some(master)
+            } else {
+                pick(&usable_replicas).or(Some(master))
+            }
+        }
+        ReadPolicy::Replica => pick(&usable_replicas).or_else(|| {
+            // None reachable: one of them anyway, so the client gets that node's error.
+            let all: Vec<&str> = shard.replicas.iter().map(String::as_str).collect();
+            pick(&all)
+        }),
+        ReadPolicy::PreferReplica => pick(&usable_replicas).or(Some(master)),
+        ReadPolicy::Any => {
+            let mut nodes = usable_replicas;
+            if usable(master) {
+                nodes.push(master);
+            }
+            pick(&nodes).or(Some(master))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::lookup;
+    use crate::resp::{Limits, RequestParser};
+
+    fn plan_of(line: &str) -> Plan {
+        let input = format!("{line}\r\n");
+        let mut p = RequestParser::new(Limits::default());
+        let n = p.parse(input.as_bytes()).unwrap().unwrap();
+        let req = p.request(&input.as_bytes()[..n]);
+        plan(lookup(&req), &req, &mut Vec::new())
+    }
+
+    #[test]
+    fn plans_by_keys() {
+        assert_eq!(plan_of("GET foo"), Plan::Slot(Slot::for_key(b"foo")));
+        assert_eq!(
+            plan_of("MGET {u}a {u}b"),
+            Plan::Slot(Slot::for_key(b"u")),
+            "one slot: no split"
+        );
+        let Plan::Split(SplitKind::Values, parts) = plan_of("MGET a b a c") else {
+            panic!("MGET over slots splits");
+        };
+        let a = Slot::for_key(b"a");
+        assert_eq!(parts[0], (a, vec![1, 3]));
+        assert_eq!(parts.len(), 3);
+        assert!(
+            matches!(plan_of("MSET a 1 b 2"), Plan::Split(SplitKind::AllOk, p) if p[0].1 == [1] && p[1].1 == [3])
+        );
+        assert!(matches!(plan_of("DEL a b"), Plan::Split(SplitKind::Sum, _)));
+        assert_eq!(plan_of("RENAME a b"), Plan::CrossSlot);
+        assert_eq!(plan_of("MSETNX a 1 b 2"), Plan::CrossSlot);
+        assert_eq!(plan_of("EVAL s 2 a b"), Plan::CrossSlot);
+        assert_eq!(plan_of("EVAL s 0"), Plan::Keyless(Keyless::AnyMaster));
+        assert_eq!(plan_of("KEYS *"), Plan::Keyless(Keyless::Concat));
+        assert_eq!(plan_of("SCAN 0"), Plan::Keyless(Keyless::Scan));
+        assert_eq!(plan_of("SCRIPT LOAD x"), Plan::Keyless(Keyless::First));
+        assert_eq!(plan_of("NOSUCHCMD a"), Plan::Keyless(Keyless::AnyMaster));
+    }
+
+    #[test]
+    fn read_policies() {
+        let shard = Shard {
+            master: "m:1".into(),
+            replicas: vec!["r1:1".into(), "r2:1".into()],
+        };
+        let all = |_: &str| true;
+        let no_master = |n: &str| n != "m:1";
+        let no_replicas = |n: &str| n == "m:1";
+        for policy in [
+            ReadPolicy::Master,
+            ReadPolicy::Replica,
+            ReadPolicy::PreferReplica,
+            ReadPolicy::Any,
+        ] {
+            assert_eq!(pick_node(&shard, policy, false, all, 1), Some("m:1"));
+        }
+        assert_eq!(
+            pick_node(&shard, ReadPolicy::Master, true, all, 1),
+            Some("m:1")
+        );
+        assert_eq!(
+            pick_node(&shard, ReadPolicy::PreferMaster, true, all, 1),
+            Some("m:1")
+        );
+        assert_eq!(
+            pick_node(&shard, ReadPolicy::PreferMaster, true, no_master, 1),
+            Some("r2:1")
+        );
+        assert_eq!(
+            pick_node(&shard, ReadPolicy::Replica, true, all, 0),
+            Some("r1:1")
+        );
+        assert_eq!(
+            pick_node(&shard, ReadPolicy::Replica, true, no_replicas, 0),
+            Some("r1:1"),
+            "replica-only never falls back to the master"
+        );
+        assert_eq!(
+            pick_node(&shard, ReadPolicy::PreferReplica, true, no_replicas, 0),
+            Some("m:1")
+        );
+        let any: std::collections::HashSet<_> = (0..3)
+            .map(|roll| pick_node(&shard, ReadPolicy::Any, true, all, roll).unwrap())
+            .collect();
+        assert_eq!(any.len(), 3, "any spreads over all nodes");
+        let lone = Shard {
+            master: "m:1".into(),
+            replicas: vec![],
+        };
+        assert_eq!(pick_node(&lone, ReadPolicy::Replica, true, all, 0), None);
+    }
+}

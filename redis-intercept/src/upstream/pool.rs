@@ -1,0 +1,496 @@
+//! A cluster upstream on one worker: its slot map, shared connections to each node, and the
+//! topology refresh that keeps both current.
+//!
+//! The slot map is an `Rc<SlotMap>` replaced whole by each refresh, so a request sees either
+//! the old map or the new one. Refreshes run on their own task over a dedicated connection
+//! (never the shared pipelined ones), so the request path never waits for one. A refresh
+//! happens every `refresh_interval`, and sooner after redirects or connection failures (at
+//! most once per `redirect_refresh_interval`). Connections to nodes that left are retired:
+//! they finish what they carry, then close.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::{Rc, Weak};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{ConnSettings, SharedConn, handshake, read_replies};
+use crate::cluster::{RefreshTrigger, Shard, Slot, SlotMap, TopologyError};
+use crate::config::split_host_port;
+use crate::metrics::Metrics;
+use crate::resp::{Frame, encode_command};
+use crate::signal::Signal;
+
+/// Most nodes one pool connects to; redirects naming more nodes are refused, so a confused
+/// cluster can't make the proxy open connections without end.
+const MAX_NODES: usize = 1024;
+
+/// First retry delay after a discovery that found nothing; doubles up to `refresh_interval`.
+const DISCOVERY_RETRY: Duration = Duration::from_millis(100);
+
+/// What the admin endpoint shows of one worker's view of a cluster.
+#[derive(Debug, Clone, Default)]
+pub struct TopologyView {
+    /// Every slot has a master.
+    pub complete: bool,
+    /// Slots with a master.
+    pub covered: usize,
+    /// Each shard: its slot ranges (`0-5460`), master and replicas.
+    pub shards: Vec<(String, String, Vec<String>)>,
+}
+
+/// The views of one cluster upstream from every worker, for `/ready` and `/topology`.
+#[derive(Debug, Default)]
+pub struct ClusterStatus {
+    /// Indexed by worker; `None` until that worker's first successful discovery.
+    pub workers: Mutex<Vec<Option<TopologyView>>>,
+}
+
+impl ClusterStatus {
+    /// Status for `workers` workers, none of which has a map yet.
+    pub fn new(workers: usize) -> Arc<ClusterStatus> {
+        Arc::new(ClusterStatus {
+            workers: Mutex::new(vec![None; workers]),
+        })
+    }
+
+    fn publish(&self, worker: usize, view: TopologyView) {
+        // A poisoned lock only means another worker panicked while publishing; the data is a
+        // plain snapshot, still fine to overwrite.
+        let mut workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(w) = workers.get_mut(worker) {
+            *w = Some(view);
+        }
+    }
+}
+
+/// Everything a pool needs that comes from the config.
+pub struct PoolSettings {
+    /// Upstream name.
+    pub name: String,
+    /// Seed nodes from the config, tried when no known node answers.
+    pub seeds: Vec<String>,
+    /// Settings of every node connection.
+    pub conn: ConnSettings,
+    /// Shared connections per node on this worker.
+    pub per_node: usize,
+    /// Periodic refresh.
+    pub refresh_interval: Duration,
+    /// Redirects or failures that trigger an early refresh.
+    pub refresh_threshold: u32,
+    /// Shortest time between two refreshes.
+    pub refresh_min_interval: Duration,
+    /// This worker's number, for the admin view.
+    pub worker: usize,
+}
+
+/// A cluster upstream's connections and slot map on one worker.
+pub struct ClusterPool {
+    /// Settings from the config.
+    settings: PoolSettings,
+    /// The current slot map, replaced whole by refreshes and patched by MOVED.
+    map: RefCell<Rc<SlotMap>>,
+    /// Shared connections by node address.
+    nodes: RefCell<HashMap<String, Rc<[SharedConn]>>>,
+    /// Decides when redirects and failures call for a refresh.
+    trigger: RefCell<RefreshTrigger>,
+    /// Wakes the refresh task early.
+    wake: Signal,
+    /// Set once the first discovery succeeded (or was given up on).
+    first_done: Signal,
+    /// Whether any discovery has succeeded.
+    discovered: Cell<bool>,
+    /// Set at shutdown.
+    closed: Cell<bool>,
+    /// The process's metrics.
+    metrics: Arc<Metrics>,
+    /// Published views for the admin endpoint.
+    status: Arc<ClusterStatus>,
+    /// Counters of redirects followed.
+    moved: Counter,
+    ask: Counter,
+    retried: Counter,
+    /// Counters of refreshes.
+    refresh_ok: Counter,
+    refresh_failed: Counter,
+    /// A handle to this pool, for connection failure hooks.
+    me: Weak<ClusterPool>,
+}
+
+impl ClusterPool {
+    /// A pool with no map yet; [`ClusterPool::run`] discovers the topology.
+    pub fn new(
+        settings: PoolSettings,
+        metrics: Arc<Metrics>,
+        status: Arc<ClusterStatus>,
+    ) -> Rc<ClusterPool> {
+        let counter = |family, kind| Metrics::cluster(family, &settings.name, kind);
+        let moved = counter(&metrics.cluster_redirects, "moved");
+        let ask = counter(&metrics.cluster_redirects, "ask");
+        let retried = counter(&metrics.cluster_redirects, "retry");
+        let refresh_ok = counter(&metrics.cluster_refreshes, "ok");
+        let refresh_failed = counter(&metrics.cluster_refreshes, "failed");
+        Rc::new_cyclic(|me| ClusterPool {
+            trigger: RefCell::new(RefreshTrigger::new(
+                settings.refresh_threshold,
+                settings.refresh_min_interval,
+            )),
+            settings,
+            map: RefCell::new(Rc::new(SlotMap::empty())),
+            nodes: RefCell::new(HashMap::new()),
+            wake: Signal::default(),
+            first_done: Signal::default(),
+            discovered: Cell::new(false),
+            closed: Cell::new(false),
+            metrics,
+            status,
+            moved,
+            ask,
+            retried,
+            refresh_ok,
+            refresh_failed,
+            me: me.clone(),
+        })
+    }
+
+    /// The upstream's name.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The current slot map.
+    pub fn map(&self) -> Rc<SlotMap> {
+        Rc::clone(&self.map.borrow())
+    }
+
+    /// A shared connection to `addr` for client `client`, opening the node's connections if
+    /// this is the first use.
+    ///
+    /// # Errors
+    /// An error reply when the pool already has [`MAX_NODES`] nodes.
+    pub fn conn(&self, addr: &str, client: u64) -> Result<SharedConn, Bytes> {
+        if let Some(conns) = self.nodes.borrow().get(addr) {
+            return Ok(conns[(client as usize) % conns.len()].clone());
+        }
+        let conns = self.open_node(addr)?;
+        Ok(conns[(client as usize) % conns.len()].clone())
+    }
+
+    /// Whether `addr` can take requests now: its connections exist and aren't in backoff.
+    pub fn usable(&self, addr: &str) -> bool {
+        self.nodes
+            .borrow()
+            .get(addr)
+            .is_some_and(|c| c.iter().any(|c| !c.is_down()))
+    }
+
+    fn open_node(&self, addr: &str) -> Result<Rc<[SharedConn]>, Bytes> {
+        let mut nodes = self.nodes.borrow_mut();
+        if nodes.len() >= MAX_NODES {
+            return Err(super::error_reply(&format!(
+                "cluster {} names more than {MAX_NODES} nodes; refusing to connect to {addr}",
+                self.settings.name
+            )));
+        }
+        let hook: Rc<dyn Fn()> = {
+            let me = self.me.clone();
+            Rc::new(move || {
+                if let Some(pool) = me.upgrade() {
+                    pool.note_event();
+                }
+            })
+        };
+        let conns: Rc<[SharedConn]> = (0..self.settings.per_node.max(1))
+            .map(|_| {
+                let c = SharedConn::new(
+                    addr.to_owned(),
+                    self.settings.conn.clone(),
+                    self.metrics.node(&self.settings.name, addr),
+                );
+                c.set_failure_hook(Rc::clone(&hook));
+                tokio::task::spawn_local(c.clone().run());
+                c
+            })
+            .collect();
+        nodes.insert(addr.to_owned(), Rc::clone(&conns));
+        Ok(conns)
+    }
+
+    /// Counts a redirect or failure toward an early refresh.
+    fn note_event(&self) {
+        if self.trigger.borrow_mut().note() {
+            self.wake.notify();
+        }
+    }
+
+    /// Follows a MOVED: the slot's owner changes in the map now (so the next request goes
+    /// straight there), and a refresh is asked for.
+    pub fn note_moved(&self, slot: Slot, addr: &str) {
+        self.moved.inc();
+        {
+            let mut map = self.map.borrow_mut();
+            if map.master(slot) != Some(addr) {
+                Rc::make_mut(&mut map).set_owner(slot, addr);
+            }
+        }
+        self.note_event();
+    }
+
+    /// Counts an ASK redirect (the map doesn't change: the migration isn't finished).
+    pub fn note_ask(&self) {
+        self.ask.inc();
+    }
+
+    /// Counts a TRYAGAIN or CLUSTERDOWN retry; a refresh may help.
+    pub fn note_retry(&self) {
+        self.retried.inc();
+        self.note_event();
+    }
+
+    /// Waits until the first discovery has succeeded or given up (at most `limit`).
+    pub async fn wait_first(&self, limit: Duration) {
+        if self.discovered.get() {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, self.first_done.wait()).await;
+    }
+
+    /// Stops the refresh task and closes every connection.
+    pub fn close(&self) {
+        self.closed.set(true);
+        self.wake.notify();
+        for conns in self.nodes.borrow().values() {
+            for c in conns.iter() {
+                c.close();
+            }
+        }
+    }
+
+    /// Replaces the slot map, opens connections to new nodes and retires those of nodes that
+    /// are no longer used.
+    fn install(&self, map: SlotMap) {
+        let mut wanted: HashSet<&str> = HashSet::new();
+        for shard in map.shards() {
+            wanted.insert(&shard.master);
+            if self.settings.conn.readonly {
+                wanted.extend(shard.replicas.iter().map(String::as_str));
+            }
+        }
+        for addr in &wanted {
+            if !self.nodes.borrow().contains_key(*addr)
+                && let Err(e) = self.open_node(addr)
+            {
+                warn!(upstream = %self.settings.name, error = %String::from_utf8_lossy(&e).trim_end(), "node not opened");
+            }
+        }
+        let gone: Vec<String> = self
+            .nodes
+            .borrow()
+            .keys()
+            .filter(|a| !wanted.contains(a.as_str()))
+            .cloned()
+            .collect();
+        for addr in gone {
+            if let Some(conns) = self.nodes.borrow_mut().remove(&addr) {
+                info!(upstream = %self.settings.name, node = %addr, "node left the topology; retiring its connections");
+                for c in conns.iter() {
+                    c.retire();
+                }
+            }
+        }
+        let old = self.map.replace(Rc::new(map));
+        let new = self.map.borrow();
+        if old.shards() != new.shards() || old.covered() != new.covered() {
+            info!(upstream = %self.settings.name, shards = new.shards().len(), covered = new.covered(), "cluster topology changed");
+        }
+        self.status.publish(self.settings.worker, view(&new));
+    }
+
+    /// Keeps the topology current until [`ClusterPool::close`].
+    pub async fn run(self: Rc<Self>) {
+        let mut disco: Option<(String, TcpStream)> = None;
+        let mut retry = DISCOVERY_RETRY;
+        while !self.closed.get() {
+            let started = Instant::now();
+            self.trigger.borrow_mut().refreshed(started.into_std());
+            let found = self.discover(&mut disco).await;
+            let next = match found {
+                Ok(map) => {
+                    self.refresh_ok.inc();
+                    self.install(map);
+                    self.discovered.set(true);
+                    retry = DISCOVERY_RETRY;
+                    started + self.settings.refresh_interval
+                }
+                Err(e) => {
+                    self.refresh_failed.inc();
+                    warn!(upstream = %self.settings.name, error = %e, "cluster topology refresh failed");
+                    if self.discovered.get() {
+                        started + self.settings.refresh_interval
+                    } else {
+                        retry = (retry * 2).min(self.settings.refresh_interval);
+                        started + retry
+                    }
+                }
+            };
+            self.first_done.notify();
+            // Sleep until the periodic refresh, or until enough redirects and failures ask
+            // for one (no sooner than the minimum interval).
+            loop {
+                if self.closed.get() {
+                    return;
+                }
+                let due = self
+                    .trigger
+                    .borrow()
+                    .due(Instant::now().into_std())
+                    .map(Instant::from_std);
+                let at = due.map_or(next, |d| d.min(next));
+                if at <= Instant::now() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => break,
+                    () = self.wake.wait() => {}
+                }
+            }
+        }
+    }
+
+    /// Asks known nodes (masters first), then the seeds, for the topology, reusing the last
+    /// discovery connection when it still works.
+    async fn discover(&self, disco: &mut Option<(String, TcpStream)>) -> Result<SlotMap, String> {
+        let mut candidates: Vec<String> = Vec::new();
+        if let Some((addr, _)) = disco.as_ref() {
+            candidates.push(addr.clone());
+        }
+        {
+            let map = self.map.borrow();
+            candidates.extend(map.shards().iter().map(|s| s.master.clone()));
+            candidates.extend(map.shards().iter().flat_map(|s| s.replicas.clone()));
+        }
+        candidates.extend(self.settings.seeds.iter().cloned());
+        let mut seen = HashSet::new();
+        candidates.retain(|c| seen.insert(c.clone()));
+        let mut errors = Vec::new();
+        for addr in candidates {
+            let stream = match disco.take() {
+                Some((a, s)) if a == addr => Ok(s),
+                _ => self.connect(&addr).await,
+            };
+            let mut stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(format!("{addr}: {e}"));
+                    continue;
+                }
+            };
+            match self.query(&mut stream, &addr).await {
+                Ok(map) if map.covered() > 0 => {
+                    *disco = Some((addr, stream));
+                    return Ok(map);
+                }
+                Ok(_) => errors.push(format!("{addr}: no slots assigned")),
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    /// A dedicated discovery connection to `addr`, authenticated.
+    async fn connect(&self, addr: &str) -> Result<TcpStream, String> {
+        let settings = &self.settings.conn;
+        tokio::time::timeout(settings.connect_timeout, async {
+            let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            if settings.auth.is_some() {
+                let auth_only = ConnSettings {
+                    readonly: false,
+                    ..settings.clone()
+                };
+                handshake(&mut stream, &auth_only)
+                    .await
+                    .map_err(|e| format!("authentication failed: {e}"))?;
+            }
+            Ok(stream)
+        })
+        .await
+        .map_err(|_| format!("connect timed out after {:?}", settings.connect_timeout))?
+    }
+
+    /// `CLUSTER SHARDS` (Redis 7), or `CLUSTER SLOTS` where that is unknown.
+    async fn query(&self, stream: &mut TcpStream, addr: &str) -> Result<SlotMap, String> {
+        let host = split_host_port(addr).map(|(h, _)| h).unwrap_or_default();
+        let shards = self.cluster_command(stream, b"SHARDS").await?;
+        match SlotMap::from_cluster_shards(&shards, &host) {
+            Ok(map) => Ok(map),
+            Err(TopologyError::NodeError(e)) if e.contains("nknown") => {
+                debug!(node = addr, "CLUSTER SHARDS unknown; using CLUSTER SLOTS");
+                let slots = self.cluster_command(stream, b"SLOTS").await?;
+                SlotMap::from_cluster_slots(&slots, &host).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Sends `CLUSTER <sub>` on the discovery connection and parses the reply.
+    async fn cluster_command(&self, stream: &mut TcpStream, sub: &[u8]) -> Result<Frame, String> {
+        let limits = &self.settings.conn.limits;
+        let timeout = self
+            .settings
+            .conn
+            .connect_timeout
+            .max(Duration::from_secs(1));
+        let mut out = bytes::BytesMut::new();
+        encode_command([&b"CLUSTER"[..], sub].into_iter(), &mut out);
+        let replies = tokio::time::timeout(timeout, async {
+            stream
+                .write_all(&out)
+                .await
+                .map_err(|e| format!("write failed: {e}"))?;
+            read_replies(stream, 1, limits).await
+        })
+        .await
+        .map_err(|_| "topology query timed out".to_owned())??;
+        let reply = replies.into_iter().next().unwrap_or_default();
+        match Frame::parse(&reply, limits) {
+            Ok(Some((frame, _))) => Ok(frame),
+            Ok(None) => Err("incomplete topology reply".to_owned()),
+            Err(e) => Err(format!("bad topology reply: {e}")),
+        }
+    }
+}
+
+/// The admin view of a map.
+fn view(map: &SlotMap) -> TopologyView {
+    let mut ranges: Vec<Vec<String>> = vec![Vec::new(); map.shards().len()];
+    for (first, last, shard) in map.ranges() {
+        if let Some(r) = ranges.get_mut(shard) {
+            r.push(if first == last {
+                first.to_string()
+            } else {
+                format!("{first}-{last}")
+            });
+        }
+    }
+    TopologyView {
+        complete: map.is_complete(),
+        covered: map.covered(),
+        shards: map
+            .shards()
+            .iter()
+            .zip(ranges)
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(Shard { master, replicas }, r)| (r.join(","), master.clone(), replicas.clone()))
+            .collect(),
+    }
+}

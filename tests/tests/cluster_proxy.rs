@@ -1,0 +1,311 @@
+//! End-to-end: clients that speak plain Redis use a real Redis Cluster through the proxy.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic on failure"
+)]
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use redis_intercept::cluster::{Slot, SlotMap};
+use redis_intercept::resp::Frame;
+use redis_intercept_e2e::{
+    RedisCluster, RedisServer, RespReader, free_port, http_get, start_cluster_proxy, wait_until,
+};
+
+fn bulk(s: &str) -> Frame {
+    Frame::Bulk(s.as_bytes().to_vec().into())
+}
+
+fn ok() -> Frame {
+    Frame::Simple("OK".into())
+}
+
+fn seeds(cluster: &RedisCluster) -> Vec<String> {
+    cluster.addrs().iter().map(ToString::to_string).collect()
+}
+
+/// The cluster's slot map as a node reports it.
+fn slot_map(cluster: &RedisCluster) -> SlotMap {
+    let node = cluster.nodes.iter().find(|n| n.pid().is_some()).unwrap();
+    SlotMap::from_cluster_slots(&node.cmd(&["CLUSTER", "SLOTS"]), "127.0.0.1").unwrap()
+}
+
+fn node<'c>(cluster: &'c RedisCluster, addr: &str) -> &'c RedisServer {
+    cluster
+        .nodes
+        .iter()
+        .find(|n| n.addr.to_string() == addr)
+        .unwrap_or_else(|| panic!("no node {addr}"))
+}
+
+fn text(f: &Frame) -> String {
+    match f {
+        Frame::Bulk(b) | Frame::Simple(b) | Frame::Error(b) => {
+            String::from_utf8_lossy(b).into_owned()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn keys_land_on_their_slot_owner_with_a_dead_seed_first() {
+    let cluster = RedisCluster::start(3, 1);
+    // The first seed has nothing listening: discovery must go on to the next.
+    let mut s = vec![format!("127.0.0.1:{}", free_port())];
+    s.extend(seeds(&cluster));
+    let proxy = start_cluster_proxy(&s, "", "");
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    // The seed article's session: set a..h from a plain client.
+    let keys = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    for k in keys {
+        assert_eq!(c.call(&["SET", k, &format!("value-{k}")]), ok(), "SET {k}");
+    }
+    let map = slot_map(&cluster);
+    let masters: HashSet<&str> = keys
+        .iter()
+        .map(|k| map.master(Slot::for_key(k.as_bytes())).unwrap())
+        .collect();
+    assert_eq!(masters.len(), 3, "a..h cover every shard");
+    for k in keys {
+        let owner = map.master(Slot::for_key(k.as_bytes())).unwrap();
+        for shard in map.shards() {
+            let reply = node(&cluster, &shard.master).cmd(&["GET", k]);
+            if shard.master == owner {
+                assert_eq!(reply, bulk(&format!("value-{k}")), "{k} on its owner");
+            } else {
+                assert!(
+                    text(&reply).starts_with("MOVED"),
+                    "{k} must not be on {}: {reply:?}",
+                    shard.master
+                );
+            }
+        }
+        assert_eq!(c.call(&["GET", k]), bulk(&format!("value-{k}")));
+    }
+    let (status, body) = http_get(proxy.admin_addr().unwrap(), "/ready");
+    assert_eq!(status, 200, "{body}");
+    let (_, topology) = http_get(proxy.admin_addr().unwrap(), "/topology");
+    assert!(topology.contains("16384 slots served"), "{topology}");
+    proxy.shutdown();
+}
+
+#[test]
+fn multi_key_commands_split_merge_or_refuse() {
+    let cluster = RedisCluster::start(3, 0);
+    let proxy = start_cluster_proxy(&seeds(&cluster), "", "");
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    let keys: Vec<String> = (0..30).map(|i| format!("key:{i}")).collect();
+    let mut mset = vec!["MSET".to_owned()];
+    for k in &keys {
+        mset.push(k.clone());
+        mset.push(format!("v-{k}"));
+    }
+    let args: Vec<&str> = mset.iter().map(String::as_str).collect();
+    assert_eq!(c.call(&args), ok());
+    // MGET in the client's order, with a missing key and a repeat.
+    let reply = c.call(&["MGET", "key:7", "missing", "key:0", "key:29", "key:7"]);
+    assert_eq!(
+        reply,
+        Frame::Array(vec![
+            bulk("v-key:7"),
+            Frame::NullBulk,
+            bulk("v-key:0"),
+            bulk("v-key:29"),
+            bulk("v-key:7"),
+        ])
+    );
+    assert_eq!(
+        c.call(&["EXISTS", "key:1", "key:2", "nope", "key:1"]),
+        Frame::Integer(3)
+    );
+    assert_eq!(
+        c.call(&["TOUCH", "key:1", "key:2", "nope"]),
+        Frame::Integer(2)
+    );
+    assert_eq!(c.call(&["DBSIZE"]), Frame::Integer(30));
+    let Frame::Array(all) = c.call(&["KEYS", "key:*"]) else {
+        panic!("KEYS is an array");
+    };
+    assert_eq!(all.len(), 30);
+    assert_eq!(
+        c.call(&["DEL", "key:1", "key:2", "nope", "key:3"]),
+        Frame::Integer(3)
+    );
+    assert_eq!(c.call(&["UNLINK", "key:4", "key:5"]), Frame::Integer(2));
+    assert_eq!(c.call(&["DBSIZE"]), Frame::Integer(25));
+    // Every key really is on its owner (the split went to the right nodes).
+    let map = slot_map(&cluster);
+    for k in &keys[6..] {
+        let owner = map.master(Slot::for_key(k.as_bytes())).unwrap();
+        assert_eq!(
+            node(&cluster, owner).cmd(&["GET", k]),
+            bulk(&format!("v-{k}"))
+        );
+    }
+    let crossslot = Frame::Error("CROSSSLOT Keys in request don't hash to the same slot".into());
+    for cmd in [
+        &["MSETNX", "a", "1", "b", "2"][..],
+        &["RENAME", "key:6", "key:8"],
+        &["SMOVE", "a", "b", "m"],
+        &["SINTERSTORE", "a", "b", "c"],
+        &["EVAL", "return 1", "2", "a", "b"],
+    ] {
+        assert_eq!(c.call(cmd), crossslot, "{cmd:?}");
+    }
+    // Hash tags keep keys together, so the same commands work.
+    assert_eq!(
+        c.call(&["MSETNX", "{u}a", "1", "{u}b", "2"]),
+        Frame::Integer(1)
+    );
+    assert_eq!(c.call(&["RENAME", "{u}a", "{u}c"]), ok());
+    assert_eq!(
+        c.call(&["EVAL", "return redis.call('GET', KEYS[1])", "1", "{u}c"]),
+        bulk("1")
+    );
+    let info = text(&c.call(&["INFO"]));
+    assert!(info.contains("db0:keys=27,"), "{info}");
+    assert!(info.contains("upstream_cluster_state:ok"), "{info}");
+    assert_eq!(c.call(&["FLUSHDB"]), ok());
+    assert_eq!(c.call(&["DBSIZE"]), Frame::Integer(0));
+    proxy.shutdown();
+}
+
+/// Iterates SCAN to the end, checking the cursor never comes back to 0 early.
+fn scan_all(c: &mut RespReader, extra: &[&str]) -> (Vec<String>, usize) {
+    let mut cursor = "0".to_owned();
+    let mut keys = Vec::new();
+    let mut calls = 0;
+    loop {
+        let mut args = vec!["SCAN", cursor.as_str()];
+        args.extend_from_slice(extra);
+        let Frame::Array(reply) = c.call(&args) else {
+            panic!("SCAN reply is an array");
+        };
+        calls += 1;
+        let Frame::Array(batch) = &reply[1] else {
+            panic!("SCAN keys are an array");
+        };
+        keys.extend(batch.iter().map(text));
+        cursor = text(&reply[0]);
+        if cursor == "0" {
+            return (keys, calls);
+        }
+        assert!(calls < 100_000, "SCAN doesn't end");
+    }
+}
+
+#[test]
+fn scan_returns_every_key_across_masters() {
+    let cluster = RedisCluster::start(3, 0);
+    let proxy = start_cluster_proxy(&seeds(&cluster), "", "");
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    let mut batch = Vec::new();
+    for i in 0..10_000 {
+        batch.extend(redis_intercept_e2e::encode(&[
+            "SET",
+            &format!("k:{i}"),
+            "v",
+        ]));
+    }
+    batch.extend(redis_intercept_e2e::encode(&["SADD", "a-set", "x"]));
+    c.send(&batch);
+    for _ in 0..10_001 {
+        assert!(!matches!(c.read(), Frame::Error(_)));
+    }
+    let (keys, calls) = scan_all(&mut c, &["COUNT", "500"]);
+    let unique: HashSet<&String> = keys.iter().collect();
+    assert_eq!(unique.len(), 10_001, "every key exactly once");
+    assert_eq!(
+        keys.len(),
+        10_001,
+        "no key twice while the topology is stable"
+    );
+    assert!(
+        calls >= 3,
+        "one master's keys don't end the scan ({calls} calls)"
+    );
+    let (matched, _) = scan_all(&mut c, &["MATCH", "k:99*", "COUNT", "1000"]);
+    let expected: HashSet<String> = (0..10_000)
+        .map(|i| format!("k:{i}"))
+        .filter(|k| k.starts_with("k:99"))
+        .collect();
+    assert_eq!(matched.into_iter().collect::<HashSet<_>>(), expected);
+    let (sets, _) = scan_all(&mut c, &["TYPE", "set", "COUNT", "1000"]);
+    assert_eq!(sets, ["a-set"]);
+    assert_eq!(
+        c.call(&["SCAN", "notanumber"]),
+        Frame::Error("ERR invalid cursor".into())
+    );
+    proxy.shutdown();
+}
+
+/// `cmdstat_get` calls a node has served.
+fn gets_served(node: &RedisServer) -> u64 {
+    let info = text(&node.cmd(&["INFO", "commandstats"]));
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn read_policies_send_reads_where_they_say() {
+    let cluster = RedisCluster::start(3, 1);
+    let map = slot_map(&cluster);
+    let masters: Vec<&RedisServer> = map
+        .shards()
+        .iter()
+        .map(|s| node(&cluster, &s.master))
+        .collect();
+    let replicas: Vec<&RedisServer> = map
+        .shards()
+        .iter()
+        .flat_map(|s| s.replicas.iter().map(|r| node(&cluster, r)))
+        .collect();
+    assert_eq!(replicas.len(), 3);
+    for (policy, on_masters, on_replicas) in [
+        ("master", true, false),
+        ("replica", false, true),
+        ("prefer_replica", false, true),
+        ("any", true, true),
+    ] {
+        let proxy =
+            start_cluster_proxy(&seeds(&cluster), "", &format!("read_policy = \"{policy}\""));
+        let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+        // Writes always go to masters, under every policy.
+        for i in 0..30 {
+            assert_eq!(c.call(&["SET", &format!("rp:{i}"), "v"]), ok(), "{policy}");
+        }
+        // Replicas catch up asynchronously (the first sync can take seconds).
+        wait_until(Duration::from_secs(30), || {
+            let held: i64 = replicas
+                .iter()
+                .map(|r| match r.cmd(&["DBSIZE"]) {
+                    Frame::Integer(n) => n,
+                    _ => 0,
+                })
+                .sum();
+            held == 30
+        });
+        let before_m: u64 = masters.iter().map(|n| gets_served(n)).sum();
+        let before_r: u64 = replicas.iter().map(|n| gets_served(n)).sum();
+        for round in 0..10 {
+            for i in 0..30 {
+                assert_eq!(
+                    c.call(&["GET", &format!("rp:{i}")]),
+                    bulk("v"),
+                    "{policy} round {round}"
+                );
+            }
+        }
+        let on_m = masters.iter().map(|n| gets_served(n)).sum::<u64>() - before_m;
+        let on_r = replicas.iter().map(|n| gets_served(n)).sum::<u64>() - before_r;
+        assert_eq!(on_m + on_r, 300, "{policy}: every GET served once");
+        assert_eq!(on_m > 0, on_masters, "{policy}: {on_m} GETs on masters");
+        assert_eq!(on_r > 0, on_replicas, "{policy}: {on_r} GETs on replicas");
+        proxy.shutdown();
+    }
+}
