@@ -309,3 +309,281 @@ fn read_policies_send_reads_where_they_say() {
         proxy.shutdown();
     }
 }
+
+/// A counter's value in the proxy's `/metrics`.
+fn metric(proxy: &redis_intercept::app::Proxy, line_start: &str) -> f64 {
+    let (_, body) = http_get(proxy.admin_addr().unwrap(), "/metrics");
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn ask_during_a_slot_migration_and_moved_after_it() {
+    let cluster = RedisCluster::start(3, 0);
+    let proxy = start_cluster_proxy(&seeds(&cluster), "", "");
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    let slot = Slot::for_key(b"mig").get();
+    let map = slot_map(&cluster);
+    let from = node(&cluster, map.master(Slot::new(slot).unwrap()).unwrap());
+    let to = cluster.nodes.iter().find(|n| n.addr != from.addr).unwrap();
+    let id = |n: &RedisServer| text(&n.cmd(&["CLUSTER", "MYID"]));
+    assert_eq!(c.call(&["SET", "{mig}1", "one"]), ok());
+    assert_eq!(c.call(&["SET", "{mig}2", "two"]), ok());
+    let slot_s = slot.to_string();
+    assert_eq!(
+        to.cmd(&["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &id(from)]),
+        ok()
+    );
+    assert_eq!(
+        from.cmd(&["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &id(to)]),
+        ok()
+    );
+    let port = to.addr.port().to_string();
+    assert_eq!(
+        from.cmd(&[
+            "MIGRATE",
+            "127.0.0.1",
+            &port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            "{mig}1"
+        ]),
+        ok()
+    );
+    // {mig}1 moved: the old owner answers ASK, and the proxy asks the new one.
+    assert_eq!(c.call(&["GET", "{mig}1"]), bulk("one"));
+    // {mig}2 is still on the old owner.
+    assert_eq!(c.call(&["GET", "{mig}2"]), bulk("two"));
+    // A new key in a migrating slot is created on the importing node.
+    assert_eq!(c.call(&["SET", "{mig}3", "three"]), ok());
+    assert_eq!(
+        to.cmd(&["ASKING"]),
+        ok(),
+        "ASKING itself works on the target"
+    );
+    assert!(
+        metric(
+            &proxy,
+            "redis_intercept_cluster_redirects_total{upstream=\"main\",kind=\"ask\"}"
+        ) >= 2.0
+    );
+    // Finish the migration.
+    assert_eq!(
+        from.cmd(&[
+            "MIGRATE",
+            "127.0.0.1",
+            &port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            "{mig}2"
+        ]),
+        ok()
+    );
+    let to_id = id(to);
+    for n in &cluster.nodes {
+        assert_eq!(
+            n.cmd(&["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]),
+            ok()
+        );
+    }
+    // The proxy's map still names the old owner: MOVED is followed, nothing reaches the
+    // client.
+    for k in ["{mig}1", "{mig}2", "{mig}3"] {
+        let v = c.call(&["GET", k]);
+        assert!(matches!(v, Frame::Bulk(_)), "{k}: {v:?}");
+    }
+    assert!(
+        metric(
+            &proxy,
+            "redis_intercept_cluster_redirects_total{upstream=\"main\",kind=\"moved\"}"
+        ) >= 1.0
+    );
+    assert_eq!(to.cmd(&["GET", "{mig}2"]), bulk("two"));
+    proxy.shutdown();
+}
+
+#[test]
+fn two_hundred_clients_share_few_connections_per_master() {
+    let cluster = RedisCluster::start(3, 0);
+    let proxy = start_cluster_proxy(&seeds(&cluster), "connections_per_node = 1", "");
+    let addr = proxy.addr("svc").unwrap();
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args([
+            "-c", "200", "-n", "20000", "-t", "set,get", "-r", "100000", "-q",
+        ])
+        .output()
+        .expect("run redis-benchmark");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map = slot_map(&cluster);
+    for shard in map.shards() {
+        let list = text(&node(&cluster, &shard.master).cmd(&["CLIENT", "LIST"]));
+        // Minus this CLIENT LIST connection. Each worker (2) has one shared connection per
+        // node, and may hold its one topology connection here.
+        let from_proxy = list.lines().count() - 1;
+        assert!(
+            from_proxy <= 2 + 2,
+            "{} has {from_proxy} connections:\n{list}",
+            shard.master
+        );
+        let Frame::Integer(keys) = node(&cluster, &shard.master).cmd(&["DBSIZE"]) else {
+            panic!("DBSIZE");
+        };
+        assert!(keys > 0, "the load reached {}", shard.master);
+    }
+    proxy.shutdown();
+}
+
+/// What a writer saw during a failover.
+struct Writes {
+    /// Keys whose SET was acknowledged, with when.
+    acked: Vec<(String, std::time::Instant)>,
+    /// When errors were seen, with the error.
+    errors: Vec<(std::time::Instant, String)>,
+}
+
+/// Writes `fo:N` through the proxy until `stop` is set.
+fn writer(
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Writes> {
+    std::thread::spawn(move || {
+        let mut c = RespReader::connect(addr);
+        let mut w = Writes {
+            acked: Vec::new(),
+            errors: Vec::new(),
+        };
+        let mut i = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let key = format!("fo:{i}");
+            match c.call(&["SET", &key, &key]) {
+                Frame::Simple(_) => w.acked.push((key, std::time::Instant::now())),
+                other => w.errors.push((std::time::Instant::now(), text(&other))),
+            }
+            i += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        w
+    })
+}
+
+/// Whether `n` reports itself master.
+fn is_master(n: &RedisServer) -> bool {
+    matches!(n.cmd(&["ROLE"]), Frame::Array(parts) if parts.first() == Some(&bulk("master")))
+}
+
+#[test]
+fn failover_manual_and_by_killing_a_master_under_load() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let proxy = start_cluster_proxy(
+        &seeds(&cluster),
+        "refresh_interval = \"1s\"",
+        "op_timeout = \"2s\"",
+    );
+    let addr = proxy.addr("svc").unwrap();
+    // Background load, as in production.
+    let mut bench = std::process::Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args([
+            "-c",
+            "20",
+            "-n",
+            "100000000",
+            "-t",
+            "set",
+            "-r",
+            "100000",
+            "-q",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run redis-benchmark");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = writer(addr, std::sync::Arc::clone(&stop));
+    std::thread::sleep(Duration::from_secs(1));
+
+    // 1. A manual failover: the replica of the first shard takes over.
+    let map = slot_map(&cluster);
+    let replica = map.shards()[0].replicas[0].clone();
+    let manual_start = std::time::Instant::now();
+    assert_eq!(node(&cluster, &replica).cmd(&["CLUSTER", "FAILOVER"]), ok());
+    wait_until(Duration::from_secs(20), || {
+        is_master(node(&cluster, &replica))
+    });
+    let manual_done = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // 2. Kill a master of another shard; its replica is promoted after the node timeout.
+    let map = slot_map(&cluster);
+    let victim = map
+        .shards()
+        .iter()
+        .find(|s| s.master != replica)
+        .unwrap()
+        .clone();
+    let heir = victim.replicas[0].clone();
+    let kill_at = std::time::Instant::now();
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.addr.to_string() == victim.master)
+        .unwrap()
+        .kill();
+    wait_until(Duration::from_secs(30), || is_master(node(&cluster, &heir)));
+    let promoted = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = w.join().unwrap();
+    let _ = bench.kill();
+    let _ = bench.wait();
+
+    // Errors only inside the failover windows (plus one refresh interval and the op timeout).
+    let slack = Duration::from_secs(3);
+    for (at, e) in &writes.errors {
+        let in_manual = *at >= manual_start && *at <= manual_done + slack;
+        let in_kill = *at >= kill_at && *at <= promoted + slack;
+        assert!(in_manual || in_kill, "error outside a failover window: {e}");
+    }
+    // Traffic recovered without a restart, and every acknowledged write is on the master
+    // that owns its slot now (no write went to a node that wasn't master). Writes acked just
+    // before the kill may be lost with the master (Redis replicates asynchronously).
+    let mut c = RespReader::connect(addr);
+    for i in 0..100 {
+        assert_eq!(c.call(&["SET", &format!("after:{i}"), "v"]), ok());
+    }
+    let map = slot_map(&cluster);
+    let unsafe_window = (kill_at - Duration::from_secs(1), kill_at);
+    let mut checked = 0;
+    for (key, at) in &writes.acked {
+        let owner = map.master(Slot::for_key(key.as_bytes())).unwrap();
+        if owner == heir && *at >= unsafe_window.0 && *at <= unsafe_window.1 {
+            continue;
+        }
+        assert_eq!(node(&cluster, owner).cmd(&["GET", key]), bulk(key), "{key}");
+        checked += 1;
+    }
+    assert!(
+        checked > 1000,
+        "the writer kept writing ({checked} checked)"
+    );
+    eprintln!(
+        "failover: {} writes acknowledged, {} errors; manual failover took {:?}, promotion after kill {:?}",
+        writes.acked.len(),
+        writes.errors.len(),
+        manual_done - manual_start,
+        promoted - kill_at
+    );
+    proxy.shutdown();
+}
