@@ -47,7 +47,8 @@ struct RunArgs {
     /// Quick start without a file: where clients connect.
     #[arg(long, requires = "upstream")]
     listen: Option<SocketAddr>,
-    /// Quick start without a file: the Redis server (host:port).
+    /// Quick start without a file: the Redis server (host:port), or a cluster's seed nodes
+    /// separated by commas (with --mode cluster).
     #[arg(long, requires = "listen")]
     upstream: Option<String>,
     /// Quick start: how the upstream is deployed.
@@ -150,8 +151,14 @@ fn quick_config(
         ModeArg::Standalone => "standalone",
         ModeArg::Cluster => "cluster",
     };
+    // A cluster may be given several seeds, separated by commas.
+    let nodes: Vec<String> = upstream
+        .split(',')
+        .map(|n| format!("{:?}", n.trim()))
+        .collect();
+    let nodes = nodes.join(", ");
     let text = format!(
-        "[proxy]\nworkers = {workers}\n\n[[upstream]]\nname = \"default\"\nmode = \"{mode}\"\nnodes = [{upstream:?}]\n\n\
+        "[proxy]\nworkers = {workers}\n\n[[upstream]]\nname = \"default\"\nmode = \"{mode}\"\nnodes = [{nodes}]\n\n\
          [[service]]\nname = \"default\"\nlisten = \"{listen}\"\nupstream = \"default\"\n"
     );
     Ok(Config::parse(&text, "<command line>")?)

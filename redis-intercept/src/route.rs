@@ -142,6 +142,9 @@ pub fn pick_node<'a>(
     let pick = |nodes: &[&'a str]| -> Option<&'a str> {
         (!nodes.is_empty()).then(|| nodes[roll as usize % nodes.len()])
     };
+    if policy == ReadPolicy::Master {
+        return Some(master);
+    }
     let usable_replicas: Vec<&str> = shard
         .replicas
         .iter()

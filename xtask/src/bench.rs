@@ -33,9 +33,15 @@ pub struct BenchArgs {
     /// write mirror, and through one with client auth, each against a plain proxy.
     #[arg(long)]
     policy: bool,
+    /// Instead: a local 3-master Redis Cluster, directly (`redis-benchmark --cluster
+    /// --threads 1`) against through the proxy, plus MSET of 10 keys spread over every shard
+    /// through the proxy against direct MSET of 10 keys in one slot.
+    #[arg(long)]
+    cluster: bool,
 }
 
 /// One redis-benchmark configuration.
+#[derive(Clone, Copy)]
 struct Workload {
     /// Label in the report.
     name: &'static str,
@@ -103,7 +109,11 @@ fn benchmark_with(addr: SocketAddr, w: &Workload, requests: usize, extra: &[&str
     // --csv: "test","rps","avg_latency_ms",…
     for line in text.lines() {
         let cols: Vec<&str> = line.split(',').map(|c| c.trim_matches('"')).collect();
-        if cols.first().is_some_and(|t| t.eq_ignore_ascii_case(w.test)) {
+        // MSET's line is "MSET (10 keys)".
+        if cols
+            .first()
+            .is_some_and(|t| t.to_ascii_lowercase().starts_with(w.test))
+        {
             return cols
                 .get(1)
                 .and_then(|r| r.parse().ok())
@@ -154,10 +164,13 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
     if args.policy {
         return policy(root, args);
     }
+    if args.cluster {
+        return cluster(root, args);
+    }
     let bin = build_proxy(root)?;
     let server = RedisServer::start_with(&["--maxclients", "20000"]);
     let workers = args.workers.to_string();
-    let proxy = ProxyProcess::start(&bin, server.addr, &["--workers", &workers])?;
+    let proxy = ProxyProcess::start(&bin, &server.addr.to_string(), &["--workers", &workers])?;
     std::thread::sleep(Duration::from_millis(500));
     let idle_rss = status_kib(proxy.pid(), "VmRSS")?;
     say(&format!(
@@ -220,6 +233,103 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
         peak as f64 / 1024.0
     );
     idle_clients(&proxy, args.idle_clients)?;
+    Ok(())
+}
+
+/// Cluster workloads: the foundation's, plus MSET.
+const CLUSTER_WORKLOADS: &[Workload] = &[
+    WORKLOADS[0],
+    WORKLOADS[1],
+    Workload {
+        name: "SET -P 16",
+        test: "set",
+        pipeline: 16,
+        target: 0.8,
+    },
+    Workload {
+        name: "GET -P 16",
+        test: "get",
+        pipeline: 16,
+        target: 0.8,
+    },
+    Workload {
+        name: "MSET 10 keys",
+        test: "mset",
+        pipeline: 1,
+        target: 0.5,
+    },
+];
+
+/// The cluster benchmark: each workload against the cluster directly and through the proxy,
+/// alternating, with the proxy's CPU per request.
+fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
+    let bin = build_proxy(root)?;
+    say("starting a local Redis Cluster: 3 masters");
+    let cluster = redis_intercept_e2e::RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let workers = args.workers.to_string();
+    let proxy = ProxyProcess::start(
+        &bin,
+        &seeds.join(","),
+        &["--mode", "cluster", "--workers", &workers],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let node = cluster.nodes[0].addr;
+    say(&format!(
+        "cluster (seed {node}) vs redis-intercept {} ({} rounds of {} requests, -c 50 -r 100000 -d 64)",
+        proxy.addr, args.rounds, args.requests
+    ));
+    // redis-benchmark 7.0 with --cluster and no --threads rounds elapsed time up to 250ms.
+    let direct_args = ["--cluster", "--threads", "1"];
+    let n = CLUSTER_WORKLOADS.len();
+    let (mut direct, mut proxied, mut cpu) = (
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+    );
+    for round in 1..=args.rounds {
+        for (i, w) in CLUSTER_WORKLOADS.iter().enumerate() {
+            let order = if round % 2 == 1 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for via_proxy in order {
+                if via_proxy {
+                    let before = cpu_seconds(proxy.pid())?;
+                    proxied[i].push(benchmark(proxy.addr, w, args.requests)?);
+                    cpu[i].push((cpu_seconds(proxy.pid())? - before) / args.requests as f64 * 1e6);
+                } else {
+                    direct[i].push(benchmark_with(node, w, args.requests, &direct_args)?);
+                }
+            }
+        }
+        say(&format!("round {round}/{} done", args.rounds));
+    }
+    println!();
+    println!(
+        "{:<13} {:>12} {:>12} {:>7} {:>8}  {:>16}",
+        "workload", "direct rps", "proxy rps", "ratio", "target", "proxy CPU s/Mreq"
+    );
+    for (i, w) in CLUSTER_WORKLOADS.iter().enumerate() {
+        let d = median(&mut direct[i]);
+        let p = median(&mut proxied[i]);
+        let ratio = p / d;
+        println!(
+            "{:<13} {:>12.0} {:>12.0} {:>7.2} {:>7}{} {:>16.2}",
+            w.name,
+            d,
+            p,
+            ratio,
+            format!("≥{:.1}", w.target),
+            if ratio >= w.target { " " } else { "!" },
+            median(&mut cpu[i])
+        );
+    }
+    println!(
+        "(direct MSET puts its 10 keys in one slot with a hash tag; through the proxy they spread \
+         over every shard and are split and merged)"
+    );
     Ok(())
 }
 

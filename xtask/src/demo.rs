@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: a local redis-server, the proxy in front of it, and a scripted
-//! redis-cli session through the proxy. Everything it starts, it stops.
+//! `cargo xtask demo`: a local Redis Cluster (3 masters, 3 replicas), the proxy in front of it,
+//! and the seed articles' redis-cli session: a plain client writes `a`..`h` through the proxy,
+//! and each key is read back from the node that owns its slot. Everything it starts, it stops.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -7,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use redis_intercept_e2e::{RedisServer, free_port};
+use redis_intercept::cluster::{Slot, SlotMap};
+use redis_intercept_e2e::{RedisCluster, free_port};
 
 use crate::setup::{run, say};
 
@@ -36,16 +38,16 @@ pub struct ProxyProcess {
 }
 
 impl ProxyProcess {
-    /// Starts `bin run --listen <free port> --upstream <upstream>` with `extra` arguments and
-    /// waits until it accepts connections.
-    pub fn start(bin: &Path, upstream: SocketAddr, extra: &[&str]) -> Result<ProxyProcess> {
+    /// Starts `bin run --listen <free port> --upstream <upstream>` (an address, or cluster seeds
+    /// separated by commas) with `extra` arguments and waits until it accepts connections.
+    pub fn start(bin: &Path, upstream: &str, extra: &[&str]) -> Result<ProxyProcess> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut args = vec![
             "run".to_owned(),
             "--listen".to_owned(),
             addr.to_string(),
             "--upstream".to_owned(),
-            upstream.to_string(),
+            upstream.to_owned(),
         ];
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         Self::spawn(bin, addr, &args)
@@ -137,36 +139,63 @@ fn show(label: &str, addr: SocketAddr, args: &[&str]) -> Result<String> {
 /// Runs the demo.
 pub fn demo(root: &Path) -> Result<()> {
     let bin = build_proxy(root)?;
-    say("starting a local redis-server");
-    let server = RedisServer::start();
-    let proxy = ProxyProcess::start(&bin, server.addr, &["--workers", "1"])?;
+    say("starting a local Redis Cluster: 3 masters + 3 replicas (redis-cli --cluster create)");
+    let cluster = RedisCluster::start(3, 1);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let seed_list = seeds.join(",");
+    let proxy = ProxyProcess::start(&bin, &seed_list, &["--mode", "cluster", "--workers", "1"])?;
     say(&format!(
-        "redis-server on {}, redis-intercept on {} in front of it",
-        server.addr, proxy.addr
+        "cluster nodes {}; redis-intercept on {} (seeds: {seed_list})",
+        seeds.join(" "),
+        proxy.addr
     ));
+    let node0 = cluster.nodes[0].addr;
     println!();
-    println!("Through the proxy:");
+    println!("A plain client straight at one cluster node gets redirected:");
+    show("node  ", node0, &["SET", "h", "h"])?;
+    println!();
+    println!("The same client through the proxy needs nothing cluster-aware:");
     let p = proxy.addr;
-    show("proxy ", p, &["PING"])?;
-    show("proxy ", p, &["SET", "user:1", "alice"])?;
-    show("proxy ", p, &["GET", "user:1"])?;
-    show("proxy ", p, &["INCRBY", "visits", "3"])?;
-    show("proxy ", p, &["MSET", "a", "1", "b", "2"])?;
-    show("proxy ", p, &["MGET", "a", "b", "user:1"])?;
-    show("proxy ", p, &["CLIENT", "ID"])?;
-    show("proxy ", p, &["SELECT", "1"])?;
-    show("proxy ", p, &["MULTI"])?;
+    let keys = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    for k in keys {
+        let out = show("proxy ", p, &["SET", k, k])?;
+        if out != "OK" {
+            bail!("SET {k} through the proxy answered {out:?}");
+        }
+    }
+    show(
+        "proxy ",
+        p,
+        &["MGET", "a", "b", "c", "d", "e", "f", "g", "h"],
+    )?;
+    show("proxy ", p, &["DBSIZE"])?;
     println!();
-    println!("Straight to Redis, to show where the data went:");
-    let direct = show("redis ", server.addr, &["GET", "user:1"])?;
-    show("redis ", server.addr, &["DBSIZE"])?;
-    if direct != "alice" {
-        bail!("the value written through the proxy is not in Redis (got {direct:?})");
+    println!("Each key, read straight from the master that owns its slot:");
+    let map =
+        SlotMap::from_cluster_slots(&cluster.nodes[0].cmd(&["CLUSTER", "SLOTS"]), "127.0.0.1")
+            .context("read the cluster's slot map")?;
+    for k in keys {
+        let slot = Slot::for_key(k.as_bytes());
+        let owner: SocketAddr = map
+            .master(slot)
+            .context("slot without a master")?
+            .parse()
+            .context("master address")?;
+        println!("key {k} -> slot {} -> master {owner}", slot.get());
+        let direct = show("master", owner, &["GET", k])?;
+        if direct != k {
+            bail!("{k} is not on the master that owns its slot (got {direct:?})");
+        }
     }
     println!();
-    say("stopping the proxy (SIGTERM, graceful drain) and redis-server");
+    println!("Commands the proxy splits or refuses:");
+    show("proxy ", p, &["DEL", "a", "b", "c"])?;
+    show("proxy ", p, &["RENAME", "d", "e"])?;
+    show("proxy ", p, &["SCAN", "0", "COUNT", "100"])?;
+    println!();
+    say("stopping the proxy (SIGTERM, graceful drain) and the cluster");
     drop(proxy);
-    drop(server);
+    drop(cluster);
     say("demo finished");
     Ok(())
 }

@@ -111,7 +111,10 @@ impl ClusterClient {
     ) -> Result<(), Bytes> {
         let pool = &self.shared.pool;
         let map = pool.map();
-        let Some(shard) = map.shard(slot) else {
+        let Some(index) = map.shard_index(slot) else {
+            return Err(Bytes::from_static(NOT_SERVED));
+        };
+        let Some(shard) = map.shards().get(index) else {
             return Err(Bytes::from_static(NOT_SERVED));
         };
         let node = route::pick_node(
@@ -127,7 +130,11 @@ impl ClusterClient {
                 slot.get()
             ))
         })?;
-        let conn = pool.conn(node, self.shared.client)?;
+        let conn = if std::ptr::eq(node, shard.master.as_str()) {
+            pool.master_conn(index, node, self.shared.client)?
+        } else {
+            pool.conn(node, self.shared.client)?
+        };
         Follow::send(
             &self.shared,
             &conn,

@@ -102,6 +102,9 @@ pub struct ClusterPool {
     map: RefCell<Rc<SlotMap>>,
     /// Shared connections by node address.
     nodes: RefCell<HashMap<String, Rc<[SharedConn]>>>,
+    /// The connections of each shard's master by shard index, so the request path needn't
+    /// hash an address; each entry is checked against the master's address before use.
+    by_shard: RefCell<Vec<Option<Rc<[SharedConn]>>>>,
     /// Decides when redirects and failures call for a refresh.
     trigger: RefCell<RefreshTrigger>,
     /// Wakes the refresh task early.
@@ -148,6 +151,7 @@ impl ClusterPool {
             settings,
             map: RefCell::new(Rc::new(SlotMap::empty())),
             nodes: RefCell::new(HashMap::new()),
+            by_shard: RefCell::new(Vec::new()),
             wake: Signal::default(),
             first_done: Signal::default(),
             discovered: Cell::new(false),
@@ -184,6 +188,34 @@ impl ClusterPool {
         }
         let conns = self.open_node(addr)?;
         Ok(conns[(client as usize) % conns.len()].clone())
+    }
+
+    /// Like [`ClusterPool::conn`] for the master `addr` of shard `shard` of the current map,
+    /// through a per-shard cache.
+    ///
+    /// # Errors
+    /// As [`ClusterPool::conn`].
+    pub fn master_conn(&self, shard: usize, addr: &str, client: u64) -> Result<SharedConn, Bytes> {
+        let pick = |conns: &Rc<[SharedConn]>| conns[(client as usize) % conns.len()].clone();
+        if let Some(Some(conns)) = self.by_shard.borrow().get(shard)
+            && conns[0].addr() == addr
+        {
+            return Ok(pick(conns));
+        }
+        let conns = match self.nodes.borrow().get(addr) {
+            Some(c) => Some(Rc::clone(c)),
+            None => None,
+        };
+        let conns = match conns {
+            Some(c) => c,
+            None => self.open_node(addr)?,
+        };
+        let mut cache = self.by_shard.borrow_mut();
+        if cache.len() <= shard {
+            cache.resize(shard + 1, None);
+        }
+        cache[shard] = Some(Rc::clone(&conns));
+        Ok(pick(&conns))
     }
 
     /// Whether `addr` can take requests now: its connections exist and aren't in backoff.
