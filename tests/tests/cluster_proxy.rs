@@ -514,9 +514,46 @@ fn failover_manual_and_by_killing_a_master_under_load() {
     let w = writer(addr, std::sync::Arc::clone(&stop));
     std::thread::sleep(Duration::from_secs(1));
 
-    // 1. A manual failover: the replica of the first shard takes over.
+    // 1. A manual failover: the replica of the first shard takes over, while a SCAN is
+    // half-way through that shard.
     let map = slot_map(&cluster);
     let replica = map.shards()[0].replicas[0].clone();
+    let old_master = map.shards()[0].master.clone();
+    let mut sc = RespReader::connect(addr);
+    let mut batch = Vec::new();
+    for i in 0..3000 {
+        batch.extend(redis_intercept_e2e::encode(&[
+            "SET",
+            &format!("sc:{i}"),
+            "v",
+        ]));
+    }
+    sc.send(&batch);
+    for _ in 0..3000 {
+        assert_eq!(sc.read(), ok());
+    }
+    let mut scanned: HashSet<String> = HashSet::new();
+    let mut scan_step = |sc: &mut RespReader, cursor: &str| -> String {
+        let Frame::Array(reply) = sc.call(&["SCAN", cursor, "MATCH", "sc:*", "COUNT", "50"]) else {
+            panic!("SCAN reply");
+        };
+        if let Frame::Array(keys) = &reply[1] {
+            scanned.extend(keys.iter().map(text));
+        }
+        text(&reply[0])
+    };
+    let mut cursor = "0".to_owned();
+    loop {
+        cursor = scan_step(&mut sc, &cursor);
+        assert_ne!(
+            cursor, "0",
+            "the scan reaches the old master's shard mid-way"
+        );
+        let c = redis_intercept::cluster::ScanCursor::decode(cursor.parse().unwrap());
+        if map.master(c.anchor) == Some(old_master.as_str()) && c.node != 0 {
+            break;
+        }
+    }
     let manual_start = std::time::Instant::now();
     assert_eq!(node(&cluster, &replica).cmd(&["CLUSTER", "FAILOVER"]), ok());
     wait_until(Duration::from_secs(20), || {
@@ -524,6 +561,15 @@ fn failover_manual_and_by_killing_a_master_under_load() {
     });
     let manual_done = std::time::Instant::now();
     std::thread::sleep(Duration::from_secs(2));
+    // The rest of the iteration, after the failover: no key is missed.
+    while cursor != "0" {
+        cursor = scan_step(&mut sc, &cursor);
+    }
+    assert_eq!(
+        scanned.len(),
+        3000,
+        "a SCAN across a failover returns every key"
+    );
 
     // 2. Kill a master of another shard; its replica is promoted after the node timeout.
     let map = slot_map(&cluster);
