@@ -413,12 +413,12 @@ impl SharedConn {
     }
 
     /// Serves one established connection until it fails; returns why it ended.
-    async fn serve(&self, mut stream: TcpStream) -> String {
+    async fn serve(&self, stream: TcpStream) -> String {
         let inner = &*self.0;
         if let Err(e) = stream.set_nodelay(true) {
             debug!(upstream = %inner.addr, error = %e, "set_nodelay failed");
         }
-        let (mut rd, mut wr) = stream.split();
+        let stream = &stream;
         let reader = async {
             let mut buf = BytesMut::with_capacity(READ_CHUNK);
             let mut scanner = ReplyScanner::default();
@@ -427,9 +427,24 @@ impl SharedConn {
                 if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                     buf.reserve(READ_CHUNK);
                 }
-                match tokio::io::AsyncReadExt::read_buf(&mut rd, &mut buf).await {
+                let room = buf.capacity() - buf.len();
+                match stream.try_read_buf(&mut buf) {
                     Ok(0) => return "closed by the server".to_owned(),
+                    Ok(n) if n < room => {
+                        // A short read emptied the socket: drop tokio's readiness now (no
+                        // system call), instead of finding out with a read that says EAGAIN.
+                        // New data sets it again through the edge-triggered poller.
+                        let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+                            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                        });
+                    }
                     Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if let Err(e) = stream.readable().await {
+                            return format!("read failed: {e}");
+                        }
+                        continue;
+                    }
                     Err(e) => return format!("read failed: {e}"),
                 }
                 loop {
@@ -473,8 +488,17 @@ impl SharedConn {
                     inner.wake_writer.wait().await;
                     continue;
                 }
-                if let Err(e) = wr.write_all(&spare).await {
-                    return format!("write failed: {e}");
+                let mut written = 0;
+                while written < spare.len() {
+                    match stream.try_write(&spare[written..]) {
+                        Ok(n) => written += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if let Err(e) = stream.writable().await {
+                                return format!("write failed: {e}");
+                            }
+                        }
+                        Err(e) => return format!("write failed: {e}"),
+                    }
                 }
                 spare.clear();
                 if spare.capacity() > KEEP_BUFFER {

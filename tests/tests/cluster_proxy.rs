@@ -125,6 +125,8 @@ fn multi_key_commands_split_merge_or_refuse() {
         Frame::Integer(2)
     );
     assert_eq!(c.call(&["DBSIZE"]), Frame::Integer(30));
+    let random = text(&c.call(&["RANDOMKEY"]));
+    assert!(keys.contains(&random), "RANDOMKEY gave {random:?}");
     let Frame::Array(all) = c.call(&["KEYS", "key:*"]) else {
         panic!("KEYS is an array");
     };
@@ -372,6 +374,20 @@ fn ask_during_a_slot_migration_and_moved_after_it() {
             "redis_intercept_cluster_redirects_total{upstream=\"main\",kind=\"ask\"}"
         ) >= 2.0
     );
+    // Keys of one slot split across the migration: the old owner says TRYAGAIN, and the
+    // proxy retries with a bounded backoff (20+40+80+160+320 ms), then passes the error on.
+    let retries = |p: &redis_intercept::app::Proxy| {
+        metric(
+            p,
+            "redis_intercept_cluster_redirects_total{upstream=\"main\",kind=\"retry\"}",
+        )
+    };
+    let before = retries(&proxy);
+    let started = std::time::Instant::now();
+    let reply = c.call(&["MGET", "{mig}1", "{mig}2"]);
+    assert!(text(&reply).starts_with("TRYAGAIN"), "{reply:?}");
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert_eq!(retries(&proxy) - before, 5.0);
     // Finish the migration.
     assert_eq!(
         from.cmd(&[
@@ -554,6 +570,14 @@ fn failover_manual_and_by_killing_a_master_under_load() {
             break;
         }
     }
+    let gauge = format!(
+        "redis_intercept_upstream_connections_up{{upstream=\"main\",node=\"{old_master}\"}}"
+    );
+    assert_eq!(
+        metric(&proxy, &gauge),
+        2.0,
+        "both workers connected to {old_master}"
+    );
     let manual_start = std::time::Instant::now();
     assert_eq!(node(&cluster, &replica).cmd(&["CLUSTER", "FAILOVER"]), ok());
     wait_until(Duration::from_secs(20), || {
@@ -602,6 +626,8 @@ fn failover_manual_and_by_killing_a_master_under_load() {
         let in_kill = *at >= kill_at && *at <= promoted + slack;
         assert!(in_manual || in_kill, "error outside a failover window: {e}");
     }
+    // The demoted master serves no slots any more: its connections were retired and closed.
+    wait_until(Duration::from_secs(5), || metric(&proxy, &gauge) == 0.0);
     // Traffic recovered without a restart, and every acknowledged write is on the master
     // that owns its slot now (no write went to a node that wasn't master). Writes acked just
     // before the kill may be lost with the master (Redis replicates asynchronously).
