@@ -181,8 +181,12 @@ impl ClusterClient {
             parts.len(),
         );
         let sink: Rc<dyn ReplySink> = merge.clone();
+        // Every part is encoded into one buffer and split off it: one allocation in all.
+        let size: usize = req.args().map(|a| a.len() + 16).sum::<usize>() + parts.len() * 32;
+        let mut out = BytesMut::with_capacity(size);
+        let mut args: Vec<&[u8]> = Vec::new();
         for (i, (slot, idx)) in parts.iter().enumerate() {
-            let mut args: Vec<&[u8]> = Vec::with_capacity(1 + idx.len() * 2);
+            args.clear();
             args.push(name);
             for &k in idx {
                 args.push(req.arg(k).unwrap_or_default());
@@ -191,10 +195,9 @@ impl ClusterClient {
                     args.push(req.arg(k + 1).unwrap_or_default());
                 }
             }
-            let mut out = BytesMut::new();
-            encode_command(args.into_iter(), &mut out);
+            encode_command(args.iter().copied(), &mut out);
             if let Err(e) = self.send_slot(
-                out.freeze(),
+                out.split().freeze(),
                 *slot,
                 read,
                 Rc::clone(&sink),
