@@ -26,6 +26,7 @@ use crate::session::{
     Sessions,
 };
 use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
+use crate::upstream::tls::{self, TlsSettings};
 use crate::upstream::{ConnSettings, PasswordSource, SharedConn, UpstreamAuth};
 
 /// A bound service listener.
@@ -137,7 +138,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
     // Secrets are resolved before anything runs, so a missing one fails start-up.
     let mut upstream_auths = std::collections::HashMap::new();
     for up in &config.upstreams {
-        upstream_auths.insert(up.name.clone(), upstream_auth(up)?);
+        upstream_auths.insert(up.name.clone(), upstream_secrets(up)?);
     }
     let client_auths = config
         .services
@@ -252,7 +253,7 @@ struct WorkerPlan {
     /// The process's metrics.
     metrics: Arc<Metrics>,
     /// Credentials of each upstream, by name.
-    upstream_auths: std::collections::HashMap<String, Option<UpstreamAuth>>,
+    upstream_auths: std::collections::HashMap<String, UpstreamSecrets>,
     /// Client-facing credentials of each service, in config order.
     client_auths: Vec<Option<ClientAuth>>,
     /// Where workers publish their view of each cluster upstream.
@@ -304,7 +305,7 @@ impl WorkerPlan {
                     svc.upstream
                 );
             };
-            let auth = |name: &str| upstream_auths.get(name).cloned().flatten();
+            let auth = |name: &str| upstream_auths.get(name).cloned().unwrap_or_default();
             let backend = match up.mode {
                 Mode::Standalone => {
                     let conns = connect_upstream(
@@ -328,7 +329,7 @@ impl WorkerPlan {
                                     readonly,
                                     ..conn_settings(
                                         up,
-                                        auth(&up.name),
+                                        &auth(&up.name),
                                         up.max_pending_bytes.0,
                                         limits,
                                     )
@@ -445,7 +446,7 @@ fn percent_to_per_10000(percentage: f64) -> u32 {
 /// Starts this worker's shared connections to a standalone upstream's node.
 fn connect_upstream(
     up: &crate::config::UpstreamConfig,
-    auth: Option<UpstreamAuth>,
+    auth: UpstreamSecrets,
     max_pending_bytes: usize,
     limits: Limits,
     metrics: &Metrics,
@@ -456,7 +457,7 @@ fn connect_upstream(
             up.name
         );
     }
-    let settings = conn_settings(up, auth, max_pending_bytes, limits);
+    let settings = conn_settings(up, &auth, max_pending_bytes, limits);
     // Config validation rejects an upstream without nodes, and a standalone one has exactly one.
     let node = &up.nodes[0];
     let conns: Vec<SharedConn> = (0..up.connections_per_node)
@@ -471,12 +472,13 @@ fn connect_upstream(
 /// How the connections of `up` behave.
 fn conn_settings(
     up: &crate::config::UpstreamConfig,
-    auth: Option<UpstreamAuth>,
+    secrets: &UpstreamSecrets,
     max_pending_bytes: usize,
     limits: Limits,
 ) -> ConnSettings {
     ConnSettings {
-        auth,
+        auth: secrets.auth.clone(),
+        tls: secrets.tls.clone(),
         connect_timeout: up.connect_timeout.0,
         backoff_max: up.reconnect_backoff_max.0,
         max_pending_bytes,
@@ -508,6 +510,38 @@ fn fault(f: &FaultConfig) -> Fault {
         commands: f.commands.iter().map(|c| c.as_bytes().to_vec()).collect(),
         key_prefix: f.key_prefix.as_ref().map(|p| p.as_bytes().to_vec()),
     }
+}
+
+/// What an upstream's connections need from files and the environment, read at start so a
+/// missing one fails start-up.
+#[derive(Clone, Default)]
+struct UpstreamSecrets {
+    /// AUTH credentials.
+    auth: Option<UpstreamAuth>,
+    /// TLS client configuration.
+    tls: Option<TlsSettings>,
+}
+
+/// Reads the credentials and TLS files of `up`.
+fn upstream_secrets(up: &crate::config::UpstreamConfig) -> Result<UpstreamSecrets> {
+    let tls = up
+        .tls
+        .as_ref()
+        .map(|t| {
+            tls::settings(&tls::TlsOptions {
+                ca_file: t.ca_file.as_deref(),
+                server_name: t.server_name.as_deref(),
+                client_cert_file: t.client_cert_file.as_deref(),
+                client_key_file: t.client_key_file.as_deref(),
+                insecure_skip_verify: t.insecure_skip_verify,
+            })
+            .map_err(|e| anyhow::anyhow!("upstream {:?}: {e}", up.name))
+        })
+        .transpose()?;
+    Ok(UpstreamSecrets {
+        auth: upstream_auth(up)?,
+        tls,
+    })
 }
 
 /// The credentials of an upstream, with `password_env` read now (it can't appear later).

@@ -722,11 +722,6 @@ impl Config {
         if self.intercept.is_some() {
             out.push("[intercept] (eBPF interception)".to_owned());
         }
-        for (i, u) in self.upstreams.iter().enumerate() {
-            if u.tls.is_some() {
-                out.push(format!("upstream[{i}].tls"));
-            }
-        }
         for (i, s) in self.services.iter().enumerate() {
             let upstream_mode = self.upstream(&s.upstream).map(|u| u.mode);
             if s.read_policy != ReadPolicy::Master && upstream_mode != Some(Mode::Cluster) {

@@ -12,6 +12,7 @@
 //! connections of a cluster upstream and its slot map.
 
 pub mod pool;
+pub mod tls;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -20,7 +21,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -28,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::NodeMetrics;
 use crate::resp::{Limits, ReplyScanner, Request, encode_command};
 use crate::signal::Signal;
+use tls::{Stream, TlsSettings};
 
 /// Receives the reply to a request. Implemented by client sessions; the upstream side only
 /// knows the token it was given.
@@ -98,6 +100,31 @@ pub struct ConnSettings {
     pub limits: Limits,
     /// Send `READONLY` after connecting, so a cluster replica serves reads.
     pub readonly: bool,
+    /// TLS to the node; `None`: plain TCP.
+    pub tls: Option<TlsSettings>,
+}
+
+/// Connects to `addr` (TCP, then TLS if configured, then AUTH/READONLY). The error says
+/// whether authentication was what failed.
+pub(crate) async fn open(addr: &str, settings: &ConnSettings) -> Result<Stream, (bool, String)> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| (false, e.to_string()))?;
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(upstream = %addr, error = %e, "set_nodelay failed");
+    }
+    let host = crate::config::split_host_port(addr)
+        .map(|(h, _)| h)
+        .unwrap_or_default();
+    let mut stream = Stream::establish(tcp, settings.tls.as_ref(), &host)
+        .await
+        .map_err(|e| (false, e))?;
+    if settings.auth.is_some() || settings.readonly {
+        handshake(&mut stream, settings)
+            .await
+            .map_err(|e| (true, e))?;
+    }
+    Ok(stream)
 }
 
 /// First reconnect delay after a failed attempt; doubles up to `backoff_max`.
@@ -337,17 +364,10 @@ impl SharedConn {
             if !reconnect_now {
                 inner.state.set(State::Connecting);
             }
-            let attempt = tokio::time::timeout(inner.settings.connect_timeout, async {
-                let mut stream = TcpStream::connect(&inner.addr)
-                    .await
-                    .map_err(|e| (false, e.to_string()))?;
-                if inner.settings.auth.is_some() || inner.settings.readonly {
-                    handshake(&mut stream, &inner.settings)
-                        .await
-                        .map_err(|e| (true, e))?;
-                }
-                Ok::<_, (bool, String)>(stream)
-            })
+            let attempt = tokio::time::timeout(
+                inner.settings.connect_timeout,
+                open(&inner.addr, &inner.settings),
+            )
             .await;
             let mut auth_failed = false;
             let reason = match attempt {
@@ -413,12 +433,17 @@ impl SharedConn {
     }
 
     /// Serves one established connection until it fails; returns why it ended.
-    async fn serve(&self, stream: TcpStream) -> String {
-        let inner = &*self.0;
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!(upstream = %inner.addr, error = %e, "set_nodelay failed");
+    async fn serve(&self, stream: Stream) -> String {
+        match stream {
+            Stream::Plain(tcp) => self.serve_plain(&tcp).await,
+            Stream::Tls(tls) => self.serve_tls(*tls).await,
         }
-        let stream = &stream;
+    }
+
+    /// The plain TCP path: reads and writes driven by readiness, so a short read needs no
+    /// second read to learn that the socket is empty.
+    async fn serve_plain(&self, stream: &TcpStream) -> String {
+        let inner = &*self.0;
         let reader = async {
             let mut buf = BytesMut::with_capacity(READ_CHUNK);
             let mut scanner = ReplyScanner::default();
@@ -447,41 +472,15 @@ impl SharedConn {
                     }
                     Err(e) => return format!("read failed: {e}"),
                 }
-                loop {
-                    match scanner.scan(&buf, &inner.settings.limits) {
-                        Ok(Some(len)) => {
-                            let reply = buf.split_to(len).freeze();
-                            let next = inner.inflight.borrow_mut().pop_front();
-                            match next {
-                                Some(req) => {
-                                    if req.sink.deliver(req.token, reply) {
-                                        to_flush.push(req.sink);
-                                    }
-                                }
-                                None => return "reply with no request waiting".to_owned(),
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => return format!("protocol error from server: {e}"),
-                    }
-                }
-                for sink in to_flush.drain(..) {
-                    sink.flush();
+                if let Err(e) = self.take_replies(&mut buf, &mut scanner, &mut to_flush) {
+                    return e;
                 }
             }
         };
         let writer = async {
             let mut spare = BytesMut::new();
             loop {
-                let took = {
-                    let mut out = inner.out.borrow_mut();
-                    let took = !out.is_empty();
-                    if took {
-                        std::mem::swap(&mut *out, &mut spare);
-                    }
-                    took
-                };
-                if !took {
+                if !self.take_out(&mut spare) {
                     if inner.closed.get() {
                         return "closed".to_owned();
                     }
@@ -500,12 +499,107 @@ impl SharedConn {
                         Err(e) => return format!("write failed: {e}"),
                     }
                 }
-                spare.clear();
-                if spare.capacity() > KEEP_BUFFER {
-                    spare = BytesMut::new();
+                release(&mut spare);
+            }
+        };
+        self.serve_io(reader, writer).await
+    }
+
+    /// The TLS path: the same loops over the TLS stream's async reads and writes.
+    async fn serve_tls(&self, stream: tokio_rustls::client::TlsStream<TcpStream>) -> String {
+        let inner = &*self.0;
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let reader = async {
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            let mut scanner = ReplyScanner::default();
+            let mut to_flush: Vec<Rc<dyn ReplySink>> = Vec::new();
+            loop {
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                    buf.reserve(READ_CHUNK);
+                }
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) => return "closed by the server".to_owned(),
+                    Ok(_) => {}
+                    Err(e) => return format!("read failed: {e}"),
+                }
+                if let Err(e) = self.take_replies(&mut buf, &mut scanner, &mut to_flush) {
+                    return e;
                 }
             }
         };
+        let writer = async {
+            let mut spare = BytesMut::new();
+            loop {
+                if !self.take_out(&mut spare) {
+                    if inner.closed.get() {
+                        return "closed".to_owned();
+                    }
+                    inner.wake_writer.wait().await;
+                    continue;
+                }
+                if let Err(e) = wr.write_all(&spare).await {
+                    return format!("write failed: {e}");
+                }
+                // TLS may hold the last record until flushed.
+                if let Err(e) = wr.flush().await {
+                    return format!("write failed: {e}");
+                }
+                release(&mut spare);
+            }
+        };
+        self.serve_io(reader, writer).await
+    }
+
+    /// Hands every complete reply in `buf` to its request's sink, then flushes the sinks
+    /// that asked for it. `Err` is why the connection must end.
+    fn take_replies(
+        &self,
+        buf: &mut BytesMut,
+        scanner: &mut ReplyScanner,
+        to_flush: &mut Vec<Rc<dyn ReplySink>>,
+    ) -> Result<(), String> {
+        let inner = &*self.0;
+        loop {
+            match scanner.scan(buf, &inner.settings.limits) {
+                Ok(Some(len)) => {
+                    let reply = buf.split_to(len).freeze();
+                    let next = inner.inflight.borrow_mut().pop_front();
+                    match next {
+                        Some(req) => {
+                            if req.sink.deliver(req.token, reply) {
+                                to_flush.push(req.sink);
+                            }
+                        }
+                        None => return Err("reply with no request waiting".to_owned()),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(format!("protocol error from server: {e}")),
+            }
+        }
+        for sink in to_flush.drain(..) {
+            sink.flush();
+        }
+        Ok(())
+    }
+
+    /// Swaps the queued request bytes into `spare`; false when nothing is queued.
+    fn take_out(&self, spare: &mut BytesMut) -> bool {
+        let mut out = self.0.out.borrow_mut();
+        let took = !out.is_empty();
+        if took {
+            std::mem::swap(&mut *out, spare);
+        }
+        took
+    }
+
+    /// Runs a connection's reader and writer with the op-timeout watcher until one ends.
+    async fn serve_io(
+        &self,
+        reader: impl std::future::Future<Output = String>,
+        writer: impl std::future::Future<Output = String>,
+    ) -> String {
+        let inner = &*self.0;
         let timer = async {
             loop {
                 let head = inner.inflight.borrow().front().map(|r| r.deadline);
@@ -559,10 +653,18 @@ impl SharedConn {
     }
 }
 
+/// Empties a written buffer, releasing it if it grew large.
+fn release(spare: &mut BytesMut) {
+    spare.clear();
+    if spare.capacity() > KEEP_BUFFER {
+        *spare = BytesMut::new();
+    }
+}
+
 /// Sends `AUTH [username] password` (if configured) and `READONLY` (if asked) and reads the
 /// answers. The error text returned is the server's (it never contains the password).
-pub(crate) async fn handshake(
-    stream: &mut TcpStream,
+pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     settings: &ConnSettings,
 ) -> Result<(), String> {
     let mut out = BytesMut::new();
@@ -596,8 +698,8 @@ pub(crate) async fn handshake(
 
 /// Reads `n` replies from a connection that carries nothing else (handshakes and topology
 /// queries). The caller sent exactly `n` commands, so nothing follows the last reply.
-pub(crate) async fn read_replies(
-    stream: &mut TcpStream,
+pub(crate) async fn read_replies<S: AsyncRead + Unpin>(
+    stream: &mut S,
     n: usize,
     limits: &Limits,
 ) -> Result<Vec<Bytes>, String> {

@@ -482,3 +482,49 @@ pub fn tempfile_dir() -> tempfile::TempDir {
         .tempdir()
         .expect("temp dir")
 }
+
+/// A throwaway CA with a server certificate (for `localhost` and 127.0.0.1) and a client
+/// certificate, written as PEM files, for TLS tests.
+pub struct TestCerts {
+    /// Holds the files.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCerts {
+    /// Generates the CA and both certificates.
+    pub fn generate() -> TestCerts {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        };
+        let dir = tempfile_dir();
+        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "redis-intercept test CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        write("ca.pem", ca_cert.pem());
+        for (name, usage) in [
+            ("server", ExtendedKeyUsagePurpose::ServerAuth),
+            ("client", ExtendedKeyUsagePurpose::ClientAuth),
+        ] {
+            let mut params =
+                CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                    .unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        TestCerts { dir }
+    }
+
+    /// Path of one of the files: `ca.pem`, `server.pem`, `server.key`, `client.pem`,
+    /// `client.key`.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}

@@ -17,11 +17,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{ConnSettings, SharedConn, handshake, read_replies};
+use super::tls::Stream;
+use super::{ConnSettings, SharedConn, open, read_replies};
 use crate::cluster::{RefreshTrigger, Shard, Slot, SlotMap, TopologyError};
 use crate::config::split_host_port;
 use crate::metrics::Metrics;
@@ -350,7 +350,7 @@ impl ClusterPool {
 
     /// Keeps the topology current until [`ClusterPool::close`].
     pub async fn run(self: Rc<Self>) {
-        let mut disco: Option<(String, TcpStream)> = None;
+        let mut disco: Option<(String, Stream)> = None;
         let mut retry = DISCOVERY_RETRY;
         while !self.closed.get() {
             let started = Instant::now();
@@ -401,7 +401,7 @@ impl ClusterPool {
 
     /// Asks known nodes (masters first), then the seeds, for the topology, reusing the last
     /// discovery connection when it still works.
-    async fn discover(&self, disco: &mut Option<(String, TcpStream)>) -> Result<SlotMap, String> {
+    async fn discover(&self, disco: &mut Option<(String, Stream)>) -> Result<SlotMap, String> {
         let mut candidates: Vec<String> = Vec::new();
         if let Some((addr, _)) = disco.as_ref() {
             candidates.push(addr.clone());
@@ -439,28 +439,26 @@ impl ClusterPool {
         Err(errors.join("; "))
     }
 
-    /// A dedicated discovery connection to `addr`, authenticated.
-    async fn connect(&self, addr: &str) -> Result<TcpStream, String> {
-        let settings = &self.settings.conn;
-        tokio::time::timeout(settings.connect_timeout, async {
-            let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-            if settings.auth.is_some() {
-                let auth_only = ConnSettings {
-                    readonly: false,
-                    ..settings.clone()
-                };
-                handshake(&mut stream, &auth_only)
-                    .await
-                    .map_err(|e| format!("authentication failed: {e}"))?;
-            }
-            Ok(stream)
-        })
-        .await
-        .map_err(|_| format!("connect timed out after {:?}", settings.connect_timeout))?
+    /// A dedicated discovery connection to `addr` (TLS and AUTH as configured).
+    async fn connect(&self, addr: &str) -> Result<Stream, String> {
+        let settings = ConnSettings {
+            readonly: false,
+            ..self.settings.conn.clone()
+        };
+        tokio::time::timeout(settings.connect_timeout, open(addr, &settings))
+            .await
+            .map_err(|_| format!("connect timed out after {:?}", settings.connect_timeout))?
+            .map_err(|(auth, e)| {
+                if auth {
+                    format!("authentication failed: {e}")
+                } else {
+                    e
+                }
+            })
     }
 
     /// `CLUSTER SHARDS` (Redis 7), or `CLUSTER SLOTS` where that is unknown.
-    async fn query(&self, stream: &mut TcpStream, addr: &str) -> Result<SlotMap, String> {
+    async fn query(&self, stream: &mut Stream, addr: &str) -> Result<SlotMap, String> {
         let host = split_host_port(addr).map(|(h, _)| h).unwrap_or_default();
         let shards = self.cluster_command(stream, b"SHARDS").await?;
         match SlotMap::from_cluster_shards(&shards, &host) {
@@ -475,7 +473,7 @@ impl ClusterPool {
     }
 
     /// Sends `CLUSTER <sub>` on the discovery connection and parses the reply.
-    async fn cluster_command(&self, stream: &mut TcpStream, sub: &[u8]) -> Result<Frame, String> {
+    async fn cluster_command(&self, stream: &mut Stream, sub: &[u8]) -> Result<Frame, String> {
         let limits = &self.settings.conn.limits;
         let timeout = self
             .settings
