@@ -443,17 +443,12 @@ impl SharedConn {
     /// The plain TCP path: reads and writes driven by readiness, so a short read needs no
     /// second read to learn that the socket is empty.
     async fn serve_plain(&self, stream: &TcpStream) -> String {
-        let inner = &*self.0;
         let reader = async {
-            let mut buf = BytesMut::with_capacity(READ_CHUNK);
-            let mut scanner = ReplyScanner::default();
-            let mut to_flush: Vec<Rc<dyn ReplySink>> = Vec::new();
+            let mut replies = Replies::default();
             loop {
-                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                    buf.reserve(READ_CHUNK);
-                }
+                let buf = replies.room();
                 let room = buf.capacity() - buf.len();
-                match stream.try_read_buf(&mut buf) {
+                match stream.try_read_buf(buf) {
                     Ok(0) => return "closed by the server".to_owned(),
                     Ok(n) if n < room => {
                         // A short read emptied the socket: drop tokio's readiness now (no
@@ -472,7 +467,7 @@ impl SharedConn {
                     }
                     Err(e) => return format!("read failed: {e}"),
                 }
-                if let Err(e) = self.take_replies(&mut buf, &mut scanner, &mut to_flush) {
+                if let Err(e) = self.take_replies(&mut replies) {
                     return e;
                 }
             }
@@ -480,12 +475,8 @@ impl SharedConn {
         let writer = async {
             let mut spare = BytesMut::new();
             loop {
-                if !self.take_out(&mut spare) {
-                    if inner.closed.get() {
-                        return "closed".to_owned();
-                    }
-                    inner.wake_writer.wait().await;
-                    continue;
+                if !self.next_out(&mut spare).await {
+                    return "closed".to_owned();
                 }
                 let mut written = 0;
                 while written < spare.len() {
@@ -507,22 +498,17 @@ impl SharedConn {
 
     /// The TLS path: the same loops over the TLS stream's async reads and writes.
     async fn serve_tls(&self, stream: tokio_rustls::client::TlsStream<TcpStream>) -> String {
-        let inner = &*self.0;
         let (mut rd, mut wr) = tokio::io::split(stream);
         let reader = async {
-            let mut buf = BytesMut::with_capacity(READ_CHUNK);
-            let mut scanner = ReplyScanner::default();
-            let mut to_flush: Vec<Rc<dyn ReplySink>> = Vec::new();
+            let mut replies = Replies::default();
             loop {
-                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                    buf.reserve(READ_CHUNK);
-                }
-                match rd.read_buf(&mut buf).await {
+                let buf = replies.room();
+                match rd.read_buf(buf).await {
                     Ok(0) => return "closed by the server".to_owned(),
                     Ok(_) => {}
                     Err(e) => return format!("read failed: {e}"),
                 }
-                if let Err(e) = self.take_replies(&mut buf, &mut scanner, &mut to_flush) {
+                if let Err(e) = self.take_replies(&mut replies) {
                     return e;
                 }
             }
@@ -530,12 +516,8 @@ impl SharedConn {
         let writer = async {
             let mut spare = BytesMut::new();
             loop {
-                if !self.take_out(&mut spare) {
-                    if inner.closed.get() {
-                        return "closed".to_owned();
-                    }
-                    inner.wake_writer.wait().await;
-                    continue;
+                if !self.next_out(&mut spare).await {
+                    return "closed".to_owned();
                 }
                 if let Err(e) = wr.write_all(&spare).await {
                     return format!("write failed: {e}");
@@ -552,13 +534,13 @@ impl SharedConn {
 
     /// Hands every complete reply in `buf` to its request's sink, then flushes the sinks
     /// that asked for it. `Err` is why the connection must end.
-    fn take_replies(
-        &self,
-        buf: &mut BytesMut,
-        scanner: &mut ReplyScanner,
-        to_flush: &mut Vec<Rc<dyn ReplySink>>,
-    ) -> Result<(), String> {
+    fn take_replies(&self, replies: &mut Replies) -> Result<(), String> {
         let inner = &*self.0;
+        let Replies {
+            buf,
+            scanner,
+            to_flush,
+        } = replies;
         loop {
             match scanner.scan(buf, &inner.settings.limits) {
                 Ok(Some(len)) => {
@@ -583,14 +565,22 @@ impl SharedConn {
         Ok(())
     }
 
-    /// Swaps the queued request bytes into `spare`; false when nothing is queued.
-    fn take_out(&self, spare: &mut BytesMut) -> bool {
-        let mut out = self.0.out.borrow_mut();
-        let took = !out.is_empty();
-        if took {
-            std::mem::swap(&mut *out, spare);
+    /// Waits for queued request bytes and swaps them into `spare`; false when the connection
+    /// is closed with nothing queued.
+    async fn next_out(&self, spare: &mut BytesMut) -> bool {
+        loop {
+            {
+                let mut out = self.0.out.borrow_mut();
+                if !out.is_empty() {
+                    std::mem::swap(&mut *out, spare);
+                    return true;
+                }
+            }
+            if self.0.closed.get() {
+                return false;
+            }
+            self.0.wake_writer.wait().await;
         }
-        took
     }
 
     /// Runs a connection's reader and writer with the op-timeout watcher until one ends.
@@ -650,6 +640,28 @@ impl SharedConn {
         for sink in to_flush {
             sink.flush();
         }
+    }
+}
+
+/// A connection's read side: received bytes, the scanner's progress through them, and the
+/// sinks to flush after a batch.
+#[derive(Default)]
+struct Replies {
+    /// Bytes read and not yet cut into replies.
+    buf: BytesMut,
+    /// Where the scan of `buf` stands.
+    scanner: ReplyScanner,
+    /// Sinks that asked for a flush in the current batch.
+    to_flush: Vec<Rc<dyn ReplySink>>,
+}
+
+impl Replies {
+    /// The read buffer, with room for the next read.
+    fn room(&mut self) -> &mut BytesMut {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        &mut self.buf
     }
 }
 
