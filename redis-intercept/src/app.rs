@@ -22,8 +22,8 @@ use crate::config::{FaultConfig, FaultKind};
 use crate::metrics::Metrics;
 use crate::resp::Limits;
 use crate::session::{
-    self, Backend, ClientAuth, ClientGuard, Discard, Fault, FaultAction, Mirror, ServiceCtx,
-    Sessions,
+    self, Backend, ClientAuth, ClientGuard, Discard, Fault, FaultAction, Mirror, RouteCtx,
+    ServiceCtx, Sessions,
 };
 use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
 use crate::upstream::tls::{self, TlsSettings};
@@ -305,77 +305,48 @@ impl WorkerPlan {
                     svc.upstream
                 );
             };
-            let auth = |name: &str| upstream_auths.get(name).cloned().unwrap_or_default();
-            let backend = match up.mode {
-                Mode::Standalone => {
-                    let conns = connect_upstream(
-                        up,
-                        auth(&up.name),
-                        up.max_pending_bytes.0,
-                        limits,
-                        &metrics,
-                    )?;
-                    all_conns.extend(conns.iter().cloned());
-                    Backend::Standalone(conns)
-                }
-                Mode::Cluster => {
-                    let readonly = svc.read_policy != crate::config::ReadPolicy::Master;
-                    let pool = pools.entry((up.name.clone(), readonly)).or_insert_with(|| {
-                        let pool = ClusterPool::new(
-                            PoolSettings {
-                                name: up.name.clone(),
-                                seeds: up.nodes.clone(),
-                                conn: ConnSettings {
-                                    readonly,
-                                    ..conn_settings(
-                                        up,
-                                        &auth(&up.name),
-                                        up.max_pending_bytes.0,
-                                        limits,
-                                    )
-                                },
-                                per_node: up.connections_per_node,
-                                refresh_interval: up.refresh_interval.0,
-                                refresh_threshold: up.redirect_refresh_threshold,
-                                refresh_min_interval: up.redirect_refresh_interval.0,
-                                worker: index,
-                            },
-                            Arc::clone(&metrics),
-                            cluster_status
-                                .get(&up.name)
-                                .cloned()
-                                .unwrap_or_else(|| ClusterStatus::new(index + 1)),
-                        );
-                        tokio::task::spawn_local(Rc::clone(&pool).run());
-                        pool
-                    });
-                    Backend::Cluster(Rc::clone(pool), svc.read_policy)
-                }
+            let mut ups = Upstreams {
+                worker: index,
+                auths: &upstream_auths,
+                limits,
+                metrics: &metrics,
+                pools: &mut pools,
+                all_conns: &mut all_conns,
+                cluster_status: &cluster_status,
             };
-            let mut mirrors = Vec::new();
-            for m in &svc.mirrors {
-                let Some(target) = config.upstream(&m.upstream) else {
+            let mut routes = vec![RouteCtx {
+                remove_prefix: false,
+                backend: ups.backend(up, svc.read_policy, up.max_pending_bytes.0),
+                mirrors: ups.mirrors(&config, &svc.name, &svc.mirrors)?,
+            }];
+            for r in &svc.routes {
+                let Some(target) = config.upstream(&r.upstream) else {
                     bail!(
-                        "service {:?}: unknown mirror upstream {:?}",
+                        "service {:?}: unknown route upstream {:?}",
                         svc.name,
-                        m.upstream
+                        r.upstream
                     );
                 };
-                let mirror_conns =
-                    connect_upstream(target, auth(&target.name), m.max_queue.0, limits, &metrics)?;
-                all_conns.extend(mirror_conns.iter().cloned());
-                let (sent, dropped) = metrics.mirror(&svc.name, &target.name);
-                mirrors.push(Mirror {
-                    conns: mirror_conns,
-                    per_10000: percent_to_per_10000(m.percentage),
-                    exclude_reads: m.exclude_reads,
-                    sent,
-                    dropped,
+                routes.push(RouteCtx {
+                    remove_prefix: r.remove_prefix,
+                    backend: ups.backend(
+                        target,
+                        r.read_policy.unwrap_or(svc.read_policy),
+                        target.max_pending_bytes.0,
+                    ),
+                    mirrors: ups.mirrors(&config, &svc.name, &r.mirrors)?,
                 });
             }
+            let prefixes = crate::route::Prefixes::new(
+                &svc.routes
+                    .iter()
+                    .map(|r| (r.prefix.as_bytes().to_vec(), r.case_insensitive))
+                    .collect::<Vec<_>>(),
+            );
             let ctx = Rc::new(ServiceCtx {
                 name: svc.name.clone(),
-                backend,
+                routes,
+                prefixes,
                 op_timeout: svc.op_timeout.0,
                 idle_timeout: svc.idle_timeout.non_zero(),
                 max_client_buffer: svc.max_client_buffer.0,
@@ -385,7 +356,6 @@ impl WorkerPlan {
                 auth: client_auth,
                 legacy_auth_reject: svc.legacy_auth == crate::config::LegacyAuth::Reject,
                 faults: svc.faults.iter().map(fault).collect(),
-                mirrors,
                 discard: Rc::clone(&discard),
             });
             accepts.push((listener, ctx, counter, svc.max_clients));
@@ -438,6 +408,105 @@ impl WorkerPlan {
     }
 }
 
+/// A worker's upstreams while it sets up its services: standalone connections are made per
+/// use, cluster pools are shared by everything that uses the same cluster the same way.
+struct Upstreams<'a> {
+    /// The worker's number.
+    worker: usize,
+    /// Credentials and TLS of each upstream, by name.
+    auths: &'a std::collections::HashMap<String, UpstreamSecrets>,
+    /// Reply limits.
+    limits: Limits,
+    /// The process's metrics.
+    metrics: &'a Arc<Metrics>,
+    /// Cluster pools by (upstream, whether replicas serve reads).
+    pools: &'a mut std::collections::HashMap<(String, bool), Rc<ClusterPool>>,
+    /// Every standalone connection, closed at shutdown.
+    all_conns: &'a mut Vec<SharedConn>,
+    /// Where workers publish their view of each cluster.
+    cluster_status: &'a std::collections::HashMap<String, Arc<ClusterStatus>>,
+}
+
+impl Upstreams<'_> {
+    /// This worker's way to `up`: new shared connections for a standalone server (with
+    /// `max_pending` bytes of queue each), or the cluster's pool.
+    fn backend(
+        &mut self,
+        up: &crate::config::UpstreamConfig,
+        policy: crate::config::ReadPolicy,
+        max_pending: usize,
+    ) -> Backend {
+        let secrets = self.auths.get(&up.name).cloned().unwrap_or_default();
+        let settings = conn_settings(up, &secrets, max_pending, self.limits);
+        match up.mode {
+            Mode::Standalone => {
+                // Config validation gives a standalone upstream exactly one node.
+                let conns = connect_upstream(up, settings, self.metrics);
+                self.all_conns.extend(conns.iter().cloned());
+                Backend::Standalone(conns)
+            }
+            Mode::Cluster => {
+                let readonly = policy != crate::config::ReadPolicy::Master;
+                let worker = self.worker;
+                let metrics = self.metrics;
+                let status = self.cluster_status.get(&up.name).cloned();
+                let pool = self
+                    .pools
+                    .entry((up.name.clone(), readonly))
+                    .or_insert_with(|| {
+                        let pool = ClusterPool::new(
+                            PoolSettings {
+                                name: up.name.clone(),
+                                seeds: up.nodes.clone(),
+                                conn: ConnSettings {
+                                    readonly,
+                                    ..settings
+                                },
+                                per_node: up.connections_per_node,
+                                refresh_interval: up.refresh_interval.0,
+                                refresh_threshold: up.redirect_refresh_threshold,
+                                refresh_min_interval: up.redirect_refresh_interval.0,
+                                worker,
+                            },
+                            Arc::clone(metrics),
+                            status.unwrap_or_else(|| ClusterStatus::new(worker + 1)),
+                        );
+                        tokio::task::spawn_local(Rc::clone(&pool).run());
+                        pool
+                    });
+                Backend::Cluster(Rc::clone(pool), policy)
+            }
+        }
+    }
+
+    /// The mirrors of a service or route.
+    fn mirrors(
+        &mut self,
+        config: &Config,
+        service: &str,
+        list: &[crate::config::MirrorConfig],
+    ) -> Result<Vec<Mirror>> {
+        let mut mirrors = Vec::new();
+        for m in list {
+            let Some(target) = config.upstream(&m.upstream) else {
+                bail!(
+                    "service {service:?}: unknown mirror upstream {:?}",
+                    m.upstream
+                );
+            };
+            let (sent, dropped) = self.metrics.mirror(service, &target.name);
+            mirrors.push(Mirror {
+                backend: self.backend(target, crate::config::ReadPolicy::Master, m.max_queue.0),
+                per_10000: percent_to_per_10000(m.percentage),
+                exclude_reads: m.exclude_reads,
+                sent,
+                dropped,
+            });
+        }
+        Ok(mirrors)
+    }
+}
+
 /// A percentage (0 to 100, validated by the config) in hundredths of a percent.
 fn percent_to_per_10000(percentage: f64) -> u32 {
     (percentage * 100.0).round().clamp(0.0, 10_000.0) as u32
@@ -446,27 +515,23 @@ fn percent_to_per_10000(percentage: f64) -> u32 {
 /// Starts this worker's shared connections to a standalone upstream's node.
 fn connect_upstream(
     up: &crate::config::UpstreamConfig,
-    auth: UpstreamSecrets,
-    max_pending_bytes: usize,
-    limits: Limits,
+    settings: ConnSettings,
     metrics: &Metrics,
-) -> Result<Vec<SharedConn>> {
-    if up.mode != Mode::Standalone {
-        bail!(
-            "upstream {:?}: a cluster can't be used here (mirrors to clusters are not built yet)",
-            up.name
-        );
-    }
-    let settings = conn_settings(up, &auth, max_pending_bytes, limits);
-    // Config validation rejects an upstream without nodes, and a standalone one has exactly one.
-    let node = &up.nodes[0];
-    let conns: Vec<SharedConn> = (0..up.connections_per_node)
-        .map(|_| SharedConn::new(node.clone(), settings.clone(), metrics.node(&up.name, node)))
+) -> Vec<SharedConn> {
+    let conns: Vec<SharedConn> = up
+        .nodes
+        .iter()
+        .take(1)
+        .flat_map(|node| {
+            (0..up.connections_per_node).map(|_| {
+                SharedConn::new(node.clone(), settings.clone(), metrics.node(&up.name, node))
+            })
+        })
         .collect();
     for c in &conns {
         tokio::task::spawn_local(c.clone().run());
     }
-    Ok(conns)
+    conns
 }
 
 /// How the connections of `up` behave.

@@ -729,14 +729,14 @@ impl Config {
                     "service[{i}].read_policy (only meaningful for a cluster upstream)"
                 ));
             }
-            for (j, m) in s.mirrors.iter().enumerate() {
-                if self.upstream(&m.upstream).map(|u| u.mode) == Some(Mode::Cluster) {
-                    out.push(format!("service[{i}].mirror[{j}] to a cluster upstream"));
-                }
-            }
-            for (what, used) in [("route", !s.routes.is_empty())] {
-                if used {
-                    out.push(format!("service[{i}].{what}"));
+            for (j, r) in s.routes.iter().enumerate() {
+                let mode = self.upstream(&r.upstream).map(|u| u.mode);
+                if r.read_policy.is_some_and(|p| p != ReadPolicy::Master)
+                    && mode != Some(Mode::Cluster)
+                {
+                    out.push(format!(
+                        "service[{i}].route[{j}].read_policy (only meaningful for a cluster upstream)"
+                    ));
                 }
             }
         }
@@ -879,9 +879,17 @@ mod tests {
 
     #[test]
     fn features_not_built_yet_are_reported() {
-        let text = format!("{MINIMAL}\n[[service.route]]\nprefix = \"a:\"\nupstream = \"main\"\n");
+        let text = format!(
+            "{MINIMAL}\n[[service.route]]\nprefix = \"a:\"\nupstream = \"main\"\nread_policy = \"replica\"\n\n[intercept]\n"
+        );
         let c = Config::parse(&text, "t").unwrap();
-        assert_eq!(c.unsupported_features(), ["service[0].route"]);
+        assert_eq!(
+            c.unsupported_features(),
+            [
+                "[intercept] (eBPF interception)",
+                "service[0].route[0].read_policy (only meaningful for a cluster upstream)"
+            ]
+        );
     }
 
     #[test]

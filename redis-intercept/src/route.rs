@@ -61,7 +61,7 @@ pub enum Plan {
 pub const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
 
 /// How a command's keys are split, if they may be.
-fn split_kind(name: &str) -> Option<SplitKind> {
+pub fn split_kind(name: &str) -> Option<SplitKind> {
     match name {
         "mget" => Some(SplitKind::Values),
         "mset" => Some(SplitKind::AllOk),
@@ -115,6 +115,67 @@ pub fn plan(cmd: Option<Command>, req: &Request<'_>, keys: &mut Vec<usize>) -> P
         order[at].1.push(k);
     }
     Plan::Split(kind, order)
+}
+
+/// Key-prefix routes of a service: the longest matching prefix wins; no match is the
+/// catch-all (route 0). Routes are numbered from 1 in the order given.
+#[derive(Debug, Clone, Default)]
+pub struct Prefixes {
+    /// (prefix, ignore case, route number), longest prefix first. Case-insensitive prefixes
+    /// are stored in lower case.
+    entries: Vec<(Vec<u8>, bool, usize)>,
+}
+
+impl Prefixes {
+    /// Routes for `(prefix, case_insensitive)` in config order.
+    pub fn new(routes: &[(Vec<u8>, bool)]) -> Prefixes {
+        let mut entries: Vec<(Vec<u8>, bool, usize)> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, (p, ci))| {
+                let p = if *ci {
+                    p.to_ascii_lowercase()
+                } else {
+                    p.clone()
+                };
+                (p, *ci, i + 1)
+            })
+            .collect();
+        // Longest first; among equal lengths, config order.
+        entries.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.2.cmp(&b.2)));
+        Prefixes { entries }
+    }
+
+    /// Whether there are no routes (everything goes to the catch-all).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The route `key` falls under; 0 for the catch-all.
+    pub fn route_of(&self, key: &[u8]) -> usize {
+        for (prefix, ci, route) in &self.entries {
+            let Some(head) = key.get(..prefix.len()) else {
+                continue;
+            };
+            let hit = if *ci {
+                head.eq_ignore_ascii_case(prefix)
+            } else {
+                head == prefix.as_slice()
+            };
+            if hit {
+                return *route;
+            }
+        }
+        0
+    }
+
+    /// Length of route `route`'s prefix (0 for the catch-all).
+    pub fn prefix_len(&self, route: usize) -> usize {
+        self.entries
+            .iter()
+            .find(|e| e.2 == route)
+            .map_or(0, |e| e.0.len())
+    }
 }
 
 /// Whether the command may be served by a replica under a read policy.
@@ -216,6 +277,25 @@ mod tests {
         assert_eq!(plan_of("SCAN 0"), Plan::Keyless(Keyless::Scan));
         assert_eq!(plan_of("SCRIPT LOAD x"), Plan::Keyless(Keyless::First));
         assert_eq!(plan_of("NOSUCHCMD a"), Plan::Keyless(Keyless::AnyMaster));
+    }
+
+    #[test]
+    fn longest_prefix_wins_with_optional_case() {
+        let p = Prefixes::new(&[
+            (b"user:".to_vec(), false),
+            (b"user:vip:".to_vec(), false),
+            (b"Cache:".to_vec(), true),
+        ]);
+        assert_eq!(p.route_of(b"user:1"), 1);
+        assert_eq!(p.route_of(b"user:vip:1"), 2);
+        assert_eq!(p.route_of(b"USER:1"), 0, "case-sensitive by default");
+        assert_eq!(p.route_of(b"cache:x"), 3);
+        assert_eq!(p.route_of(b"CACHE:x"), 3);
+        assert_eq!(p.route_of(b"user"), 0);
+        assert_eq!(p.route_of(b"other"), 0);
+        assert_eq!(p.prefix_len(2), 9);
+        assert_eq!(p.prefix_len(0), 0);
+        assert!(Prefixes::new(&[]).is_empty());
     }
 
     #[test]

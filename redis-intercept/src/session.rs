@@ -26,6 +26,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 mod cluster;
+mod forward;
+
+pub use forward::{Mirror, RouteCtx};
 
 use crate::command::{self, Command, Handling, Local, flags};
 use crate::config::ReadPolicy;
@@ -56,8 +59,11 @@ const MAX_QUERY_BUFFER: usize = 1024 * 1024 * 1024;
 pub struct ServiceCtx {
     /// Service name, for logs.
     pub name: String,
-    /// The service's upstream.
-    pub backend: Backend,
+    /// The service's routes: index 0 is the catch-all (the service's upstream and mirrors),
+    /// then each `[[service.route]]` in config order.
+    pub routes: Vec<RouteCtx>,
+    /// Which route a key falls under.
+    pub prefixes: crate::route::Prefixes,
     /// How long a request may wait for its reply.
     pub op_timeout: Duration,
     /// Close clients idle this long (`None`: never).
@@ -76,24 +82,8 @@ pub struct ServiceCtx {
     pub legacy_auth_reject: bool,
     /// Fault injection rules, tried in order; the first that matches and hits applies.
     pub faults: Vec<Fault>,
-    /// Traffic mirrors.
-    pub mirrors: Vec<Mirror>,
     /// The sink that swallows mirror replies.
     pub discard: Rc<dyn ReplySink>,
-}
-
-/// A traffic mirror of a service, on one worker.
-pub struct Mirror {
-    /// This worker's connections to the mirror node, picked by client id.
-    pub conns: Vec<SharedConn>,
-    /// Chance per request in hundredths of a percent (0 to 10000).
-    pub per_10000: u32,
-    /// Copy only commands Redis flags `write`.
-    pub exclude_reads: bool,
-    /// Copies handed to the mirror connection.
-    pub sent: prometheus_client::metrics::counter::Counter,
-    /// Copies dropped: the mirror's queue was full or the mirror was down.
-    pub dropped: prometheus_client::metrics::counter::Counter,
 }
 
 /// Swallows mirror replies: they are read (to keep the connection in step) and dropped,
@@ -106,32 +96,6 @@ impl ReplySink for Discard {
     }
 
     fn flush(&self) {}
-}
-
-/// Copies a forwarded request to the service's mirrors. A mirror that can't take it (queue
-/// full, down) drops it and counts: the client never waits for a mirror.
-fn mirror(
-    req: &Request<'_>,
-    cmd: Option<Command>,
-    svc: &ServiceCtx,
-    dice: &mut Dice,
-    client: u64,
-    deadline: Instant,
-) {
-    let is_write = cmd.is_some_and(|c| c.info.has(flags::WRITE));
-    for m in &svc.mirrors {
-        if (m.exclude_reads && !is_write) || m.conns.is_empty() {
-            continue;
-        }
-        if m.per_10000 < 10_000 && dice.below(10_000) >= m.per_10000 {
-            continue;
-        }
-        let conn = &m.conns[(client as usize) % m.conns.len()];
-        match conn.send(req, Rc::clone(&svc.discard), 0, deadline) {
-            Ok(()) => m.sent.inc(),
-            Err(_) => m.dropped.inc(),
-        };
-    }
 }
 
 /// What an injected fault does.
@@ -159,7 +123,7 @@ pub struct Fault {
 
 /// A small xorshift generator for fault dice: statistically fine for percentages, and
 /// cheaper than a shared generator.
-struct Dice(u64);
+pub(crate) struct Dice(u64);
 
 impl Dice {
     fn new(seed: u64) -> Dice {
@@ -167,7 +131,7 @@ impl Dice {
     }
 
     /// A number in `0..n`.
-    fn below(&mut self, n: u32) -> u32 {
+    pub(crate) fn below(&mut self, n: u32) -> u32 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -665,23 +629,7 @@ pub async fn run(
             protocol_error: false,
             authenticated: svc.auth.is_none(),
         },
-        conn: match &svc.backend {
-            Backend::Standalone(conns) if !conns.is_empty() => {
-                Some(conns[(id as usize) % conns.len()].clone())
-            }
-            _ => None,
-        },
-        cluster: match &svc.backend {
-            Backend::Cluster(pool, policy) => {
-                Some(cluster::ClusterClient::new(cluster::ClusterShared {
-                    pool: Rc::clone(pool),
-                    policy: *policy,
-                    client: id,
-                    discard: Rc::clone(&svc.discard),
-                }))
-            }
-            Backend::Standalone(_) => None,
-        },
+        forwarder: forward::Forwarder::new(&svc.routes, id, &svc.discard),
         svc,
         commands: 0,
         dice: Dice::new(
@@ -717,10 +665,8 @@ struct Session {
     parser: RequestParser,
     /// Client-visible connection state.
     state: ClientState,
-    /// This client's shared upstream connection (standalone upstreams).
-    conn: Option<SharedConn>,
-    /// This client's routing state (cluster upstreams).
-    cluster: Option<cluster::ClusterClient>,
+    /// This client's way to the service's upstreams and mirrors.
+    forwarder: forward::Forwarder,
     /// The service.
     svc: Rc<ServiceCtx>,
     /// Commands received, for the access log.
@@ -841,20 +787,21 @@ impl Session {
         };
         let deadline = Instant::now() + self.svc.op_timeout;
         let sink: Rc<dyn ReplySink> = self.core.clone();
-        let sent = match (&self.conn, &mut self.cluster) {
-            (Some(conn), _) => conn.send_encoded(&d.request, sink, d.token, deadline),
-            (None, Some(cluster)) => {
-                // The held request was encoded from a parsed one, so it parses again.
-                let mut parser = RequestParser::new(self.svc.limits);
-                match parser.parse(&d.request) {
-                    Ok(Some(n)) => {
-                        let req = parser.request(&d.request[..n]);
-                        cluster.forward(&req, command::lookup(&req), sink, d.token, deadline)
-                    }
-                    _ => Err(error_reply("internal error: delayed request lost")),
-                }
+        // The held request was encoded from a parsed one, so it parses again.
+        let mut parser = RequestParser::new(self.svc.limits);
+        let sent = match parser.parse(&d.request) {
+            Ok(Some(n)) => {
+                let req = parser.request(&d.request[..n]);
+                let routing = routing(&self.svc);
+                let mut cx = forward::Ctx {
+                    svc: &routing,
+                    deadline,
+                    dice: &mut self.dice,
+                };
+                self.forwarder
+                    .forward(&mut cx, &req, command::lookup(&req), sink, d.token)
             }
-            (None, None) => Err(error_reply("service has no upstream")),
+            _ => Err(error_reply("internal error: delayed request lost")),
         };
         if let Err(reply) = sent {
             // The session writes its output right after this; no flush needed.
@@ -892,28 +839,16 @@ impl Session {
                                 &mut self.delayed,
                             );
                         if !faulted {
-                            let forwarded = dispatch(
+                            dispatch(
                                 &req,
                                 cmd,
                                 &self.core,
                                 &mut self.state,
                                 &self.svc,
-                                Upstream {
-                                    conn: self.conn.as_ref(),
-                                    cluster: self.cluster.as_mut(),
-                                },
+                                &mut self.forwarder,
+                                &mut self.dice,
                                 deadline,
                             );
-                            if forwarded && !self.svc.mirrors.is_empty() {
-                                mirror(
-                                    &req,
-                                    cmd,
-                                    &self.svc,
-                                    &mut self.dice,
-                                    self.state.id,
-                                    deadline,
-                                );
-                            }
                         }
                     }
                     input.consume(n);
@@ -931,49 +866,52 @@ impl Session {
     }
 }
 
-/// A session's way to its upstream: a shared connection, or cluster routing.
-struct Upstream<'a> {
-    /// Standalone: the client's shared connection.
-    conn: Option<&'a SharedConn>,
-    /// Cluster: the client's routing state.
-    cluster: Option<&'a mut cluster::ClusterClient>,
+/// What a forward needs of the service.
+fn routing(svc: &ServiceCtx) -> forward::Routing<'_> {
+    forward::Routing {
+        routes: &svc.routes,
+        prefixes: &svc.prefixes,
+        discard: &svc.discard,
+        limits: svc.limits,
+    }
 }
 
 /// Handles one command: a local reply, a refusal, or a hand-off to the upstream.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the session's parts, borrowed separately"
+)]
 fn dispatch(
     req: &Request<'_>,
     cmd: Option<Command>,
     core: &Rc<Core>,
     state: &mut ClientState,
     svc: &ServiceCtx,
-    upstream: Upstream<'_>,
+    forwarder: &mut forward::Forwarder,
+    dice: &mut Dice,
     deadline: Instant,
-) -> bool {
+) {
     let handling = cmd.map(|c| (c.handling, c.info));
     if !state.authenticated && !handling.is_some_and(|(_, info)| info.has(flags::NO_AUTH)) {
         core.push_ready(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
-        return false;
+        return;
     }
     match handling {
         // Standalone upstreams answer unknown commands themselves, in Redis's words.
         None | Some((Handling::Forward, _)) => {
             let token = core.push_pending();
             let sink: Rc<dyn ReplySink> = core.clone();
-            let sent = match upstream {
-                Upstream {
-                    conn: Some(conn), ..
-                } => conn.send(req, sink, token, deadline),
-                Upstream {
-                    cluster: Some(cluster),
-                    ..
-                } => cluster.forward(req, cmd, sink, token, deadline),
-                _ => Err(error_reply("service has no upstream")),
+            let routing = routing(svc);
+            let mut cx = forward::Ctx {
+                svc: &routing,
+                deadline,
+                dice,
             };
+            let sent = forwarder.forward(&mut cx, req, cmd, sink, token);
             if let Err(reply) = sent {
                 // The session writes its output right after dispatching; no flush needed.
                 let _ = core.deliver(token, reply);
             }
-            true
         }
         Some((Handling::Local(local), info)) => {
             let reply = if info.arity_ok(req.len()) {
@@ -982,7 +920,6 @@ fn dispatch(
                 wrong_arity(req)
             };
             core.push_ready(reply);
-            false
         }
         Some((handling, info)) => {
             let name = display_name(info.name);
@@ -1003,7 +940,6 @@ fn dispatch(
             core.push_ready(error_reply(&format!(
                 "'{name}' is not supported by redis-intercept: {why}"
             )));
-            false
         }
     }
 }

@@ -83,7 +83,7 @@ fn check_rejects_broken_configs_naming_file_key_and_problem() {
 }
 
 /// A feature `run` refuses in this build.
-const UNBUILT: &str = "[[service.route]]\nprefix = \"a:\"\nupstream = \"main\"\n";
+const UNBUILT: &str = "[intercept]\ndefault = \"off\"\n";
 
 /// Runs a command that should exit by itself; kills it and fails the test after 10 s.
 fn run_bounded(cmd: &mut Command) -> std::process::Output {
@@ -111,7 +111,7 @@ fn check_warns_about_features_run_would_refuse() {
     ));
     assert!(ok);
     assert!(
-        err.contains("service[0].route is not implemented in this build"),
+        err.contains("[intercept] (eBPF interception) is not implemented in this build"),
         "{err}"
     );
     assert!(!err.contains("s3cret"), "a password leaked: {err}");
@@ -125,10 +125,7 @@ fn run_refuses_settings_it_would_silently_ignore() {
     let out = run_bounded(bin().arg("run").arg("--config").arg(&path));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("does not implement: service[0].route"),
-        "{err}"
-    );
+    assert!(err.contains("does not implement: [intercept]"), "{err}");
     let out = run_bounded(bin().args([
         "run",
         "--listen",

@@ -523,7 +523,7 @@ impl ReplySink for Follow {
 
 /// Which INFO sections a client asked for (only these three are served on a cluster).
 #[derive(Debug, Clone, Copy, Default)]
-struct InfoSections {
+pub(super) struct InfoSections {
     server: bool,
     cluster: bool,
     keyspace: bool,
@@ -558,7 +558,7 @@ fn info_sections(req: &Request<'_>) -> InfoSections {
 }
 
 /// How part replies are combined.
-enum MergeKind {
+pub(super) enum MergeKind {
     /// A split multi-key command; for MGET, each part's value positions and the key count.
     Split(SplitKind, Vec<Vec<usize>>, usize),
     /// A keyless command sent to every master.
@@ -568,7 +568,7 @@ enum MergeKind {
 }
 
 /// Collects the replies of a split or broadcast request and gives the parent one reply.
-struct Merge {
+pub(super) struct Merge {
     /// Who gets the merged reply.
     parent: Rc<dyn ReplySink>,
     /// The parent's token for it.
@@ -582,7 +582,12 @@ struct Merge {
 }
 
 impl Merge {
-    fn new(parent: Rc<dyn ReplySink>, token: u64, kind: MergeKind, parts: usize) -> Rc<Merge> {
+    pub(super) fn new(
+        parent: Rc<dyn ReplySink>,
+        token: u64,
+        kind: MergeKind,
+        parts: usize,
+    ) -> Rc<Merge> {
         Rc::new(Merge {
             parent,
             token,

@@ -1,0 +1,371 @@
+//! Where a client's forwarded request goes: the route its keys fall under (longest key
+//! prefix, else the service's catch-all upstream), that route's upstream (a standalone
+//! server or a cluster), and copies to that route's mirrors.
+//!
+//! A multi-key command whose keys fall under different routes is split by route (and each
+//! part again by slot on a cluster) and merged; other commands whose keys span routes are
+//! refused. With `remove_prefix` the route's prefix is cut from every key before sending.
+
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
+
+use super::cluster::{ClusterClient, ClusterShared, Merge, MergeKind};
+use super::{Backend, Dice};
+use crate::command::{Command, flags};
+use crate::resp::{Limits, Request, RequestParser, encode_command};
+use crate::route::{self, Prefixes, SplitKind};
+use crate::upstream::{ReplySink, SharedConn, error_reply};
+
+/// A traffic mirror of a route, on one worker.
+pub struct Mirror {
+    /// The mirror upstream on this worker.
+    pub backend: Backend,
+    /// Chance per request in hundredths of a percent (0 to 10000).
+    pub per_10000: u32,
+    /// Copy only commands Redis flags `write`.
+    pub exclude_reads: bool,
+    /// Copies handed to the mirror.
+    pub sent: prometheus_client::metrics::counter::Counter,
+    /// Copies dropped: the mirror's queue was full or the mirror was down.
+    pub dropped: prometheus_client::metrics::counter::Counter,
+}
+
+/// One route of a service on one worker: index 0 is the catch-all (the service's upstream).
+pub struct RouteCtx {
+    /// Cut the route's prefix from keys before sending.
+    pub remove_prefix: bool,
+    /// The route's upstream.
+    pub backend: Backend,
+    /// The route's mirrors.
+    pub mirrors: Vec<Mirror>,
+}
+
+/// How one client reaches one upstream.
+enum Target {
+    /// Its shared connection to a standalone server.
+    Conn(SharedConn),
+    /// Its routing state on a cluster.
+    Cluster(ClusterClient),
+    /// An upstream with no connection (never configured so; answers with an error).
+    None,
+}
+
+impl Target {
+    fn new(backend: &Backend, client: u64, discard: &Rc<dyn ReplySink>) -> Target {
+        match backend {
+            Backend::Standalone(conns) if !conns.is_empty() => {
+                Target::Conn(conns[(client as usize) % conns.len()].clone())
+            }
+            Backend::Standalone(_) => Target::None,
+            Backend::Cluster(pool, policy) => Target::Cluster(ClusterClient::new(ClusterShared {
+                pool: Rc::clone(pool),
+                policy: *policy,
+                client,
+                discard: Rc::clone(discard),
+            })),
+        }
+    }
+
+    fn forward(
+        &mut self,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        sink: Rc<dyn ReplySink>,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<(), Bytes> {
+        match self {
+            Target::Conn(conn) => conn.send(req, sink, token, deadline),
+            Target::Cluster(cluster) => cluster.forward(req, cmd, sink, token, deadline),
+            Target::None => Err(error_reply("service has no upstream")),
+        }
+    }
+}
+
+/// One client's targets for one route: the route's upstream and each of its mirrors.
+struct RouteTargets {
+    /// The route's upstream.
+    main: Target,
+    /// The route's mirrors, in the order of [`RouteCtx::mirrors`].
+    mirrors: Vec<Target>,
+}
+
+/// A client's way to every upstream of its service.
+pub struct Forwarder {
+    /// By route index (0: the catch-all).
+    routes: Vec<RouteTargets>,
+    /// Key indexes of the current request (reused).
+    keys: Vec<usize>,
+}
+
+/// Everything of the service a forward needs.
+pub struct Routing<'a> {
+    /// The routes, catch-all first.
+    pub routes: &'a [RouteCtx],
+    /// The prefix matcher (empty: everything goes to the catch-all).
+    pub prefixes: &'a Prefixes,
+    /// Swallows mirror replies.
+    pub discard: &'a Rc<dyn ReplySink>,
+    /// Limits for re-parsing rewritten requests.
+    pub limits: Limits,
+}
+
+/// The per-request context of a forward.
+pub struct Ctx<'a, 'd> {
+    /// The service's routes.
+    pub svc: &'a Routing<'a>,
+    /// When the client stops waiting.
+    pub deadline: Instant,
+    /// Dice for mirror sampling.
+    pub dice: &'d mut Dice,
+}
+
+/// Where a request's reply goes.
+struct To {
+    /// The receiver.
+    sink: Rc<dyn ReplySink>,
+    /// The receiver's token for the reply.
+    token: u64,
+}
+
+impl Forwarder {
+    /// A client's targets.
+    pub fn new(routes: &[RouteCtx], client: u64, discard: &Rc<dyn ReplySink>) -> Forwarder {
+        Forwarder {
+            routes: routes
+                .iter()
+                .map(|r| RouteTargets {
+                    main: Target::new(&r.backend, client, discard),
+                    mirrors: r
+                        .mirrors
+                        .iter()
+                        .map(|m| Target::new(&m.backend, client, discard))
+                        .collect(),
+                })
+                .collect(),
+            keys: Vec::new(),
+        }
+    }
+
+    /// Sends `req` to the route(s) its keys fall under; the reply goes to `sink` as `token`.
+    ///
+    /// # Errors
+    /// A reply to give the client at once.
+    pub fn forward(
+        &mut self,
+        cx: &mut Ctx<'_, '_>,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        sink: Rc<dyn ReplySink>,
+        token: u64,
+    ) -> Result<(), Bytes> {
+        let to = To { sink, token };
+        if cx.svc.prefixes.is_empty() {
+            return self.send_to(cx, 0, req, cmd, to);
+        }
+        let mut keys = std::mem::take(&mut self.keys);
+        keys.clear();
+        if let Some(c) = cmd {
+            c.info.key_indexes(req, &mut keys);
+        }
+        let prefixes = cx.svc.prefixes;
+        let route_of = |k: usize| prefixes.route_of(req.arg(k).unwrap_or_default());
+        let first = keys.first().map_or(0, |&k| route_of(k));
+        let result = if keys.iter().all(|&k| route_of(k) == first) {
+            self.send_routed(cx, first, req, cmd, &keys, to)
+        } else {
+            self.split(cx, req, cmd, &keys, to)
+        };
+        self.keys = keys;
+        result
+    }
+
+    /// The length of `route`'s prefix if it is cut from keys, else 0.
+    fn cut(svc: &Routing<'_>, route: usize) -> usize {
+        let strip = route != 0 && svc.routes.get(route).is_some_and(|r| r.remove_prefix);
+        if strip {
+            svc.prefixes.prefix_len(route)
+        } else {
+            0
+        }
+    }
+
+    /// Sends a request whose keys are all under `route`, cutting the prefix if asked.
+    fn send_routed(
+        &mut self,
+        cx: &mut Ctx<'_, '_>,
+        route: usize,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        keys: &[usize],
+        to: To,
+    ) -> Result<(), Bytes> {
+        let cut = Self::cut(cx.svc, route);
+        if cut == 0 {
+            return self.send_to(cx, route, req, cmd, to);
+        }
+        let mut out = BytesMut::new();
+        encode_command(
+            req.args().enumerate().map(|(i, a)| {
+                if keys.contains(&i) {
+                    a.get(cut..).unwrap_or_default()
+                } else {
+                    a
+                }
+            }),
+            &mut out,
+        );
+        self.send_encoded(cx, route, &out, cmd, to)
+    }
+
+    /// Splits a multi-key command over routes and merges the parts' replies; commands that
+    /// can't be split are refused.
+    fn split(
+        &mut self,
+        cx: &mut Ctx<'_, '_>,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        keys: &[usize],
+        to: To,
+    ) -> Result<(), Bytes> {
+        let name = req.arg(0).unwrap_or_default();
+        let Some(kind) = cmd.and_then(|c| route::split_kind(c.info.name)) else {
+            return Err(error_reply(&format!(
+                "the keys of '{}' fall under different routes of this service, and it can't be split",
+                String::from_utf8_lossy(name).to_uppercase()
+            )));
+        };
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for &k in keys {
+            let r = cx.svc.prefixes.route_of(req.arg(k).unwrap_or_default());
+            match groups.iter_mut().find(|(g, _)| *g == r) {
+                Some((_, idx)) => idx.push(k),
+                None => groups.push((r, vec![k])),
+            }
+        }
+        let positions = match kind {
+            SplitKind::Values => groups
+                .iter()
+                .map(|(_, idx)| idx.iter().map(|k| k - 1).collect())
+                .collect(),
+            _ => Vec::new(),
+        };
+        let total = if kind == SplitKind::Values {
+            req.len() - 1
+        } else {
+            0
+        };
+        let merge = Merge::new(
+            to.sink,
+            to.token,
+            MergeKind::Split(kind, positions, total),
+            groups.len(),
+        );
+        let parent: Rc<dyn ReplySink> = merge.clone();
+        for (i, (route, idx)) in groups.iter().enumerate() {
+            let cut = Self::cut(cx.svc, *route);
+            let mut args: Vec<&[u8]> = vec![name];
+            for &k in idx {
+                args.push(
+                    req.arg(k)
+                        .unwrap_or_default()
+                        .get(cut..)
+                        .unwrap_or_default(),
+                );
+                if kind == SplitKind::AllOk {
+                    args.push(req.arg(k + 1).unwrap_or_default());
+                }
+            }
+            let mut out = BytesMut::new();
+            encode_command(args.into_iter(), &mut out);
+            let part = To {
+                sink: Rc::clone(&parent),
+                token: i as u64,
+            };
+            if let Err(e) = self.send_encoded(cx, *route, &out, cmd, part) {
+                let _ = merge.deliver(i as u64, e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses a command the proxy encoded and sends it to `route`.
+    fn send_encoded(
+        &mut self,
+        cx: &mut Ctx<'_, '_>,
+        route: usize,
+        encoded: &[u8],
+        cmd: Option<Command>,
+        to: To,
+    ) -> Result<(), Bytes> {
+        let mut parser = RequestParser::new(cx.svc.limits);
+        match parser.parse(encoded) {
+            Ok(Some(n)) => {
+                let req = parser.request(&encoded[..n]);
+                self.send_to(cx, route, &req, cmd, to)
+            }
+            _ => Err(error_reply(
+                "internal error: a rewritten request did not parse",
+            )),
+        }
+    }
+
+    /// Sends to `route`'s upstream, then copies to its mirrors.
+    fn send_to(
+        &mut self,
+        cx: &mut Ctx<'_, '_>,
+        route: usize,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        to: To,
+    ) -> Result<(), Bytes> {
+        let (Some(targets), Some(ctx)) = (self.routes.get_mut(route), cx.svc.routes.get(route))
+        else {
+            return Err(error_reply("internal error: unknown route"));
+        };
+        let result = targets
+            .main
+            .forward(req, cmd, to.sink, to.token, cx.deadline);
+        if result.is_ok() && !ctx.mirrors.is_empty() {
+            mirror(
+                req,
+                cmd,
+                ctx,
+                &mut targets.mirrors,
+                cx.svc.discard,
+                cx.dice,
+                cx.deadline,
+            );
+        }
+        result
+    }
+}
+
+/// Copies a forwarded request to a route's mirrors. A mirror that can't take it (queue full,
+/// down) drops it and counts: the client never waits for a mirror. A cluster mirror splits
+/// multi-key commands like any cluster request.
+fn mirror(
+    req: &Request<'_>,
+    cmd: Option<Command>,
+    route: &RouteCtx,
+    targets: &mut [Target],
+    discard: &Rc<dyn ReplySink>,
+    dice: &mut Dice,
+    deadline: Instant,
+) {
+    let is_write = cmd.is_some_and(|c| c.info.has(flags::WRITE));
+    for (m, target) in route.mirrors.iter().zip(targets.iter_mut()) {
+        if m.exclude_reads && !is_write {
+            continue;
+        }
+        if m.per_10000 < 10_000 && dice.below(10_000) >= m.per_10000 {
+            continue;
+        }
+        match target.forward(req, cmd, Rc::clone(discard), 0, deadline) {
+            Ok(()) => m.sent.inc(),
+            Err(_) => m.dropped.inc(),
+        };
+    }
+}
