@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::resp::Limits;
 use crate::session::{
     self, Backend, ClientAuth, ClientGuard, Discard, Fault, FaultAction, Mirror, RouteCtx,
-    ServiceCtx, Sessions,
+    ServiceCtx, Sessions, SharedAuth,
 };
 use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
 use crate::upstream::tls::{self, TlsSettings};
@@ -50,9 +50,65 @@ pub struct Proxy {
     admin: Option<Admin>,
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
+    /// Client credentials of each service (config order), shared with every worker so a
+    /// reload changes them for all.
+    client_auths: Vec<SharedAuth>,
+    /// The configuration running now.
+    running: std::sync::Mutex<Config>,
 }
 
 impl Proxy {
+    /// Applies a new configuration without a restart: client passwords (`[service.auth]`,
+    /// with `password_file` read again) change for every new AUTH. Returns notes about
+    /// settings that differ but only take effect after a restart. Upstream `password_file`s
+    /// need no reload: they are read at every connect.
+    ///
+    /// # Errors
+    /// A password file that can't be read; nothing changes then.
+    pub fn reload(&self, new: &Config) -> Result<Vec<String>> {
+        let auths = client_auths(new)?;
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut notes = Vec::new();
+        for (i, svc) in running.services.iter().enumerate() {
+            let Some(j) = new.services.iter().position(|s| s.name == svc.name) else {
+                notes.push(format!(
+                    "service {:?} was removed: needs a restart",
+                    svc.name
+                ));
+                continue;
+            };
+            if let (Some(slot), Some(auth)) = (self.client_auths.get(i), auths.get(j)) {
+                *slot
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = auth.clone();
+            }
+        }
+        // Everything else needs a restart; say so when it changed.
+        let mut old = running.clone();
+        let mut next = new.clone();
+        for s in old.services.iter_mut().chain(next.services.iter_mut()) {
+            s.auth = None;
+        }
+        if redacted_toml_of(&old) != redacted_toml_of(&next) {
+            notes.push(
+                "settings other than client passwords changed; they take effect after a restart"
+                    .to_owned(),
+            );
+        }
+        // What runs now: the same services and upstreams, with the new credentials.
+        let mut applied = running.clone();
+        for s in &mut applied.services {
+            if let Some(n) = new.services.iter().find(|n| n.name == s.name) {
+                s.auth = n.auth.clone();
+            }
+        }
+        *running = applied;
+        Ok(notes)
+    }
+
     /// The bound address of the service called `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
         self.services
@@ -81,27 +137,84 @@ impl Proxy {
     }
 }
 
-/// Runs the proxy until SIGTERM or SIGINT, then drains and stops it.
+/// Runs the proxy until SIGTERM or SIGINT, then drains and stops it. SIGHUP reloads
+/// `path` (client passwords change at once; an invalid file keeps the running config).
 ///
 /// # Errors
 /// Start-up failures from [`start`], or signal handlers that can't be installed.
-pub fn run(config: &Config) -> Result<()> {
+pub fn run(config: &Config, path: Option<&std::path::Path>) -> Result<()> {
     let proxy = start(config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("build signal runtime")?;
     runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => { r?; break; }
+                _ = term.recv() => break,
+                _ = hup.recv() => reload(&proxy, path),
+            }
         }
         anyhow::Ok(())
     })?;
     info!("shutting down: draining clients");
     proxy.shutdown();
     Ok(())
+}
+
+/// Handles SIGHUP: reads and checks the file again and applies it, or logs why not.
+fn reload(proxy: &Proxy, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        warn!("SIGHUP: the proxy was started without --config; nothing to reload");
+        return;
+    };
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("reload failed, keeping the running config:\n{e}");
+            return;
+        }
+    };
+    match proxy.reload(&config) {
+        Ok(notes) => {
+            info!(file = %path.display(), "configuration reloaded: client passwords applied");
+            for note in notes {
+                warn!("reload: {note}");
+            }
+        }
+        Err(e) => error!(error = %format!("{e:#}"), "reload failed, keeping the running config"),
+    }
+}
+
+/// The client credentials of every service, password files read now.
+fn client_auths(config: &Config) -> Result<Vec<Option<ClientAuth>>> {
+    config
+        .services
+        .iter()
+        .map(|s| {
+            s.auth
+                .as_ref()
+                .map(|a| {
+                    let passwords = a
+                        .load_passwords()
+                        .map_err(|e| anyhow::anyhow!("service {:?}: auth: {e}", s.name))?;
+                    Ok(ClientAuth {
+                        username: a.username.clone().unwrap_or_else(|| "default".to_owned()),
+                        passwords: passwords.into_iter().map(String::into_bytes).collect(),
+                    })
+                })
+                .transpose()
+        })
+        .collect()
+}
+
+/// The config as TOML with secrets redacted, for comparing two configs.
+fn redacted_toml_of(config: &Config) -> String {
+    crate::admin::redacted_toml(config)
 }
 
 /// Binds every listener, then starts the workers. Errors (a port in use, a bad address)
@@ -140,24 +253,10 @@ pub fn start(config: &Config) -> Result<Proxy> {
     for up in &config.upstreams {
         upstream_auths.insert(up.name.clone(), upstream_secrets(up)?);
     }
-    let client_auths = config
-        .services
-        .iter()
-        .map(|s| {
-            s.auth
-                .as_ref()
-                .map(|a| {
-                    let passwords = a
-                        .load_passwords()
-                        .map_err(|e| anyhow::anyhow!("service {:?}: auth: {e}", s.name))?;
-                    Ok(ClientAuth {
-                        username: a.username.clone().unwrap_or_else(|| "default".to_owned()),
-                        passwords: passwords.into_iter().map(String::into_bytes).collect(),
-                    })
-                })
-                .transpose()
-        })
-        .collect::<Result<Vec<Option<ClientAuth>>>>()?;
+    let client_auths = client_auths(config)?
+        .into_iter()
+        .map(|a| Arc::new(std::sync::RwLock::new(a)))
+        .collect::<Vec<SharedAuth>>();
     let (tx, rx) = watch::channel(false);
     let metrics = Metrics::new();
     // Every worker publishes its view of each cluster upstream here, for /ready and /topology.
@@ -221,6 +320,8 @@ pub fn start(config: &Config) -> Result<Proxy> {
         workers: handles,
         admin,
         metrics,
+        client_auths,
+        running: std::sync::Mutex::new(config.clone()),
     })
 }
 
@@ -255,7 +356,7 @@ struct WorkerPlan {
     /// Credentials of each upstream, by name.
     upstream_auths: std::collections::HashMap<String, UpstreamSecrets>,
     /// Client-facing credentials of each service, in config order.
-    client_auths: Vec<Option<ClientAuth>>,
+    client_auths: Vec<SharedAuth>,
     /// Where workers publish their view of each cluster upstream.
     cluster_status: std::collections::HashMap<String, Arc<ClusterStatus>>,
 }

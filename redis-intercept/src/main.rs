@@ -137,7 +137,7 @@ fn run(args: RunArgs) -> Result<()> {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "could not raise the open file limit");
     }
-    app::run(&config)
+    app::run(&config, args.config.as_deref())
 }
 
 /// The one-service config the quick-start flags describe.

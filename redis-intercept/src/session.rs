@@ -76,8 +76,9 @@ pub struct ServiceCtx {
     pub limits: Limits,
     /// The service's metric handles.
     pub metrics: ServiceMetrics,
-    /// Client-facing credentials; `None`: clients need none.
-    pub auth: Option<ClientAuth>,
+    /// Client-facing credentials (`None`: clients need none), shared by every worker and
+    /// replaced by a reload.
+    pub auth: SharedAuth,
     /// Without `auth`: refuse AUTH as Redis does when no password is set (else answer OK).
     pub legacy_auth_reject: bool,
     /// Fault injection rules, tried in order; the first that matches and hits applies.
@@ -211,6 +212,17 @@ fn pick_fault<'f>(
         }
     }
     None
+}
+
+/// A service's client credentials as every worker sees them; a reload swaps the value.
+pub type SharedAuth = Arc<std::sync::RwLock<Option<ClientAuth>>>;
+
+/// Whether a service asks clients for credentials now.
+fn auth_required(svc: &ServiceCtx) -> bool {
+    svc.auth
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_some()
 }
 
 /// The credentials clients of a service must present.
@@ -627,7 +639,7 @@ pub async fn run(
             name: None,
             closing: false,
             protocol_error: false,
-            authenticated: svc.auth.is_none(),
+            authenticated: !auth_required(&svc),
         },
         forwarder: forward::Forwarder::new(&svc.routes, id, &svc.discard),
         svc,
@@ -1003,7 +1015,7 @@ fn local_reply(
         Local::ClientSetInfo => Bytes::from_static(OK),
         Local::Reset => {
             state.name = None;
-            state.authenticated = svc.auth.is_none();
+            state.authenticated = !auth_required(svc);
             Bytes::from_static(b"+RESET\r\n")
         }
         Local::Hello => hello(req, state, svc),
@@ -1031,7 +1043,11 @@ fn check_credentials(
     state: &mut ClientState,
     svc: &ServiceCtx,
 ) -> Result<(), Bytes> {
-    match &svc.auth {
+    let auth = svc
+        .auth
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match &*auth {
         Some(auth) => {
             if auth.check(user.unwrap_or(b"default"), pass) {
                 state.authenticated = true;

@@ -175,3 +175,94 @@ fn shipped_configs_pass_check() {
         );
     }
 }
+
+/// Sends one command over a fresh connection and returns the first reply line.
+fn ask(addr: &str, args: &[&str]) -> String {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    line.trim_end().to_owned()
+}
+
+#[test]
+fn sighup_reloads_client_passwords_and_keeps_running_on_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("passwords");
+    std::fs::write(&secret, "old-pass\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // AUTH is answered by the proxy, so no Redis is needed (the upstream port is closed).
+    let text = format!(
+        "[proxy]\nworkers = 1\n\n[[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"127.0.0.1:1\"]\n\n\
+         [[service]]\nname = \"cache\"\nlisten = \"{addr}\"\nupstream = \"main\"\n\
+         [service.auth]\npassword_file = \"{}\"\n",
+        secret.display()
+    );
+    let path = dir.path().join("conf.toml");
+    std::fs::write(&path, &text).unwrap();
+    let mut child = bin()
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let hup = || {
+        let ok = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    let wait_for = |args: &[&str], want: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let got = ask(&addr, args);
+            if got == want {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{args:?}: {got}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    assert_eq!(ask(&addr, &["AUTH", "old-pass"]), "+OK");
+    // Rotation: the Secret file changes, then SIGHUP.
+    std::fs::write(&secret, "new-pass\n").unwrap();
+    hup();
+    wait_for(&["AUTH", "new-pass"], "+OK");
+    assert!(ask(&addr, &["AUTH", "old-pass"]).starts_with("-WRONGPASS"));
+    // A broken file is refused and the running config stays.
+    std::fs::write(&path, "[[service]\n").unwrap();
+    hup();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(ask(&addr, &["AUTH", "new-pass"]), "+OK");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the proxy kept running"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}

@@ -243,3 +243,43 @@ fn legacy_auth_without_client_auth() {
     assert_eq!(c.read(), Frame::NullBulk);
     proxy.shutdown();
 }
+
+#[test]
+fn reload_turns_client_auth_on_and_reports_what_needs_a_restart() {
+    let server = RedisServer::start();
+    let base = format!(
+        "[proxy]\nworkers = 2\n\n[[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{}\"]\n\n\
+         [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n",
+        server.addr
+    );
+    let proxy = redis_intercept_e2e::start_proxy_config(&base);
+    let addr = proxy.addr("svc").unwrap();
+    let mut before = RespReader::connect(addr);
+    assert_eq!(before.call(&["SET", "k", "v"]), ok());
+    let with_auth = format!("{base}[service.auth]\npasswords = [\"pw\"]\n");
+    let config = redis_intercept::config::Config::parse(&with_auth, "reload").unwrap();
+    assert_eq!(proxy.reload(&config).unwrap(), Vec::<String>::new());
+    // New clients need the password; the one already in keeps its session.
+    let mut after = RespReader::connect(addr);
+    assert!(is_err(&after.call(&["GET", "k"]), "NOAUTH"));
+    assert_eq!(after.call(&["AUTH", "pw"]), ok());
+    assert_eq!(after.call(&["GET", "k"]), Frame::Bulk("v".into()));
+    assert_eq!(before.call(&["GET", "k"]), Frame::Bulk("v".into()));
+    // A setting that only a restart applies is reported, and the passwords still change.
+    let changed = with_auth
+        .replace("passwords = [\"pw\"]", "passwords = [\"pw2\"]")
+        .replace(
+            "upstream = \"main\"\n",
+            "upstream = \"main\"\nop_timeout = \"1s\"\n",
+        );
+    let config = redis_intercept::config::Config::parse(&changed, "reload").unwrap();
+    let notes = proxy.reload(&config).unwrap();
+    assert!(
+        notes.iter().any(|n| n.contains("after a restart")),
+        "{notes:?}"
+    );
+    let mut third = RespReader::connect(addr);
+    assert!(is_err(&third.call(&["AUTH", "pw"]), "WRONGPASS"));
+    assert_eq!(third.call(&["AUTH", "pw2"]), ok());
+    proxy.shutdown();
+}
