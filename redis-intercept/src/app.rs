@@ -417,7 +417,7 @@ impl WorkerPlan {
             };
             let mut routes = vec![RouteCtx {
                 remove_prefix: false,
-                backend: ups.backend(up, svc.read_policy, up.max_pending_bytes.0),
+                backend: ups.backend(up, svc.read_policy, up.max_pending_bytes.0, Duration::ZERO),
                 mirrors: ups.mirrors(&config, &svc.name, &svc.mirrors)?,
             }];
             for r in &svc.routes {
@@ -434,6 +434,7 @@ impl WorkerPlan {
                         target,
                         r.read_policy.unwrap_or(svc.read_policy),
                         target.max_pending_bytes.0,
+                        Duration::ZERO,
                     ),
                     mirrors: ups.mirrors(&config, &svc.name, &r.mirrors)?,
                 });
@@ -536,9 +537,13 @@ impl Upstreams<'_> {
         up: &crate::config::UpstreamConfig,
         policy: crate::config::ReadPolicy,
         max_pending: usize,
+        write_delay: Duration,
     ) -> Backend {
         let secrets = self.auths.get(&up.name).cloned().unwrap_or_default();
-        let settings = conn_settings(up, &secrets, max_pending, self.limits);
+        let settings = ConnSettings {
+            write_delay,
+            ..conn_settings(up, &secrets, max_pending, self.limits)
+        };
         match up.mode {
             Mode::Standalone => {
                 // Config validation gives a standalone upstream exactly one node.
@@ -597,7 +602,12 @@ impl Upstreams<'_> {
             };
             let (sent, dropped) = self.metrics.mirror(service, &target.name);
             mirrors.push(Mirror {
-                backend: self.backend(target, crate::config::ReadPolicy::Master, m.max_queue.0),
+                backend: self.backend(
+                    target,
+                    crate::config::ReadPolicy::Master,
+                    m.max_queue.0,
+                    m.batch_delay.0,
+                ),
                 per_10000: percent_to_per_10000(m.percentage),
                 exclude_reads: m.exclude_reads,
                 sent,
@@ -645,6 +655,7 @@ fn conn_settings(
     ConnSettings {
         auth: secrets.auth.clone(),
         tls: secrets.tls.clone(),
+        write_delay: Duration::ZERO,
         connect_timeout: up.connect_timeout.0,
         backoff_max: up.reconnect_backoff_max.0,
         max_pending_bytes,

@@ -102,6 +102,9 @@ pub struct ConnSettings {
     pub readonly: bool,
     /// TLS to the node; `None`: plain TCP.
     pub tls: Option<TlsSettings>,
+    /// Let requests gather this long before writing them (mirrors, whose replies nobody
+    /// waits for); zero writes at once, as the request path must.
+    pub write_delay: Duration,
 }
 
 /// Connects to `addr` (TCP, then TLS if configured, then AUTH/READONLY). The error says
@@ -580,6 +583,13 @@ impl SharedConn {
                 return false;
             }
             self.0.wake_writer.wait().await;
+            let delay = self.0.settings.write_delay;
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    () = self.0.wake_close.wait() => {}
+                }
+            }
         }
     }
 
