@@ -1,15 +1,166 @@
 //! `#[repr(C)]` types and constants shared by the userspace agent and the eBPF programs.
 //!
-//! Both sides must agree on these byte for byte, so every type here is plain old data with no
-//! implicit padding. The intercept issue adds the map key and value types.
+//! Both sides must agree on these byte for byte, so every type here is plain old data made of
+//! `u32`/`u64` fields with no implicit padding. Addresses and ports are kept exactly as the
+//! kernel shows them in `struct bpf_sock_addr`: IPv4 addresses and each IPv6 word as the
+//! network-order bytes read as a native `u32`, ports as the network-order `u16` in the low bits
+//! of a `u32`. [`ip4_word`] and [`port_word`] do that conversion for userspace.
 #![no_std]
 
 /// Socket mark the proxy sets on its own upstream sockets so that the connect hook never
 /// redirects the proxy to itself ("rI" in ASCII, unlikely to clash with other marks).
 pub const PROXY_SO_MARK: u32 = 0x7249;
 
-/// Name of the eBPF object embedded in the agent and built by `cargo xtask build-ebpf`.
+/// Name of the eBPF object embedded in the agent.
 pub const EBPF_OBJECT_NAME: &str = "redis-intercept-ebpf";
 
-/// Name of the `cgroup/connect4` program inside the eBPF object.
+/// Program names inside the eBPF object.
 pub const CONNECT4_PROGRAM: &str = "redis_intercept_connect4";
+/// The `cgroup/connect6` program.
+pub const CONNECT6_PROGRAM: &str = "redis_intercept_connect6";
+/// The `cgroup/getpeername4` program.
+pub const GETPEERNAME4_PROGRAM: &str = "redis_intercept_getpeername4";
+/// The `cgroup/getpeername6` program.
+pub const GETPEERNAME6_PROGRAM: &str = "redis_intercept_getpeername6";
+
+/// Map names inside the eBPF object.
+pub const SERVICES_V4_MAP: &str = "RI_SERVICES_V4";
+/// IPv6 services.
+pub const SERVICES_V6_MAP: &str = "RI_SERVICES_V6";
+/// Cgroup id → [`POLICY_ON`] / [`POLICY_OFF`].
+pub const CGROUP_POLICY_MAP: &str = "RI_CGROUP_POLICY";
+/// One [`Settings`] entry.
+pub const SETTINGS_MAP: &str = "RI_SETTINGS";
+/// Per-CPU counters, indexed by the `COUNTER_*` constants.
+pub const COUNTERS_MAP: &str = "RI_COUNTERS";
+/// Socket cookie → [`OrigDst`], for getpeername.
+pub const ORIG_DST_MAP: &str = "RI_ORIG_DST";
+
+/// Most services per address family.
+pub const MAX_SERVICES: u32 = 4096;
+/// Most explicit cgroup settings.
+pub const MAX_CGROUP_RULES: u32 = 16384;
+/// Redirected sockets remembered for getpeername (least recently used are forgotten).
+pub const MAX_ORIG_DST: u32 = 65536;
+/// Deepest cgroup level the policy walk looks at.
+pub const MAX_CGROUP_DEPTH: i32 = 32;
+
+/// A cgroup (and what is below it) is intercepted.
+pub const POLICY_ON: u32 = 1;
+/// A cgroup (and what is below it) is not intercepted.
+pub const POLICY_OFF: u32 = 2;
+
+/// Counter: connects rewritten to the proxy.
+pub const COUNTER_REDIRECTED: u32 = 0;
+/// Counter: connects to a VIP from a socket with the proxy's mark (the proxy itself).
+pub const COUNTER_SKIPPED_MARK: u32 = 1;
+/// Counter: connects to a VIP from a cgroup whose policy is off.
+pub const COUNTER_SKIPPED_POLICY: u32 = 2;
+/// Counter: connects to a VIP from another network namespace with no pod address configured.
+pub const COUNTER_SKIPPED_NO_POD_ADDRESS: u32 = 3;
+/// Number of counters.
+pub const COUNTERS: u32 = 4;
+
+/// Key of the IPv4 services map: a VIP and port as the kernel shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct ServiceKeyV4 {
+    /// `user_ip4`.
+    pub ip: u32,
+    /// `user_port`.
+    pub port: u32,
+}
+
+/// Key of the IPv6 services map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct ServiceKeyV6 {
+    /// `user_ip6`, word by word.
+    pub ip: [u32; 4],
+    /// `user_port`.
+    pub port: u32,
+}
+
+/// Where a VIP's connections go: the proxy listener of its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct ServiceValue {
+    /// Proxy address for callers in the host network namespace (IPv4 services).
+    pub host_ip4: u32,
+    /// Proxy address for callers in the host network namespace (IPv6 services).
+    pub host_ip6: [u32; 4],
+    /// The proxy listener's port (`user_port` form).
+    pub port: u32,
+    /// The service's number in the config, for counters and debugging.
+    pub service: u32,
+    /// Reserved; zero.
+    pub flags: u32,
+}
+
+/// Settings the programs read from the one-entry settings map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct Settings {
+    /// Policy of cgroups with no explicit setting: [`POLICY_ON`] or [`POLICY_OFF`].
+    pub default_policy: u32,
+    /// Sockets with this mark are never redirected.
+    pub proxy_mark: u32,
+    /// Proxy address for callers in other network namespaces (pods), IPv4; 0: don't
+    /// redirect them.
+    pub pod_ip4: u32,
+    /// Proxy address for pods, IPv6; all zero: don't redirect them.
+    pub pod_ip6: [u32; 4],
+}
+
+/// What a redirected socket originally dialled, for getpeername.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct OrigDst {
+    /// The VIP (IPv4 services, and v4-mapped IPv6 connects).
+    pub ip4: u32,
+    /// The VIP (IPv6 services).
+    pub ip6: [u32; 4],
+    /// The VIP's port.
+    pub port: u32,
+    /// 4 or 6: which field holds the address.
+    pub family: u32,
+}
+
+/// An IPv4 address's octets as the kernel's `user_ip4` word.
+pub fn ip4_word(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// An IPv6 address's octets as the kernel's four `user_ip6` words.
+pub fn ip6_words(octets: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([octets[0], octets[1], octets[2], octets[3]]),
+        u32::from_ne_bytes([octets[4], octets[5], octets[6], octets[7]]),
+        u32::from_ne_bytes([octets[8], octets[9], octets[10], octets[11]]),
+        u32::from_ne_bytes([octets[12], octets[13], octets[14], octets[15]]),
+    ]
+}
+
+/// A port as the kernel's `user_port` word.
+pub fn port_word(port: u16) -> u32 {
+    u32::from(port.to_be())
+}
+
+/// The third `user_ip6` word of a v4-mapped address (`::ffff:a.b.c.d`).
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (for each impl): the types are `#[repr(C)]`, made only of `u32` fields (no
+    // padding, every bit pattern valid), as `aya::Pod` requires.
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::ServiceKeyV4 {}
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::ServiceKeyV6 {}
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::ServiceValue {}
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::Settings {}
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::OrigDst {}
+}

@@ -1,20 +1,267 @@
-//! cgroup/connect eBPF programs of redis-intercept.
+//! cgroup eBPF programs of redis-intercept: `connect4`/`connect6` send TCP connects to a
+//! Redis VIP to the node's proxy, for the cgroups whose policy says so, and
+//! `getpeername4`/`getpeername6` make such sockets report the VIP they dialled.
 //!
-//! For now this holds one program that lets every connect through unchanged, so the build
-//! pipeline (nightly, `rust-src`, `bpf-linker`) is exercised from the first commit. The intercept
-//! issue replaces it with the VIP lookup, the cgroup policy walk and the rewrite.
+//! Every path that can't decide (no service, a failed lookup, a missing setting) returns 1
+//! with the address untouched: the hook fails open, so an application can always reach its
+//! VIP directly.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::bindings::bpf_sock_addr;
+use aya_ebpf::helpers::{
+    bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+    bpf_getsockopt,
+};
+use aya_ebpf::macros::{cgroup_sock_addr, map};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::programs::SockAddrContext;
+use redis_intercept_common::{
+    COUNTER_REDIRECTED, COUNTER_SKIPPED_MARK, COUNTER_SKIPPED_NO_POD_ADDRESS,
+    COUNTER_SKIPPED_POLICY, COUNTERS, MAX_CGROUP_DEPTH, MAX_CGROUP_RULES, MAX_ORIG_DST,
+    MAX_SERVICES, OrigDst, POLICY_ON, ServiceKeyV4, ServiceKeyV6, ServiceValue, Settings,
+    V4_MAPPED_WORD,
+};
 
-/// Allows the connect. Returning 1 is "continue" for cgroup/connect programs, which is also
-/// what every error path will return: the hook must fail open.
+/// VIP:port → proxy, IPv4.
+#[map(name = "RI_SERVICES_V4")]
+static SERVICES_V4: HashMap<ServiceKeyV4, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// VIP:port → proxy, IPv6.
+#[map(name = "RI_SERVICES_V6")]
+static SERVICES_V6: HashMap<ServiceKeyV6, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Cgroup id (inode of the cgroup2 directory) → on/off.
+#[map(name = "RI_CGROUP_POLICY")]
+static CGROUP_POLICY: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CGROUP_RULES, 0);
+
+/// The agent's settings; entry 0.
+#[map(name = "RI_SETTINGS")]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Per-CPU counters.
+#[map(name = "RI_COUNTERS")]
+static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+
+/// Socket cookie → what the socket dialled, for getpeername.
+#[map(name = "RI_ORIG_DST")]
+static ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_ORIG_DST, 0);
+
+/// Returned by every program: let the call proceed.
+const PROCEED: i32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
+
+fn count(index: u32) {
+    if let Some(c) = COUNTERS_MAP.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot of this map, only touched by this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// What to do with a connect to a known VIP from this socket and task: `None` to leave it,
+/// or whether the caller is in the host network namespace.
+fn decide(ctx: &SockAddrContext, settings: &Settings) -> Option<bool> {
+    let mut mark: u32 = 0;
+    // SAFETY: the helper writes at most 4 bytes into `mark`.
+    let got = unsafe {
+        bpf_getsockopt(
+            ctx.sock_addr.cast(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&raw mut mark).cast(),
+            4,
+        )
+    };
+    if got == 0 && mark == settings.proxy_mark {
+        count(COUNTER_SKIPPED_MARK);
+        return None;
+    }
+    // The deepest cgroup with an explicit setting wins.
+    let mut policy = settings.default_policy;
+    let mut level = MAX_CGROUP_DEPTH;
+    while level > 0 {
+        // SAFETY: a helper with no pointer arguments.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id != 0 {
+            // SAFETY: the map value is a plain u32 copied out at once.
+            if let Some(p) = unsafe { CGROUP_POLICY.get(&id) } {
+                policy = *p;
+                break;
+            }
+        }
+        level -= 1;
+    }
+    if policy != POLICY_ON {
+        count(COUNTER_SKIPPED_POLICY);
+        return None;
+    }
+    // SAFETY: the helper reads the context it is given; NULL asks for the initial netns.
+    let (mine, host) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.sock_addr.cast()),
+            bpf_get_netns_cookie(core::ptr::null_mut()),
+        )
+    };
+    Some(mine == host)
+}
+
+fn settings() -> Option<&'static Settings> {
+    SETTINGS.get(0)
+}
+
+fn remember(ctx: &SockAddrContext, orig: &OrigDst) {
+    // SAFETY: the helper reads the socket of the context it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let _ = ORIG_DST.insert(&cookie, orig, 0);
+}
+
+fn orig_dst(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: as in `remember`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: the value is copied out at once.
+    unsafe { ORIG_DST.get(&cookie) }.copied()
+}
+
+/// Rewrites a connect to an IPv4 VIP (also used for v4-mapped IPv6 connects); returns the
+/// new IPv4 address and port, or `None` to leave the connect alone.
+fn redirect_v4(ctx: &SockAddrContext, ip: u32, port: u32) -> Option<(u32, u32)> {
+    // SAFETY: the value is copied out at once.
+    let svc = unsafe { SERVICES_V4.get(&ServiceKeyV4 { ip, port }) }.copied()?;
+    let settings = settings()?;
+    let host = decide(ctx, settings)?;
+    let target = if host { svc.host_ip4 } else { settings.pod_ip4 };
+    if target == 0 {
+        count(COUNTER_SKIPPED_NO_POD_ADDRESS);
+        return None;
+    }
+    Some((target, svc.port))
+}
+
 #[cgroup_sock_addr(connect4)]
-pub fn redis_intercept_connect4(_ctx: SockAddrContext) -> i32 {
-    // Referenced so the shared crate stays in the object's build graph.
-    let _ = redis_intercept_common::PROXY_SO_MARK;
-    1
+pub fn redis_intercept_connect4(ctx: SockAddrContext) -> i32 {
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return PROCEED;
+    }
+    let (ip, port) = (sa.user_ip4, sa.user_port);
+    if let Some((to_ip, to_port)) = redirect_v4(&ctx, ip, port) {
+        remember(
+            &ctx,
+            &OrigDst {
+                ip4: ip,
+                ip6: [0; 4],
+                port,
+                family: 4,
+            },
+        );
+        sa.user_ip4 = to_ip;
+        sa.user_port = to_port;
+        count(COUNTER_REDIRECTED);
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redis_intercept_connect6(ctx: SockAddrContext) -> i32 {
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return PROCEED;
+    }
+    // Word by word: the verifier refuses the array as a whole.
+    let w0 = sa.user_ip6[0];
+    let w1 = sa.user_ip6[1];
+    let w2 = sa.user_ip6[2];
+    let w3 = sa.user_ip6[3];
+    let port = sa.user_port;
+    if w0 == 0 && w1 == 0 && w2 == V4_MAPPED_WORD {
+        // ::ffff:a.b.c.d from a dual-stack socket: an IPv4 VIP.
+        if let Some((to_ip, to_port)) = redirect_v4(&ctx, w3, port) {
+            remember(
+                &ctx,
+                &OrigDst {
+                    ip4: w3,
+                    ip6: [0; 4],
+                    port,
+                    family: 4,
+                },
+            );
+            sa.user_ip6[3] = to_ip;
+            sa.user_port = to_port;
+            count(COUNTER_REDIRECTED);
+        }
+        return PROCEED;
+    }
+    let key = ServiceKeyV6 {
+        ip: [w0, w1, w2, w3],
+        port,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(svc) = (unsafe { SERVICES_V6.get(&key) }).copied() else {
+        return PROCEED;
+    };
+    let Some(settings) = settings() else {
+        return PROCEED;
+    };
+    let Some(host) = decide(&ctx, settings) else {
+        return PROCEED;
+    };
+    let target = if host { svc.host_ip6 } else { settings.pod_ip6 };
+    if target == [0; 4] {
+        count(COUNTER_SKIPPED_NO_POD_ADDRESS);
+        return PROCEED;
+    }
+    remember(
+        &ctx,
+        &OrigDst {
+            ip4: 0,
+            ip6: [w0, w1, w2, w3],
+            port,
+            family: 6,
+        },
+    );
+    sa.user_ip6[0] = target[0];
+    sa.user_ip6[1] = target[1];
+    sa.user_ip6[2] = target[2];
+    sa.user_ip6[3] = target[3];
+    sa.user_port = svc.port;
+    count(COUNTER_REDIRECTED);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn redis_intercept_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = orig_dst(&ctx)
+        && orig.family == 4
+    {
+        let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = orig.ip4;
+        sa.user_port = orig.port;
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn redis_intercept_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = orig_dst(&ctx) {
+        let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+        if orig.family == 4 {
+            sa.user_ip6[0] = 0;
+            sa.user_ip6[1] = 0;
+            sa.user_ip6[2] = V4_MAPPED_WORD;
+            sa.user_ip6[3] = orig.ip4;
+        } else {
+            sa.user_ip6[0] = orig.ip6[0];
+            sa.user_ip6[1] = orig.ip6[1];
+            sa.user_ip6[2] = orig.ip6[2];
+            sa.user_ip6[3] = orig.ip6[3];
+        }
+        sa.user_port = orig.port;
+    }
+    PROCEED
 }
 
 #[cfg(not(test))]

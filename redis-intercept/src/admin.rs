@@ -1,5 +1,6 @@
 //! The local admin HTTP endpoint: `/metrics` (Prometheus), `/ready`, `/config` (secrets
-//! redacted), `/topology` (each worker's view of each cluster). It runs on its own thread and runtime, away from the data path, and should only
+//! redacted), `/topology` (each worker's view of each cluster), `/cgroups` (interception
+//! settings: GET lists them, POST `enable|disable|clear PATH` changes one). It runs on its own thread and runtime, away from the data path, and should only
 //! listen on loopback.
 
 use std::convert::Infallible;
@@ -31,6 +32,8 @@ pub struct AdminState {
     pub expected: std::collections::HashMap<String, i64>,
     /// Workers' views of each cluster upstream, by upstream name.
     pub clusters: std::collections::HashMap<String, Arc<ClusterStatus>>,
+    /// The eBPF programs, when interception is configured.
+    pub intercept: Option<crate::app::InterceptSlot>,
 }
 
 impl AdminState {
@@ -40,6 +43,7 @@ impl AdminState {
         workers: usize,
         metrics: Arc<Metrics>,
         clusters: std::collections::HashMap<String, Arc<ClusterStatus>>,
+        intercept: Option<crate::app::InterceptSlot>,
     ) -> AdminState {
         let expected = config
             .upstreams
@@ -73,6 +77,97 @@ impl AdminState {
             readiness,
             expected,
             clusters,
+            intercept,
+        }
+    }
+
+    /// `GET /cgroups`: where the programs attach, the counters and every explicit setting.
+    fn cgroups(&self) -> (StatusCode, String) {
+        let Some(slot) = &self.intercept else {
+            return (
+                StatusCode::NOT_FOUND,
+                "interception is not configured ([intercept] is absent)\n".into(),
+            );
+        };
+        let guard = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(i) = guard.as_ref() else {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "interception is detached (shutting down)\n".into(),
+            );
+        };
+        let mut out = format!(
+            "attached to {} ({})\n",
+            i.attach_point().display(),
+            if i.is_attached() {
+                "attached"
+            } else {
+                "waiting for the upstreams"
+            }
+        );
+        if let Ok(c) = i.counters() {
+            out.push_str(&format!(
+                "counters: redirected {} skipped_by_mark {} skipped_by_policy {} skipped_no_pod_address {}\n",
+                c[0], c[1], c[2], c[3]
+            ));
+        }
+        out.push_str("PATH\tID\tSETTING\tEXISTS\n");
+        for r in i.rules() {
+            out.push_str(&format!(
+                "{}\t{}\t{}\t{}\n",
+                r.path.display(),
+                r.id,
+                if r.on { "enable" } else { "disable" },
+                if r.exists { "yes" } else { "no" }
+            ));
+        }
+        (StatusCode::OK, out)
+    }
+
+    /// `POST /cgroups` with `enable|disable|clear PATH`.
+    fn set_cgroup(&self, body: &str) -> (StatusCode, String) {
+        let Some(slot) = &self.intercept else {
+            return (
+                StatusCode::NOT_FOUND,
+                "interception is not configured ([intercept] is absent)\n".into(),
+            );
+        };
+        let body = body.trim_end_matches(['\r', '\n']);
+        let Some((action, path)) = body.split_once(' ') else {
+            return (
+                StatusCode::BAD_REQUEST,
+                "expected: enable|disable|clear PATH\n".into(),
+            );
+        };
+        let setting = match action {
+            "enable" => Some(true),
+            "disable" => Some(false),
+            "clear" => None,
+            _ => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown action {action:?}\n"),
+                );
+            }
+        };
+        let mut guard = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(i) = guard.as_mut() else {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "interception is detached\n".into(),
+            );
+        };
+        let path = std::path::Path::new(path);
+        match i.set(path, setting) {
+            Ok(id) => (
+                StatusCode::OK,
+                format!("{action} {} (cgroup id {id})\n", i.resolve(path).display()),
+            ),
+            Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
         }
     }
 
@@ -251,9 +346,25 @@ async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watc
         let Ok((stream, _)) = accepted else { continue };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(handle(&req, &state)) }
+                async move {
+                    if req.method() == Method::POST && req.uri().path() == "/cgroups" {
+                        use http_body_util::BodyExt;
+                        // Small bodies only: a command line.
+                        let limited = http_body_util::Limited::new(req.into_body(), 64 * 1024);
+                        let (status, text) = match limited.collect().await {
+                            Ok(b) => state.set_cgroup(&String::from_utf8_lossy(&b.to_bytes())),
+                            Err(e) => (StatusCode::BAD_REQUEST, format!("bad body: {e}\n")),
+                        };
+                        return Ok::<_, Infallible>(respond(
+                            status,
+                            "text/plain; charset=utf-8",
+                            text,
+                        ));
+                    }
+                    Ok::<_, Infallible>(handle(&req, &state))
+                }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -294,11 +405,15 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
             Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready:\n{why}\n")),
         },
         "/topology" => respond(StatusCode::OK, TEXT, state.topology()),
+        "/cgroups" => {
+            let (status, text) = state.cgroups();
+            respond(status, TEXT, text)
+        }
         "/config" => respond(StatusCode::OK, "application/toml; charset=utf-8", state.config_toml.clone()),
         "/" => respond(
             StatusCode::OK,
             TEXT,
-            "redis-intercept admin\n  /metrics  Prometheus metrics\n  /ready    200 when every upstream is connected\n  /config   effective configuration, secrets redacted\n  /topology each worker's slot map of each cluster upstream\n".into(),
+            "redis-intercept admin\n  /metrics  Prometheus metrics\n  /ready    200 when every upstream is connected\n  /config   effective configuration, secrets redacted\n  /topology each worker's slot map of each cluster upstream\n  /cgroups  interception settings (POST \"enable|disable|clear PATH\" to change one)\n".into(),
         ),
         _ => respond(StatusCode::NOT_FOUND, TEXT, "not found (see /)\n".into()),
     }

@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 use crate::admin::{Admin, AdminState};
 use crate::config::{Config, Mode};
 use crate::config::{FaultConfig, FaultKind};
+use crate::intercept::{self, Interceptor};
 use crate::metrics::Metrics;
 use crate::resp::Limits;
 use crate::session::{
@@ -55,7 +56,14 @@ pub struct Proxy {
     client_auths: Vec<SharedAuth>,
     /// The configuration running now.
     running: std::sync::Mutex<Config>,
+    /// The eBPF programs; taken (and so detached) first at shutdown.
+    intercept: Option<InterceptSlot>,
+    /// The thread that attaches them once the upstreams answer.
+    attacher: Option<JoinHandle<()>>,
 }
+
+/// The loaded eBPF programs, shared with the admin endpoint; `None` once detached.
+pub type InterceptSlot = Arc<std::sync::Mutex<Option<Interceptor>>>;
 
 impl Proxy {
     /// Applies a new configuration without a restart: client passwords (`[service.auth]`,
@@ -86,11 +94,23 @@ impl Proxy {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = auth.clone();
             }
         }
+        // VIPs of running services change at once.
+        if let Some(slot) = &self.intercept
+            && let Some(interceptor) = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_mut()
+        {
+            interceptor
+                .set_vips(&vips(new, &self.services))
+                .map_err(|e| anyhow::anyhow!("intercept: {e}"))?;
+        }
         // Everything else needs a restart; say so when it changed.
         let mut old = running.clone();
         let mut next = new.clone();
         for s in old.services.iter_mut().chain(next.services.iter_mut()) {
             s.auth = None;
+            s.vips.clear();
         }
         if redacted_toml_of(&old) != redacted_toml_of(&next) {
             notes.push(
@@ -103,6 +123,7 @@ impl Proxy {
         for s in &mut applied.services {
             if let Some(n) = new.services.iter().find(|n| n.name == s.name) {
                 s.auth = n.auth.clone();
+                s.vips = n.vips.clone();
             }
         }
         *running = applied;
@@ -125,7 +146,20 @@ impl Proxy {
     /// Stops accepting, lets clients receive the replies they are owed (up to the drain
     /// timeout), closes everything and waits for the workers.
     pub fn shutdown(self) {
+        // Detach first: new connects go straight to their VIPs while clients drain.
+        if let Some(slot) = &self.intercept {
+            let taken = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if taken.is_some_and(|i| i.is_attached()) {
+                info!("eBPF interception detached");
+            }
+        }
         let _ = self.shutdown.send(true);
+        if let Some(a) = self.attacher {
+            let _ = a.join();
+        }
         for w in self.workers {
             if w.join().is_err() {
                 error!("a worker thread panicked");
@@ -164,6 +198,87 @@ pub fn run(config: &Config, path: Option<&std::path::Path>) -> Result<()> {
     info!("shutting down: draining clients");
     proxy.shutdown();
     Ok(())
+}
+
+/// Loads the eBPF programs for `[intercept]` with the services' VIPs.
+fn load_interceptor(
+    config: &Config,
+    ic: &crate::config::InterceptConfig,
+    services: &[BoundService],
+) -> Result<Interceptor> {
+    let attach = match &ic.cgroup {
+        Some(c) => c.clone(),
+        None => intercept::cgroup2_mount()?,
+    };
+    let rules = ic
+        .enable
+        .iter()
+        .map(|p| (p.clone(), true))
+        .chain(ic.disable.iter().map(|p| (p.clone(), false)))
+        .collect();
+    let mut interceptor = Interceptor::load(intercept::Plan {
+        attach,
+        default_on: ic.default == crate::config::OnOff::On,
+        rules,
+        pod_addresses: ic.pod_addresses.clone(),
+        getpeername: ic.getpeername,
+    })
+    .context("intercept")?;
+    interceptor
+        .set_vips(&vips(config, services))
+        .context("intercept")?;
+    Ok(interceptor)
+}
+
+/// Every VIP of the services that are running, with the listener it goes to.
+fn vips(config: &Config, services: &[BoundService]) -> Vec<intercept::Vip> {
+    let mut out = Vec::new();
+    for (i, bound) in services.iter().enumerate() {
+        if let Some(svc) = config.services.iter().find(|s| s.name == bound.name) {
+            out.extend(svc.vips.iter().map(|&vip| intercept::Vip {
+                vip,
+                listener: bound.addr,
+                service: i as u32,
+            }));
+        }
+    }
+    out
+}
+
+/// Attaches the programs once every upstream answers (as `/ready` says), so no connect is
+/// sent to a proxy that can't serve it yet.
+fn spawn_attacher(
+    slot: InterceptSlot,
+    state: Arc<AdminState>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("ri-intercept".into())
+        .spawn(move || {
+            let mut waited = 0u32;
+            while !*shutdown.borrow() {
+                match state.ready() {
+                    Ok(()) => {
+                        let mut guard = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if let Some(i) = guard.as_mut()
+                            && let Err(e) = i.attach()
+                        {
+                            error!(error = %e, "eBPF interception could not attach; connects go straight to their VIPs");
+                        }
+                        return;
+                    }
+                    Err(why) => {
+                        waited += 1;
+                        // Every 10 s: say why connects aren't intercepted yet.
+                        if waited % 100 == 1 {
+                            warn!(reason = %why.replace('\n', "; "), "not attaching eBPF interception until the upstreams answer");
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .context("spawn the intercept thread")
 }
 
 /// Handles SIGHUP: reads and checks the file again and applies it, or logs why not.
@@ -226,7 +341,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
     let unsupported = config.unsupported_features();
     if !unsupported.is_empty() {
         bail!(
-            "this build of redis-intercept does not implement: {}. Remove these settings to run \
+            "this build of redis-intercept does not support: {}. Remove these settings to run \
              (they would otherwise be silently ignored).",
             unsupported.join(", ")
         );
@@ -267,15 +382,24 @@ pub fn start(config: &Config) -> Result<Proxy> {
         .filter(|u| config.services.iter().any(|s| s.upstream == u.name))
         .map(|u| (u.name.clone(), ClusterStatus::new(workers)))
         .collect();
+    // The eBPF programs are loaded (and checked by the verifier) now, so a problem stops
+    // start-up; they are attached once every upstream answers.
+    let intercept = match &config.intercept {
+        Some(ic) => Some(Arc::new(std::sync::Mutex::new(Some(load_interceptor(
+            config, ic, &services,
+        )?)))),
+        None => None,
+    };
+    let state = Arc::new(AdminState::new(
+        config,
+        workers,
+        Arc::clone(&metrics),
+        cluster_status.clone(),
+        intercept.clone(),
+    ));
     let admin = match &config.admin {
         Some(a) => {
-            let state = Arc::new(AdminState::new(
-                config,
-                workers,
-                Arc::clone(&metrics),
-                cluster_status.clone(),
-            ));
-            let admin = Admin::start(a.listen, state, rx.clone())?;
+            let admin = Admin::start(a.listen, Arc::clone(&state), rx.clone())?;
             info!(addr = %admin.addr, "admin endpoint listening");
             Some(admin)
         }
@@ -302,6 +426,9 @@ pub fn start(config: &Config) -> Result<Proxy> {
             upstream_auths: upstream_auths.clone(),
             client_auths: client_auths.clone(),
             cluster_status: cluster_status.clone(),
+            mark: intercept
+                .as_ref()
+                .map(|_| redis_intercept_common::PROXY_SO_MARK),
         };
         let handle = std::thread::Builder::new()
             .name(format!("ri-worker-{index}"))
@@ -314,7 +441,13 @@ pub fn start(config: &Config) -> Result<Proxy> {
         handles.push(handle);
     }
     info!(workers, "proxy started");
+    let attacher = match &intercept {
+        Some(slot) => Some(spawn_attacher(Arc::clone(slot), state, rx.clone())?),
+        None => None,
+    };
     Ok(Proxy {
+        intercept,
+        attacher,
         services,
         shutdown: tx,
         workers: handles,
@@ -359,6 +492,9 @@ struct WorkerPlan {
     client_auths: Vec<SharedAuth>,
     /// Where workers publish their view of each cluster upstream.
     cluster_status: std::collections::HashMap<String, Arc<ClusterStatus>>,
+    /// Socket mark of every upstream connection (with interception), so the connect hook
+    /// never sends the proxy to itself.
+    mark: Option<u32>,
 }
 
 impl WorkerPlan {
@@ -382,6 +518,7 @@ impl WorkerPlan {
             upstream_auths,
             client_auths,
             cluster_status,
+            mark,
         } = self;
         let limits = Limits::default();
         let mut all_conns = Vec::new();
@@ -414,6 +551,7 @@ impl WorkerPlan {
                 pools: &mut pools,
                 all_conns: &mut all_conns,
                 cluster_status: &cluster_status,
+                mark,
             };
             let mut routes = vec![RouteCtx {
                 remove_prefix: false,
@@ -527,6 +665,8 @@ struct Upstreams<'a> {
     all_conns: &'a mut Vec<SharedConn>,
     /// Where workers publish their view of each cluster.
     cluster_status: &'a std::collections::HashMap<String, Arc<ClusterStatus>>,
+    /// Socket mark of upstream connections.
+    mark: Option<u32>,
 }
 
 impl Upstreams<'_> {
@@ -542,6 +682,7 @@ impl Upstreams<'_> {
         let secrets = self.auths.get(&up.name).cloned().unwrap_or_default();
         let settings = ConnSettings {
             write_delay,
+            mark: self.mark,
             ..conn_settings(up, &secrets, max_pending, self.limits)
         };
         match up.mode {
@@ -656,6 +797,7 @@ fn conn_settings(
         auth: secrets.auth.clone(),
         tls: secrets.tls.clone(),
         write_delay: Duration::ZERO,
+        mark: None,
         connect_timeout: up.connect_timeout.0,
         backoff_max: up.reconnect_backoff_max.0,
         max_pending_bytes,

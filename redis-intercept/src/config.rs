@@ -109,6 +109,18 @@ pub struct InterceptConfig {
     /// cgroups explicitly not intercepted at start.
     #[serde(default)]
     pub disable: Vec<PathBuf>,
+    /// Where connections from other network namespaces (pods) are sent: a node address every
+    /// pod can reach and the services listen on, at most one per address family. Empty: pods'
+    /// connections are not redirected (host processes still are).
+    #[serde(default)]
+    pub pod_addresses: Vec<std::net::IpAddr>,
+    /// Attach `getpeername` hooks so redirected sockets report the VIP (Linux 5.8+).
+    #[serde(default = "yes")]
+    pub getpeername: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// An on/off switch written as "on" or "off".
@@ -728,9 +740,6 @@ impl Config {
     /// refuses and `check` warns.
     pub fn unsupported_features(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if self.intercept.is_some() {
-            out.push("[intercept] (eBPF interception)".to_owned());
-        }
         for (i, s) in self.services.iter().enumerate() {
             let upstream_mode = self.upstream(&s.upstream).map(|u| u.mode);
             if s.read_policy != ReadPolicy::Master && upstream_mode != Some(Mode::Cluster) {
@@ -889,15 +898,12 @@ mod tests {
     #[test]
     fn features_not_built_yet_are_reported() {
         let text = format!(
-            "{MINIMAL}\n[[service.route]]\nprefix = \"a:\"\nupstream = \"main\"\nread_policy = \"replica\"\n\n[intercept]\n"
+            "{MINIMAL}\n[[service.route]]\nprefix = \"a:\"\nupstream = \"main\"\nread_policy = \"replica\"\n"
         );
         let c = Config::parse(&text, "t").unwrap();
         assert_eq!(
             c.unsupported_features(),
-            [
-                "[intercept] (eBPF interception)",
-                "service[0].route[0].read_policy (only meaningful for a cluster upstream)"
-            ]
+            ["service[0].route[0].read_policy (only meaningful for a cluster upstream)"]
         );
     }
 

@@ -8,6 +8,7 @@
 //! - [`route`]: where a request goes on a cluster: slots, splits, read policy (pure logic).
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`signal`]: a cheap single-threaded wake-up flag.
+//! - [`intercept`]: the eBPF programs: load, attach, maps, per-cgroup settings.
 //! - [`upstream`]: shared pipelined connections to Redis nodes.
 //! - [`session`]: one client connection.
 //! - [`metrics`]: Prometheus metrics.
@@ -18,6 +19,7 @@ pub mod app;
 pub mod cluster;
 pub mod command;
 pub mod config;
+pub mod intercept;
 pub mod metrics;
 pub mod resp;
 pub mod route;

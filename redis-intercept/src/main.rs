@@ -10,8 +10,8 @@ use redis_intercept::app;
 use redis_intercept::config::Config;
 
 /// Transparent Redis proxy for a node: applications keep talking to the Redis address they
-/// know, and redis-intercept serves them (slot routing, auth rewriting, mirroring, faults are
-/// on the roadmap; this build proxies a standalone Redis).
+/// know, and redis-intercept serves them (standalone or cluster upstreams, auth rewriting,
+/// routes, mirrors, faults), with eBPF interception of their connects per cgroup.
 ///
 /// Logging follows RUST_LOG (default "info"); e.g. RUST_LOG=debug or
 /// RUST_LOG=redis_intercept=debug,access=off.
@@ -37,6 +37,43 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Change or show which cgroups are intercepted, on the running agent (through its admin
+    /// endpoint).
+    ///
+    /// Examples:
+    ///   redis-intercept cgroup enable /sys/fs/cgroup/kubepods.slice
+    ///   redis-intercept cgroup disable kubepods.slice/some-pod.slice
+    ///   redis-intercept cgroup clear kubepods.slice/some-pod.slice
+    ///   redis-intercept cgroup list
+    #[command(verbatim_doc_comment)]
+    Cgroup(CgroupArgs),
+}
+
+#[derive(clap::Args)]
+struct CgroupArgs {
+    /// What to do.
+    #[arg(value_enum)]
+    action: CgroupAction,
+    /// The cgroup directory (absolute, or relative to the cgroup2 mount); not for `list`.
+    path: Option<PathBuf>,
+    /// The agent's admin address.
+    #[arg(long, default_value = "127.0.0.1:9091", conflicts_with = "config")]
+    admin: SocketAddr,
+    /// Take the admin address from this config file instead.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CgroupAction {
+    /// Intercept this cgroup and what is below it (unless set otherwise deeper down).
+    Enable,
+    /// Don't intercept this cgroup and what is below it (unless set otherwise deeper down).
+    Disable,
+    /// Remove this cgroup's setting: it follows its parents again.
+    Clear,
+    /// Show every setting, the counters and where the programs are attached.
+    List,
 }
 
 #[derive(clap::Args)]
@@ -57,11 +94,12 @@ struct RunArgs {
     /// Quick start: worker threads (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     workers: usize,
-    /// Reserved: a VIP (ip:port) to intercept with eBPF. Not available in this build.
-    #[arg(long)]
-    vip: Option<SocketAddr>,
-    /// Reserved: the cgroup whose connections to --vip are intercepted. Not available in
-    /// this build.
+    /// Quick start: a VIP (ip:port) whose connections are sent to --listen by eBPF, for the
+    /// processes in --cgroup.
+    #[arg(long, requires = "listen")]
+    vip: Vec<SocketAddr>,
+    /// Quick start: the cgroup (and what is below it) whose connections to --vip are
+    /// intercepted; the programs attach there.
     #[arg(long)]
     cgroup: Option<PathBuf>,
 }
@@ -78,6 +116,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Check { config } => check(&config),
         Cmd::Run(args) => run(args),
+        Cmd::Cgroup(args) => cgroup(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,7 +141,7 @@ fn check(path: &std::path::Path) -> Result<()> {
     let unsupported = config.unsupported_features();
     for feature in &unsupported {
         eprintln!(
-            "{}: warning: {feature} is not implemented in this build; `run` will refuse it",
+            "{}: warning: {feature} is not supported by this build; `run` will refuse it",
             path.display()
         );
     }
@@ -121,16 +160,12 @@ fn check(path: &std::path::Path) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    if args.vip.is_some() || args.cgroup.is_some() {
-        bail!(
-            "--vip and --cgroup are reserved for eBPF interception, which this build does not implement yet"
-        );
+    if args.vip.is_empty() != args.cgroup.is_none() {
+        bail!("--vip needs --cgroup and --cgroup needs --vip: say whose connections to which VIP");
     }
     let config = match (&args.config, &args.listen, &args.upstream) {
         (Some(path), _, _) => Config::load(path)?,
-        (None, Some(listen), Some(upstream)) => {
-            quick_config(*listen, upstream, args.mode, args.workers)?
-        }
+        (None, Some(listen), Some(upstream)) => quick_config(&args, *listen, upstream)?,
         _ => bail!("give --config FILE, or --listen ADDR --upstream ADDR (see --help)"),
     };
     // Each client is a socket: lift the soft open-file limit to the hard one.
@@ -141,13 +176,9 @@ fn run(args: RunArgs) -> Result<()> {
 }
 
 /// The one-service config the quick-start flags describe.
-fn quick_config(
-    listen: SocketAddr,
-    upstream: &str,
-    mode: ModeArg,
-    workers: usize,
-) -> Result<Config> {
-    let mode = match mode {
+fn quick_config(args: &RunArgs, listen: SocketAddr, upstream: &str) -> Result<Config> {
+    let workers = args.workers;
+    let mode = match args.mode {
         ModeArg::Standalone => "standalone",
         ModeArg::Cluster => "cluster",
     };
@@ -157,9 +188,83 @@ fn quick_config(
         .map(|n| format!("{:?}", n.trim()))
         .collect();
     let nodes = nodes.join(", ");
+    // --vip/--cgroup: attach at that cgroup, on by default there (so only it is intercepted).
+    let intercept = match &args.cgroup {
+        Some(cgroup) => format!(
+            "[intercept]\ncgroup = {:?}\ndefault = \"on\"\n\n",
+            cgroup.display().to_string()
+        ),
+        None => String::new(),
+    };
+    let vips: Vec<String> = args.vip.iter().map(|v| format!("\"{v}\"")).collect();
     let text = format!(
-        "[proxy]\nworkers = {workers}\n\n[[upstream]]\nname = \"default\"\nmode = \"{mode}\"\nnodes = [{nodes}]\n\n\
-         [[service]]\nname = \"default\"\nlisten = \"{listen}\"\nupstream = \"default\"\n"
+        "[proxy]\nworkers = {workers}\n\n{intercept}[[upstream]]\nname = \"default\"\nmode = \"{mode}\"\nnodes = [{nodes}]\n\n\
+         [[service]]\nname = \"default\"\nlisten = \"{listen}\"\nupstream = \"default\"\nvips = [{}]\n",
+        vips.join(", ")
     );
     Ok(Config::parse(&text, "<command line>")?)
+}
+
+/// `cgroup enable|disable|clear PATH` and `cgroup list`, through the agent's admin endpoint.
+fn cgroup(args: &CgroupArgs) -> Result<()> {
+    let admin = match &args.config {
+        Some(path) => match Config::load(path)?.admin {
+            Some(a) => a.listen,
+            None => bail!(
+                "{} has no [admin] section to reach the agent through",
+                path.display()
+            ),
+        },
+        None => args.admin,
+    };
+    let (method, body) = match (args.action, &args.path) {
+        (CgroupAction::List, _) => ("GET", String::new()),
+        (action, Some(path)) => {
+            // Relative paths are resolved by the agent (against the cgroup2 mount it uses).
+            let path = if path.is_absolute() || path.exists() {
+                std::fs::canonicalize(path).unwrap_or_else(|_| path.clone())
+            } else {
+                path.clone()
+            };
+            let verb = match action {
+                CgroupAction::Enable => "enable",
+                CgroupAction::Disable => "disable",
+                _ => "clear",
+            };
+            ("POST", format!("{verb} {}\n", path.display()))
+        }
+        (_, None) => bail!("give the cgroup's path"),
+    };
+    let (status, text) = http(admin, method, "/cgroups", &body)
+        .map_err(|e| anyhow::anyhow!("cannot reach the agent's admin endpoint at {admin}: {e}"))?;
+    print!("{text}");
+    if status != 200 {
+        bail!("the agent answered {status}");
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 request to the local admin endpoint; returns status and body.
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }

@@ -105,12 +105,36 @@ pub struct ConnSettings {
     /// Let requests gather this long before writing them (mirrors, whose replies nobody
     /// waits for); zero writes at once, as the request path must.
     pub write_delay: Duration,
+    /// `SO_MARK` for the socket (with interception: the connect hook skips marked sockets).
+    pub mark: Option<u32>,
+}
+
+/// A TCP connection to `addr` (resolved if it is a name), marked with `mark` before the
+/// connect so the connect hook sees the mark.
+async fn connect_tcp(addr: &str, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = None;
+    for sa in tokio::net::lookup_host(addr).await? {
+        let socket = if sa.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+        match socket.connect(sa).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolved to nothing"))))
 }
 
 /// Connects to `addr` (TCP, then TLS if configured, then AUTH/READONLY). The error says
 /// whether authentication was what failed.
 pub(crate) async fn open(addr: &str, settings: &ConnSettings) -> Result<Stream, (bool, String)> {
-    let tcp = TcpStream::connect(addr)
+    let tcp = connect_tcp(addr, settings.mark)
         .await
         .map_err(|e| (false, e.to_string()))?;
     if let Err(e) = tcp.set_nodelay(true) {

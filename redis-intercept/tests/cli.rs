@@ -82,8 +82,8 @@ fn check_rejects_broken_configs_naming_file_key_and_problem() {
     assert!(err.contains("FILE: service[0].listen:"), "{err}");
 }
 
-/// A feature `run` refuses in this build.
-const UNBUILT: &str = "[intercept]\ndefault = \"off\"\n";
+/// A setting `run` refuses in this build (appended to the service table).
+const UNBUILT: &str = "read_policy = \"replica\"\n";
 
 /// Runs a command that should exit by itself; kills it and fails the test after 10 s.
 fn run_bounded(cmd: &mut Command) -> std::process::Output {
@@ -107,11 +107,11 @@ fn run_bounded(cmd: &mut Command) -> std::process::Output {
 #[test]
 fn check_warns_about_features_run_would_refuse() {
     let (ok, _, err) = check(&format!(
-        "{GOOD}\n[service.auth]\npasswords = [\"s3cret\"]\n{UNBUILT}"
+        "{GOOD}{UNBUILT}\n[service.auth]\npasswords = [\"s3cret\"]\n"
     ));
     assert!(ok);
     assert!(
-        err.contains("[intercept] (eBPF interception) is not implemented in this build"),
+        err.contains("service[0].read_policy (only meaningful for a cluster upstream) is not supported by this build"),
         "{err}"
     );
     assert!(!err.contains("s3cret"), "a password leaked: {err}");
@@ -125,7 +125,10 @@ fn run_refuses_settings_it_would_silently_ignore() {
     let out = run_bounded(bin().arg("run").arg("--config").arg(&path));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("does not implement: [intercept]"), "{err}");
+    assert!(
+        err.contains("does not support: service[0].read_policy"),
+        "{err}"
+    );
     let out = run_bounded(bin().args([
         "run",
         "--listen",
@@ -136,7 +139,11 @@ fn run_refuses_settings_it_would_silently_ignore() {
         "127.0.100.1:6379",
     ]));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--vip and --cgroup are reserved"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--vip needs --cgroup"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

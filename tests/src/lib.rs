@@ -49,6 +49,11 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments, e.g. `["--requirepass", "x"]`.
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_on(std::net::IpAddr::from([127, 0, 0, 1]), extra)
+    }
+
+    /// Starts a server listening on `ip` (a loopback address such as a test VIP, or `::1`).
+    pub fn start_on(ip: std::net::IpAddr, extra: &[&str]) -> Self {
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         let mut dir = tempfile::Builder::new()
             .prefix("ri-redis-")
@@ -60,7 +65,7 @@ impl RedisServer {
                 child: None,
                 dir,
                 extra: extra.clone(),
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                addr: SocketAddr::new(ip, port),
             };
             match server.spawn() {
                 Ok(()) => return server,
@@ -527,4 +532,67 @@ impl TestCerts {
     pub fn path(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
     }
+}
+
+/// A cgroup2 directory made for one test, removed (with the children made through it) when
+/// dropped. Never the cgroup2 root: programs are attached only here.
+pub struct TestCgroup {
+    /// The directory.
+    pub path: PathBuf,
+    /// Children made with [`TestCgroup::child`], removed deepest first.
+    children: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl TestCgroup {
+    /// Makes `<cgroup2 mount>/ri-test-<pid>-<label>`. Panics (with the reason) when not root
+    /// or without cgroup2: these tests must not pass silently.
+    pub fn new(label: &str) -> TestCgroup {
+        let uid = Command::new("id").arg("-u").output().expect("run id");
+        assert_eq!(
+            String::from_utf8_lossy(&uid.stdout).trim(),
+            "0",
+            "interception tests need root (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)"
+        );
+        let mount = redis_intercept::intercept::cgroup2_mount().expect("a cgroup2 mount");
+        let path = mount.join(format!("ri-test-{}-{label}", std::process::id()));
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TestCgroup {
+            path,
+            children: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Makes `relative` (e.g. `a/b`) below this cgroup and returns its path.
+    pub fn child(&self, relative: &str) -> PathBuf {
+        let mut path = self.path.clone();
+        for part in relative.split('/') {
+            path = path.join(part);
+            if !path.exists() {
+                std::fs::create_dir(&path)
+                    .unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+                self.children.borrow_mut().push(path.clone());
+            }
+        }
+        path
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for child in self.children.borrow().iter().rev() {
+            let _ = std::fs::remove_dir(child);
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Whether `bpftool cgroup show DIR` lists a program of ours.
+pub fn our_programs_on(cgroup: &std::path::Path) -> bool {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("run bpftool (cargo xtask setup installs it)");
+    String::from_utf8_lossy(&out.stdout).contains("redis_intercept")
 }

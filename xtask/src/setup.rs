@@ -101,7 +101,7 @@ fn nightly_has_rust_src() -> bool {
 }
 
 /// Installs everything missing: Redis server and tools, LLVM 22 for bpf-linker, bpftool,
-/// nightly `rust-src`, and bpf-linker itself.
+/// iproute2, nightly `rust-src`, and bpf-linker itself.
 pub fn setup() -> Result<()> {
     let mut packages = Vec::new();
     if !have("redis-server") {
@@ -112,6 +112,10 @@ pub fn setup() -> Result<()> {
     }
     if !have("bpftool") {
         packages.push("bpftool");
+    }
+    // `ip` for the interception tests' network namespaces.
+    if !have("ip") {
+        packages.push("iproute2");
     }
     let need_linker = !have("bpf-linker");
     if need_linker && !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
@@ -180,34 +184,16 @@ pub fn build_ebpf(root: &Path) -> Result<PathBuf> {
     if !have("bpf-linker") || !nightly_has_rust_src() {
         bail!("the eBPF toolchain is missing: run `cargo xtask setup`");
     }
-    let dir = root.join("redis-intercept-ebpf");
+    // The agent's build script builds the programs (nightly, bpfel-unknown-none) into
+    // target/ebpf and embeds them.
+    say("building the eBPF programs (through the agent's build script)");
     let target_dir = root.join("target/ebpf");
-    say("building the eBPF programs (nightly, bpfel-unknown-none)");
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(&dir)
-        .args([
-            "+nightly",
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir);
-    // Variables the outer cargo set would pin the stable toolchain or its flags.
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
-    run(&mut cmd, "eBPF build")?;
+    run(
+        Command::new("cargo")
+            .current_dir(root)
+            .args(["build", "--quiet", "-p", "redis-intercept"]),
+        "eBPF build",
+    )?;
     let object = target_dir.join("bpfel-unknown-none/release/redis-intercept-ebpf");
     let bytes = std::fs::read(&object).with_context(|| format!("read {}", object.display()))?;
     if !bytes.starts_with(b"\x7fELF") {

@@ -1,0 +1,368 @@
+//! End-to-end eBPF interception, as root: unmodified clients in a test cgroup dialling a VIP
+//! are served by the proxy; the same clients outside reach the VIP's own server. VIPs are
+//! loopback addresses (127.0.100.x, ::1) or live in a network namespace the test makes; the
+//! programs attach only to the test's own cgroup.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic on failure"
+)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use redis_intercept_e2e::{
+    RedisServer, TestCgroup, free_port, http_get, our_programs_on, start_proxy_config, wait_until,
+};
+
+/// Runs `ri-probe` (in `cgroup` if given): returns (peer address, reply line).
+fn probe(cgroup: Option<&Path>, addr: &str, cmd: &[&str]) -> (String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ri-probe"));
+    if let Some(cg) = cgroup {
+        c.arg("--cgroup").arg(cg);
+    }
+    let out = c.arg(addr).args(cmd).output().expect("run ri-probe");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ri-probe {addr} failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (field("peer="), field("reply="))
+}
+
+/// The `redis-intercept` binary next to this test's executable.
+fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("redis-intercept");
+    assert!(bin.exists(), "{} not built", bin.display());
+    bin
+}
+
+/// A backend holding who=backend, and a server on the VIP itself holding who=vip.
+fn servers(vip_ip: &str) -> (RedisServer, RedisServer) {
+    let backend = RedisServer::start();
+    backend.cmd(&["SET", "who", "backend"]);
+    let vip = RedisServer::start_on(vip_ip.parse().unwrap(), &[]);
+    vip.cmd(&["SET", "who", "vip"]);
+    (backend, vip)
+}
+
+fn config(backend: SocketAddr, vips: &[SocketAddr], listen: &str, intercept: &str) -> String {
+    let vips: Vec<String> = vips.iter().map(|v| format!("\"{v}\"")).collect();
+    format!(
+        "[proxy]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[intercept]\n{intercept}\n\n\
+         [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{backend}\"]\n\n\
+         [[service]]\nname = \"svc\"\nlisten = \"{listen}\"\nupstream = \"main\"\nvips = [{}]\n",
+        vips.join(", ")
+    )
+}
+
+/// Runs `redis-intercept cgroup ARGS` against the proxy's admin endpoint.
+fn cgroup_cli(admin: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new(agent_bin())
+        .arg("cgroup")
+        .args(args)
+        .arg("--admin")
+        .arg(admin.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "cgroup {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn vip_is_served_by_the_proxy_inside_the_cgroup_only_with_nested_toggles() {
+    let cg = TestCgroup::new("toggle");
+    let (backend, vip_server) = servers("127.0.100.1");
+    let vip = vip_server.addr;
+    let proxy = start_proxy_config(&config(
+        backend.addr,
+        &[vip],
+        "127.0.0.1:0",
+        &format!(
+            "cgroup = \"{}\"\ndefault = \"off\"\nenable = [\"{}\"]",
+            cg.path.display(),
+            cg.path.display()
+        ),
+    ));
+    let admin = proxy.admin_addr().unwrap();
+    wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    let v = vip.to_string();
+    // An unmodified client in the cgroup reaches the proxy (and so the backend), and
+    // getpeername still says it talks to the VIP.
+    let (peer, reply) = probe(Some(&cg.path), &v, &["GET", "who"]);
+    assert_eq!(reply, "backend");
+    assert_eq!(peer, v, "getpeername returns the VIP");
+    // The same client outside reaches the VIP's own server.
+    assert_eq!(probe(None, &v, &["GET", "who"]).1, "vip");
+    // Disable a child, enable a grandchild under it.
+    let child = cg.child("svc");
+    let grandchild = cg.child("svc/proc");
+    cgroup_cli(admin, &["disable", &child.display().to_string()]);
+    cgroup_cli(admin, &["enable", &grandchild.display().to_string()]);
+    assert_eq!(probe(Some(&child), &v, &["GET", "who"]).1, "vip");
+    assert_eq!(probe(Some(&grandchild), &v, &["GET", "who"]).1, "backend");
+    let list = cgroup_cli(admin, &["list"]);
+    assert!(
+        list.contains(&format!("{}\t", child.display())) && list.contains("disable"),
+        "{list}"
+    );
+    assert!(list.contains("redirected"), "{list}");
+    // Clear: the child follows its parent (enabled) again.
+    cgroup_cli(admin, &["clear", &child.display().to_string()]);
+    assert_eq!(probe(Some(&child), &v, &["GET", "who"]).1, "backend");
+    // A setting whose directory went away is listed as such.
+    cgroup_cli(admin, &["clear", &grandchild.display().to_string()]);
+    let gone = cg.child("gone");
+    cgroup_cli(admin, &["disable", &gone.display().to_string()]);
+    std::fs::remove_dir(&gone).unwrap();
+    let list = cgroup_cli(admin, &["list"]);
+    let line = list.lines().find(|l| l.contains("gone")).unwrap();
+    assert!(line.ends_with("no"), "{list}");
+    let (status, _) = http_get(admin, "/cgroups");
+    assert_eq!(status, 200);
+    proxy.shutdown();
+    // Detached at shutdown: connects go straight to the VIP again.
+    assert!(!our_programs_on(&cg.path));
+    assert_eq!(probe(Some(&cg.path), &v, &["GET", "who"]).1, "vip");
+}
+
+#[test]
+fn fail_open_on_kill_9_and_no_loop_when_the_upstream_is_the_vip() {
+    let cg = TestCgroup::new("failopen");
+    let (_backend, vip_server) = servers("127.0.100.2");
+    let vip = vip_server.addr;
+    let listen = format!("127.0.0.1:{}", free_port());
+    // The agent runs inside the intercepted cgroup and its upstream is the VIP itself: only
+    // its socket mark keeps it from being sent to itself.
+    let dir = redis_intercept_e2e::tempfile_dir();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        config(
+            vip,
+            &[vip],
+            &listen,
+            &format!("cgroup = \"{}\"\ndefault = \"on\"", cg.path.display()),
+        ),
+    )
+    .unwrap();
+    let mut agent = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {} run --config {}",
+            cg.path.display(),
+            agent_bin().display(),
+            file.display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    let v = vip.to_string();
+    // Through the proxy (which refuses CLIENT INFO in its own words), and no loop: the
+    // proxy's upstream connection to the VIP reached the VIP's server.
+    let (_, reply) = probe(Some(&cg.path), &v, &["CLIENT", "INFO"]);
+    assert!(reply.contains("redis-intercept"), "{reply}");
+    assert_eq!(probe(Some(&cg.path), &v, &["GET", "who"]).1, "vip");
+    let Ok(_) = Command::new("kill")
+        .args(["-9", &agent.id().to_string()])
+        .status()
+    else {
+        panic!("kill");
+    };
+    let _ = agent.wait();
+    // The links died with the process: nothing of ours is attached, connects go direct.
+    wait_until(Duration::from_secs(5), || !our_programs_on(&cg.path));
+    let (peer, reply) = probe(Some(&cg.path), &v, &["CLIENT", "INFO"]);
+    assert!(reply.starts_with("id="), "Redis itself answers: {reply}");
+    assert_eq!(peer, v);
+}
+
+#[test]
+fn ipv6_vips_and_v4_mapped_connects() {
+    let cg = TestCgroup::new("v6");
+    let backend = RedisServer::start();
+    backend.cmd(&["SET", "who", "backend"]);
+    let v6_server = RedisServer::start_on("::1".parse().unwrap(), &[]);
+    v6_server.cmd(&["SET", "who", "vip6"]);
+    let v4_server = RedisServer::start_on("127.0.100.3".parse().unwrap(), &[]);
+    let v6 = v6_server.addr;
+    let v4 = v4_server.addr;
+    // Two services: one listening on ::1 for the IPv6 VIP, one on 127.0.0.1 for the IPv4 VIP.
+    let text = format!(
+        "{}\n[[service]]\nname = \"v4\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\nvips = [\"{v4}\"]\n",
+        config(
+            backend.addr,
+            &[v6],
+            "[::1]:0",
+            &format!("cgroup = \"{}\"\ndefault = \"on\"", cg.path.display()),
+        )
+    );
+    let proxy = start_proxy_config(&text);
+    wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    let (peer, reply) = probe(Some(&cg.path), &v6.to_string(), &["GET", "who"]);
+    assert_eq!(reply, "backend");
+    assert_eq!(peer, v6.to_string());
+    assert_eq!(probe(None, &v6.to_string(), &["GET", "who"]).1, "vip6");
+    // An IPv6 socket dialling the IPv4 VIP as ::ffff:a.b.c.d.
+    let mapped = format!("[::ffff:{}]:{}", v4.ip(), v4.port());
+    let (peer, reply) = probe(Some(&cg.path), &mapped, &["GET", "who"]);
+    assert_eq!(reply, "backend");
+    assert_eq!(peer, mapped, "getpeername keeps the v4-mapped VIP");
+    proxy.shutdown();
+}
+
+/// A network namespace with a veth pair and no default route, removed on drop.
+struct Pod {
+    name: String,
+    host_if: String,
+}
+
+impl Pod {
+    fn new(host_ip: &str, pod_ip: &str) -> Pod {
+        let id = std::process::id();
+        let pod = Pod {
+            name: format!("ri-test-{id}"),
+            host_if: format!("rih{}", id % 100_000),
+        };
+        let pod_if = format!("rip{}", id % 100_000);
+        let run = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("run ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["netns", "add", &pod.name]);
+        run(&[
+            "link",
+            "add",
+            &pod.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pod_if,
+        ]);
+        run(&["link", "set", &pod_if, "netns", &pod.name]);
+        run(&["addr", "add", &format!("{host_ip}/30"), "dev", &pod.host_if]);
+        run(&["link", "set", &pod.host_if, "up"]);
+        run(&[
+            "-n",
+            &pod.name,
+            "addr",
+            "add",
+            &format!("{pod_ip}/30"),
+            "dev",
+            &pod_if,
+        ]);
+        run(&["-n", &pod.name, "link", "set", &pod_if, "up"]);
+        run(&["-n", &pod.name, "link", "set", "lo", "up"]);
+        pod
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_pod_in_its_own_netns_reaches_the_proxy_over_its_veth() {
+    let cg = TestCgroup::new("pod");
+    let pod = Pod::new("169.254.77.1", "169.254.77.2");
+    let backend = RedisServer::start();
+    backend.cmd(&["SET", "who", "backend"]);
+    // The VIP: nothing listens on it in the pod's netns, so only a redirect can answer.
+    let vip: SocketAddr = format!("127.0.100.4:{}", free_port()).parse().unwrap();
+    let listen = format!("169.254.77.1:{}", free_port());
+    let proxy = start_proxy_config(&config(
+        backend.addr,
+        &[vip],
+        &listen,
+        &format!(
+            "cgroup = \"{}\"\ndefault = \"on\"\npod_addresses = [\"169.254.77.1\"]",
+            cg.path.display()
+        ),
+    ));
+    wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    // Join the cgroup first (ip netns exec remounts /sys), then enter the netns.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} {} {vip} GET who",
+            cg.path.display(),
+            pod.name,
+            env!("CARGO_BIN_EXE_ri-probe"),
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("reply=backend"), "{text}");
+    assert!(text.contains(&format!("peer={vip}")), "{text}");
+    proxy.shutdown();
+}
+
+#[test]
+fn reload_adds_and_removes_a_vip() {
+    let cg = TestCgroup::new("reload");
+    let (backend, first) = servers("127.0.100.5");
+    let second = RedisServer::start_on(IpAddr::from([127, 0, 100, 6]), &[]);
+    second.cmd(&["SET", "who", "vip"]);
+    let intercept = format!("cgroup = \"{}\"\ndefault = \"on\"", cg.path.display());
+    let text = config(backend.addr, &[first.addr], "127.0.0.1:0", &intercept);
+    let proxy = start_proxy_config(&text);
+    wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    let (a, b) = (first.addr.to_string(), second.addr.to_string());
+    assert_eq!(probe(Some(&cg.path), &a, &["GET", "who"]).1, "backend");
+    assert_eq!(probe(Some(&cg.path), &b, &["GET", "who"]).1, "vip");
+    // The service listens where it did (port 0 became a real port): keep that in the new file.
+    let bound = proxy.addr("svc").unwrap();
+    let next = config(backend.addr, &[second.addr], &bound.to_string(), &intercept);
+    let notes = proxy
+        .reload(&redis_intercept::config::Config::parse(&next, "reload").unwrap())
+        .unwrap();
+    assert!(notes.iter().all(|n| !n.contains("vips")), "{notes:?}");
+    assert_eq!(
+        probe(Some(&cg.path), &a, &["GET", "who"]).1,
+        "vip",
+        "removed"
+    );
+    assert_eq!(
+        probe(Some(&cg.path), &b, &["GET", "who"]).1,
+        "backend",
+        "added"
+    );
+    proxy.shutdown();
+}
