@@ -81,6 +81,33 @@ impl AdminState {
         }
     }
 
+    /// Copies the eBPF counters into the metrics about to be served.
+    fn copy_intercept_counters(&self) {
+        let Some(slot) = &self.intercept else { return };
+        let guard = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(Ok(counters)) = guard.as_ref().map(|i| i.counters()) else {
+            return;
+        };
+        for (name, value) in [
+            "redirected",
+            "skipped_mark",
+            "skipped_policy",
+            "skipped_no_pod_address",
+        ]
+        .into_iter()
+        .zip(counters)
+        {
+            self.metrics
+                .intercepted_connects
+                .get_or_create(&crate::metrics::ResultLabels {
+                    result: name.to_owned(),
+                })
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+
     /// `GET /cgroups`: where the programs attach, the counters and every explicit setting.
     fn cgroups(&self) -> (StatusCode, String) {
         let Some(slot) = &self.intercept else {
@@ -395,11 +422,14 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
         );
     }
     match req.uri().path() {
-        "/metrics" => respond(
+        "/metrics" => {
+            state.copy_intercept_counters();
+            respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             state.metrics.encode(),
-        ),
+            )
+        }
         "/ready" => match state.ready() {
             Ok(()) => respond(StatusCode::OK, TEXT, "ready\n".into()),
             Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready:\n{why}\n")),

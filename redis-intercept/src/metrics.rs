@@ -82,6 +82,16 @@ pub struct Metrics {
     pub cluster_redirects: Family<ClusterLabels, Counter>,
     /// Cluster topology refreshes, by result.
     pub cluster_refreshes: Family<ClusterLabels, Counter>,
+    /// Connects to a VIP seen by the eBPF programs, by what happened (copied from their
+    /// per-CPU counters when `/metrics` is read).
+    pub intercepted_connects: Family<ResultLabels, Gauge<i64, AtomicI64>>,
+}
+
+/// A `result` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `redirected`, `skipped_mark`, `skipped_policy`, `skipped_no_pod_address`.
+    pub result: String,
 }
 
 impl Metrics {
@@ -100,6 +110,7 @@ impl Metrics {
             mirror_requests: Family::default(),
             cluster_redirects: Family::default(),
             cluster_refreshes: Family::default(),
+            intercepted_connects: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -156,6 +167,11 @@ impl Metrics {
             "cluster_refreshes",
             "Cluster topology refreshes, by result (ok, failed), summed over workers",
             m.cluster_refreshes.clone(),
+        );
+        registry.register(
+            "intercepted_connects",
+            "Connects to a VIP seen by the eBPF programs: redirected, or left alone and why",
+            m.intercepted_connects.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

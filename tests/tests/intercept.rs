@@ -136,6 +136,15 @@ fn vip_is_served_by_the_proxy_inside_the_cgroup_only_with_nested_toggles() {
     assert!(line.ends_with("no"), "{list}");
     let (status, _) = http_get(admin, "/cgroups");
     assert_eq!(status, 200);
+    let (_, metrics) = http_get(admin, "/metrics");
+    let redirected: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("redis_intercept_intercepted_connects{result=\"redirected\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(redirected >= 4.0, "{metrics}");
     proxy.shutdown();
     // Detached at shutdown: connects go straight to the VIP again.
     assert!(!our_programs_on(&cg.path));

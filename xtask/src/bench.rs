@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -38,6 +39,10 @@ pub struct BenchArgs {
     /// through the proxy against direct MSET of 10 keys in one slot.
     #[arg(long)]
     cluster: bool,
+    /// Instead: connect()+close() latency from a process in a cgroup, without the eBPF
+    /// programs, with them (to a non-VIP address and to a VIP), in one run. Needs root.
+    #[arg(long)]
+    intercept: bool,
 }
 
 /// One redis-benchmark configuration.
@@ -166,6 +171,9 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
     }
     if args.cluster {
         return cluster(root, args);
+    }
+    if args.intercept {
+        return intercept(root, args);
     }
     let bin = build_proxy(root)?;
     let server = RedisServer::start_with(&["--maxclients", "20000"]);
@@ -331,6 +339,115 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
          over every shard and are split and merged)"
     );
     Ok(())
+}
+
+/// Nanoseconds per connect+close from `ri-probe` in `cgroup` to `addr`.
+fn connect_ns(probe: &Path, cgroup: &Path, addr: SocketAddr, n: usize) -> Result<f64> {
+    let out = Command::new(probe)
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg(addr.to_string())
+        .args(["--bench", &n.to_string()])
+        .output()
+        .context("run ri-probe")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("ns_per_connect="))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("ri-probe printed no timing: {text}"))
+}
+
+/// The connect-latency benchmark of the eBPF hook.
+fn intercept(root: &Path, args: &BenchArgs) -> Result<()> {
+    let bin = build_proxy(root)?;
+    say("building ri-probe (release)");
+    crate::setup::run(
+        Command::new("cargo").current_dir(root).args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "redis-intercept-e2e",
+            "--bin",
+            "ri-probe",
+        ]),
+        "cargo build ri-probe",
+    )?;
+    let probe = root.join("target/release/ri-probe");
+    let mount = redis_intercept::intercept::cgroup2_mount()?;
+    let cgroup = mount.join(format!("ri-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
+    // A listener that accepts and drops, as the non-VIP destination.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let plain = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+    let server = RedisServer::start();
+    let n = (args.requests / 10).max(1000);
+    let result = (|| -> Result<()> {
+        let mut without = Vec::new();
+        for _ in 0..args.rounds {
+            without.push(connect_ns(&probe, &cgroup, plain, n)?);
+        }
+        let vip = SocketAddr::from(([127, 0, 100, 9], redis_intercept_e2e::free_port()));
+        let proxy = ProxyProcess::start(
+            &bin,
+            &server.addr.to_string(),
+            &[
+                "--workers",
+                "1",
+                "--vip",
+                &vip.to_string(),
+                "--cgroup",
+                &cgroup.display().to_string(),
+            ],
+        )?;
+        // Attached once the upstream answers.
+        std::thread::sleep(Duration::from_millis(500));
+        let (mut other, mut to_vip, mut to_proxy) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            other.push(connect_ns(&probe, &cgroup, plain, n)?);
+            to_vip.push(connect_ns(&probe, &cgroup, vip, n)?);
+            to_proxy.push(connect_ns(&probe, &cgroup, proxy.addr, n)?);
+        }
+        drop(proxy);
+        let (w, o, v, p) = (
+            median(&mut without),
+            median(&mut other),
+            median(&mut to_vip),
+            median(&mut to_proxy),
+        );
+        println!();
+        println!(
+            "connect()+close() from a process in a cgroup, medians of {} rounds of {n}:",
+            args.rounds
+        );
+        println!(
+            "  no programs attached, local listener       {:>8.2} µs",
+            w / 1000.0
+        );
+        println!(
+            "  programs attached, same listener (no VIP)  {:>8.2} µs  ({:+.2} µs)",
+            o / 1000.0,
+            (o - w) / 1000.0
+        );
+        println!(
+            "  programs attached, straight to the proxy   {:>8.2} µs",
+            p / 1000.0
+        );
+        println!(
+            "  programs attached, VIP → proxy (redirected) {:>7.2} µs  ({:+.2} µs vs straight to the proxy)",
+            v / 1000.0,
+            (v - p) / 1000.0
+        );
+        println!("  target: ≤ 1 µs added per connect");
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir(&cgroup);
+    result
 }
 
 /// One proxy of the policy benchmark.

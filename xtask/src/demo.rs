@@ -136,6 +136,30 @@ fn show(label: &str, addr: SocketAddr, args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Runs `redis-cli -h VIP …` from a shell that first moves itself into `cgroup`.
+fn in_cgroup(cgroup: &Path, vip: SocketAddr, args: &[&str]) -> Result<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec redis-cli -h {} -p {} {}",
+            cgroup.display(),
+            vip.ip(),
+            vip.port(),
+            args.join(" ")
+        ))
+        .output()
+        .context("run redis-cli in the demo cgroup")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
+}
+
 /// Runs the demo.
 pub fn demo(root: &Path) -> Result<()> {
     let bin = build_proxy(root)?;
@@ -143,7 +167,28 @@ pub fn demo(root: &Path) -> Result<()> {
     let cluster = RedisCluster::start(3, 1);
     let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
     let seed_list = seeds.join(",");
-    let proxy = ProxyProcess::start(&bin, &seed_list, &["--mode", "cluster", "--workers", "1"])?;
+    // Interception needs root (CAP_BPF, CAP_SYS_ADMIN); without it the demo shows the proxy
+    // alone.
+    let demo_cgroup = if is_root() {
+        let mount = redis_intercept::intercept::cgroup2_mount()?;
+        let dir = mount.join(format!("ri-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        Some(dir)
+    } else {
+        say("not root: skipping the eBPF interception part of the demo");
+        None
+    };
+    let vip = SocketAddr::from(([127, 0, 100, 1], free_port()));
+    let mut extra = vec!["--mode", "cluster", "--workers", "1"];
+    let vip_arg = vip.to_string();
+    let cgroup_arg = demo_cgroup
+        .as_ref()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    if demo_cgroup.is_some() {
+        extra.extend(["--vip", &vip_arg, "--cgroup", &cgroup_arg]);
+    }
+    let proxy = ProxyProcess::start(&bin, &seed_list, &extra)?;
     say(&format!(
         "cluster nodes {}; redis-intercept on {} (seeds: {seed_list})",
         seeds.join(" "),
@@ -192,10 +237,68 @@ pub fn demo(root: &Path) -> Result<()> {
     show("proxy ", p, &["DEL", "a", "b", "c"])?;
     show("proxy ", p, &["RENAME", "d", "e"])?;
     show("proxy ", p, &["SCAN", "0", "COUNT", "100"])?;
+    if let Some(dir) = &demo_cgroup {
+        println!();
+        println!(
+            "eBPF interception: a plain redis-cli dials the VIP {vip} (nothing listens there);"
+        );
+        println!(
+            "inside the cgroup {} it is sent to the proxy:",
+            dir.display()
+        );
+        // Wait until the programs are attached (once the upstream answers).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = in_cgroup(dir, vip, &["PING"])?;
+            if out == "PONG" || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for args in [&["GET", "a"][..], &["MGET", "c", "d", "e"], &["DBSIZE"]] {
+            let out = in_cgroup(dir, vip, args)?;
+            println!(
+                "cgroup$ redis-cli -h {} -p {} {}",
+                vip.ip(),
+                vip.port(),
+                args.join(" ")
+            );
+            for line in out.lines() {
+                println!("    {line}");
+            }
+        }
+        if in_cgroup(dir, vip, &["GET", "a"])? != "a" {
+            bail!("the intercepted redis-cli did not reach the cluster");
+        }
+        println!("outside the cgroup the same command is not intercepted:");
+        let out = Command::new("redis-cli")
+            .args([
+                "-h",
+                &vip.ip().to_string(),
+                "-p",
+                &vip.port().to_string(),
+                "GET",
+                "a",
+            ])
+            .output()
+            .context("run redis-cli")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("host  $ redis-cli -h {} -p {} GET a", vip.ip(), vip.port());
+        for line in text.trim_end().lines() {
+            println!("    {line}");
+        }
+    }
     println!();
-    say("stopping the proxy (SIGTERM, graceful drain) and the cluster");
+    say("stopping the proxy (SIGTERM: detach, then drain) and the cluster");
     drop(proxy);
     drop(cluster);
+    if let Some(dir) = &demo_cgroup {
+        let _ = std::fs::remove_dir(dir);
+    }
     say("demo finished");
     Ok(())
 }
