@@ -269,8 +269,8 @@ fn spawn_attacher(
                     }
                     Err(why) => {
                         waited += 1;
-                        // Every 10 s: say why connects aren't intercepted yet.
-                        if waited % 100 == 1 {
+                        // After 2 s, then every 10 s: say why connects aren't intercepted yet.
+                        if waited % 100 == 20 {
                             warn!(reason = %why.replace('\n', "; "), "not attaching eBPF interception until the upstreams answer");
                         }
                     }

@@ -377,43 +377,37 @@ fn intercept(root: &Path, args: &BenchArgs) -> Result<()> {
     let mount = redis_intercept::intercept::cgroup2_mount()?;
     let cgroup = mount.join(format!("ri-bench-{}", std::process::id()));
     std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
-    // A listener that accepts and drops, as the non-VIP destination.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let plain = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for c in listener.incoming() {
-            drop(c);
-        }
-    });
     let server = RedisServer::start();
     let n = (args.requests / 10).max(1000);
+    let upstream = server.addr.to_string();
+    // The non-VIP destination: a proxy without interception (its listener accepts quickly).
+    let plain = ProxyProcess::start(&bin, &upstream, &["--workers", "1"])?;
     let result = (|| -> Result<()> {
-        let mut without = Vec::new();
-        for _ in 0..args.rounds {
-            without.push(connect_ns(&probe, &cgroup, plain, n)?);
-        }
-        let vip = SocketAddr::from(([127, 0, 100, 9], redis_intercept_e2e::free_port()));
-        let proxy = ProxyProcess::start(
-            &bin,
-            &server.addr.to_string(),
-            &[
-                "--workers",
-                "1",
-                "--vip",
-                &vip.to_string(),
-                "--cgroup",
-                &cgroup.display().to_string(),
-            ],
-        )?;
-        // Attached once the upstream answers.
-        std::thread::sleep(Duration::from_millis(500));
-        let (mut other, mut to_vip, mut to_proxy) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.rounds {
-            other.push(connect_ns(&probe, &cgroup, plain, n)?);
+        let (mut without, mut other, mut to_vip, mut to_proxy) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=args.rounds {
+            without.push(connect_ns(&probe, &cgroup, plain.addr, n)?);
+            let vip = SocketAddr::from(([127, 0, 100, 9], redis_intercept_e2e::free_port()));
+            let intercepting = ProxyProcess::start(
+                &bin,
+                &upstream,
+                &[
+                    "--workers",
+                    "1",
+                    "--vip",
+                    &vip.to_string(),
+                    "--cgroup",
+                    &cgroup.display().to_string(),
+                ],
+            )?;
+            // Attached once the upstream answers.
+            std::thread::sleep(Duration::from_millis(500));
+            other.push(connect_ns(&probe, &cgroup, plain.addr, n)?);
             to_vip.push(connect_ns(&probe, &cgroup, vip, n)?);
-            to_proxy.push(connect_ns(&probe, &cgroup, proxy.addr, n)?);
+            to_proxy.push(connect_ns(&probe, &cgroup, intercepting.addr, n)?);
+            drop(intercepting);
+            say(&format!("round {round}/{} done", args.rounds));
         }
-        drop(proxy);
         let (w, o, v, p) = (
             median(&mut without),
             median(&mut other),
@@ -426,26 +420,27 @@ fn intercept(root: &Path, args: &BenchArgs) -> Result<()> {
             args.rounds
         );
         println!(
-            "  no programs attached, local listener       {:>8.2} µs",
+            "  no programs attached, to a proxy listener       {:>8.2} µs",
             w / 1000.0
         );
         println!(
-            "  programs attached, same listener (no VIP)  {:>8.2} µs  ({:+.2} µs)",
+            "  programs attached, same listener (not a VIP)    {:>8.2} µs  ({:+.2} µs)",
             o / 1000.0,
             (o - w) / 1000.0
         );
         println!(
-            "  programs attached, straight to the proxy   {:>8.2} µs",
+            "  programs attached, straight to the intercepting proxy {:>5.2} µs",
             p / 1000.0
         );
         println!(
-            "  programs attached, VIP → proxy (redirected) {:>7.2} µs  ({:+.2} µs vs straight to the proxy)",
+            "  programs attached, VIP → that proxy (redirected) {:>7.2} µs  ({:+.2} µs)",
             v / 1000.0,
             (v - p) / 1000.0
         );
         println!("  target: ≤ 1 µs added per connect");
         Ok(())
     })();
+    drop(plain);
     let _ = std::fs::remove_dir(&cgroup);
     result
 }

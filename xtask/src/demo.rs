@@ -136,6 +136,15 @@ fn show(label: &str, addr: SocketAddr, args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
+/// A directory removed (if empty) when dropped, even when the demo fails half-way.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// Whether this process runs as root.
 fn is_root() -> bool {
     Command::new("id")
@@ -173,7 +182,7 @@ pub fn demo(root: &Path) -> Result<()> {
         let mount = redis_intercept::intercept::cgroup2_mount()?;
         let dir = mount.join(format!("ri-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        Some(dir)
+        Some(RemoveOnDrop(dir))
     } else {
         say("not root: skipping the eBPF interception part of the demo");
         None
@@ -183,7 +192,7 @@ pub fn demo(root: &Path) -> Result<()> {
     let vip_arg = vip.to_string();
     let cgroup_arg = demo_cgroup
         .as_ref()
-        .map(|d| d.display().to_string())
+        .map(|d| d.0.display().to_string())
         .unwrap_or_default();
     if demo_cgroup.is_some() {
         extra.extend(["--vip", &vip_arg, "--cgroup", &cgroup_arg]);
@@ -237,7 +246,7 @@ pub fn demo(root: &Path) -> Result<()> {
     show("proxy ", p, &["DEL", "a", "b", "c"])?;
     show("proxy ", p, &["RENAME", "d", "e"])?;
     show("proxy ", p, &["SCAN", "0", "COUNT", "100"])?;
-    if let Some(dir) = &demo_cgroup {
+    if let Some(RemoveOnDrop(dir)) = &demo_cgroup {
         println!();
         println!(
             "eBPF interception: a plain redis-cli dials the VIP {vip} (nothing listens there);"
@@ -255,7 +264,7 @@ pub fn demo(root: &Path) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        for args in [&["GET", "a"][..], &["MGET", "c", "d", "e"], &["DBSIZE"]] {
+        for args in [&["GET", "f"][..], &["MGET", "f", "g", "h"], &["DBSIZE"]] {
             let out = in_cgroup(dir, vip, args)?;
             println!(
                 "cgroup$ redis-cli -h {} -p {} {}",
@@ -267,7 +276,7 @@ pub fn demo(root: &Path) -> Result<()> {
                 println!("    {line}");
             }
         }
-        if in_cgroup(dir, vip, &["GET", "a"])? != "a" {
+        if in_cgroup(dir, vip, &["GET", "f"])? != "f" {
             bail!("the intercepted redis-cli did not reach the cluster");
         }
         println!("outside the cgroup the same command is not intercepted:");
@@ -287,7 +296,7 @@ pub fn demo(root: &Path) -> Result<()> {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        println!("host  $ redis-cli -h {} -p {} GET a", vip.ip(), vip.port());
+        println!("host  $ redis-cli -h {} -p {} GET f", vip.ip(), vip.port());
         for line in text.trim_end().lines() {
             println!("    {line}");
         }
@@ -296,9 +305,7 @@ pub fn demo(root: &Path) -> Result<()> {
     say("stopping the proxy (SIGTERM: detach, then drain) and the cluster");
     drop(proxy);
     drop(cluster);
-    if let Some(dir) = &demo_cgroup {
-        let _ = std::fs::remove_dir(dir);
-    }
+    drop(demo_cgroup);
     say("demo finished");
     Ok(())
 }
