@@ -77,6 +77,8 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
+    // BTF, which the per-socket storage map needs.
+    cmd.env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
     let status = cmd.status();
     let built = target_dir.join("bpfel-unknown-none/release/redis-intercept-ebpf");
     match status {

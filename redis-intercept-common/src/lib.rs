@@ -33,15 +33,13 @@ pub const CGROUP_POLICY_MAP: &str = "RI_CGROUP_POLICY";
 pub const SETTINGS_MAP: &str = "RI_SETTINGS";
 /// Per-CPU counters, indexed by the `COUNTER_*` constants.
 pub const COUNTERS_MAP: &str = "RI_COUNTERS";
-/// Socket cookie → [`OrigDst`], for getpeername.
+/// Per-socket storage of [`OrigDst`], for getpeername.
 pub const ORIG_DST_MAP: &str = "RI_ORIG_DST";
 
 /// Most services per address family.
 pub const MAX_SERVICES: u32 = 4096;
 /// Most explicit cgroup settings.
 pub const MAX_CGROUP_RULES: u32 = 16384;
-/// Redirected sockets remembered for getpeername (least recently used are forgotten).
-pub const MAX_ORIG_DST: u32 = 65536;
 /// Deepest cgroup level the policy walk looks at.
 pub const MAX_CGROUP_DEPTH: i32 = 32;
 

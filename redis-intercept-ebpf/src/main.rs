@@ -10,16 +10,15 @@
 
 use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::helpers::{
-    bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-    bpf_getsockopt,
+    bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_getsockopt,
 };
-use aya_ebpf::macros::{cgroup_sock_addr, map};
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::btf_maps::SkStorage;
+use aya_ebpf::macros::{btf_map, cgroup_sock_addr, map};
+use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
 use aya_ebpf::programs::SockAddrContext;
 use redis_intercept_common::{
     COUNTER_REDIRECTED, COUNTER_SKIPPED_MARK, COUNTER_SKIPPED_NO_POD_ADDRESS,
-    COUNTER_SKIPPED_POLICY, COUNTERS, MAX_CGROUP_DEPTH, MAX_CGROUP_RULES, MAX_ORIG_DST,
-    MAX_SERVICES, OrigDst, POLICY_ON, ServiceKeyV4, ServiceKeyV6, ServiceValue, Settings,
+    COUNTER_SKIPPED_POLICY, COUNTERS, MAX_CGROUP_DEPTH, MAX_CGROUP_RULES, MAX_SERVICES, OrigDst, POLICY_ON, ServiceKeyV4, ServiceKeyV6, ServiceValue, Settings,
     V4_MAPPED_WORD,
 };
 
@@ -45,9 +44,10 @@ static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map(name = "RI_COUNTERS")]
 static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
-/// Socket cookie → what the socket dialled, for getpeername.
-#[map(name = "RI_ORIG_DST")]
-static ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_ORIG_DST, 0);
+/// Per-socket storage: what a redirected socket dialled, for getpeername; freed with the
+/// socket.
+#[btf_map(name = "RI_ORIG_DST")]
+static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
 
 /// Returned by every program: let the call proceed.
 const PROCEED: i32 = 1;
@@ -114,16 +114,23 @@ fn settings() -> Option<&'static Settings> {
 }
 
 fn remember(ctx: &SockAddrContext, orig: &OrigDst) {
-    // SAFETY: the helper reads the socket of the context it is given.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let _ = ORIG_DST.insert(&cookie, orig, 0);
+    let mut value = *orig;
+    // SAFETY: the helper reads the context's socket; the storage is created with `value`.
+    let slot = unsafe { ORIG_DST.get_or_insert_ptr_mut(ctx, Some(&mut value)) };
+    if !slot.is_null() {
+        // SAFETY: non-null storage of this socket, written only here.
+        unsafe { *slot = *orig };
+    }
 }
 
 fn orig_dst(ctx: &SockAddrContext) -> Option<OrigDst> {
-    // SAFETY: as in `remember`.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    // SAFETY: the value is copied out at once.
-    unsafe { ORIG_DST.get(&cookie) }.copied()
+    // SAFETY: as in `remember`; a null pointer means no storage.
+    let slot = unsafe { ORIG_DST.get_ptr_mut(ctx) };
+    if slot.is_null() {
+        return None;
+    }
+    // SAFETY: checked non-null just above.
+    Some(unsafe { *slot })
 }
 
 /// Rewrites a connect to an IPv4 VIP (also used for v4-mapped IPv6 connects); returns the

@@ -203,7 +203,12 @@ impl Interceptor {
             rlimit::INFINITY,
             rlimit::INFINITY,
         );
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| ebpf_err("load the eBPF object", e))?;
+        // The per-socket storage map is a type aya 0.13 has no wrapper for; it is only used by
+        // the programs.
+        let mut ebpf = aya::EbpfLoader::new()
+            .allow_unsupported_maps()
+            .load(OBJECT)
+            .map_err(|e| ebpf_err("load the eBPF object", e))?;
         let names: Vec<&str> = if plan.getpeername {
             PROGRAMS
                 .iter()

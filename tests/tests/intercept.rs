@@ -136,15 +136,20 @@ fn vip_is_served_by_the_proxy_inside_the_cgroup_only_with_nested_toggles() {
     assert!(line.ends_with("no"), "{list}");
     let (status, _) = http_get(admin, "/cgroups");
     assert_eq!(status, 200);
+    // Three connects were redirected (the cgroup, the grandchild, the cleared child) and one
+    // left alone by policy (the disabled child); the probes outside never reach the hook.
     let (_, metrics) = http_get(admin, "/metrics");
-    let redirected: f64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("redis_intercept_intercepted_connects{result=\"redirected\"} ")
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    assert!(redirected >= 4.0, "{metrics}");
+    let count = |result: &str| -> f64 {
+        let prefix = format!("redis_intercept_intercepted_connects{{result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(count("redirected"), 3.0, "{metrics}");
+    assert_eq!(count("skipped_policy"), 1.0, "{metrics}");
+    assert_eq!(count("skipped_mark"), 0.0, "{metrics}");
     proxy.shutdown();
     // Detached at shutdown: connects go straight to the VIP again.
     assert!(!our_programs_on(&cg.path));
@@ -158,26 +163,15 @@ fn fail_open_on_kill_9_and_no_loop_when_the_upstream_is_the_vip() {
     let vip = vip_server.addr;
     let listen = format!("127.0.0.1:{}", free_port());
     // The agent runs inside the intercepted cgroup and its upstream is the VIP itself: only
-    // its socket mark keeps it from being sent to itself.
-    let dir = redis_intercept_e2e::tempfile_dir();
-    let file = dir.path().join("agent.toml");
-    std::fs::write(
-        &file,
-        config(
-            vip,
-            &[vip],
-            &listen,
-            &format!("cgroup = \"{}\"\ndefault = \"on\"", cg.path.display()),
-        ),
-    )
-    .unwrap();
+    // its socket mark keeps it from being sent to itself. Started with the command-line
+    // shorthand (--vip, --cgroup).
     let mut agent = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec {} run --config {}",
-            cg.path.display(),
-            agent_bin().display(),
-            file.display()
+            "echo $$ > {cg}/cgroup.procs && exec {bin} run --workers 1 --listen {listen} \
+             --upstream {vip} --vip {vip} --cgroup {cg}",
+            cg = cg.path.display(),
+            bin = agent_bin().display(),
         ))
         .stderr(std::process::Stdio::null())
         .spawn()
