@@ -223,7 +223,7 @@ fn load_interceptor(
         pod_addresses: ic.pod_addresses.clone(),
         getpeername: ic.getpeername,
     })
-    .context("intercept")?;
+    .context("intercept (needs root, or CAP_BPF, CAP_SYS_ADMIN and CAP_NET_ADMIN)")?;
     interceptor
         .set_vips(&vips(config, services))
         .context("intercept")?;

@@ -122,7 +122,14 @@ async fn connect_tcp(addr: &str, mark: Option<u32>) -> std::io::Result<TcpStream
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
-        socket2::SockRef::from(&socket).set_mark(mark)?;
+        socket2::SockRef::from(&socket)
+            .set_mark(mark)
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot set SO_MARK for interception (needs CAP_NET_ADMIN): {e}"),
+                )
+            })?;
         match socket.connect(sa).await {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
