@@ -12,9 +12,8 @@ use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::helpers::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_getsockopt,
 };
-use aya_ebpf::btf_maps::SkStorage;
-use aya_ebpf::macros::{btf_map, cgroup_sock_addr, map};
-use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
+use aya_ebpf::btf_maps::{Array, HashMap, PerCpuArray, SkStorage};
+use aya_ebpf::macros::{btf_map, cgroup_sock_addr};
 use aya_ebpf::programs::SockAddrContext;
 use redis_intercept_common::{
     COUNTER_REDIRECTED, COUNTER_SKIPPED_MARK, COUNTER_SKIPPED_NO_POD_ADDRESS,
@@ -22,27 +21,30 @@ use redis_intercept_common::{
     V4_MAPPED_WORD,
 };
 
+// All maps are BTF maps (the `.maps` section), which any current loader (aya, libbpf,
+// bpftool) understands.
+
 /// VIP:port → proxy, IPv4.
-#[map(name = "RI_SERVICES_V4")]
-static SERVICES_V4: HashMap<ServiceKeyV4, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+#[btf_map(name = "RI_SERVICES_V4")]
+static SERVICES_V4: HashMap<ServiceKeyV4, ServiceValue, { MAX_SERVICES as usize }> =
+    HashMap::new();
 
 /// VIP:port → proxy, IPv6.
-#[map(name = "RI_SERVICES_V6")]
-static SERVICES_V6: HashMap<ServiceKeyV6, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+#[btf_map(name = "RI_SERVICES_V6")]
+static SERVICES_V6: HashMap<ServiceKeyV6, ServiceValue, { MAX_SERVICES as usize }> =
+    HashMap::new();
 
 /// Cgroup id (inode of the cgroup2 directory) → on/off.
-#[map(name = "RI_CGROUP_POLICY")]
-static CGROUP_POLICY: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CGROUP_RULES, 0);
+#[btf_map(name = "RI_CGROUP_POLICY")]
+static CGROUP_POLICY: HashMap<u64, u32, { MAX_CGROUP_RULES as usize }> = HashMap::new();
 
 /// The agent's settings; entry 0.
-#[map(name = "RI_SETTINGS")]
-static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+#[btf_map(name = "RI_SETTINGS")]
+static SETTINGS: Array<Settings, 1> = Array::new();
 
 /// Per-CPU counters.
-#[map(name = "RI_COUNTERS")]
-static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+#[btf_map(name = "RI_COUNTERS")]
+static COUNTERS_MAP: PerCpuArray<u64, { COUNTERS as usize }> = PerCpuArray::new();
 
 /// Per-socket storage: what a redirected socket dialled, for getpeername; freed with the
 /// socket.
@@ -88,7 +90,7 @@ fn decide(ctx: &SockAddrContext, settings: &Settings) -> Option<bool> {
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id != 0 {
             // SAFETY: the map value is a plain u32 copied out at once.
-            if let Some(p) = unsafe { CGROUP_POLICY.get(&id) } {
+            if let Some(p) = unsafe { CGROUP_POLICY.get(id) } {
                 policy = *p;
                 break;
             }
@@ -137,7 +139,7 @@ fn orig_dst(ctx: &SockAddrContext) -> Option<OrigDst> {
 /// new IPv4 address and port, or `None` to leave the connect alone.
 fn redirect_v4(ctx: &SockAddrContext, ip: u32, port: u32) -> Option<(u32, u32)> {
     // SAFETY: the value is copied out at once.
-    let svc = unsafe { SERVICES_V4.get(&ServiceKeyV4 { ip, port }) }.copied()?;
+    let svc = unsafe { SERVICES_V4.get(ServiceKeyV4 { ip, port }) }.copied()?;
     let settings = settings()?;
     let host = decide(ctx, settings)?;
     let target = if host { svc.host_ip4 } else { settings.pod_ip4 };
@@ -207,7 +209,7 @@ pub fn redis_intercept_connect6(ctx: SockAddrContext) -> i32 {
         port,
     };
     // SAFETY: the value is copied out at once.
-    let Some(svc) = (unsafe { SERVICES_V6.get(&key) }).copied() else {
+    let Some(svc) = (unsafe { SERVICES_V6.get(key) }).copied() else {
         return PROCEED;
     };
     let Some(settings) = settings() else {

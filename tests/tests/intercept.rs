@@ -369,3 +369,60 @@ fn reload_adds_and_removes_a_vip() {
     );
     proxy.shutdown();
 }
+
+#[test]
+fn stale_programs_left_by_the_legacy_attach_call_are_removed_at_start() {
+    let cg = TestCgroup::new("stale");
+    // target/debug/deps/<test> → target/ebpf/…: the object the agent's build script built.
+    let target = std::env::current_exe()
+        .unwrap()
+        .ancestors()
+        .nth(3)
+        .unwrap()
+        .to_owned();
+    let object = target.join("ebpf/bpfel-unknown-none/release/redis-intercept-ebpf");
+    let pin = PathBuf::from(format!("/sys/fs/bpf/ri-test-{}", std::process::id()));
+    let bpftool = |args: &[&str]| {
+        let out = Command::new("bpftool").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // An attachment made with BPF_PROG_ATTACH, as a crashed older agent could leave: it
+    // outlives its process and its pins.
+    bpftool(&[
+        "prog",
+        "loadall",
+        &object.display().to_string(),
+        &pin.display().to_string(),
+    ]);
+    bpftool(&[
+        "cgroup",
+        "attach",
+        &cg.path.display().to_string(),
+        "connect4",
+        "pinned",
+        &pin.join("redis_intercept_connect4").display().to_string(),
+    ]);
+    let _ = std::fs::remove_dir_all(&pin);
+    assert!(our_programs_on(&cg.path));
+    let backend = RedisServer::start();
+    let proxy = start_proxy_config(&config(
+        backend.addr,
+        &["127.0.100.7:6379".parse().unwrap()],
+        "127.0.0.1:0",
+        &format!("cgroup = \"{}\"", cg.path.display()),
+    ));
+    let admin = proxy.admin_addr().unwrap();
+    wait_until(Duration::from_secs(10), || {
+        http_get(admin, "/cgroups").1.contains("(attached)")
+    });
+    proxy.shutdown();
+    // Had the stale program stayed, it would still be listed after our links are gone.
+    assert!(
+        !our_programs_on(&cg.path),
+        "the stale attachment was removed"
+    );
+}
