@@ -235,8 +235,12 @@ impl Interceptor {
             attached: false,
         };
         me.write_settings()?;
+        // A cgroup that doesn't exist yet (a service not started) can't be set by id: say
+        // so and go on, rather than keep every other application from being served.
         for (path, on) in me.plan.rules.clone() {
-            me.set(&path, Some(on))?;
+            if let Err(e) = me.set(&path, Some(on)) {
+                warn!(error = %e, "[intercept] setting not applied; use `redis-intercept cgroup` once the cgroup exists");
+            }
         }
         Ok(me)
     }
