@@ -343,7 +343,11 @@ fn reload_adds_and_removes_a_vip() {
     let (backend, first) = servers("127.0.100.5");
     let second = RedisServer::start_on(IpAddr::from([127, 0, 100, 6]), &[]);
     second.cmd(&["SET", "who", "vip"]);
-    let intercept = format!("cgroup = \"{}\"\ndefault = \"on\"", cg.path.display());
+    // A configured cgroup that doesn't exist yet is skipped with a log line, not fatal.
+    let intercept = format!(
+        "cgroup = \"{0}\"\ndefault = \"on\"\ndisable = [\"{0}/not-yet\"]",
+        cg.path.display()
+    );
     let text = config(backend.addr, &[first.addr], "127.0.0.1:0", &intercept);
     let proxy = start_proxy_config(&text);
     wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
