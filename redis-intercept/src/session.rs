@@ -334,6 +334,8 @@ struct Core {
     head: Cell<u64>,
     /// Bytes of replies in `slots`.
     held: Cell<usize>,
+    /// Slots still waiting for their reply.
+    unfilled: Cell<usize>,
     /// Reply bytes the client socket hasn't taken yet.
     out: RefCell<BytesMut>,
     /// Most bytes `held` + `out` may reach.
@@ -359,6 +361,9 @@ impl ReplySink for Core {
         let Some(slot) = slots.get_mut(index as usize) else {
             return false;
         };
+        if slot.is_none() {
+            self.unfilled.set(self.unfilled.get().saturating_sub(1));
+        }
         self.held.set(self.held.get() + reply.len());
         *slot = Some(reply);
         let head_ready = slots.front().is_some_and(Option::is_some);
@@ -372,6 +377,10 @@ impl ReplySink for Core {
             self.signal.notify();
         }
     }
+
+    fn expects_more(&self) -> bool {
+        self.unfilled.get() > 0
+    }
 }
 
 impl Core {
@@ -379,6 +388,7 @@ impl Core {
     fn push_pending(&self) -> u64 {
         let mut slots = self.slots.borrow_mut();
         slots.push_back(None);
+        self.unfilled.set(self.unfilled.get() + 1);
         self.head.get() + slots.len() as u64 - 1
     }
 
@@ -621,6 +631,7 @@ pub async fn run(
         slots: RefCell::default(),
         head: Cell::new(0),
         held: Cell::new(0),
+        unfilled: Cell::new(0),
         out: RefCell::default(),
         max_buffer: svc.max_client_buffer,
         flush_queued: Cell::new(false),

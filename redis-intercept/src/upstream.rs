@@ -44,6 +44,13 @@ pub trait ReplySink {
     fn deliver(&self, token: u64, reply: Bytes) -> bool;
     /// Called after a batch for every sink whose `deliver` asked for it.
     fn flush(&self);
+    /// Whether replies are still owed to this sink after the ones delivered so far. Such a
+    /// sink's flush waits until the other connections that became readable at the same time
+    /// have delivered too, so a client whose pipeline spans several nodes gets one write, not
+    /// one per node.
+    fn expects_more(&self) -> bool {
+        false
+    }
 }
 
 /// Where the upstream password comes from.
@@ -504,6 +511,7 @@ impl SharedConn {
                 if let Err(e) = self.take_replies(&mut replies) {
                     return e;
                 }
+                replies.flush_deferred().await;
             }
         };
         let writer = async {
@@ -545,6 +553,7 @@ impl SharedConn {
                 if let Err(e) = self.take_replies(&mut replies) {
                     return e;
                 }
+                replies.flush_deferred().await;
             }
         };
         let writer = async {
@@ -567,13 +576,15 @@ impl SharedConn {
     }
 
     /// Hands every complete reply in `buf` to its request's sink, then flushes the sinks
-    /// that asked for it. `Err` is why the connection must end.
+    /// that asked for it and expect nothing more; the others go to `deferred` for
+    /// [`Replies::flush_deferred`]. `Err` is why the connection must end.
     fn take_replies(&self, replies: &mut Replies) -> Result<(), String> {
         let inner = &*self.0;
         let Replies {
             buf,
             scanner,
             to_flush,
+            deferred,
         } = replies;
         loop {
             match scanner.scan(buf, &inner.settings.limits) {
@@ -594,7 +605,11 @@ impl SharedConn {
             }
         }
         for sink in to_flush.drain(..) {
-            sink.flush();
+            if sink.expects_more() {
+                deferred.push(sink);
+            } else {
+                sink.flush();
+            }
         }
         Ok(())
     }
@@ -694,9 +709,24 @@ struct Replies {
     scanner: ReplyScanner,
     /// Sinks that asked for a flush in the current batch.
     to_flush: Vec<Rc<dyn ReplySink>>,
+    /// Sinks whose flush waits for the other connections read in the same tick.
+    deferred: Vec<Rc<dyn ReplySink>>,
 }
 
 impl Replies {
+    /// Flushes the deferred sinks after letting every task already queued on this worker
+    /// run: the connections woken by the same poll deliver their replies first, so each
+    /// client gets one write with all of them.
+    async fn flush_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        yield_to_queued().await;
+        for sink in self.deferred.drain(..) {
+            sink.flush();
+        }
+    }
+
     /// The read buffer, with room for the next read.
     fn room(&mut self) -> &mut BytesMut {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
@@ -704,6 +734,24 @@ impl Replies {
         }
         &mut self.buf
     }
+}
+
+/// Returns after every task queued on this worker before the caller has been polled once.
+///
+/// The task wakes itself at once, which on a `LocalSet` puts it at the back of the local
+/// queue, behind the tasks the I/O driver woke in the same poll. (`tokio::task::yield_now`
+/// would wait for another driver poll, a system call.)
+async fn yield_to_queued() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await;
 }
 
 /// Empties a written buffer, releasing it if it grew large.

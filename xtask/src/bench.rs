@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// programs, with them (to a non-VIP address and to a VIP), in one run. Needs root.
     #[arg(long)]
     intercept: bool,
+    /// With `--cluster`: also run this proxy binary (an older build, say) as a third target in
+    /// the same rounds, to compare two builds on a noisy machine.
+    #[arg(long, value_name = "PATH")]
+    baseline_bin: Option<std::path::PathBuf>,
 }
 
 /// One redis-benchmark configuration.
@@ -268,75 +272,101 @@ const CLUSTER_WORKLOADS: &[Workload] = &[
     },
 ];
 
-/// The cluster benchmark: each workload against the cluster directly and through the proxy,
-/// alternating, with the proxy's CPU per request.
+/// The cluster benchmark: each workload against the cluster directly and through the proxy
+/// (and through a `--baseline-bin` proxy, if given), in a rotating order, with the proxy's
+/// CPU per request. Ratios are medians of each round's ratio, so a machine that speeds up or
+/// slows down between rounds moves both sides of a ratio together.
 fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
     let bin = build_proxy(root)?;
     say("starting a local Redis Cluster: 3 masters");
     let cluster = redis_intercept_e2e::RedisCluster::start(3, 0);
     let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
     let workers = args.workers.to_string();
-    let proxy = ProxyProcess::start(
-        &bin,
-        &seeds.join(","),
-        &["--mode", "cluster", "--workers", &workers],
-    )?;
+    let proxy_args = ["--mode", "cluster", "--workers", &workers];
+    let mut proxies = vec![ProxyProcess::start(&bin, &seeds.join(","), &proxy_args)?];
+    if let Some(baseline) = &args.baseline_bin {
+        proxies.push(ProxyProcess::start(
+            baseline,
+            &seeds.join(","),
+            &proxy_args,
+        )?);
+    }
     std::thread::sleep(Duration::from_millis(500));
     let node = cluster.nodes[0].addr;
     say(&format!(
-        "cluster (seed {node}) vs redis-intercept {} ({} rounds of {} requests, -c 50 -r 100000 -d 64)",
-        proxy.addr, args.rounds, args.requests
+        "cluster (seed {node}) vs redis-intercept {}{} ({} rounds of {} requests, -c 50 -r 100000 -d 64)",
+        proxies[0].addr,
+        proxies
+            .get(1)
+            .map(|b| format!(" and baseline {}", b.addr))
+            .unwrap_or_default(),
+        args.rounds,
+        args.requests
     ));
     // redis-benchmark 7.0 with --cluster and no --threads rounds elapsed time up to 250ms.
     let direct_args = ["--cluster", "--threads", "1"];
     let n = CLUSTER_WORKLOADS.len();
-    let (mut direct, mut proxied, mut cpu) = (
-        vec![Vec::new(); n],
-        vec![Vec::new(); n],
-        vec![Vec::new(); n],
-    );
+    let targets = 1 + proxies.len();
+    // rps[target][workload][round]; target 0 is the cluster itself.
+    let mut rps = vec![vec![Vec::new(); n]; targets];
+    let mut cpu = vec![vec![Vec::new(); n]; proxies.len()];
     for round in 1..=args.rounds {
         for (i, w) in CLUSTER_WORKLOADS.iter().enumerate() {
-            let order = if round % 2 == 1 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            for via_proxy in order {
-                if via_proxy {
-                    let before = cpu_seconds(proxy.pid())?;
-                    proxied[i].push(benchmark(proxy.addr, w, args.requests)?);
-                    cpu[i].push((cpu_seconds(proxy.pid())? - before) / args.requests as f64 * 1e6);
+            // Rotate which target goes first so drift on a shared machine hits all of them.
+            for k in 0..targets {
+                let t = (k + round + i) % targets;
+                if t == 0 {
+                    rps[0][i].push(benchmark_with(node, w, args.requests, &direct_args)?);
                 } else {
-                    direct[i].push(benchmark_with(node, w, args.requests, &direct_args)?);
+                    let p = &proxies[t - 1];
+                    let before = cpu_seconds(p.pid())?;
+                    rps[t][i].push(benchmark(p.addr, w, args.requests)?);
+                    cpu[t - 1][i]
+                        .push((cpu_seconds(p.pid())? - before) / args.requests as f64 * 1e6);
                 }
             }
         }
         say(&format!("round {round}/{} done", args.rounds));
     }
+    // The median over rounds of a / b, each round's runs being neighbours in time.
+    let ratio = |a: &[f64], b: &[f64]| {
+        let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        median(&mut r)
+    };
     println!();
-    println!(
+    print!(
         "{:<13} {:>12} {:>12} {:>7} {:>8}  {:>16}",
         "workload", "direct rps", "proxy rps", "ratio", "target", "proxy CPU s/Mreq"
     );
+    if proxies.len() > 1 {
+        print!("  {:>14} {:>12}", "baseline ratio", "CPU s/Mreq");
+    }
+    println!();
     for (i, w) in CLUSTER_WORKLOADS.iter().enumerate() {
-        let d = median(&mut direct[i]);
-        let p = median(&mut proxied[i]);
-        let ratio = p / d;
-        println!(
+        let r = ratio(&rps[1][i], &rps[0][i]);
+        print!(
             "{:<13} {:>12.0} {:>12.0} {:>7.2} {:>7}{} {:>16.2}",
             w.name,
-            d,
-            p,
-            ratio,
+            median(&mut rps[0][i].clone()),
+            median(&mut rps[1][i].clone()),
+            r,
             format!("≥{:.1}", w.target),
-            if ratio >= w.target { " " } else { "!" },
-            median(&mut cpu[i])
+            if r >= w.target { " " } else { "!" },
+            median(&mut cpu[0][i])
         );
+        if proxies.len() > 1 {
+            print!(
+                "  {:>14.2} {:>12.2}",
+                ratio(&rps[2][i], &rps[0][i]),
+                median(&mut cpu[1][i])
+            );
+        }
+        println!();
     }
     println!(
-        "(direct MSET puts its 10 keys in one slot with a hash tag; through the proxy they spread \
-         over every shard and are split and merged)"
+        "(ratio: median over rounds of proxy rps / direct rps in the same round; direct MSET puts \
+         its 10 keys in one slot with a hash tag; through the proxy they spread over every shard \
+         and are split and merged)"
     );
     Ok(())
 }

@@ -28,6 +28,10 @@ pub const MAX_HOPS: u8 = 5;
 /// First wait before re-sending after `TRYAGAIN` or `CLUSTERDOWN`; doubles per retry.
 const RETRY_START: Duration = Duration::from_millis(20);
 
+/// Size of the blocks request copies are cut from: small, so a request that waits long
+/// (a blocked command) pins little memory.
+const ARENA_BLOCK: usize = 4096;
+
 /// Redis's reply for a slot no master serves.
 const NOT_SERVED: &[u8] = b"-CLUSTERDOWN Hash slot not served\r\n";
 
@@ -51,6 +55,9 @@ pub struct ClusterClient {
     keys: Vec<usize>,
     /// Spreads reads over replicas and keyless commands over masters.
     roll: Cell<u32>,
+    /// Copies of requests kept for re-sending after a redirect are split off this buffer, so
+    /// they share an allocation instead of taking one each.
+    arena: RefCell<BytesMut>,
 }
 
 impl ClusterClient {
@@ -61,7 +68,23 @@ impl ClusterClient {
             shared: Rc::new(shared),
             keys: Vec::new(),
             roll: Cell::new(roll),
+            arena: RefCell::new(BytesMut::new()),
         }
+    }
+
+    /// The request as RESP, kept for re-sending.
+    fn encode(&self, req: &Request<'_>) -> Bytes {
+        let mut arena = self.arena.borrow_mut();
+        let need = req.raw().map_or(0, <[u8]>::len);
+        if arena.capacity() < need {
+            // A new block; the old one is freed when its last request has its reply.
+            arena.reserve(ARENA_BLOCK.max(need));
+        }
+        match req.raw() {
+            Some(raw) => arena.extend_from_slice(raw),
+            None => req.write_resp(&mut arena),
+        }
+        arena.split().freeze()
     }
 
     fn next_roll(&self) -> u32 {
@@ -88,7 +111,7 @@ impl ClusterClient {
         self.keys = keys;
         match plan {
             Plan::Slot(slot) => {
-                let request = encode(req);
+                let request = self.encode(req);
                 self.send_slot(request, slot, read, parent, token, deadline)
             }
             Plan::CrossSlot => Err(Bytes::from_static(CROSSSLOT)),
@@ -155,7 +178,7 @@ impl ClusterClient {
         &self,
         req: &Request<'_>,
         kind: SplitKind,
-        parts: &[(Slot, Vec<usize>)],
+        parts: &[(Slot, usize)],
         read: bool,
         parent: Rc<dyn ReplySink>,
         token: u64,
@@ -163,32 +186,25 @@ impl ClusterClient {
     ) -> Result<(), Bytes> {
         let name = req.arg(0).unwrap_or_default();
         let positions = match kind {
-            // MGET's keys are arguments 1..: key argument k is value k-1.
-            SplitKind::Values => parts
-                .iter()
-                .map(|(_, idx)| idx.iter().map(|k| k - 1).collect())
-                .collect(),
-            _ => Vec::new(),
+            SplitKind::Values => Positions::new(
+                route::slot_groups(parts).map(|g| g.iter().map(|&(_, k)| k)),
+                req.len() - 1,
+            ),
+            _ => Positions::default(),
         };
-        let total = match kind {
-            SplitKind::Values => req.len() - 1,
-            _ => 0,
-        };
-        let merge = Merge::new(
-            parent,
-            token,
-            MergeKind::Split(kind, positions, total),
-            parts.len(),
-        );
+        let count = route::slot_groups(parts).count();
+        let merge = Merge::new(parent, token, MergeKind::Split(kind, positions), count);
         let sink: Rc<dyn ReplySink> = merge.clone();
         // Every part is encoded into one buffer and split off it: one allocation in all.
         let size: usize = req.args().map(|a| a.len() + 16).sum::<usize>() + parts.len() * 32;
         let mut out = BytesMut::with_capacity(size);
         let mut args: Vec<&[u8]> = Vec::new();
-        for (i, (slot, idx)) in parts.iter().enumerate() {
+        for (i, group) in route::slot_groups(parts).enumerate() {
+            // `chunk_by` yields no empty groups.
+            let slot = group[0].0;
             args.clear();
             args.push(name);
-            for &k in idx {
+            for &(_, k) in group {
                 args.push(req.arg(k).unwrap_or_default());
                 if kind == SplitKind::AllOk {
                     // MSET: the value follows its key.
@@ -198,7 +214,7 @@ impl ClusterClient {
             encode_command(args.iter().copied(), &mut out);
             if let Err(e) = self.send_slot(
                 out.split().freeze(),
-                *slot,
+                slot,
                 read,
                 Rc::clone(&sink),
                 i as u64,
@@ -235,7 +251,7 @@ impl ClusterClient {
                 Follow::send(
                     &self.shared,
                     &conn,
-                    encode(req),
+                    self.encode(req),
                     None,
                     parent,
                     token,
@@ -258,7 +274,7 @@ impl ClusterClient {
             }
             Keyless::Concat | Keyless::Sum | Keyless::AllOk | Keyless::First => self.broadcast(
                 &masters,
-                encode(req),
+                self.encode(req),
                 MergeKind::All(kind),
                 parent,
                 token,
@@ -340,18 +356,6 @@ impl ClusterClient {
         });
         // SCAN always goes to the master: a node's cursor is only valid on that node.
         conn.send_encoded(&out, sink, 0, deadline)
-    }
-}
-
-/// The request as RESP, kept for re-sending.
-fn encode(req: &Request<'_>) -> Bytes {
-    match req.raw() {
-        Some(raw) => Bytes::copy_from_slice(raw),
-        None => {
-            let mut out = BytesMut::new();
-            req.write_resp(&mut out);
-            out.freeze()
-        }
     }
 }
 
@@ -519,6 +523,10 @@ impl ReplySink for Follow {
     fn flush(&self) {
         self.parent.flush();
     }
+
+    fn expects_more(&self) -> bool {
+        self.parent.expects_more()
+    }
 }
 
 /// Which INFO sections a client asked for (only these three are served on a cluster).
@@ -557,10 +565,51 @@ fn info_sections(req: &Request<'_>) -> InfoSections {
     s
 }
 
+/// Where the values of MGET's parts go in the merged reply.
+#[derive(Default)]
+pub(super) struct Positions {
+    /// Value positions of every part's keys, part after part.
+    at: Vec<usize>,
+    /// Where each part's positions end in `at`.
+    ends: Vec<usize>,
+    /// Keys in the client's MGET.
+    total: usize,
+}
+
+impl Positions {
+    /// From each part's key argument indexes (MGET's key argument k is value k-1).
+    pub(super) fn new<P, K>(parts: P, total: usize) -> Positions
+    where
+        P: Iterator<Item = K>,
+        K: Iterator<Item = usize>,
+    {
+        let mut p = Positions {
+            total,
+            ..Positions::default()
+        };
+        for keys in parts {
+            p.at.extend(keys.map(|k| k.saturating_sub(1)));
+            p.ends.push(p.at.len());
+        }
+        p
+    }
+
+    /// Part `i`'s value positions.
+    fn of(&self, i: usize) -> &[usize] {
+        let start = if i == 0 {
+            0
+        } else {
+            self.ends.get(i - 1).copied().unwrap_or(self.at.len())
+        };
+        let end = self.ends.get(i).copied().unwrap_or(self.at.len());
+        self.at.get(start..end).unwrap_or_default()
+    }
+}
+
 /// How part replies are combined.
 pub(super) enum MergeKind {
-    /// A split multi-key command; for MGET, each part's value positions and the key count.
-    Split(SplitKind, Vec<Vec<usize>>, usize),
+    /// A split multi-key command; for MGET, where each part's values go.
+    Split(SplitKind, Positions),
     /// A keyless command sent to every master.
     All(Keyless),
     /// INFO: the sections, the map for the cluster section, and the upstream name.
@@ -625,6 +674,10 @@ impl ReplySink for Merge {
     fn flush(&self) {
         self.parent.flush();
     }
+
+    fn expects_more(&self) -> bool {
+        self.parent.expects_more()
+    }
 }
 
 /// Parses one part reply.
@@ -652,13 +705,13 @@ fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
         Ok(Frame::Integer(total).to_bytes())
     };
     match kind {
-        MergeKind::Split(SplitKind::Values, positions, total) => {
-            let mut values = vec![Frame::NullBulk; *total];
-            for (p, pos) in parts.iter().zip(positions) {
+        MergeKind::Split(SplitKind::Values, positions) => {
+            let mut values = vec![Frame::NullBulk; positions.total];
+            for (i, p) in parts.iter().enumerate() {
                 let Frame::Array(items) = frame(p)? else {
                     return Err(error_reply("unexpected reply from a cluster node"));
                 };
-                for (item, &at) in items.into_iter().zip(pos) {
+                for (item, &at) in items.into_iter().zip(positions.of(i)) {
                     if let Some(v) = values.get_mut(at) {
                         *v = item;
                     }
@@ -796,5 +849,9 @@ impl ReplySink for ScanSink {
 
     fn flush(&self) {
         self.parent.flush();
+    }
+
+    fn expects_more(&self) -> bool {
+        self.parent.expects_more()
     }
 }

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use super::cluster::{ClusterClient, ClusterShared, Merge, MergeKind};
+use super::cluster::{ClusterClient, ClusterShared, Merge, MergeKind, Positions};
 use super::{Backend, Dice};
 use crate::command::{Command, flags};
 use crate::resp::{Limits, Request, RequestParser, encode_command};
@@ -246,21 +246,16 @@ impl Forwarder {
             }
         }
         let positions = match kind {
-            SplitKind::Values => groups
-                .iter()
-                .map(|(_, idx)| idx.iter().map(|k| k - 1).collect())
-                .collect(),
-            _ => Vec::new(),
-        };
-        let total = if kind == SplitKind::Values {
-            req.len() - 1
-        } else {
-            0
+            SplitKind::Values => Positions::new(
+                groups.iter().map(|(_, idx)| idx.iter().copied()),
+                req.len() - 1,
+            ),
+            _ => Positions::default(),
         };
         let merge = Merge::new(
             to.sink,
             to.token,
-            MergeKind::Split(kind, positions, total),
+            MergeKind::Split(kind, positions),
             groups.len(),
         );
         let parent: Rc<dyn ReplySink> = merge.clone();
