@@ -751,6 +751,7 @@ impl Upstreams<'_> {
                 ),
                 per_10000: percent_to_per_10000(m.percentage),
                 exclude_reads: m.exclude_reads,
+                batch_delay: m.batch_delay.0,
                 sent,
                 dropped,
             });

@@ -406,9 +406,9 @@ pub struct MirrorConfig {
     /// the mirror is down) are dropped and counted, never waited for.
     #[serde(default = "default_mirror_queue")]
     pub max_queue: ByteSize,
-    /// How long copies gather before they are written to the mirror. Mirror replies are
-    /// never waited for, so a short wait costs nothing and turns many small writes (and
-    /// wake-ups of the mirror's Redis) into one. "0s": write at once.
+    /// How long copies gather (at most 64 KiB of them) before they are written to the
+    /// mirror. Mirror replies are never waited for, so a short wait costs nothing and turns
+    /// many small writes (and wake-ups of the mirror's Redis) into one. "0s": write at once.
     #[serde(default = "default_mirror_batch_delay")]
     pub batch_delay: Dur,
 }

@@ -174,6 +174,10 @@ const BACKOFF_START: Duration = Duration::from_millis(50);
 /// Read buffer growth step for upstream replies.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// A connection with a write delay (a mirror) writes as soon as this much is queued, without
+/// waiting out the delay.
+const BATCH_BYTES: usize = 64 * 1024;
+
 /// Write buffers larger than this are released once empty, so one big value doesn't pin
 /// memory forever.
 const KEEP_BUFFER: usize = 1024 * 1024;
@@ -370,8 +374,13 @@ impl SharedConn {
                 inner.addr
             )));
         }
-        let was_empty = out.is_empty();
+        let before = out.len();
         write(&mut out);
+        // A delayed writer also wants to know when a batch's worth is queued.
+        let wake = before == 0
+            || (!inner.settings.write_delay.is_zero()
+                && before < BATCH_BYTES
+                && out.len() >= BATCH_BYTES);
         drop(out);
         let mut inflight = inner.inflight.borrow_mut();
         if inflight.is_empty() {
@@ -382,7 +391,7 @@ impl SharedConn {
             token,
             deadline,
         });
-        if was_empty {
+        if wake {
             inner.wake_writer.notify();
         }
         Ok(())
@@ -631,9 +640,15 @@ impl SharedConn {
             self.0.wake_writer.wait().await;
             let delay = self.0.settings.write_delay;
             if !delay.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    () = self.0.wake_close.wait() => {}
+                // Gather until the delay ends or a batch's worth is queued (enqueue wakes us
+                // again when it crosses BATCH_BYTES).
+                let until = Instant::now() + delay;
+                while self.0.out.borrow().len() < BATCH_BYTES && !self.0.closed.get() {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        () = self.0.wake_writer.wait() => {}
+                        () = self.0.wake_close.wait() => {}
+                    }
                 }
             }
         }

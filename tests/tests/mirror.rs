@@ -166,3 +166,38 @@ fn blackholed_mirror_never_slows_the_primary() {
     proxy.shutdown();
     drop(keeper);
 }
+
+#[test]
+fn batch_delay_holds_small_batches_and_a_full_batch_goes_at_once() {
+    let primary = RedisServer::start();
+    let staging = RedisServer::start();
+    let proxy = start_proxy_config(&config(
+        primary.addr,
+        staging.addr,
+        "percentage = 100.0\nbatch_delay = \"3s\"",
+    ));
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    // 100 small copies: far below a batch, so they wait out the delay.
+    let start = Instant::now();
+    set_many(&mut c, "small:", 100, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    if start.elapsed() < Duration::from_secs(2) {
+        assert_eq!(dbsize(&staging), 0, "copies went out before batch_delay");
+    }
+    wait_until(Duration::from_secs(10), || dbsize(&staging) == 100);
+    assert!(
+        start.elapsed() >= Duration::from_secs(3),
+        "copies went out early"
+    );
+    // 800 copies of ~1 KiB: past 64 KiB, so they go without waiting out the delay (some of
+    // the tail may stay queued until it ends).
+    let start = Instant::now();
+    set_many(&mut c, "big:", 800, 1000);
+    wait_until(Duration::from_secs(10), || dbsize(&staging) >= 100 + 700);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "a full batch waited for the delay: {:?}",
+        start.elapsed()
+    );
+    wait_until(Duration::from_secs(10), || dbsize(&staging) == 900);
+}

@@ -26,6 +26,9 @@ pub struct Mirror {
     pub per_10000: u32,
     /// Copy only commands Redis flags `write`.
     pub exclude_reads: bool,
+    /// How long a copy may wait in the queue before it is written (`batch_delay`); added to
+    /// its deadline, so a long delay doesn't time copies out while they wait.
+    pub batch_delay: std::time::Duration,
     /// Copies handed to the mirror.
     pub sent: prometheus_client::metrics::counter::Counter,
     /// Copies dropped: the mirror's queue was full or the mirror was down.
@@ -358,7 +361,7 @@ fn mirror(
         if m.per_10000 < 10_000 && dice.below(10_000) >= m.per_10000 {
             continue;
         }
-        match target.forward(req, cmd, Rc::clone(discard), 0, deadline) {
+        match target.forward(req, cmd, Rc::clone(discard), 0, deadline + m.batch_delay) {
             Ok(()) => m.sent.inc(),
             Err(_) => m.dropped.inc(),
         };
