@@ -346,23 +346,27 @@ pub fn start(config: &Config) -> Result<Proxy> {
             unsupported.join(", ")
         );
     }
-    let mut listeners = Vec::new();
+    let workers = match config.proxy.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // listeners[service][worker]
+    let mut listeners: Vec<Vec<TcpListener>> = Vec::new();
     let mut services = Vec::new();
     for svc in &config.services {
-        let listener = bind(svc.listen)
+        let bound = bind_for_workers(svc.listen, workers, config.proxy.reuse_port)
             .with_context(|| format!("service {:?}: cannot listen on {}", svc.name, svc.listen))?;
-        let addr = listener.local_addr()?;
+        let addr = bound
+            .first()
+            .context("no listener was bound")?
+            .local_addr()?;
         info!(service = %svc.name, %addr, "listening");
         services.push(BoundService {
             name: svc.name.clone(),
             addr,
         });
-        listeners.push(listener);
+        listeners.push(bound);
     }
-    let workers = match config.proxy.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
     // Secrets are resolved before anything runs, so a missing one fails start-up.
     let mut upstream_auths = std::collections::HashMap::new();
     for up in &config.upstreams {
@@ -417,7 +421,14 @@ pub fn start(config: &Config) -> Result<Proxy> {
             config: config.clone(),
             listeners: listeners
                 .iter()
-                .map(TcpListener::try_clone)
+                .map(|per_worker| {
+                    // Without a socket of its own, a worker gets a handle of the shared one.
+                    per_worker
+                        .get(index)
+                        .or(per_worker.first())
+                        .ok_or_else(|| std::io::Error::other("no listener was bound"))?
+                        .try_clone()
+                })
                 .collect::<std::io::Result<_>>()
                 .context("clone listener for a worker")?,
             counters: counters.clone(),
@@ -458,8 +469,34 @@ pub fn start(config: &Config) -> Result<Proxy> {
     })
 }
 
-/// Binds a non-blocking listener with SO_REUSEADDR, so a restarted proxy can bind at once.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// The listening sockets of one service: one per worker with `reuse_port` (and more than
+/// one worker), otherwise one that the workers share.
+///
+/// `SO_REUSEPORT` would also let this proxy join another process's sockets on the same port
+/// without an error, so the port is first bound once without it: that fails if anything
+/// holds the port. The probe also resolves port 0.
+fn bind_for_workers(
+    addr: SocketAddr,
+    workers: usize,
+    reuse_port: bool,
+) -> std::io::Result<Vec<TcpListener>> {
+    if !reuse_port || workers <= 1 {
+        return Ok(vec![bind(addr, false)?]);
+    }
+    let addr = {
+        let probe = socket(addr)?;
+        probe.bind(&addr.into())?;
+        probe
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("listener has no IP address"))?
+    };
+    (0..workers).map(|_| bind(addr, true)).collect()
+}
+
+/// A non-blocking TCP socket for `addr`'s family with SO_REUSEADDR, so a restarted proxy can
+/// bind at once.
+fn socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -467,6 +504,15 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     )?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Binds a listener, with SO_REUSEPORT if `reuse_port`.
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = socket(addr)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
@@ -592,7 +638,7 @@ impl WorkerPlan {
                 max_client_buffer: svc.max_client_buffer.0,
                 max_pipeline: svc.max_pipeline,
                 limits,
-                metrics: metrics.service(&svc.name),
+                metrics: metrics.service(&svc.name, index),
                 auth: client_auth,
                 legacy_auth_reject: svc.legacy_auth == crate::config::LegacyAuth::Reject,
                 faults: svc.faults.iter().map(fault).collect(),

@@ -67,6 +67,11 @@ pub struct ProxyConfig {
     /// per CPU.
     #[serde(default)]
     pub workers: usize,
+    /// Give every worker its own listening socket (`SO_REUSEPORT`), so the kernel spreads
+    /// connections evenly over workers. Off: the workers share one socket, and whichever is
+    /// awake takes a connection, which can put a whole connection pool on one worker.
+    #[serde(default = "yes")]
+    pub reuse_port: bool,
     /// How long shutdown waits for clients to receive the replies they are owed.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Dur,
@@ -76,6 +81,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             workers: 0,
+            reuse_port: true,
             drain_timeout: default_drain_timeout(),
         }
     }

@@ -17,6 +17,15 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+/// Labels of per-worker client counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// Service name from the config.
+    pub service: String,
+    /// Worker thread number.
+    pub worker: String,
+}
+
 /// Labels of client disconnects.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabels {
@@ -62,6 +71,8 @@ pub struct Metrics {
     registry: Registry,
     /// Clients connected now.
     pub clients_connected: Family<ServiceLabels, Gauge>,
+    /// Clients connected now, per worker thread: shows how evenly connections spread.
+    pub worker_clients: Family<WorkerLabels, Gauge>,
     /// Clients accepted since start.
     pub clients_accepted: Family<ServiceLabels, Counter>,
     /// Clients refused because of `max_clients`.
@@ -100,6 +111,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("redis_intercept");
         let m = Metrics {
             clients_connected: Family::default(),
+            worker_clients: Family::default(),
             clients_accepted: Family::default(),
             clients_rejected: Family::default(),
             clients_closed: Family::default(),
@@ -159,6 +171,11 @@ impl Metrics {
             m.mirror_requests.clone(),
         );
         registry.register(
+            "worker_clients",
+            "Clients connected now, per worker thread",
+            m.worker_clients.clone(),
+        );
+        registry.register(
             "cluster_redirects",
             "Cluster redirects and retries the proxy followed (moved, ask, tryagain, clusterdown)",
             m.cluster_redirects.clone(),
@@ -185,12 +202,17 @@ impl Metrics {
     }
 
     /// Handles for one service's hot-path metrics.
-    pub fn service(&self, service: &str) -> ServiceMetrics {
+    pub fn service(&self, service: &str, worker: usize) -> ServiceMetrics {
         let labels = ServiceLabels {
             service: service.to_owned(),
         };
+        let worker_labels = WorkerLabels {
+            service: service.to_owned(),
+            worker: worker.to_string(),
+        };
         ServiceMetrics {
             connected: self.clients_connected.get_or_create(&labels).clone(),
+            worker_connected: self.worker_clients.get_or_create(&worker_labels).clone(),
             accepted: self.clients_accepted.get_or_create(&labels).clone(),
             rejected: self.clients_rejected.get_or_create(&labels).clone(),
             commands: self.commands.get_or_create(&labels).clone(),
@@ -242,6 +264,8 @@ impl Metrics {
 pub struct ServiceMetrics {
     /// Clients connected now.
     pub connected: Gauge,
+    /// Clients connected now on this worker.
+    pub worker_connected: Gauge,
     /// Clients accepted.
     pub accepted: Counter,
     /// Clients refused by `max_clients`.
@@ -284,7 +308,7 @@ mod tests {
     #[test]
     fn encodes_with_prefix_and_labels() {
         let m = Metrics::new();
-        let s = m.service("cache");
+        let s = m.service("cache", 0);
         s.commands.inc_by(3);
         s.closed("slow_reader");
         m.node("main", "127.0.0.1:6379").up.inc();

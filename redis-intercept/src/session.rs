@@ -642,6 +642,7 @@ pub async fn run(
     });
     sessions.live.borrow_mut().insert(id, Rc::clone(&core));
     svc.metrics.connected.inc();
+    svc.metrics.worker_connected.inc();
     let mut session = Session {
         core,
         parser: RequestParser::new(svc.limits),
@@ -665,6 +666,7 @@ pub async fn run(
     session.core.stream.borrow_mut().take();
     drop(stream);
     session.svc.metrics.connected.dec();
+    session.svc.metrics.worker_connected.dec();
     session.svc.metrics.closed(end.reason());
     if matches!(end, End::SlowReader) {
         warn!(service = %session.svc.name, client = id, ?peer, "client disconnected: replies exceeded max_client_buffer (slow reader)");

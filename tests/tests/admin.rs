@@ -88,3 +88,64 @@ fn admin_reports_ready_metrics_and_config() {
     assert_eq!(http_get(admin, "/nope").0, 404);
     proxy.shutdown();
 }
+
+/// Clients per worker, from `/metrics`.
+fn per_worker(admin: std::net::SocketAddr) -> Vec<f64> {
+    let body = http_get(admin, "/metrics").1;
+    (0..2)
+        .map(|w| {
+            let line = format!("redis_intercept_worker_clients{{service=\"svc\",worker=\"{w}\"}}");
+            metric(&body, &line).unwrap_or(0.0)
+        })
+        .collect()
+}
+
+#[test]
+fn connections_spread_over_workers_and_a_held_port_is_refused() {
+    let server = RedisServer::start();
+    let proxy = start_proxy_with(server.addr, "[admin]\nlisten = \"127.0.0.1:0\"\n", "");
+    let admin = proxy.admin_addr().unwrap();
+    // 40 clients opened back to back, as a connection pool does at start: each worker has
+    // its own socket, so the kernel spreads them (all 40 on one worker: 2 in 2^40).
+    let mut clients: Vec<RespReader> = (0..40)
+        .map(|_| RespReader::connect(proxy.addr("svc").unwrap()))
+        .collect();
+    for c in &mut clients {
+        c.send(b"PING\r\n");
+        c.read();
+    }
+    wait_until(Duration::from_secs(5), || {
+        per_worker(admin).iter().sum::<f64>() == 40.0
+    });
+    let counts = per_worker(admin);
+    assert!(counts.iter().all(|&n| n >= 1.0), "{counts:?}");
+    drop(clients);
+    wait_until(Duration::from_secs(5), || {
+        per_worker(admin).iter().sum::<f64>() == 0.0
+    });
+
+    // A port another socket listens on with SO_REUSEPORT (as a second proxy would) is
+    // refused: our sockets must not silently join its group and split its traffic.
+    let held = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    held.set_reuse_port(true).unwrap();
+    held.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    held.listen(16).unwrap();
+    let port = held.local_addr().unwrap().as_socket().unwrap().port();
+    let text = format!(
+        "[proxy]\nworkers = 2\n\n[[upstream]]\nname = \"main\"\nmode = \"standalone\"\n\
+         nodes = [\"{}\"]\n\n[[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:{port}\"\n\
+         upstream = \"main\"\n",
+        server.addr
+    );
+    let config = redis_intercept::config::Config::parse(&text, "test.toml").unwrap();
+    let err = redis_intercept::app::start(&config)
+        .err()
+        .expect("a held port is refused");
+    assert!(format!("{err:#}").contains("cannot listen"), "{err:#}");
+}
