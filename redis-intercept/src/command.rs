@@ -353,27 +353,30 @@ static CLIENT_SETINFO: CommandInfo = CommandInfo {
     subcommands: &[],
 };
 
-/// Every command and subcommand by full lower-case name, with its handling.
-static BY_NAME: LazyLock<HashMap<&'static str, Command>> = LazyLock::new(|| {
-    let mut map = HashMap::new();
-    let mut add = |info: &'static CommandInfo| {
-        map.insert(
-            info.name,
-            Command {
-                info,
-                handling: handling_for(info),
-            },
-        );
-    };
-    for info in COMMANDS {
-        add(info);
-        for sub in info.subcommands {
-            add(sub);
+/// Every command and subcommand by full lower-case name, with its handling. Looked up once
+/// per request, so it uses a fast fixed hasher: the table never changes after start, so
+/// chosen names can't make it degrade.
+static BY_NAME: LazyLock<HashMap<&'static str, Command, foldhash::fast::FixedState>> =
+    LazyLock::new(|| {
+        let mut map = HashMap::default();
+        let mut add = |info: &'static CommandInfo| {
+            map.insert(
+                info.name,
+                Command {
+                    info,
+                    handling: handling_for(info),
+                },
+            );
+        };
+        for info in COMMANDS {
+            add(info);
+            for sub in info.subcommands {
+                add(sub);
+            }
         }
-    }
-    add(&CLIENT_SETINFO);
-    map
-});
+        add(&CLIENT_SETINFO);
+        map
+    });
 
 /// Longest command name looked up (`container|subcommand`); anything longer is unknown.
 const MAX_NAME: usize = 64;
