@@ -91,6 +91,13 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
+/// The median over rounds of `a[r] / b[r]`: the runs of one round are neighbours in time, so
+/// a machine that speeds up or slows down between rounds moves both sides of a ratio.
+fn round_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    median(&mut r)
+}
+
 /// `--workers` in words, for the report.
 fn workers_text(workers: usize) -> String {
     match workers {
@@ -235,9 +242,9 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
         "workload", "direct rps", "proxy rps", "ratio", "target", "proxy CPU s/Mreq"
     );
     for (i, w) in WORKLOADS.iter().enumerate() {
+        let ratio = round_ratio(&proxied[i], &direct[i]);
         let d = median(&mut direct[i]);
         let p = median(&mut proxied[i]);
-        let ratio = p / d;
         println!(
             "{:<12} {:>12.0} {:>12.0} {:>7.2} {:>7}{} {:>16.2}",
             w.name,
@@ -249,6 +256,7 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
             median(&mut cpu[i])
         );
     }
+    println!("(ratio: median over rounds of proxy rps / direct rps in the same round)");
     let peak = status_kib(proxy.pid(), "VmHWM")?;
     println!();
     println!(
@@ -344,11 +352,6 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
         }
         say(&format!("round {round}/{} done", args.rounds));
     }
-    // The median over rounds of a / b, each round's runs being neighbours in time.
-    let ratio = |a: &[f64], b: &[f64]| {
-        let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
-        median(&mut r)
-    };
     println!();
     print!(
         "{:<13} {:>12} {:>12} {:>7} {:>8}  {:>16}",
@@ -359,7 +362,7 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
     }
     println!();
     for (i, w) in CLUSTER_WORKLOADS.iter().enumerate() {
-        let r = ratio(&rps[1][i], &rps[0][i]);
+        let r = round_ratio(&rps[1][i], &rps[0][i]);
         print!(
             "{:<13} {:>12.0} {:>12.0} {:>7.2} {:>7}{} {:>16.2}",
             w.name,
@@ -373,7 +376,7 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
         if proxies.len() > 1 {
             print!(
                 "  {:>14.2} {:>12.2}",
-                ratio(&rps[2][i], &rps[0][i]),
+                round_ratio(&rps[2][i], &rps[0][i]),
                 median(&mut cpu[1][i])
             );
         }
@@ -571,13 +574,11 @@ fn policy(root: &Path, args: &BenchArgs) -> Result<()> {
         "SET, -c 50", "rps", "ratio", "proxy CPU s/Mreq", "Redis CPU s/Mreq"
     );
     for (i, target) in [(0, ""), (1, "≥0.90"), (2, "≥0.98 (≤ 2% cost)")] {
-        // The median of each round's ratio: the runs of one round are neighbours in time.
-        let mut ratios: Vec<f64> = rps[i].iter().zip(&rps[0]).map(|(v, p)| v / p).collect();
         println!(
             "{:<20} {:>12.0} {:>8.2} {:>18.2} {:>18.2}  {target}",
             variants[i].name,
             median(&mut rps[i].clone()),
-            median(&mut ratios),
+            round_ratio(&rps[i], &rps[0]),
             median(&mut cpu[i]),
             median(&mut redis_cpu[i])
         );
