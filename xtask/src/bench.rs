@@ -152,22 +152,122 @@ fn benchmark_with(addr: SocketAddr, w: &Workload, requests: usize, extra: &[&str
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> Result<f64> {
+    // /proc/PID/stat fields 14 and 15.
+    stat_seconds(&pid.to_string(), 14)
+}
+
+/// CPU of this process's finished children, in seconds: every redis-benchmark run so far,
+/// since `Command::output` waits for it.
+fn children_cpu_seconds() -> Result<f64> {
+    // cutime and cstime, fields 16 and 17.
+    stat_seconds("self", 16)
+}
+
+/// The sum of `/proc/<pid>/stat` field `field` and the next one (clock ticks), in seconds.
+fn stat_seconds(pid: &str, field: usize) -> Result<f64> {
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the ")" that closes the command name; utime and stime are 14 and 15.
+    // Count from the ")" that closes the command name (which may hold spaces): the next
+    // field is number 3.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    let hz: f64 = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0);
-    Ok(ticks / hz)
+    let tick = |i: usize| -> f64 {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let hz = *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    Ok((tick(field) + tick(field + 1)) / hz)
+}
+
+/// CPU microseconds per request of each process in one redis-benchmark run.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    /// redis-benchmark.
+    client: f64,
+    /// The proxy; zero in a direct run.
+    proxy: f64,
+    /// Every redis-server.
+    redis: f64,
+}
+
+impl Cpu {
+    /// Everything the run cost the machine.
+    fn total(&self) -> f64 {
+        self.client + self.proxy + self.redis
+    }
+}
+
+/// Runs `run` (one redis-benchmark of `requests` requests) and measures what it cost the
+/// client, the proxy (if `proxy` is given) and the Redis processes `redis`.
+fn measured(
+    requests: usize,
+    proxy: Option<u32>,
+    redis: &[u32],
+    run: impl FnOnce() -> Result<f64>,
+) -> Result<(f64, Cpu)> {
+    let redis_seconds = || -> Result<f64> { redis.iter().map(|&p| cpu_seconds(p)).sum() };
+    let proxy_seconds = || -> Result<f64> { proxy.map_or(Ok(0.0), cpu_seconds) };
+    let (c0, p0, r0) = (children_cpu_seconds()?, proxy_seconds()?, redis_seconds()?);
+    let rps = run()?;
+    let per_req = 1e6 / requests as f64;
+    let cpu = Cpu {
+        client: (children_cpu_seconds()? - c0) * per_req,
+        proxy: (proxy_seconds()? - p0) * per_req,
+        redis: (redis_seconds()? - r0) * per_req,
+    };
+    Ok((rps, cpu))
+}
+
+/// Per-component medians of `runs`.
+fn median_cpu(runs: &[Cpu]) -> Cpu {
+    let m = |f: fn(&Cpu) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+    Cpu {
+        client: m(|c| c.client),
+        proxy: m(|c| c.proxy),
+        redis: m(|c| c.redis),
+    }
+}
+
+/// Prints where the CPU went, direct against through the proxy, per workload, and the
+/// ratio the proxy could reach if both runs kept every core busy: the direct run's CPU per
+/// request over the proxied run's. A measured ratio above that bound means the direct run
+/// left CPU idle (a single-threaded stage, waiting); below it, the proxied run did.
+fn print_cpu_budget(names: &[&str], direct: &[Vec<Cpu>], proxied: &[Vec<Cpu>]) {
+    println!();
+    println!("CPU per request, µs (medians; client: redis-benchmark, Redis: every redis-server)");
+    println!(
+        "{:<13} {:>7} {:>7} {:>7}   {:>7} {:>7} {:>7} {:>7}  {:>8}",
+        "workload", "client", "Redis", "direct", "client", "proxy", "Redis", "proxied", "ceiling"
+    );
+    for (i, name) in names.iter().enumerate() {
+        let d = median_cpu(&direct[i]);
+        let p = median_cpu(&proxied[i]);
+        println!(
+            "{:<13} {:>7.2} {:>7.2} {:>7.2}   {:>7.2} {:>7.2} {:>7.2} {:>7.2}  {:>8.2}",
+            name,
+            d.client,
+            d.redis,
+            d.total(),
+            p.client,
+            p.proxy,
+            p.redis,
+            p.total(),
+            d.total() / p.total()
+        );
+    }
+    println!(
+        "(ceiling: direct CPU per request / proxied CPU per request, the ratio if both runs were \
+         bound by the machine's CPU alone)"
+    );
 }
 
 /// A `/proc/PID/status` memory field in KiB (VmRSS, VmHWM).
@@ -211,8 +311,10 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
         args.rounds,
         args.requests
     ));
+    let redis = [server.pid().context("redis-server is not running")?];
     let mut direct = vec![Vec::new(); WORKLOADS.len()];
     let mut proxied = vec![Vec::new(); WORKLOADS.len()];
+    let mut direct_cpu = vec![Vec::new(); WORKLOADS.len()];
     let mut cpu = vec![Vec::new(); WORKLOADS.len()];
     for round in 1..=args.rounds {
         for (i, w) in WORKLOADS.iter().enumerate() {
@@ -224,13 +326,17 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
             };
             for via_proxy in order {
                 if via_proxy {
-                    let before = cpu_seconds(proxy.pid())?;
-                    let rps = benchmark(proxy.addr, w, args.requests)?;
-                    let used = cpu_seconds(proxy.pid())? - before;
-                    cpu[i].push(used / args.requests as f64 * 1e6);
+                    let (rps, used) = measured(args.requests, Some(proxy.pid()), &redis, || {
+                        benchmark(proxy.addr, w, args.requests)
+                    })?;
+                    cpu[i].push(used);
                     proxied[i].push(rps);
                 } else {
-                    direct[i].push(benchmark(server.addr, w, args.requests)?);
+                    let (rps, used) = measured(args.requests, None, &redis, || {
+                        benchmark(server.addr, w, args.requests)
+                    })?;
+                    direct_cpu[i].push(used);
+                    direct[i].push(rps);
                 }
             }
         }
@@ -253,10 +359,12 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
             ratio,
             format!("≥{:.1}", w.target),
             if ratio >= w.target { " " } else { "!" },
-            median(&mut cpu[i])
+            median_cpu(&cpu[i]).proxy
         );
     }
     println!("(ratio: median over rounds of proxy rps / direct rps in the same round)");
+    let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+    print_cpu_budget(&names, &direct_cpu, &cpu);
     let peak = status_kib(proxy.pid(), "VmHWM")?;
     println!();
     println!(
@@ -333,21 +441,26 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
     let targets = 1 + proxies.len();
     // rps[target][workload][round]; target 0 is the cluster itself.
     let mut rps = vec![vec![Vec::new(); n]; targets];
-    let mut cpu = vec![vec![Vec::new(); n]; proxies.len()];
+    // cpu[target][workload][round], like rps.
+    let mut cpu = vec![vec![Vec::new(); n]; targets];
+    let redis: Vec<u32> = cluster.nodes.iter().filter_map(RedisServer::pid).collect();
     for round in 1..=args.rounds {
         for (i, w) in CLUSTER_WORKLOADS.iter().enumerate() {
             // Rotate which target goes first so drift on a shared machine hits all of them.
             for k in 0..targets {
                 let t = (k + round + i) % targets;
-                if t == 0 {
-                    rps[0][i].push(benchmark_with(node, w, args.requests, &direct_args)?);
+                let (r, used) = if t == 0 {
+                    measured(args.requests, None, &redis, || {
+                        benchmark_with(node, w, args.requests, &direct_args)
+                    })?
                 } else {
                     let p = &proxies[t - 1];
-                    let before = cpu_seconds(p.pid())?;
-                    rps[t][i].push(benchmark(p.addr, w, args.requests)?);
-                    cpu[t - 1][i]
-                        .push((cpu_seconds(p.pid())? - before) / args.requests as f64 * 1e6);
-                }
+                    measured(args.requests, Some(p.pid()), &redis, || {
+                        benchmark(p.addr, w, args.requests)
+                    })?
+                };
+                rps[t][i].push(r);
+                cpu[t][i].push(used);
             }
         }
         say(&format!("round {round}/{} done", args.rounds));
@@ -371,13 +484,13 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
             r,
             format!("≥{:.1}", w.target),
             if r >= w.target { " " } else { "!" },
-            median(&mut cpu[0][i])
+            median_cpu(&cpu[1][i]).proxy
         );
         if proxies.len() > 1 {
             print!(
                 "  {:>14.2} {:>12.2}",
                 round_ratio(&rps[2][i], &rps[0][i]),
-                median(&mut cpu[1][i])
+                median_cpu(&cpu[2][i]).proxy
             );
         }
         println!();
@@ -387,6 +500,8 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
          its 10 keys in one slot with a hash tag; through the proxy they spread over every shard \
          and are split and merged)"
     );
+    let names: Vec<&str> = CLUSTER_WORKLOADS.iter().map(|w| w.name).collect();
+    print_cpu_budget(&names, &cpu[0], &cpu[1]);
     Ok(())
 }
 
