@@ -502,6 +502,10 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
     );
     let names: Vec<&str> = CLUSTER_WORKLOADS.iter().map(|w| w.name).collect();
     print_cpu_budget(&names, &cpu[0], &cpu[1]);
+    if let Some(baseline) = cpu.get(2) {
+        println!("baseline build:");
+        print_cpu_budget(&names, &cpu[0], baseline);
+    }
     Ok(())
 }
 
