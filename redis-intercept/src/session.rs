@@ -36,7 +36,7 @@ use crate::metrics::ServiceMetrics;
 use crate::resp::{Limits, Request, RequestParser};
 use crate::signal::Signal;
 use crate::upstream::pool::ClusterPool;
-use crate::upstream::{ReplySink, SharedConn, error_reply};
+use crate::upstream::{Reply, ReplySink, SharedConn, error_reply};
 
 /// Where a service's requests go.
 pub enum Backend {
@@ -92,7 +92,7 @@ pub struct ServiceCtx {
 pub struct Discard;
 
 impl ReplySink for Discard {
-    fn deliver(&self, _token: u64, _reply: Bytes) -> bool {
+    fn deliver(&self, _token: u64, _reply: Reply<'_>) -> bool {
         false
     }
 
@@ -353,7 +353,7 @@ struct Core {
 }
 
 impl ReplySink for Core {
-    fn deliver(&self, token: u64, reply: Bytes) -> bool {
+    fn deliver(&self, token: u64, reply: Reply<'_>) -> bool {
         let Some(index) = token.checked_sub(self.head.get()) else {
             return false;
         };
@@ -363,7 +363,15 @@ impl ReplySink for Core {
         };
         if slot.is_none() {
             self.unfilled.set(self.unfilled.get().saturating_sub(1));
+            if index == 0 {
+                // Next in line: straight to the output, nothing kept.
+                slots.pop_front();
+                self.head.set(self.head.get() + 1);
+                self.out.borrow_mut().extend_from_slice(reply.as_slice());
+                return !self.flush_queued.replace(true);
+            }
         }
+        let reply = reply.into_bytes();
         self.held.set(self.held.get() + reply.len());
         *slot = Some(reply);
         let head_ready = slots.front().is_some_and(Option::is_some);
@@ -830,7 +838,7 @@ impl Session {
         };
         if let Err(reply) = sent {
             // The session writes its output right after this; no flush needed.
-            let _ = self.core.deliver(d.token, reply);
+            let _ = self.core.deliver(d.token, reply.into());
         }
     }
 
@@ -935,7 +943,7 @@ fn dispatch(
             let sent = forwarder.forward(&mut cx, req, cmd, sink, token);
             if let Err(reply) = sent {
                 // The session writes its output right after dispatching; no flush needed.
-                let _ = core.deliver(token, reply);
+                let _ = core.deliver(token, reply.into());
             }
         }
         Some((Handling::Local(local), info)) => {

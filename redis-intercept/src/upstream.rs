@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -41,7 +41,7 @@ pub trait ReplySink {
     /// Hands over the reply (or an error reply the proxy made) for request `token`. Returns
     /// true if the sink wants [`ReplySink::flush`] at the end of the current batch (at most
     /// once per batch).
-    fn deliver(&self, token: u64, reply: Bytes) -> bool;
+    fn deliver(&self, token: u64, reply: Reply<'_>) -> bool;
     /// Called after a batch for every sink whose `deliver` asked for it.
     fn flush(&self);
     /// Whether replies are still owed to this sink after the ones delivered so far. Such a
@@ -50,6 +50,42 @@ pub trait ReplySink {
     /// one per node.
     fn expects_more(&self) -> bool {
         false
+    }
+}
+
+/// A reply handed to a [`ReplySink`]. Most sinks copy the reply into a client's output at
+/// once, so it stays in the connection's read buffer until then: cutting a `Bytes` out of the
+/// buffer for every reply costs an atomic reference count each way (7% of the proxy's CPU
+/// with `-P 16`).
+pub enum Reply<'a> {
+    /// The first `len` bytes of a connection's read buffer.
+    InBuffer(&'a mut BytesMut, usize),
+    /// A reply the proxy holds: one it made, or one already cut out of a buffer.
+    Held(Bytes),
+}
+
+impl Reply<'_> {
+    /// The reply's RESP bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Reply::InBuffer(buf, len) => buf.get(..*len).unwrap_or(buf),
+            Reply::Held(b) => b,
+        }
+    }
+
+    /// The reply as `Bytes`, for a sink that keeps it (cut out of the read buffer, which the
+    /// connection sees and does not skip it again).
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Reply::InBuffer(buf, len) => buf.split_to(len.min(buf.len())).freeze(),
+            Reply::Held(b) => b,
+        }
+    }
+}
+
+impl From<Bytes> for Reply<'_> {
+    fn from(b: Bytes) -> Self {
+        Reply::Held(b)
     }
 }
 
@@ -598,15 +634,17 @@ impl SharedConn {
         loop {
             match scanner.scan(buf, &inner.settings.limits) {
                 Ok(Some(len)) => {
-                    let reply = buf.split_to(len).freeze();
                     let next = inner.inflight.borrow_mut().pop_front();
-                    match next {
-                        Some(req) => {
-                            if req.sink.deliver(req.token, reply) {
-                                to_flush.push(req.sink);
-                            }
-                        }
-                        None => return Err("reply with no request waiting".to_owned()),
+                    let Some(req) = next else {
+                        return Err("reply with no request waiting".to_owned());
+                    };
+                    let before = buf.len();
+                    if req.sink.deliver(req.token, Reply::InBuffer(buf, len)) {
+                        to_flush.push(req.sink);
+                    }
+                    // A sink that kept the reply cut it out already.
+                    if buf.len() == before {
+                        buf.advance(len);
                     }
                 }
                 Ok(None) => break,
@@ -704,7 +742,7 @@ impl SharedConn {
         let waiting: Vec<InFlight> = inner.inflight.borrow_mut().drain(..).collect();
         let mut to_flush = Vec::new();
         for req in waiting {
-            if req.sink.deliver(req.token, reply.clone()) {
+            if req.sink.deliver(req.token, reply.clone().into()) {
                 to_flush.push(req.sink);
             }
         }

@@ -198,6 +198,63 @@ fn scan_all(c: &mut RespReader, extra: &[&str]) -> (Vec<String>, usize) {
     }
 }
 
+/// A pipeline whose commands go to every master comes back in the client's order even when
+/// one master answers last: the others' replies are held until it does.
+#[test]
+fn a_pipeline_across_masters_comes_back_in_order_when_one_master_lags() {
+    let cluster = RedisCluster::start(3, 0);
+    let proxy = start_cluster_proxy(&seeds(&cluster), "", "");
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    let keys: Vec<String> = (0..300).map(|i| format!("order:{i}")).collect();
+    for k in &keys {
+        assert_eq!(c.call(&["SET", k, &format!("v-{k}")]), ok());
+    }
+    let map = slot_map(&cluster);
+    let slow = map.master(Slot::for_key(keys[0].as_bytes())).unwrap();
+    let on_slow = keys
+        .iter()
+        .filter(|k| map.master(Slot::for_key(k.as_bytes())) == Some(slow))
+        .count();
+    assert!(on_slow > 0 && on_slow < keys.len(), "keys span masters");
+    // Hold the first key's master so that the other masters' replies arrive first.
+    assert_eq!(
+        node(&cluster, slow).cmd(&["CLIENT", "PAUSE", "400", "ALL"]),
+        ok()
+    );
+    let started = std::time::Instant::now();
+    let mut pipeline = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        pipeline.extend_from_slice(&redis_intercept_e2e::encode(&["GET", k]));
+        if i % 50 == 49 {
+            // A split command in the middle of the pipeline, across every master.
+            pipeline.extend_from_slice(&redis_intercept_e2e::encode(&[
+                "MGET", &keys[i], "missing", &keys[0],
+            ]));
+        }
+    }
+    c.send(&pipeline);
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(c.read(), bulk(&format!("v-{k}")), "reply {i} is {k}'s");
+        if i % 50 == 49 {
+            assert_eq!(
+                c.read(),
+                Frame::Array(vec![
+                    bulk(&format!("v-{k}")),
+                    Frame::NullBulk,
+                    bulk(&format!("v-{}", keys[0])),
+                ]),
+                "MGET after reply {i}"
+            );
+        }
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the paused master held its replies back ({:?})",
+        started.elapsed()
+    );
+    proxy.shutdown();
+}
+
 #[test]
 fn scan_returns_every_key_across_masters() {
     let cluster = RedisCluster::start(3, 0);

@@ -283,7 +283,7 @@ impl Forwarder {
                 token: i as u64,
             };
             if let Err(e) = self.send_encoded(cx, *route, &out, cmd, part) {
-                let _ = merge.deliver(i as u64, e);
+                let _ = merge.deliver(i as u64, e.into());
             }
         }
         Ok(())
