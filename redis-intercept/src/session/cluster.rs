@@ -124,21 +124,24 @@ impl ClusterClient {
             }
         };
         let mut arena = self.arena.borrow_mut();
-        match Rc::get_mut(&mut arena) {
+        let fresh = match Rc::get_mut(&mut arena) {
             // No request of this client is in flight: start the block over.
-            Some(only) if only.borrow().capacity() <= 4 * ARENA_BLOCK => only.get_mut().clear(),
-            _ => {
-                let room = {
-                    let block = arena.borrow();
-                    block.capacity() - block.len()
-                };
-                if room < resp.len() {
-                    // The old block is freed when its last request has its reply.
-                    *arena = Rc::new(RefCell::new(Vec::with_capacity(
-                        ARENA_BLOCK.max(resp.len()),
-                    )));
-                }
+            Some(only) if only.borrow().capacity() <= 4 * ARENA_BLOCK => {
+                only.get_mut().clear();
+                false
             }
+            // A block a large request grew is not kept for an idle client.
+            Some(_) => true,
+            None => {
+                let block = arena.borrow();
+                block.capacity() - block.len() < resp.len()
+            }
+        };
+        if fresh {
+            // A shared old block is freed when its last request has its reply.
+            *arena = Rc::new(RefCell::new(Vec::with_capacity(
+                ARENA_BLOCK.max(resp.len()),
+            )));
         }
         let start = {
             let mut block = arena.borrow_mut();
