@@ -642,7 +642,8 @@ impl SharedConn {
                     if req.sink.deliver(req.token, Reply::InBuffer(buf, len)) {
                         to_flush.push(req.sink);
                     }
-                    // A sink that kept the reply cut it out already.
+                    // A sink that kept the reply cut it out already. (`scan` only returns
+                    // the length of a whole reply inside `buf`, so `advance` can't overrun.)
                     if buf.len() == before {
                         buf.advance(len);
                     }
