@@ -26,6 +26,7 @@ use crate::session::{
     self, Backend, ClientAuth, ClientGuard, Discard, Fault, FaultAction, Mirror, RouteCtx,
     ServiceCtx, Sessions, SharedAuth,
 };
+use crate::upstream::dedicated::DedicatedPool;
 use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
 use crate::upstream::tls::{self, TlsSettings};
 use crate::upstream::{ConnSettings, PasswordSource, SharedConn, UpstreamAuth};
@@ -568,6 +569,7 @@ impl WorkerPlan {
         } = self;
         let limits = Limits::default();
         let mut all_conns = Vec::new();
+        let mut dedicated = Vec::new();
         // Cluster pools by (upstream, whether replicas serve reads): services that share an
         // upstream share its connections.
         let mut pools: std::collections::HashMap<(String, bool), Rc<ClusterPool>> =
@@ -596,6 +598,7 @@ impl WorkerPlan {
                 metrics: &metrics,
                 pools: &mut pools,
                 all_conns: &mut all_conns,
+                dedicated: &mut dedicated,
                 cluster_status: &cluster_status,
                 mark,
             };
@@ -687,6 +690,9 @@ impl WorkerPlan {
         for c in &all_conns {
             c.close();
         }
+        for d in &dedicated {
+            d.close();
+        }
         for pool in pools.values() {
             pool.close();
         }
@@ -709,6 +715,8 @@ struct Upstreams<'a> {
     pools: &'a mut std::collections::HashMap<(String, bool), Rc<ClusterPool>>,
     /// Every standalone connection, closed at shutdown.
     all_conns: &'a mut Vec<SharedConn>,
+    /// Every standalone upstream's dedicated connections, closed at shutdown.
+    dedicated: &'a mut Vec<Rc<DedicatedPool>>,
     /// Where workers publish their view of each cluster.
     cluster_status: &'a std::collections::HashMap<String, Arc<ClusterStatus>>,
     /// Socket mark of upstream connections.
@@ -734,9 +742,12 @@ impl Upstreams<'_> {
         match up.mode {
             Mode::Standalone => {
                 // Config validation gives a standalone upstream exactly one node.
+                let dedicated =
+                    DedicatedPool::new(&up.name, settings.clone(), Arc::clone(self.metrics));
+                self.dedicated.push(Rc::clone(&dedicated));
                 let conns = connect_upstream(up, settings, self.metrics);
                 self.all_conns.extend(conns.iter().cloned());
-                Backend::Standalone(conns)
+                Backend::Standalone(conns, dedicated)
             }
             Mode::Cluster => {
                 let readonly = policy != crate::config::ReadPolicy::Master;

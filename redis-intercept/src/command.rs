@@ -336,6 +336,9 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         | "replconf" | "monitor" | "shutdown" => Unsupported,
         name if name.starts_with("client|") || name.starts_with("cluster|") => Unsupported,
         _ if info.has(flags::ADMIN) => Unsupported,
+        // Not flagged `blocking` by Redis 7.0, but it blocks its connection until replicas
+        // acknowledge (refused: see `session::dispatch`).
+        "wait" => Blocking,
         _ if info.has(flags::BLOCKING) => Blocking,
         _ => Forward,
     }
@@ -473,6 +476,7 @@ mod tests {
         assert_eq!(h("client|setname"), Handling::Local(Local::ClientSetName));
         assert_eq!(h("client|kill"), Handling::Unsupported);
         assert_eq!(h("blpop"), Handling::Blocking);
+        assert_eq!(h("wait"), Handling::Blocking);
         assert_eq!(h("multi"), Handling::Transaction);
         assert_eq!(h("subscribe"), Handling::PubSub);
         assert_eq!(h("shutdown"), Handling::Unsupported);

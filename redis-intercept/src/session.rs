@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 mod cluster;
 mod forward;
+mod stateful;
 
 pub use forward::{Mirror, RouteCtx};
 
@@ -35,13 +36,15 @@ use crate::config::ReadPolicy;
 use crate::metrics::ServiceMetrics;
 use crate::resp::{Limits, Request, RequestParser};
 use crate::signal::Signal;
+use crate::upstream::dedicated::DedicatedPool;
 use crate::upstream::pool::ClusterPool;
 use crate::upstream::{Reply, ReplySink, SharedConn, error_reply};
 
 /// Where a service's requests go.
 pub enum Backend {
-    /// One server: this worker's shared connections to it, picked by client id.
-    Standalone(Vec<SharedConn>),
+    /// One server: this worker's shared connections to it, picked by client id, and the
+    /// connections it lends to one client at a time.
+    Standalone(Vec<SharedConn>, Rc<DedicatedPool>),
     /// A Redis Cluster: this worker's pool of its nodes, and where reads may go.
     Cluster(Rc<ClusterPool>, ReadPolicy),
 }
@@ -579,6 +582,10 @@ enum End {
     Idle,
     /// A socket error.
     Io(String),
+    /// The client subscribed; carries the input from the subscribe command on, for the pipe.
+    Subscribe(Vec<u8>),
+    /// A subscribed client's pipe ended (why).
+    PubSub(String),
 }
 
 impl End {
@@ -591,6 +598,7 @@ impl End {
             End::SlowReader => "slow_reader",
             End::Idle => "idle",
             End::Io(_) => "io_error",
+            End::Subscribe(_) | End::PubSub(_) => "pubsub",
         }
     }
 }
@@ -604,6 +612,8 @@ impl std::fmt::Display for End {
             End::SlowReader => f.write_str("slow reader"),
             End::Idle => f.write_str("idle timeout"),
             End::Io(e) => write!(f, "socket error: {e}"),
+            End::Subscribe(_) => f.write_str("subscribed"),
+            End::PubSub(why) => write!(f, "pub/sub pipe ended: {why}"),
         }
     }
 }
@@ -668,8 +678,20 @@ pub async fn run(
             id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(started.elapsed().subsec_nanos()),
         ),
         delayed: None,
+        stateful: stateful::Stateful::default(),
     };
-    let end = session.serve(&stream).await;
+    let mut end = session.serve(&stream).await;
+    session.release_at_end();
+    let mut stream = Some(stream);
+    if let End::Subscribe(first) = &end
+        && let Some(target) = session.stateful.subscribe.take()
+    {
+        session.core.stream.borrow_mut().take();
+        // Nothing else holds the socket now that the core let go of it.
+        if let Some(tcp) = stream.take().and_then(|s| Rc::try_unwrap(s).ok()) {
+            end = stateful::pubsub_pipe(tcp, first, target, &session.core).await;
+        }
+    }
     sessions.live.borrow_mut().remove(&id);
     session.core.stream.borrow_mut().take();
     drop(stream);
@@ -708,6 +730,8 @@ struct Session {
     dice: Dice,
     /// A request held back by a delay fault; input processing waits until it is sent.
     delayed: Option<Delayed>,
+    /// Transaction and blocking-command state (a connection of its own while it lasts).
+    stateful: stateful::Stateful,
 }
 
 impl Session {
@@ -724,6 +748,10 @@ impl Session {
         loop {
             if core.shutdown.get() {
                 self.state.closing = true;
+                if self.stateful.is_blocked() && core.unfilled.get() > 0 {
+                    // A blocked command may wait for ever; closing its connection ends it.
+                    return End::Done;
+                }
             }
             if self
                 .delayed
@@ -732,9 +760,10 @@ impl Session {
             {
                 self.send_delayed();
             }
-            if !self.state.closing && !input.is_empty() {
+            if !self.state.closing && !input.is_empty() && self.stateful.subscribe.is_none() {
                 self.process_input(&mut input);
             }
+            self.maybe_unpin();
             core.write_out();
             match core.failure.get() {
                 Some(Failure::SlowReader) => return End::SlowReader,
@@ -743,6 +772,9 @@ impl Session {
             }
             let outstanding = core.outstanding();
             let out_len = core.out_len();
+            if self.stateful.subscribe.is_some() && outstanding == 0 && out_len == 0 {
+                return End::Subscribe(input.data().to_vec());
+            }
             if (self.state.closing || eof) && outstanding == 0 && out_len == 0 {
                 return if self.state.protocol_error {
                     End::ProtocolError
@@ -754,6 +786,8 @@ impl Session {
             }
             input.release_if_empty();
             let can_read = !self.state.closing
+                && !self.stateful.barrier
+                && self.stateful.subscribe.is_none()
                 && !eof
                 && outstanding < self.svc.max_pipeline
                 && out_len < self.svc.max_client_buffer / 2
@@ -767,8 +801,14 @@ impl Session {
             }
             // Replies are flushed without us; we only need waking when our wait depends on
             // them.
-            core.wake_on_progress
-                .set(!can_read || self.state.closing || eof || idle.is_some());
+            // A pinned client's connection goes back once its replies are in.
+            core.wake_on_progress.set(
+                !can_read
+                    || self.state.closing
+                    || eof
+                    || idle.is_some()
+                    || self.forwarder.is_pinned(),
+            );
             let woke = poll_fn(|cx| {
                 if core.signal.poll(cx).is_ready() {
                     return Poll::Ready(Woke::Signal);
@@ -793,7 +833,11 @@ impl Session {
                 Woke::Readable => match read_input(stream, &mut input) {
                     Ok(Some(0)) => {
                         eof = true;
-                        if input.is_empty() && outstanding == 0 {
+                        // A blocked command's reply may never come; closing its connection
+                        // ends the wait on the server, as the client's own close would.
+                        if (input.is_empty() && outstanding == 0)
+                            || (self.stateful.is_blocked() && core.unfilled.get() > 0)
+                        {
                             return End::ClientClosed;
                         }
                     }
@@ -842,26 +886,51 @@ impl Session {
         }
     }
 
+    /// [`dispatch`] with the session's parts.
+    fn dispatch_normal(&mut self, req: &Request<'_>, cmd: Option<Command>, deadline: Instant) {
+        dispatch(
+            req,
+            cmd,
+            &self.core,
+            &mut self.state,
+            &self.svc,
+            &mut self.forwarder,
+            &mut self.dice,
+            deadline,
+        );
+    }
+
     /// Parses and dispatches every complete command in `input`, up to the pipeline limit.
     /// A delayed request stops it until that request is sent, so the client's commands keep
     /// their order.
     fn process_input(&mut self, input: &mut InputBuf) {
         let deadline = Instant::now() + self.svc.op_timeout;
         let before = self.commands;
+        self.stateful.barrier = false;
+        // Out of `self` while its requests borrow it; put back below (no early return).
+        let mut parser = std::mem::replace(&mut self.parser, RequestParser::new(self.svc.limits));
         while !self.state.closing
             && self.delayed.is_none()
             && self.core.outstanding() < self.svc.max_pipeline
         {
-            match self.parser.parse(input.data()) {
+            match parser.parse(input.data()) {
                 Ok(None) => break,
                 Ok(Some(n)) => {
                     let data = input.data();
-                    let req = self.parser.request(&data[..n]);
+                    let req = parser.request(&data[..n]);
                     if !req.is_empty() {
-                        self.commands += 1;
                         // Looked up once for faults, dispatch and mirrors.
                         let cmd = command::lookup(&req);
-                        let faulted = self.state.authenticated
+                        let step = self.stateful(&req, cmd, deadline);
+                        if matches!(step, stateful::Step::Wait | stateful::Step::Subscribe) {
+                            // Offered again once the replies owed on shared connections
+                            // are in (the parser is resumable, so nothing is lost).
+                            break;
+                        }
+                        self.commands += 1;
+                        let faulted = matches!(step, stateful::Step::Normal)
+                            && self.state.authenticated
+                            && !self.stateful.active(&self.forwarder)
                             && !self.svc.faults.is_empty()
                             && inject_fault(
                                 &req,
@@ -871,17 +940,8 @@ impl Session {
                                 &mut self.dice,
                                 &mut self.delayed,
                             );
-                        if !faulted {
-                            dispatch(
-                                &req,
-                                cmd,
-                                &self.core,
-                                &mut self.state,
-                                &self.svc,
-                                &mut self.forwarder,
-                                &mut self.dice,
-                                deadline,
-                            );
+                        if !faulted && matches!(step, stateful::Step::Normal) {
+                            self.dispatch_normal(&req, cmd, deadline);
                         }
                     }
                     input.consume(n);
@@ -895,6 +955,7 @@ impl Session {
                 }
             }
         }
+        self.parser = parser;
         self.svc.metrics.commands.inc_by(self.commands - before);
     }
 }
@@ -957,14 +1018,11 @@ fn dispatch(
         Some((handling, info)) => {
             let name = display_name(info.name);
             let why = match handling {
-                Handling::Transaction => {
-                    "transactions need a dedicated upstream connection, which this version does not provide yet"
-                }
                 Handling::PubSub => {
-                    "pub/sub needs a dedicated upstream connection, which this version does not provide yet"
+                    "a client can't subscribe during a transaction, a WATCH or a blocking command"
                 }
                 Handling::Blocking => {
-                    "blocking commands need a dedicated upstream connection, which this version does not provide yet"
+                    "WAIT counts the replicas that acknowledged one connection's writes, and the proxy sends a client's writes over shared connections"
                 }
                 _ => {
                     "it would act on the proxy's shared upstream connection or on the server as a whole"

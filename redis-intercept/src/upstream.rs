@@ -7,10 +7,11 @@
 //! Redis sent. Each connection is driven by one task on its worker's single-threaded runtime,
 //! so the shared state needs no locks.
 //!
-//! Dedicated connections (transactions, pub/sub, blocking commands) will be a second kind of
-//! connection built from the same pieces; they are not here yet. [`pool`] keeps the
+//! Dedicated connections (transactions, blocking commands) are the same machinery with one
+//! user and no reconnect, lent out by [`dedicated::DedicatedPool`]. [`pool`] keeps the
 //! connections of a cluster upstream and its slot map.
 
+pub mod dedicated;
 pub mod pool;
 pub mod tls;
 
@@ -271,11 +272,29 @@ struct Inner {
     retiring: Cell<bool>,
     /// Called when the connection fails, so a cluster pool can refresh its topology.
     on_failure: RefCell<Option<Rc<dyn Fn()>>>,
+    /// One client's connection (a transaction, a blocking command): its server-side state
+    /// dies with it, so it never reconnects.
+    dedicated: bool,
 }
 
 impl SharedConn {
     /// A connection to `addr`, not started yet: call [`SharedConn::run`] on a task.
     pub fn new(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> SharedConn {
+        Self::build(addr, settings, metrics, false)
+    }
+
+    /// A dedicated connection to `addr`: like [`SharedConn::new`], but once it fails it fails
+    /// every later request instead of reconnecting.
+    pub fn new_dedicated(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> SharedConn {
+        Self::build(addr, settings, metrics, true)
+    }
+
+    fn build(
+        addr: String,
+        settings: ConnSettings,
+        metrics: NodeMetrics,
+        dedicated: bool,
+    ) -> SharedConn {
         SharedConn(Rc::new(Inner {
             down_reply: RefCell::new(error_reply(&format!(
                 "upstream {addr} is not connected yet"
@@ -292,7 +311,22 @@ impl SharedConn {
             wake_close: Signal::default(),
             retiring: Cell::new(false),
             on_failure: RefCell::new(None),
+            dedicated,
         }))
+    }
+
+    /// Whether the connection is up with nothing queued or waiting, so it can be lent again.
+    pub fn is_idle(&self) -> bool {
+        let inner = &*self.0;
+        inner.state.get() == State::Up
+            && !inner.closed.get()
+            && inner.inflight.borrow().is_empty()
+            && inner.out.borrow().is_empty()
+    }
+
+    /// Whether [`SharedConn::close`] was called or a dedicated connection failed.
+    pub fn is_closed(&self) -> bool {
+        self.0.closed.get()
     }
 
     /// Calls `hook` whenever the connection fails or a connect attempt does.
@@ -458,7 +492,11 @@ impl SharedConn {
             let mut auth_failed = false;
             let reason = match attempt {
                 Ok(Ok(stream)) => {
-                    info!(upstream = %inner.addr, "connected");
+                    if inner.dedicated {
+                        debug!(upstream = %inner.addr, "dedicated connection up");
+                    } else {
+                        info!(upstream = %inner.addr, "connected");
+                    }
                     inner.state.set(State::Up);
                     inner.metrics.up.inc();
                     backoff = BACKOFF_START;
@@ -501,6 +539,13 @@ impl SharedConn {
             };
             self.fail_all(&reply);
             *inner.down_reply.borrow_mut() = reply;
+            if inner.dedicated {
+                // The transaction or blocked command it carried is gone on the server too;
+                // a new connection would run the client's next commands outside of it.
+                warn!(upstream = %inner.addr, %reason, "dedicated upstream connection lost");
+                inner.closed.set(true);
+                break;
+            }
             if reconnect_now {
                 warn!(upstream = %inner.addr, %reason, "upstream connection lost, reconnecting");
                 inner.state.set(State::Connecting);

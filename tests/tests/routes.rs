@@ -179,3 +179,51 @@ fn routes_have_their_own_read_policy_and_mirrors_and_mirrors_reach_clusters() {
     });
     proxy.shutdown();
 }
+
+#[test]
+fn transactions_and_blocking_pops_follow_the_route_of_their_keys() {
+    let single = RedisServer::start();
+    let cluster = RedisCluster::start(3, 0);
+    let proxy = start_proxy_config(&config(
+        &single,
+        &cluster,
+        "[[service.route]]\nprefix = \"c:\"\nupstream = \"cluster\"\nremove_prefix = true\n",
+    ));
+    let addr = proxy.addr("svc").unwrap();
+    let mut c = RespReader::connect(addr);
+    let queued = || Frame::Simple("QUEUED".into());
+    // Under the cluster route, prefix cut: the transaction runs on the slot owner of the
+    // keys as stored.
+    assert_eq!(c.call(&["MULTI"]), ok());
+    assert_eq!(c.call(&["SET", "c:{t}x", "1"]), queued());
+    assert_eq!(c.call(&["INCR", "c:{t}x"]), queued());
+    assert_eq!(
+        c.call(&["EXEC"]),
+        Frame::Array(vec![ok(), Frame::Integer(2)])
+    );
+    assert_eq!(cluster_get(&cluster, "{t}x"), bulk("2"));
+    assert_eq!(single.cmd(&["EXISTS", "c:{t}x"]), Frame::Integer(0));
+    // The catch-all route: the single server.
+    assert_eq!(c.call(&["MULTI"]), ok());
+    assert_eq!(c.call(&["SET", "plain", "p"]), queued());
+    assert_eq!(c.call(&["EXEC"]), Frame::Array(vec![ok()]));
+    assert_eq!(single.cmd(&["GET", "plain"]), bulk("p"));
+    // A transaction can't span routes: the command is refused and EXEC fails.
+    assert_eq!(c.call(&["MULTI"]), ok());
+    assert_eq!(c.call(&["SET", "plain", "q"]), queued());
+    let refused = c.call(&["SET", "c:{t}x", "9"]);
+    assert!(matches!(refused, Frame::Error(_)), "{refused:?}");
+    let exec = c.call(&["EXEC"]);
+    assert!(
+        matches!(&exec, Frame::Error(e) if e.starts_with(b"EXECABORT")),
+        "{exec:?}"
+    );
+    assert_eq!(single.cmd(&["GET", "plain"]), bulk("p"));
+    // A blocking pop under the cluster route waits on the key's owner, prefix cut.
+    let mut waiter = RespReader::connect(addr);
+    waiter.send(&redis_intercept_e2e::encode(&["BLPOP", "c:jobs", "5"]));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(c.call(&["RPUSH", "c:jobs", "j1"]), Frame::Integer(1));
+    assert_eq!(waiter.read(), Frame::Array(vec![bulk("jobs"), bulk("j1")]));
+    proxy.shutdown();
+}

@@ -156,6 +156,11 @@ impl ClusterClient {
         }
     }
 
+    /// The cluster's pool on this worker.
+    pub fn pool(&self) -> &Rc<ClusterPool> {
+        &self.shared.pool
+    }
+
     fn next_roll(&self) -> u32 {
         let r = self.roll.get().wrapping_add(1);
         self.roll.set(r);

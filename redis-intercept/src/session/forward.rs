@@ -5,6 +5,10 @@
 //! A multi-key command whose keys fall under different routes is split by route (and each
 //! part again by slot on a cluster) and merged; other commands whose keys span routes are
 //! refused. With `remove_prefix` the route's prefix is cut from every key before sending.
+//!
+//! A client in a transaction or a blocking command is *pinned*: one route's upstream lends it a
+//! dedicated connection (to the node of its first key on a cluster), and everything it sends
+//! goes there, unsplit and unmirrored, until the session gives the connection back.
 
 use std::rc::Rc;
 
@@ -13,10 +17,12 @@ use tokio::time::Instant;
 
 use super::cluster::{ClusterClient, ClusterShared, Merge, MergeKind, Positions};
 use super::{Backend, Dice};
+use crate::cluster::Slot;
 use crate::command::{Command, flags};
 use crate::resp::{Limits, Request, RequestParser, encode_command};
 use crate::route::{self, Prefixes, SplitKind};
-use crate::upstream::{ReplySink, SharedConn, error_reply};
+use crate::upstream::dedicated::DedicatedPool;
+use crate::upstream::{ConnSettings, ReplySink, SharedConn, error_reply};
 
 /// A traffic mirror of a route, on one worker.
 pub struct Mirror {
@@ -47,8 +53,8 @@ pub struct RouteCtx {
 
 /// How one client reaches one upstream.
 enum Target {
-    /// Its shared connection to a standalone server.
-    Conn(SharedConn),
+    /// Its shared connection to a standalone server, and the server's dedicated connections.
+    Conn(SharedConn, Rc<DedicatedPool>),
     /// Its routing state on a cluster.
     Cluster(ClusterClient),
     /// An upstream with no connection (never configured so; answers with an error).
@@ -58,10 +64,11 @@ enum Target {
 impl Target {
     fn new(backend: &Backend, client: u64, discard: &Rc<dyn ReplySink>) -> Target {
         match backend {
-            Backend::Standalone(conns) if !conns.is_empty() => {
-                Target::Conn(conns[(client as usize) % conns.len()].clone())
-            }
-            Backend::Standalone(_) => Target::None,
+            Backend::Standalone(conns, pool) if !conns.is_empty() => Target::Conn(
+                conns[(client as usize) % conns.len()].clone(),
+                Rc::clone(pool),
+            ),
+            Backend::Standalone(..) => Target::None,
             Backend::Cluster(pool, policy) => Target::Cluster(ClusterClient::new(ClusterShared {
                 pool: Rc::clone(pool),
                 policy: *policy,
@@ -80,11 +87,45 @@ impl Target {
         deadline: Instant,
     ) -> Result<(), Bytes> {
         match self {
-            Target::Conn(conn) => conn.send(req, sink, token, deadline),
+            Target::Conn(conn, _) => conn.send(req, sink, token, deadline),
             Target::Cluster(cluster) => cluster.forward(req, cmd, sink, token, deadline),
             Target::None => Err(error_reply("service has no upstream")),
         }
     }
+
+    /// A connection for this client alone to the node that serves `key` (as sent, prefix
+    /// cut), or to the server or any master when there is no key.
+    fn dedicated(&self, key: Option<&[u8]>) -> Result<(SharedConn, Rc<DedicatedPool>), Bytes> {
+        match self {
+            Target::Conn(conn, pool) => Ok((pool.take(conn.addr()), Rc::clone(pool))),
+            Target::Cluster(cluster) => cluster.pool().dedicated(key.map(Slot::for_key)),
+            Target::None => Err(error_reply("service has no upstream")),
+        }
+    }
+
+    /// Where a client's plain connection of its own goes (pub/sub): the server, the master of
+    /// `channel`'s slot (sharded pub/sub), or any master.
+    fn plain_target(&self, channel: Option<&[u8]>) -> Result<(String, ConnSettings), Bytes> {
+        match self {
+            Target::Conn(conn, pool) => Ok((conn.addr().to_owned(), pool.settings().clone())),
+            Target::Cluster(cluster) => cluster.pool().plain_target(channel.map(Slot::for_key)),
+            Target::None => Err(error_reply("service has no upstream")),
+        }
+    }
+}
+
+/// A connection lent to one client (a transaction, a blocking command), on one route.
+struct Pinned {
+    /// The route whose upstream lent it.
+    route: usize,
+    /// The connection.
+    conn: SharedConn,
+    /// Where it goes back.
+    pool: Rc<DedicatedPool>,
+    /// The route's upstream is a cluster: every key must then be in `slot`.
+    cluster: bool,
+    /// The slot of the first key sent on it (cluster only).
+    slot: Option<Slot>,
 }
 
 /// One client's targets for one route: the route's upstream and each of its mirrors.
@@ -101,6 +142,8 @@ pub struct Forwarder {
     routes: Vec<RouteTargets>,
     /// Key indexes of the current request (reused).
     keys: Vec<usize>,
+    /// The connection this client has to itself, if any: every request goes there.
+    pinned: Option<Pinned>,
 }
 
 /// Everything of the service a forward needs.
@@ -149,7 +192,138 @@ impl Forwarder {
                 })
                 .collect(),
             keys: Vec::new(),
+            pinned: None,
         }
+    }
+
+    /// Whether the client has a connection of its own.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+
+    /// Where a subscribing client's own connection goes: the catch-all upstream (channels
+    /// aren't keys), at the owner of `channel` on a cluster for sharded pub/sub.
+    ///
+    /// # Errors
+    /// No node to connect to.
+    pub fn pubsub_target(&self, channel: Option<&[u8]>) -> Result<(String, ConnSettings), Bytes> {
+        match self.routes.first() {
+            Some(r) => r.main.plain_target(channel),
+            None => Err(error_reply("service has no upstream")),
+        }
+    }
+
+    /// Whether a transaction's connection can be picked before any key is seen: the service
+    /// has one route, to a standalone server.
+    pub fn pins_without_key(&self, svc: &Routing<'_>) -> bool {
+        svc.prefixes.is_empty()
+            && matches!(self.routes.first().map(|r| &r.main), Some(Target::Conn(..)))
+    }
+
+    /// The one route `req`'s keys fall under; `None` for a keyless command.
+    ///
+    /// # Errors
+    /// The keys fall under different routes.
+    pub fn route_of(
+        &mut self,
+        svc: &Routing<'_>,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+    ) -> Result<Option<usize>, Bytes> {
+        let mut keys = std::mem::take(&mut self.keys);
+        keys.clear();
+        if let Some(c) = cmd {
+            c.info.key_indexes(req, &mut keys);
+        }
+        let route_of = |k: usize| svc.prefixes.route_of(req.arg(k).unwrap_or_default());
+        let first = keys.first().map(|&k| route_of(k));
+        let result = match first {
+            Some(r) if keys.iter().any(|&k| route_of(k) != r) => Err(error_reply(&format!(
+                "the keys of '{}' fall under different routes of this service, and a transaction or blocking command runs on one",
+                String::from_utf8_lossy(req.arg(0).unwrap_or_default()).to_uppercase()
+            ))),
+            first => Ok(first),
+        };
+        self.keys = keys;
+        result
+    }
+
+    /// Lends the client a connection of its own from `route`'s upstream: to the node of
+    /// `req`'s first key on a cluster (any master without one).
+    ///
+    /// # Errors
+    /// The route has no such node (an unserved slot, no upstream).
+    pub fn pin(
+        &mut self,
+        svc: &Routing<'_>,
+        route: usize,
+        req: Option<(&Request<'_>, Option<Command>)>,
+    ) -> Result<(), Bytes> {
+        let mut keys = std::mem::take(&mut self.keys);
+        keys.clear();
+        if let Some((req, Some(c))) = req {
+            c.info.key_indexes(req, &mut keys);
+        }
+        let cut = Self::cut(svc, route);
+        let key = match (req, keys.first()) {
+            (Some((req, _)), Some(&k)) => req.arg(k).map(|a| a.get(cut..).unwrap_or_default()),
+            _ => None,
+        };
+        self.keys = keys;
+        let Some(targets) = self.routes.get(route) else {
+            return Err(error_reply("internal error: unknown route"));
+        };
+        let (conn, pool) = targets.main.dedicated(key)?;
+        let cluster = matches!(targets.main, Target::Cluster(_));
+        let slot = key.filter(|_| cluster).map(Slot::for_key);
+        let pinned = Pinned {
+            route,
+            conn,
+            pool,
+            cluster,
+            slot,
+        };
+        if let Some(old) = self.pinned.replace(pinned) {
+            old.pool.give_back(old.conn, false);
+        }
+        Ok(())
+    }
+
+    /// Gives the client's own connection back: kept for the next client if `clean` (no
+    /// transaction, WATCH or reply pending on it), else closed.
+    pub fn unpin(&mut self, clean: bool) {
+        if let Some(p) = self.pinned.take() {
+            p.pool.give_back(p.conn, clean);
+        }
+    }
+
+    /// Sends `req` on the pinned connection, cutting the route's prefix if asked.
+    fn send_pinned(
+        &mut self,
+        cx: &mut Ctx<'_, '_>,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        to: To,
+    ) -> Result<(), Bytes> {
+        let route = self.route_of(cx.svc, req, cmd)?;
+        let Some(pinned) = &mut self.pinned else {
+            return Err(error_reply("internal error: no dedicated connection"));
+        };
+        if route.is_some_and(|r| r != pinned.route) {
+            return Err(error_reply(&format!(
+                "'{}' has keys under another route than the transaction or blocking command before it",
+                String::from_utf8_lossy(req.arg(0).unwrap_or_default()).to_uppercase()
+            )));
+        }
+        let cut = Self::cut(cx.svc, pinned.route);
+        let mut keys = std::mem::take(&mut self.keys);
+        keys.clear();
+        if let Some(c) = cmd {
+            c.info.key_indexes(req, &mut keys);
+        }
+        let result = pinned_send(pinned, req, &keys, cut, to, cx.deadline);
+        self.keys = keys;
+        result
     }
 
     /// Sends `req` to the route(s) its keys fall under; the reply goes to `sink` as `token`.
@@ -165,6 +339,9 @@ impl Forwarder {
         token: u64,
     ) -> Result<(), Bytes> {
         let to = To { sink, token };
+        if self.pinned.is_some() {
+            return self.send_pinned(cx, req, cmd, to);
+        }
         if cx.svc.prefixes.is_empty() {
             return self.send_to(cx, 0, req, cmd, to);
         }
@@ -209,17 +386,7 @@ impl Forwarder {
         if cut == 0 {
             return self.send_to(cx, route, req, cmd, to);
         }
-        let mut out = BytesMut::new();
-        encode_command(
-            req.args().enumerate().map(|(i, a)| {
-                if keys.contains(&i) {
-                    a.get(cut..).unwrap_or_default()
-                } else {
-                    a
-                }
-            }),
-            &mut out,
-        );
+        let out = cut_keys(req, keys, cut);
         self.send_encoded(cx, route, &out, cmd, to)
     }
 
@@ -339,6 +506,56 @@ impl Forwarder {
         }
         result
     }
+}
+
+/// Sends `req` (keys at `keys`, `cut` bytes of prefix to remove) on a pinned connection. On a
+/// cluster every key must be in the slot the connection was pinned for, as Redis Cluster
+/// requires of a transaction: a key elsewhere gets `-CROSSSLOT` here rather than a `MOVED`
+/// from the node, which a client that sees one server can't follow.
+fn pinned_send(
+    pinned: &mut Pinned,
+    req: &Request<'_>,
+    keys: &[usize],
+    cut: usize,
+    to: To,
+    deadline: Instant,
+) -> Result<(), Bytes> {
+    if pinned.cluster {
+        for &k in keys {
+            let key = req.arg(k).unwrap_or_default();
+            let slot = Slot::for_key(key.get(cut..).unwrap_or_default());
+            match pinned.slot {
+                None => pinned.slot = Some(slot),
+                Some(s) if s != slot => {
+                    return Err(Bytes::from_static(
+                        b"-CROSSSLOT Keys in request don't hash to the same slot\r\n",
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if cut == 0 {
+        return pinned.conn.send(req, to.sink, to.token, deadline);
+    }
+    let out = cut_keys(req, keys, cut);
+    pinned.conn.send_encoded(&out, to.sink, to.token, deadline)
+}
+
+/// `req` encoded with the first `cut` bytes of each key (at `keys`) removed.
+fn cut_keys(req: &Request<'_>, keys: &[usize], cut: usize) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode_command(
+        req.args().enumerate().map(|(i, a)| {
+            if keys.contains(&i) {
+                a.get(cut..).unwrap_or_default()
+            } else {
+                a
+            }
+        }),
+        &mut out,
+    );
+    out
 }
 
 /// Copies a forwarded request to a route's mirrors. A mirror that can't take it (queue full,

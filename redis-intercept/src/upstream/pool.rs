@@ -20,6 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::dedicated::DedicatedPool;
 use super::tls::Stream;
 use super::{ConnSettings, SharedConn, open, read_replies};
 use crate::cluster::{RefreshTrigger, Shard, Slot, SlotMap, TopologyError};
@@ -128,6 +129,8 @@ pub struct ClusterPool {
     refresh_failed: Counter,
     /// A handle to this pool, for connection failure hooks.
     me: Weak<ClusterPool>,
+    /// Connections lent to one client at a time (transactions, blocking commands).
+    dedicated: Rc<DedicatedPool>,
 }
 
 impl ClusterPool {
@@ -143,7 +146,10 @@ impl ClusterPool {
         let retried = counter(&metrics.cluster_redirects, "retry");
         let refresh_ok = counter(&metrics.cluster_refreshes, "ok");
         let refresh_failed = counter(&metrics.cluster_refreshes, "failed");
+        let dedicated =
+            DedicatedPool::new(&settings.name, settings.conn.clone(), Arc::clone(&metrics));
         Rc::new_cyclic(|me| ClusterPool {
+            dedicated,
             trigger: RefCell::new(RefreshTrigger::new(
                 settings.refresh_threshold,
                 settings.refresh_min_interval,
@@ -297,10 +303,41 @@ impl ClusterPool {
         let _ = tokio::time::timeout(limit, self.first_done.wait()).await;
     }
 
+    /// A connection of its own for one client, to the master of `slot` (any master when
+    /// `None`), and the pool to give it back to.
+    ///
+    /// # Errors
+    /// `-CLUSTERDOWN` when nobody owns the slot (or the map is empty).
+    pub fn dedicated(&self, slot: Option<Slot>) -> Result<(SharedConn, Rc<DedicatedPool>), Bytes> {
+        let addr = self.master_of(slot)?;
+        Ok((self.dedicated.take(&addr), Rc::clone(&self.dedicated)))
+    }
+
+    /// The master of `slot` (any master when `None`) and how to connect to it, for a client
+    /// that gets a plain connection of its own (pub/sub).
+    ///
+    /// # Errors
+    /// As [`ClusterPool::dedicated`].
+    pub fn plain_target(&self, slot: Option<Slot>) -> Result<(String, ConnSettings), Bytes> {
+        Ok((self.master_of(slot)?, self.dedicated.settings().clone()))
+    }
+
+    fn master_of(&self, slot: Option<Slot>) -> Result<String, Bytes> {
+        let map = self.map();
+        let master = match slot {
+            Some(slot) => map.master(slot),
+            None => map.shards().first().map(|s| s.master.as_str()),
+        };
+        master
+            .map(str::to_owned)
+            .ok_or_else(|| Bytes::from_static(b"-CLUSTERDOWN Hash slot not served\r\n"))
+    }
+
     /// Stops the refresh task and closes every connection.
     pub fn close(&self) {
         self.closed.set(true);
         self.wake.notify();
+        self.dedicated.close();
         for conns in self.nodes.borrow().values() {
             for c in conns.iter() {
                 c.close();

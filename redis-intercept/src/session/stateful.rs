@@ -1,0 +1,522 @@
+//! Transactions (MULTI/EXEC/DISCARD/WATCH/UNWATCH), blocking commands and pub/sub: the
+//! commands that leave state on a connection, so a client using them gets a connection of its
+//! own.
+//!
+//! A client that subscribes becomes a plain pipe to one node for the rest of its life: its
+//! own connection is opened, the subscribe command and everything after it are copied both
+//! ways untouched (pushed messages have no request, so they don't fit reply slots).
+//!
+//! The client is pinned (see `forward`) from its first WATCH, MULTI or blocking command until
+//! its state is clean again (EXEC, DISCARD or UNWATCH answered, the blocking reply in) and no
+//! reply is outstanding; then the connection goes back to the pool for the next client.
+//! Before pinning, the session waits until every reply owed on the shared connections is in,
+//! so the client's commands still run in the order it sent them. On a cluster, or with key
+//! routes, MULTI alone doesn't say which node the transaction runs on: the proxy answers MULTI
+//! (`+OK`) and the keyless commands after it (`+QUEUED`) itself, as Redis would, and holds
+//! them until a command with a key picks the node (any master, or the catch-all, if EXEC
+//! comes first); then they go there first, their replies dropped.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{Core, End, Session, forward, routing, wrong_arity};
+use crate::command::{Command, Handling, Local};
+use crate::resp::{Request, RequestParser};
+use crate::upstream::{ConnSettings, ReplySink, error_reply};
+
+/// Most commands held while a transaction waits for a key to pick its node; then it takes
+/// the default node (a transaction of only keyless commands).
+const MAX_HELD: usize = 64;
+
+/// How long a blocking command (and whatever the client queued behind it on the same
+/// connection) may wait: as long as the client asked, so no op_timeout.
+const BLOCKING_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A client's transaction and blocking-command state.
+#[derive(Default)]
+pub(super) struct Stateful {
+    /// MULTI was sent and no EXEC or DISCARD yet.
+    multi: bool,
+    /// WATCH was sent and no EXEC, DISCARD or UNWATCH has ended it.
+    watching: bool,
+    /// The proxy refused a command inside the transaction, so EXEC must fail as Redis's
+    /// does after a queueing error.
+    dirty: bool,
+    /// MULTI and the commands after it, encoded (already answered), while no key has picked
+    /// the transaction's node.
+    held: Vec<Bytes>,
+    /// A blocking command went out on the pinned connection: requests behind it wait as long.
+    blocking: bool,
+    /// Input processing stopped until every owed reply is in (before pinning).
+    pub(super) barrier: bool,
+    /// The client subscribed: once its owed replies are written, the session becomes a pipe
+    /// to this node.
+    pub(super) subscribe: Option<(String, ConnSettings)>,
+}
+
+impl Stateful {
+    /// Whether a blocking command may still be waiting on the client's own connection.
+    pub(super) fn is_blocked(&self) -> bool {
+        self.blocking
+    }
+
+    /// Whether the client has transaction or blocking state (faults then stay out of its way).
+    pub(super) fn active(&self, forwarder: &forward::Forwarder) -> bool {
+        self.multi || self.watching || !self.held.is_empty() || forwarder.is_pinned()
+    }
+}
+
+/// What [`Session::stateful`] did with a command.
+pub(super) enum Step {
+    /// Not a stateful matter: the normal dispatch handles it.
+    Normal,
+    /// Handled.
+    Done,
+    /// Wait until every owed reply is in, then offer the command again.
+    Wait,
+    /// Hand the connection over to a pub/sub pipe, from this command on.
+    Subscribe,
+}
+
+/// Which transaction command a command is, if any.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Txn {
+    Multi,
+    Exec,
+    Discard,
+    Watch,
+    Unwatch,
+}
+
+fn txn_kind(cmd: Option<Command>) -> Option<Txn> {
+    let cmd = cmd.filter(|c| c.handling == Handling::Transaction)?;
+    match cmd.info.name {
+        "multi" => Some(Txn::Multi),
+        "exec" => Some(Txn::Exec),
+        "discard" => Some(Txn::Discard),
+        "watch" => Some(Txn::Watch),
+        "unwatch" => Some(Txn::Unwatch),
+        _ => None,
+    }
+}
+
+/// Blocking commands that get a connection of their own (not WAIT: it counts replicas
+/// acknowledging one connection's writes, and the client's writes go over shared ones).
+fn is_blocking(cmd: Option<Command>) -> bool {
+    cmd.is_some_and(|c| c.handling == Handling::Blocking && c.info.name != "wait")
+}
+
+impl Session {
+    /// Gives the pinned connection back once the client's state is clean and nothing is owed
+    /// on it.
+    pub(super) fn maybe_unpin(&mut self) {
+        let st = &self.stateful;
+        if self.forwarder.is_pinned()
+            && !st.multi
+            && !st.watching
+            && st.held.is_empty()
+            && self.core.unfilled.get() == 0
+        {
+            self.forwarder.unpin(true);
+            self.stateful.blocking = false;
+        }
+    }
+
+    /// Gives the pinned connection up at the end of the session: kept only if clean.
+    pub(super) fn release_at_end(&mut self) {
+        let st = &self.stateful;
+        let clean = !st.multi && !st.watching && self.core.unfilled.get() == 0;
+        self.forwarder.unpin(clean);
+    }
+
+    /// Handles `req` if it is a transaction or blocking command, or if the client is in a
+    /// transaction or pinned.
+    pub(super) fn stateful(
+        &mut self,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        deadline: Instant,
+    ) -> Step {
+        if !self.state.authenticated {
+            return Step::Normal;
+        }
+        match cmd.map(|c| c.handling) {
+            Some(Handling::Local(Local::Quit)) => return Step::Normal,
+            Some(Handling::Local(Local::Reset)) if self.stateful.active(&self.forwarder) => {
+                return self.reset();
+            }
+            Some(Handling::PubSub) if !self.stateful.active(&self.forwarder) => {
+                return self.subscribe(req, cmd);
+            }
+            _ => {}
+        }
+        self.maybe_unpin();
+        let txn = txn_kind(cmd);
+        let blocking = is_blocking(cmd);
+        if !self.forwarder.is_pinned() && self.stateful.held.is_empty() {
+            match txn {
+                // Redis's own answers for a client with no transaction or WATCH.
+                Some(Txn::Exec) if arity_ok(cmd, req) => {
+                    self.core.push_ready(error_reply("EXEC without MULTI"));
+                    return Step::Done;
+                }
+                Some(Txn::Discard) if arity_ok(cmd, req) => {
+                    self.core.push_ready(error_reply("DISCARD without MULTI"));
+                    return Step::Done;
+                }
+                Some(Txn::Unwatch) if arity_ok(cmd, req) => {
+                    self.core.push_ready(Bytes::from_static(b"+OK\r\n"));
+                    return Step::Done;
+                }
+                Some(Txn::Multi | Txn::Watch) => {}
+                _ if blocking => {}
+                _ => return Step::Normal,
+            }
+            if let Some(step) = self.not_yet(req, cmd) {
+                return step;
+            }
+            return self.start(req, cmd, txn, deadline);
+        }
+        if !self.stateful.held.is_empty() {
+            return self.while_held(req, cmd, txn, deadline);
+        }
+        self.pinned(req, cmd, txn, blocking, deadline);
+        Step::Done
+    }
+
+    /// Before a command moves the client off the shared connections: a wrong arity is
+    /// answered here, and while replies are owed the session waits (the ordering barrier).
+    fn not_yet(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Option<Step> {
+        if !arity_ok(cmd, req) {
+            self.core.push_ready(wrong_arity(req));
+            return Some(Step::Done);
+        }
+        if self.core.unfilled.get() > 0 {
+            self.stateful.barrier = true;
+            return Some(Step::Wait);
+        }
+        None
+    }
+
+    /// A (un)subscribe command from a client with no other state: the session becomes a
+    /// pipe once the replies it owes are written.
+    fn subscribe(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Step {
+        if let Some(step) = self.not_yet(req, cmd) {
+            return step;
+        }
+        let sharded = cmd.is_some_and(|c| matches!(c.info.name, "ssubscribe" | "sunsubscribe"));
+        let channel = if sharded { req.arg(1) } else { None };
+        match self.forwarder.pubsub_target(channel) {
+            Ok(target) => {
+                self.stateful.subscribe = Some(target);
+                Step::Subscribe
+            }
+            Err(e) => {
+                self.core.push_ready(e);
+                Step::Done
+            }
+        }
+    }
+
+    /// RESET of a client with transaction or blocking state: once the owed replies are in,
+    /// the pinned connection is closed (its state ends with it) and the session answers RESET
+    /// as for any client.
+    fn reset(&mut self) -> Step {
+        // Held commands never reached Redis and were answered already.
+        self.stateful.held.clear();
+        if self.core.unfilled.get() > 0 {
+            self.stateful.barrier = true;
+            return Step::Wait;
+        }
+        self.forwarder.unpin(false);
+        self.stateful = Stateful::default();
+        Step::Normal
+    }
+
+    /// The first stateful command of a client with nothing pinned.
+    fn start(
+        &mut self,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        txn: Option<Txn>,
+        deadline: Instant,
+    ) -> Step {
+        let routing = routing(&self.svc);
+        if txn == Some(Txn::Multi) {
+            if self.forwarder.pins_without_key(&routing) {
+                if let Err(e) = self.forwarder.pin(&routing, 0, None) {
+                    self.core.push_ready(e);
+                    return Step::Done;
+                }
+                self.stateful.multi = true;
+                self.send(req, cmd, deadline);
+            } else {
+                self.core.push_ready(Bytes::from_static(b"+OK\r\n"));
+                self.stateful.held.push(encode(req));
+                self.stateful.multi = true;
+            }
+            return Step::Done;
+        }
+        let route = match self.forwarder.route_of(&routing, req, cmd) {
+            Ok(r) => r.unwrap_or(0),
+            Err(e) => {
+                self.core.push_ready(e);
+                return Step::Done;
+            }
+        };
+        if let Err(e) = self.forwarder.pin(&routing, route, Some((req, cmd))) {
+            self.core.push_ready(e);
+            return Step::Done;
+        }
+        if txn == Some(Txn::Watch) {
+            self.stateful.watching = true;
+        } else {
+            self.stateful.blocking = true;
+        }
+        self.send(req, cmd, deadline);
+        Step::Done
+    }
+
+    /// A command inside a transaction whose node isn't known yet.
+    fn while_held(
+        &mut self,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        txn: Option<Txn>,
+        deadline: Instant,
+    ) -> Step {
+        let routing = routing(&self.svc);
+        let route = match self.forwarder.route_of(&routing, req, cmd) {
+            Ok(r) => r,
+            Err(e) => {
+                self.core.push_ready(e);
+                self.stateful.dirty = true;
+                return Step::Done;
+            }
+        };
+        let ends = matches!(txn, Some(Txn::Exec | Txn::Discard));
+        if route.is_none() && !ends && self.stateful.held.len() < MAX_HELD {
+            if refused_in_multi(cmd) {
+                return self.refuse_in_multi(req, cmd);
+            }
+            self.core.push_ready(Bytes::from_static(b"+QUEUED\r\n"));
+            self.stateful.held.push(encode(req));
+            return Step::Done;
+        }
+        let key_req = route.map(|_| (req, cmd));
+        if let Err(e) = self.forwarder.pin(&routing, route.unwrap_or(0), key_req) {
+            // Nothing reached Redis yet; a later command may find a node, but this
+            // transaction's EXEC fails as after a queueing error.
+            self.stateful.dirty = true;
+            if ends {
+                self.stateful = Stateful::default();
+            }
+            self.core.push_ready(e);
+            return Step::Done;
+        }
+        let discard = Rc::clone(&self.svc.discard);
+        for bytes in std::mem::take(&mut self.stateful.held) {
+            let mut parser = RequestParser::new(self.svc.limits);
+            // Held requests were encoded from parsed ones, so they parse again.
+            if let Ok(Some(n)) = parser.parse(&bytes) {
+                let held_req = parser.request(&bytes[..n]);
+                let held_cmd = crate::command::lookup(&held_req);
+                let mut cx = forward::Ctx {
+                    svc: &routing,
+                    deadline,
+                    dice: &mut self.dice,
+                };
+                let sink = Rc::clone(&discard);
+                if self
+                    .forwarder
+                    .forward(&mut cx, &held_req, held_cmd, sink, 0)
+                    .is_err()
+                {
+                    self.stateful.dirty = true;
+                }
+            }
+        }
+        self.pinned(req, cmd, txn, is_blocking(cmd), deadline);
+        Step::Done
+    }
+
+    /// A command of a pinned client: everything it sends goes on its own connection.
+    fn pinned(
+        &mut self,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        txn: Option<Txn>,
+        blocking: bool,
+        deadline: Instant,
+    ) {
+        let st = &mut self.stateful;
+        if st.multi && refused_in_multi(cmd) {
+            self.refuse_in_multi(req, cmd);
+            return;
+        }
+        if !st.multi
+            && cmd.is_some_and(|c| !matches!(c.handling, Handling::Forward))
+            && txn.is_none()
+            && !blocking
+        {
+            // Local answers and refusals need no connection.
+            self.dispatch_normal(req, cmd, deadline);
+            return;
+        }
+        match txn {
+            Some(Txn::Multi) => st.multi = true,
+            Some(Txn::Watch) if !st.multi => st.watching = true,
+            Some(Txn::Unwatch) if !st.multi => st.watching = false,
+            Some(Txn::Exec | Txn::Discard) if st.multi => {
+                let dirty = std::mem::take(&mut st.dirty);
+                st.multi = false;
+                st.watching = false;
+                if dirty && txn == Some(Txn::Exec) {
+                    // Redis discards a transaction with a queueing error; the proxy's own
+                    // refusals count as such errors.
+                    self.send_discard(deadline);
+                    self.core.push_ready(Bytes::from_static(
+                        b"-EXECABORT Transaction discarded because of previous errors.\r\n",
+                    ));
+                    return;
+                }
+            }
+            _ if blocking && !st.multi => st.blocking = true,
+            _ => {}
+        }
+        self.send(req, cmd, deadline);
+    }
+
+    /// Answers a command the proxy can't queue in a transaction, and marks it failed.
+    fn refuse_in_multi(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Step {
+        let name = String::from_utf8_lossy(req.arg(0).unwrap_or_default()).to_uppercase();
+        self.core.push_ready(error_reply(&format!(
+            "'{name}' inside MULTI is not supported by redis-intercept"
+        )));
+        if cmd.is_some() {
+            self.stateful.dirty = true;
+        }
+        Step::Done
+    }
+
+    /// Sends a DISCARD whose reply nobody waits for.
+    fn send_discard(&mut self, deadline: Instant) {
+        let mut parser = RequestParser::new(self.svc.limits);
+        let raw = b"*1\r\n$7\r\nDISCARD\r\n";
+        if let Ok(Some(n)) = parser.parse(raw) {
+            let req = parser.request(&raw[..n]);
+            let routing = routing(&self.svc);
+            let mut cx = forward::Ctx {
+                svc: &routing,
+                deadline,
+                dice: &mut self.dice,
+            };
+            let sink = Rc::clone(&self.svc.discard);
+            let _ = self.forwarder.forward(&mut cx, &req, None, sink, 0);
+        }
+    }
+
+    /// Sends `req` on the pinned connection into a new reply slot.
+    fn send(&mut self, req: &Request<'_>, cmd: Option<Command>, deadline: Instant) {
+        let token = self.core.push_pending();
+        self.send_as(req, cmd, token, deadline);
+    }
+
+    /// Sends `req` on the pinned connection; its reply fills slot `token`.
+    fn send_as(&mut self, req: &Request<'_>, cmd: Option<Command>, token: u64, deadline: Instant) {
+        let deadline = if self.stateful.blocking {
+            Instant::now() + BLOCKING_WAIT
+        } else {
+            deadline
+        };
+        let routing = routing(&self.svc);
+        let mut cx = forward::Ctx {
+            svc: &routing,
+            deadline,
+            dice: &mut self.dice,
+        };
+        let sink: Rc<dyn ReplySink> = self.core.clone();
+        if let Err(reply) = self.forwarder.forward(&mut cx, req, cmd, sink, token) {
+            if self.stateful.multi {
+                self.stateful.dirty = true;
+            }
+            let _ = self.core.deliver(token, reply.into());
+        }
+    }
+}
+
+/// Copies bytes both ways between a subscribed client and its own connection to `target`,
+/// starting with `first` (the subscribe command and whatever the client sent after it), until
+/// either side closes or the proxy shuts down.
+pub(super) async fn pubsub_pipe(
+    mut client: TcpStream,
+    first: &[u8],
+    target: (String, ConnSettings),
+    core: &Core,
+) -> End {
+    let (addr, settings) = target;
+    let opened = tokio::time::timeout(
+        settings.connect_timeout,
+        crate::upstream::open(&addr, &settings),
+    )
+    .await;
+    let mut upstream = match opened {
+        Ok(Ok(stream)) => stream,
+        Ok(Err((_, why))) => {
+            let reply = error_reply(&format!("upstream {addr} unavailable: {why}"));
+            let _ = client.write_all(&reply).await;
+            return End::PubSub(format!("connect to {addr} failed"));
+        }
+        Err(_) => {
+            let reply = error_reply(&format!("upstream {addr} unavailable: connect timed out"));
+            let _ = client.write_all(&reply).await;
+            return End::PubSub(format!("connect to {addr} timed out"));
+        }
+    };
+    if let Err(e) = upstream.write_all(first).await {
+        return End::PubSub(format!("write to {addr} failed: {e}"));
+    }
+    let shutdown = async {
+        while !core.shutdown.get() {
+            core.signal.wait().await;
+        }
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
+            Ok(_) => End::PubSub("closed".to_owned()),
+            Err(e) => End::PubSub(e.to_string()),
+        },
+        () = shutdown => End::PubSub("proxy shutdown".to_owned()),
+    }
+}
+
+/// Whether `req` has an acceptable number of arguments (unknown commands: Redis decides).
+fn arity_ok(cmd: Option<Command>, req: &Request<'_>) -> bool {
+    cmd.is_none_or(|c| c.info.arity_ok(req.len()))
+}
+
+/// Commands the proxy answers itself or refuses, which can't be queued in a transaction on
+/// the server (PING and ECHO can: Redis queues them).
+fn refused_in_multi(cmd: Option<Command>) -> bool {
+    cmd.is_some_and(|c| {
+        !matches!(
+            c.handling,
+            Handling::Local(Local::Ping | Local::Echo | Local::Quit)
+                | Handling::Forward
+                | Handling::Transaction
+                | Handling::Blocking
+        )
+    })
+}
+
+/// `req` as RESP, to hold it.
+fn encode(req: &Request<'_>) -> Bytes {
+    let mut out = BytesMut::new();
+    req.write_resp(&mut out);
+    out.freeze()
+}

@@ -1,0 +1,110 @@
+//! Dedicated connections of one upstream on one worker: lent to a client for a transaction
+//! or a blocking command, and taken back for the next client when the client leaves them
+//! clean, so a busy transactional app doesn't open a connection per transaction.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+
+use super::{ConnSettings, SharedConn};
+use crate::metrics::Metrics;
+
+/// Idle dedicated connections kept per node; more than this are closed when given back.
+pub const MAX_IDLE_PER_NODE: usize = 8;
+
+/// A worker's dedicated connections to the nodes of one upstream.
+pub struct DedicatedPool {
+    /// The upstream's name, for metrics.
+    name: String,
+    /// How connections behave (never `READONLY`: transactions and blocking pops write).
+    settings: ConnSettings,
+    /// Where node metrics come from.
+    metrics: Arc<Metrics>,
+    /// Clean connections waiting for their next client, by node address.
+    idle: RefCell<HashMap<String, Vec<SharedConn>>>,
+    /// Every connection lent out or idle, so shutdown can close them all.
+    all: RefCell<Vec<Weak<super::Inner>>>,
+    /// Set at shutdown: nothing more is lent or kept.
+    closed: Cell<bool>,
+}
+
+impl DedicatedPool {
+    /// An empty pool for the upstream `name`.
+    pub fn new(name: &str, settings: ConnSettings, metrics: Arc<Metrics>) -> Rc<DedicatedPool> {
+        Rc::new(DedicatedPool {
+            name: name.to_owned(),
+            settings: ConnSettings {
+                readonly: false,
+                ..settings
+            },
+            metrics,
+            idle: RefCell::new(HashMap::new()),
+            all: RefCell::new(Vec::new()),
+            closed: Cell::new(false),
+        })
+    }
+
+    /// A connection to `addr` for one client alone: an idle one if there is one, else a new
+    /// one (requests queue while it connects).
+    pub fn take(&self, addr: &str) -> SharedConn {
+        if let Some(list) = self.idle.borrow_mut().get_mut(addr) {
+            while let Some(conn) = list.pop() {
+                if conn.is_idle() {
+                    return conn;
+                }
+                conn.close();
+            }
+        }
+        let conn = SharedConn::new_dedicated(
+            addr.to_owned(),
+            self.settings.clone(),
+            self.metrics.node(&self.name, addr),
+        );
+        if self.closed.get() {
+            conn.close();
+        }
+        tokio::task::spawn_local(conn.clone().run());
+        let mut all = self.all.borrow_mut();
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Rc::downgrade(&conn.0));
+        conn
+    }
+
+    /// Takes back a connection. `clean` says the client left no state on it (no transaction,
+    /// no WATCH, nothing waiting); anything else is closed, since its state is unknown.
+    pub fn give_back(&self, conn: SharedConn, clean: bool) {
+        if !clean || !conn.is_idle() || self.closed.get() {
+            conn.close();
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(conn.addr().to_owned()).or_default();
+        if list.len() >= MAX_IDLE_PER_NODE {
+            conn.close();
+        } else {
+            list.push(conn);
+        }
+    }
+
+    /// Closes every connection, lent or idle (shutdown).
+    pub fn close(&self) {
+        self.closed.set(true);
+        self.idle.borrow_mut().clear();
+        for conn in self.all.borrow_mut().drain(..) {
+            if let Some(inner) = conn.upgrade() {
+                SharedConn(inner).close();
+            }
+        }
+    }
+
+    /// How its connections are made (also for a client's plain pub/sub connection).
+    pub fn settings(&self) -> &ConnSettings {
+        &self.settings
+    }
+
+    /// Idle connections kept for `addr` (for tests and the pool's own limit).
+    pub fn idle_count(&self, addr: &str) -> usize {
+        self.idle.borrow().get(addr).map_or(0, Vec::len)
+    }
+}

@@ -1,0 +1,469 @@
+//! End-to-end: transactions and blocking commands through the proxy, on connections of their
+//! own, in front of a real redis-server and a real Redis Cluster.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic on failure"
+)]
+
+use std::time::{Duration, Instant};
+
+use redis_intercept::cluster::{Slot, SlotMap};
+use redis_intercept::resp::Frame;
+use redis_intercept_e2e::{
+    RedisCluster, RedisServer, RespReader, encode, start_cluster_proxy, start_proxy, wait_until,
+};
+
+fn bulk(s: &str) -> Frame {
+    Frame::Bulk(s.as_bytes().to_vec().into())
+}
+
+fn simple(s: &str) -> Frame {
+    Frame::Simple(s.as_bytes().to_vec().into())
+}
+
+fn is_error(f: &Frame, text: &str) -> bool {
+    matches!(f, Frame::Error(e) if String::from_utf8_lossy(e).contains(text))
+}
+
+/// A field of the server's INFO (e.g. `total_connections_received`).
+fn info_field(server: &RedisServer, field: &str) -> i64 {
+    let Frame::Bulk(info) = server.cmd(&["INFO", "all"]) else {
+        panic!("INFO is not a bulk string");
+    };
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in INFO"))
+}
+
+#[test]
+fn transactions_run_on_a_connection_of_their_own_that_is_reused() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let addr = proxy.addr("svc").unwrap();
+    let mut c = RespReader::connect(addr);
+    // One command at a time, as a client that waits for each reply does.
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["SET", "t", "1"]), simple("QUEUED"));
+    assert_eq!(c.call(&["INCR", "t"]), simple("QUEUED"));
+    assert_eq!(c.call(&["PING"]), simple("QUEUED"));
+    assert_eq!(
+        c.call(&["EXEC"]),
+        Frame::Array(vec![simple("OK"), Frame::Integer(2), simple("PONG")])
+    );
+    assert_eq!(server.cmd(&["GET", "t"]), bulk("2"));
+    // Redis's own answers without a transaction.
+    assert!(is_error(&c.call(&["EXEC"]), "EXEC without MULTI"));
+    assert!(is_error(&c.call(&["DISCARD"]), "DISCARD without MULTI"));
+    assert_eq!(c.call(&["UNWATCH"]), simple("OK"));
+    // DISCARD and RESET end a transaction without running it.
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["SET", "gone", "1"]), simple("QUEUED"));
+    assert_eq!(c.call(&["DISCARD"]), simple("OK"));
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["SET", "gone", "1"]), simple("QUEUED"));
+    assert_eq!(c.call(&["RESET"]), simple("RESET"));
+    assert!(is_error(&c.call(&["EXEC"]), "EXEC without MULTI"));
+    assert_eq!(server.cmd(&["EXISTS", "gone"]), Frame::Integer(0));
+    // A command the proxy refuses inside MULTI fails EXEC, as a queueing error does in Redis.
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["SET", "gone", "1"]), simple("QUEUED"));
+    assert!(is_error(&c.call(&["CLIENT", "LIST"]), "inside MULTI"));
+    assert!(is_error(&c.call(&["EXEC"]), "EXECABORT"));
+    assert_eq!(server.cmd(&["EXISTS", "gone"]), Frame::Integer(0));
+
+    // A real client library's transaction (one write: MULTI … EXEC).
+    let mut lib = redis::Client::open(format!("redis://{addr}/"))
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .unwrap();
+    let (v, n): (String, i64) = redis::pipe()
+        .atomic()
+        .set("lib", "x")
+        .ignore()
+        .get("lib")
+        .incr("libn", 5)
+        .query(&mut lib)
+        .unwrap();
+    assert_eq!((v.as_str(), n), ("x", 5));
+
+    // Many short transactions, each from a new client, share a few pooled connections
+    // instead of opening one each (the known Envoy failure).
+    let before = info_field(&server, "total_connections_received");
+    for _ in 0..200 {
+        let mut c = RespReader::connect(addr);
+        c.send(
+            &[
+                encode(&["MULTI"]),
+                encode(&["INCR", "many"]),
+                encode(&["EXEC"]),
+            ]
+            .concat(),
+        );
+        assert_eq!(c.read(), simple("OK"));
+        assert_eq!(c.read(), simple("QUEUED"));
+        assert!(matches!(c.read(), Frame::Array(v) if v.len() == 1));
+    }
+    let opened = info_field(&server, "total_connections_received") - before;
+    assert_eq!(server.cmd(&["GET", "many"]), bulk("200"));
+    // Two workers, one pooled connection each at most, plus the INFO connection itself.
+    assert!(opened <= 4, "200 transactions opened {opened} connections");
+    proxy.shutdown();
+}
+
+#[test]
+fn watch_aborts_exec_when_another_client_changes_the_key_and_keeps_pipeline_order() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let addr = proxy.addr("svc").unwrap();
+    let mut a = RespReader::connect(addr);
+    let mut b = RespReader::connect(addr);
+    assert_eq!(a.call(&["SET", "w", "start"]), simple("OK"));
+    assert_eq!(a.call(&["WATCH", "w"]), simple("OK"));
+    assert_eq!(a.call(&["GET", "w"]), bulk("start"));
+    assert_eq!(b.call(&["SET", "w", "theirs"]), simple("OK"));
+    assert_eq!(a.call(&["MULTI"]), simple("OK"));
+    assert_eq!(a.call(&["SET", "w", "mine"]), simple("QUEUED"));
+    assert_eq!(a.call(&["EXEC"]), Frame::NullArray);
+    assert_eq!(server.cmd(&["GET", "w"]), bulk("theirs"));
+    // Untouched, the same transaction goes through.
+    assert_eq!(a.call(&["WATCH", "w"]), simple("OK"));
+    assert_eq!(a.call(&["MULTI"]), simple("OK"));
+    assert_eq!(a.call(&["SET", "w", "mine"]), simple("QUEUED"));
+    assert_eq!(a.call(&["EXEC"]), Frame::Array(vec![simple("OK")]));
+    assert_eq!(server.cmd(&["GET", "w"]), bulk("mine"));
+
+    // A write sent on the shared connection just before WATCH in the same pipeline has run
+    // before the WATCH (the session waits for it before switching connections), so it
+    // doesn't abort the transaction; and commands after EXEC see its result.
+    for i in 0..50 {
+        let key = format!("p{i}");
+        a.send(
+            &[
+                encode(&["SET", &key, "1"]),
+                encode(&["WATCH", &key]),
+                encode(&["MULTI"]),
+                encode(&["INCR", &key]),
+                encode(&["EXEC"]),
+                encode(&["GET", &key]),
+            ]
+            .concat(),
+        );
+        for expected in ["OK", "OK", "OK", "QUEUED"] {
+            assert_eq!(a.read(), simple(expected), "round {i}");
+        }
+        assert_eq!(a.read(), Frame::Array(vec![Frame::Integer(2)]), "round {i}");
+        assert_eq!(a.read(), bulk("2"), "round {i}");
+    }
+    // The same while Redis holds back writes: the SET waits on the shared connection, and
+    // a WATCH sent at once on the other connection would run first and see the client's own
+    // SET abort the transaction.
+    for i in 0..3 {
+        assert_eq!(
+            server.cmd(&["CLIENT", "PAUSE", "300", "WRITE"]),
+            simple("OK")
+        );
+        a.send(
+            &[
+                encode(&["SET", "held", &i.to_string()]),
+                encode(&["WATCH", "held"]),
+                encode(&["MULTI"]),
+                encode(&["SET", "held", "tx"]),
+                encode(&["EXEC"]),
+            ]
+            .concat(),
+        );
+        for expected in ["OK", "OK", "OK", "QUEUED"] {
+            assert_eq!(a.read(), simple(expected), "paused round {i}");
+        }
+        assert_eq!(
+            a.read(),
+            Frame::Array(vec![simple("OK")]),
+            "paused round {i}"
+        );
+        assert_eq!(server.cmd(&["GET", "held"]), bulk("tx"));
+    }
+    proxy.shutdown();
+}
+
+#[test]
+fn blocking_pops_wait_on_their_own_connection_without_holding_anyone_else() {
+    let server = RedisServer::start();
+    // A short op_timeout: a blocking command waits as long as it asked regardless.
+    let proxy = start_proxy(server.addr, "op_timeout = \"300ms\"");
+    let addr = proxy.addr("svc").unwrap();
+    let mut waiter = RespReader::connect(addr);
+    waiter.send(&encode(&["BLPOP", "queue", "5"]));
+    wait_until(Duration::from_secs(5), || {
+        info_field(&server, "blocked_clients") == 1
+    });
+    // Other clients' commands are not stuck behind the blocked one.
+    let mut other = RespReader::connect(addr);
+    let started = Instant::now();
+    for i in 0..100 {
+        assert_eq!(other.call(&["SET", "k", &i.to_string()]), simple("OK"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "100 commands took {:?} while a BLPOP waited",
+        started.elapsed()
+    );
+    assert_eq!(other.call(&["RPUSH", "queue", "job"]), Frame::Integer(1));
+    assert_eq!(
+        waiter.read(),
+        Frame::Array(vec![bulk("queue"), bulk("job")])
+    );
+    // A timeout longer than op_timeout ends with Redis's nil, not a proxy timeout.
+    let started = Instant::now();
+    assert_eq!(waiter.call(&["BRPOP", "empty", "1"]), Frame::NullArray);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // The connection is usable for ordinary commands after each blocking one.
+    assert_eq!(waiter.call(&["GET", "k"]), bulk("99"));
+    // A client that leaves while blocked takes its connection with it: Redis stops
+    // blocking for it.
+    waiter.send(&encode(&["BLPOP", "never", "0"]));
+    wait_until(Duration::from_secs(5), || {
+        info_field(&server, "blocked_clients") == 1
+    });
+    drop(waiter);
+    wait_until(Duration::from_secs(5), || {
+        info_field(&server, "blocked_clients") == 0
+    });
+    proxy.shutdown();
+}
+
+#[test]
+fn a_lost_dedicated_connection_fails_the_transaction_and_nothing_runs_outside_it() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["SET", "lost", "1"]), simple("QUEUED"));
+    // The transaction's connection is the one in MULTI (flag `x`); kill it on the server.
+    let Frame::Bulk(list) = server.cmd(&["CLIENT", "LIST"]) else {
+        panic!("CLIENT LIST is not a bulk string");
+    };
+    let list = String::from_utf8_lossy(&list).into_owned();
+    let id = list
+        .lines()
+        .find(|l| l.contains(" flags=x "))
+        .and_then(|l| l.strip_prefix("id="))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no client in MULTI:\n{list}"))
+        .to_owned();
+    assert_eq!(
+        server.cmd(&["CLIENT", "KILL", "ID", &id]),
+        Frame::Integer(1)
+    );
+    // Queued commands and EXEC fail; none of them runs on another connection.
+    let incr = c.call(&["INCR", "lost"]);
+    assert!(matches!(incr, Frame::Error(_)), "{incr:?}");
+    let exec = c.call(&["EXEC"]);
+    assert!(matches!(exec, Frame::Error(_)), "{exec:?}");
+    assert_eq!(server.cmd(&["EXISTS", "lost"]), Frame::Integer(0));
+    // The client goes on normally.
+    assert_eq!(c.call(&["SET", "after", "1"]), simple("OK"));
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["INCR", "after"]), simple("QUEUED"));
+    assert_eq!(c.call(&["EXEC"]), Frame::Array(vec![Frame::Integer(2)]));
+    proxy.shutdown();
+}
+
+#[test]
+fn cluster_transactions_stay_in_one_slot_and_blocking_pops_reach_any_master() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    let addr = proxy.addr("svc").unwrap();
+    let node0 = &cluster.nodes[0];
+    let map = SlotMap::from_cluster_slots(&node0.cmd(&["CLUSTER", "SLOTS"]), "127.0.0.1").unwrap();
+    let owner = |key: &str| {
+        let master = map
+            .master(Slot::for_key(key.as_bytes()))
+            .unwrap()
+            .to_owned();
+        cluster
+            .nodes
+            .iter()
+            .find(|n| n.addr.to_string() == master)
+            .unwrap()
+    };
+    let mut c = RespReader::connect(addr);
+    // MULTI is answered before any key says where the transaction runs.
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["PING"]), simple("QUEUED"));
+    assert_eq!(c.call(&["SET", "{acct}from", "10"]), simple("QUEUED"));
+    assert_eq!(c.call(&["INCRBY", "{acct}to", "5"]), simple("QUEUED"));
+    assert_eq!(
+        c.call(&["EXEC"]),
+        Frame::Array(vec![simple("PONG"), simple("OK"), Frame::Integer(5)])
+    );
+    assert_eq!(owner("{acct}to").cmd(&["GET", "{acct}to"]), bulk("5"));
+    // Keys in two slots: Redis Cluster's error, and nothing runs.
+    assert_ne!(Slot::for_key(b"a"), Slot::for_key(b"b"));
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["SET", "a", "1"]), simple("QUEUED"));
+    assert!(is_error(&c.call(&["SET", "b", "1"]), "CROSSSLOT"));
+    assert!(is_error(&c.call(&["EXEC"]), "EXECABORT"));
+    assert_eq!(owner("a").cmd(&["EXISTS", "a"]), Frame::Integer(0));
+    // WATCH on a cluster.
+    assert_eq!(c.call(&["WATCH", "{acct}to"]), simple("OK"));
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["INCR", "{acct}to"]), simple("QUEUED"));
+    assert_eq!(c.call(&["EXEC"]), Frame::Array(vec![Frame::Integer(6)]));
+    // An empty transaction.
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["EXEC"]), Frame::Array(vec![]));
+    // Blocking pops on keys of every master.
+    for key in ["a", "b", "c", "d", "e", "f"] {
+        let mut waiter = RespReader::connect(addr);
+        waiter.send(&encode(&["BLPOP", key, "5"]));
+        wait_until(Duration::from_secs(5), || {
+            info_field(owner(key), "blocked_clients") == 1
+        });
+        assert_eq!(c.call(&["RPUSH", key, "v"]), Frame::Integer(1));
+        assert_eq!(waiter.read(), Frame::Array(vec![bulk(key), bulk("v")]));
+    }
+    proxy.shutdown();
+}
+
+#[test]
+fn subscribers_get_a_pipe_of_their_own_and_publishers_reach_them() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let addr = proxy.addr("svc").unwrap();
+    let mut sub = RespReader::connect(addr);
+    let mut publisher = RespReader::connect(addr);
+    // Replies owed before the SUBSCRIBE in the same write come first, in order.
+    sub.send(
+        &[
+            encode(&["SET", "before", "1"]),
+            encode(&["GET", "before"]),
+            encode(&["SUBSCRIBE", "news", "sport"]),
+        ]
+        .concat(),
+    );
+    assert_eq!(sub.read(), simple("OK"));
+    assert_eq!(sub.read(), bulk("1"));
+    for (i, ch) in ["news", "sport"].iter().enumerate() {
+        assert_eq!(
+            sub.read(),
+            Frame::Array(vec![
+                bulk("subscribe"),
+                bulk(ch),
+                Frame::Integer(i as i64 + 1)
+            ])
+        );
+    }
+    assert_eq!(
+        publisher.call(&["PUBLISH", "news", "hello"]),
+        Frame::Integer(1)
+    );
+    assert_eq!(
+        sub.read(),
+        Frame::Array(vec![bulk("message"), bulk("news"), bulk("hello")])
+    );
+    // Patterns, and the subscribed-mode PING, answered by Redis itself.
+    assert_eq!(
+        sub.call(&["PSUBSCRIBE", "al*"]),
+        Frame::Array(vec![bulk("psubscribe"), bulk("al*"), Frame::Integer(3)])
+    );
+    assert_eq!(
+        publisher.call(&["PUBLISH", "alerts", "fire"]),
+        Frame::Integer(1)
+    );
+    assert_eq!(
+        sub.read(),
+        Frame::Array(vec![
+            bulk("pmessage"),
+            bulk("al*"),
+            bulk("alerts"),
+            bulk("fire")
+        ])
+    );
+    assert_eq!(
+        sub.call(&["PING"]),
+        Frame::Array(vec![bulk("pong"), bulk("")])
+    );
+    // The publisher's connection is an ordinary one still.
+    assert_eq!(publisher.call(&["GET", "before"]), bulk("1"));
+    // A subscriber that leaves takes its subscriptions with it.
+    drop(sub);
+    wait_until(Duration::from_secs(5), || {
+        server.cmd(&["PUBSUB", "NUMSUB", "news"])
+            == Frame::Array(vec![bulk("news"), Frame::Integer(0)])
+    });
+    // Shutdown doesn't wait for a subscriber to leave.
+    let mut idle_sub = RespReader::connect(addr);
+    idle_sub.call(&["SUBSCRIBE", "quiet"]);
+    let started = Instant::now();
+    proxy.shutdown();
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn cluster_pubsub_and_sharded_pubsub_reach_subscribers() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    let addr = proxy.addr("svc").unwrap();
+    let mut publisher = RespReader::connect(addr);
+    let mut sub = RespReader::connect(addr);
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "everywhere"]),
+        Frame::Array(vec![
+            bulk("subscribe"),
+            bulk("everywhere"),
+            Frame::Integer(1)
+        ])
+    );
+    // Cluster pub/sub reaches a subscriber whatever node either side is on.
+    publisher.call(&["PUBLISH", "everywhere", "m1"]);
+    assert_eq!(
+        sub.read(),
+        Frame::Array(vec![bulk("message"), bulk("everywhere"), bulk("m1")])
+    );
+    // Sharded channels live on their slot's master; channels on every master work.
+    for ch in ["a", "b", "c", "d", "e", "f"] {
+        let mut ssub = RespReader::connect(addr);
+        assert_eq!(
+            ssub.call(&["SSUBSCRIBE", ch]),
+            Frame::Array(vec![bulk("ssubscribe"), bulk(ch), Frame::Integer(1)])
+        );
+        assert_eq!(publisher.call(&["SPUBLISH", ch, "s"]), Frame::Integer(1));
+        assert_eq!(
+            ssub.read(),
+            Frame::Array(vec![bulk("smessage"), bulk(ch), bulk("s")])
+        );
+    }
+    proxy.shutdown();
+}
+
+#[test]
+fn shutdown_does_not_wait_for_a_blocked_client() {
+    let server = RedisServer::start();
+    let proxy = redis_intercept_e2e::start_proxy_config(&format!(
+        "[proxy]\nworkers = 1\ndrain_timeout = \"30s\"\n\n\
+         [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{}\"]\n\n\
+         [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n",
+        server.addr
+    ));
+    let mut waiter = RespReader::connect(proxy.addr("svc").unwrap());
+    waiter.send(&encode(&["BLPOP", "forever", "0"]));
+    wait_until(Duration::from_secs(5), || {
+        info_field(&server, "blocked_clients") == 1
+    });
+    let started = Instant::now();
+    proxy.shutdown();
+    // Well inside the 30 s drain: the blocked client is closed, not waited for.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_until(Duration::from_secs(5), || {
+        info_field(&server, "blocked_clients") == 0
+    });
+}
