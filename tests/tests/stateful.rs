@@ -294,6 +294,10 @@ fn cluster_transactions_stay_in_one_slot_and_blocking_pops_reach_any_master() {
     // MULTI is answered before any key says where the transaction runs.
     assert_eq!(c.call(&["MULTI"]), simple("OK"));
     assert_eq!(c.call(&["PING"]), simple("QUEUED"));
+    assert!(is_error(
+        &c.call(&["MULTI"]),
+        "MULTI calls can not be nested"
+    ));
     assert_eq!(c.call(&["SET", "{acct}from", "10"]), simple("QUEUED"));
     assert_eq!(c.call(&["INCRBY", "{acct}to", "5"]), simple("QUEUED"));
     assert_eq!(

@@ -300,6 +300,12 @@ impl Session {
             }
         };
         let ends = matches!(txn, Some(Txn::Exec | Txn::Discard));
+        if txn == Some(Txn::Multi) {
+            // Redis's answer; the transaction goes on.
+            self.core
+                .push_ready(error_reply("MULTI calls can not be nested"));
+            return Step::Done;
+        }
         if route.is_none() && !ends && self.stateful.held.len() < MAX_HELD {
             if refused_in_multi(cmd) {
                 return self.refuse_in_multi(req, cmd);
