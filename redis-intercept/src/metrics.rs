@@ -83,6 +83,9 @@ pub struct Metrics {
     pub commands: Family<ServiceLabels, Counter>,
     /// Shared upstream connections up now (summed over workers).
     pub upstream_connections_up: Family<NodeLabels, Gauge<i64, AtomicI64>>,
+    /// Dedicated upstream connections up now (transactions, blocking commands; lent or idle
+    /// in the pool). Kept apart from the shared ones, which readiness counts.
+    pub upstream_dedicated_up: Family<NodeLabels, Gauge<i64, AtomicI64>>,
     /// Upstream connections lost or failed to connect.
     pub upstream_failures: Family<NodeLabels, Counter>,
     /// Upstream connections reset because a request passed its op_timeout.
@@ -117,6 +120,7 @@ impl Metrics {
             clients_closed: Family::default(),
             commands: Family::default(),
             upstream_connections_up: Family::default(),
+            upstream_dedicated_up: Family::default(),
             upstream_failures: Family::default(),
             upstream_timeouts: Family::default(),
             mirror_requests: Family::default(),
@@ -154,6 +158,11 @@ impl Metrics {
             "upstream_connections_up",
             "Shared upstream connections that are up",
             m.upstream_connections_up.clone(),
+        );
+        registry.register(
+            "upstream_dedicated_connections_up",
+            "Dedicated upstream connections (transactions, blocking commands) that are up",
+            m.upstream_dedicated_up.clone(),
         );
         registry.register(
             "upstream_failures",
@@ -255,6 +264,19 @@ impl Metrics {
             up: self.upstream_connections_up.get_or_create(&labels).clone(),
             failures: self.upstream_failures.get_or_create(&labels).clone(),
             timeouts: self.upstream_timeouts.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Like [`Metrics::node`] for a dedicated connection: its `up` is the dedicated gauge,
+    /// so lent connections never make a node look ready.
+    pub fn dedicated_node(&self, upstream: &str, node: &str) -> NodeMetrics {
+        let labels = NodeLabels {
+            upstream: upstream.to_owned(),
+            node: node.to_owned(),
+        };
+        NodeMetrics {
+            up: self.upstream_dedicated_up.get_or_create(&labels).clone(),
+            ..self.node(upstream, node)
         }
     }
 }

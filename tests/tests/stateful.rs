@@ -41,7 +41,11 @@ fn info_field(server: &RedisServer, field: &str) -> i64 {
 #[test]
 fn transactions_run_on_a_connection_of_their_own_that_is_reused() {
     let server = RedisServer::start();
-    let proxy = start_proxy(server.addr, "");
+    let proxy = redis_intercept_e2e::start_proxy_with(
+        server.addr,
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        "",
+    );
     let addr = proxy.addr("svc").unwrap();
     let mut c = RespReader::connect(addr);
     // One command at a time, as a client that waits for each reply does.
@@ -110,6 +114,19 @@ fn transactions_run_on_a_connection_of_their_own_that_is_reused() {
     assert_eq!(server.cmd(&["GET", "many"]), bulk("200"));
     // Two workers, one pooled connection each at most, plus the INFO connection itself.
     assert!(opened <= 4, "200 transactions opened {opened} connections");
+    // Pooled connections have their own gauge: readiness counts shared connections only.
+    let (_, metrics) = redis_intercept_e2e::http_get(proxy.admin_addr().unwrap(), "/metrics");
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    assert_eq!(gauge("redis_intercept_upstream_connections_up{"), 2.0);
+    let dedicated = gauge("redis_intercept_upstream_dedicated_connections_up{");
+    assert!((1.0..=2.0).contains(&dedicated), "{dedicated}");
     proxy.shutdown();
 }
 

@@ -59,7 +59,7 @@ impl DedicatedPool {
         let conn = SharedConn::new_dedicated(
             addr.to_owned(),
             self.settings.clone(),
-            self.metrics.node(&self.name, addr),
+            self.metrics.dedicated_node(&self.name, addr),
         );
         if self.closed.get() {
             conn.close();
