@@ -270,13 +270,16 @@ impl Metrics {
     /// Like [`Metrics::node`] for a dedicated connection: its `up` is the dedicated gauge,
     /// so lent connections never make a node look ready.
     pub fn dedicated_node(&self, upstream: &str, node: &str) -> NodeMetrics {
-        let labels = NodeLabels {
-            upstream: upstream.to_owned(),
-            node: node.to_owned(),
-        };
+        let shared = self.node(upstream, node);
         NodeMetrics {
-            up: self.upstream_dedicated_up.get_or_create(&labels).clone(),
-            ..self.node(upstream, node)
+            up: self
+                .upstream_dedicated_up
+                .get_or_create(&NodeLabels {
+                    upstream: upstream.to_owned(),
+                    node: node.to_owned(),
+                })
+                .clone(),
+            ..shared
         }
     }
 }
