@@ -136,6 +136,34 @@ fn show(label: &str, addr: SocketAddr, args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
+/// Runs `commands` (one per line) through one redis-cli connection, as a user typing them,
+/// and prints the session.
+fn show_session(label: &str, addr: SocketAddr, commands: &[&str]) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("redis-cli")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("run redis-cli")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(format!("{}\n", commands.join("\n")).as_bytes())
+            .context("write to redis-cli")?;
+    }
+    let out = child.wait_with_output().context("run redis-cli")?;
+    let out = String::from_utf8_lossy(&out.stdout).trim_end().to_owned();
+    println!(
+        "{label}$ redis-cli -p {}   (typing: {})",
+        addr.port(),
+        commands.join("; ")
+    );
+    for line in out.lines() {
+        println!("    {line}");
+    }
+    Ok(out)
+}
+
 /// A directory removed (if empty) when dropped, even when the demo fails half-way.
 struct RemoveOnDrop(std::path::PathBuf);
 
@@ -246,6 +274,21 @@ pub fn demo(root: &Path) -> Result<()> {
     show("proxy ", p, &["DEL", "a", "b", "c"])?;
     show("proxy ", p, &["RENAME", "d", "e"])?;
     show("proxy ", p, &["SCAN", "0", "COUNT", "100"])?;
+    println!();
+    println!("A transaction runs on a connection of its own, on the master of its keys' slot:");
+    let tx = show_session(
+        "proxy ",
+        p,
+        &[
+            "MULTI",
+            "SET {user1}:name ann",
+            "INCR {user1}:visits",
+            "EXEC",
+        ],
+    )?;
+    if !tx.ends_with("OK\n1") {
+        bail!("the transaction through the proxy answered {tx:?}");
+    }
     if let Some(RemoveOnDrop(dir)) = &demo_cgroup {
         println!();
         println!(
