@@ -73,6 +73,8 @@ pub struct Metrics {
     pub clients_connected: Family<ServiceLabels, Gauge>,
     /// Clients connected now, per worker thread: shows how evenly connections spread.
     pub worker_clients: Family<WorkerLabels, Gauge>,
+    /// Clients in subscribed mode now (each holds a pub/sub connection of its own).
+    pub clients_subscribed: Family<ServiceLabels, Gauge>,
     /// Clients accepted since start.
     pub clients_accepted: Family<ServiceLabels, Counter>,
     /// Clients refused because of `max_clients`.
@@ -115,6 +117,7 @@ impl Metrics {
         let m = Metrics {
             clients_connected: Family::default(),
             worker_clients: Family::default(),
+            clients_subscribed: Family::default(),
             clients_accepted: Family::default(),
             clients_rejected: Family::default(),
             clients_closed: Family::default(),
@@ -133,6 +136,11 @@ impl Metrics {
             "clients_connected",
             "Clients connected now",
             m.clients_connected.clone(),
+        );
+        registry.register(
+            "clients_subscribed",
+            "Clients in subscribed mode now, each on a pub/sub connection of its own",
+            m.clients_subscribed.clone(),
         );
         registry.register(
             "clients_accepted",
@@ -222,6 +230,7 @@ impl Metrics {
         ServiceMetrics {
             connected: self.clients_connected.get_or_create(&labels).clone(),
             worker_connected: self.worker_clients.get_or_create(&worker_labels).clone(),
+            subscribed: self.clients_subscribed.get_or_create(&labels).clone(),
             accepted: self.clients_accepted.get_or_create(&labels).clone(),
             rejected: self.clients_rejected.get_or_create(&labels).clone(),
             commands: self.commands.get_or_create(&labels).clone(),
@@ -291,6 +300,8 @@ pub struct ServiceMetrics {
     pub connected: Gauge,
     /// Clients connected now on this worker.
     pub worker_connected: Gauge,
+    /// Clients in subscribed mode now.
+    pub subscribed: Gauge,
     /// Clients accepted.
     pub accepted: Counter,
     /// Clients refused by `max_clients`.

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 mod cluster;
 mod forward;
+mod pubsub;
 mod stateful;
 
 pub use forward::{Mirror, RouteCtx};
@@ -140,6 +141,14 @@ impl Dice {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         ((self.0 >> 32) % u64::from(n)) as u32
+    }
+
+    /// The next 64 random bits.
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
     }
 }
 
@@ -582,8 +591,8 @@ enum End {
     Idle,
     /// A socket error.
     Io(String),
-    /// The client subscribed; carries the input from the subscribe command on, for the pipe.
-    Subscribe(Vec<u8>),
+    /// The client subscribed: the pub/sub pipe takes over from the subscribe command.
+    Subscribe,
     /// A subscribed client's pipe ended (why).
     PubSub(String),
 }
@@ -598,7 +607,7 @@ impl End {
             End::SlowReader => "slow_reader",
             End::Idle => "idle",
             End::Io(_) => "io_error",
-            End::Subscribe(_) | End::PubSub(_) => "pubsub",
+            End::Subscribe | End::PubSub(_) => "pubsub",
         }
     }
 }
@@ -612,7 +621,7 @@ impl std::fmt::Display for End {
             End::SlowReader => f.write_str("slow reader"),
             End::Idle => f.write_str("idle timeout"),
             End::Io(e) => write!(f, "socket error: {e}"),
-            End::Subscribe(_) => f.write_str("subscribed"),
+            End::Subscribe => f.write_str("subscribed"),
             End::PubSub(why) => write!(f, "pub/sub pipe ended: {why}"),
         }
     }
@@ -680,18 +689,18 @@ pub async fn run(
         delayed: None,
         stateful: stateful::Stateful::default(),
     };
-    let mut end = session.serve(&stream).await;
-    session.release_at_end();
-    let mut stream = Some(stream);
-    if let End::Subscribe(first) = &end
-        && let Some(target) = session.stateful.subscribe.take()
-    {
-        session.core.stream.borrow_mut().take();
-        // Nothing else holds the socket now that the core let go of it.
-        if let Some(tcp) = stream.take().and_then(|s| Rc::try_unwrap(s).ok()) {
-            end = stateful::pubsub_pipe(tcp, first, target, &session.core).await;
+    let mut input = InputBuf::default();
+    let end = loop {
+        let end = session.serve(&stream, &mut input).await;
+        let (End::Subscribe, Some(target)) = (&end, session.stateful.subscribe.take()) else {
+            break end;
+        };
+        match session.pubsub(&stream, &mut input, target).await {
+            pubsub::Piped::Back => {}
+            pubsub::Piped::End(end) => break end,
         }
-    }
+    };
+    session.release_at_end();
     sessions.live.borrow_mut().remove(&id);
     session.core.stream.borrow_mut().take();
     drop(stream);
@@ -735,8 +744,7 @@ struct Session {
 }
 
 impl Session {
-    async fn serve(&mut self, stream: &TcpStream) -> End {
-        let mut input = InputBuf::default();
+    async fn serve(&mut self, stream: &TcpStream, input: &mut InputBuf) -> End {
         let mut eof = false;
         let idle = self.svc.idle_timeout;
         let idle_sleep = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86400)));
@@ -761,7 +769,7 @@ impl Session {
                 self.send_delayed();
             }
             if !self.state.closing && !input.is_empty() && self.stateful.subscribe.is_none() {
-                self.process_input(&mut input);
+                self.process_input(input);
             }
             self.maybe_unpin();
             core.write_out();
@@ -773,7 +781,7 @@ impl Session {
             let outstanding = core.outstanding();
             let out_len = core.out_len();
             if self.stateful.subscribe.is_some() && outstanding == 0 && out_len == 0 {
-                return End::Subscribe(input.data().to_vec());
+                return End::Subscribe;
             }
             if (self.state.closing || eof) && outstanding == 0 && out_len == 0 {
                 return if self.state.protocol_error {
@@ -830,7 +838,7 @@ impl Session {
             .await;
             match woke {
                 Woke::Signal | Woke::Writable | Woke::Delay => {}
-                Woke::Readable => match read_input(stream, &mut input) {
+                Woke::Readable => match read_input(stream, input) {
                     Ok(Some(0)) => {
                         eof = true;
                         // A blocked command's reply may never come; closing its connection

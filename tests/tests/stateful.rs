@@ -6,6 +6,7 @@
     reason = "tests panic on failure"
 )]
 
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use redis_intercept::cluster::{Slot, SlotMap};
@@ -36,6 +37,17 @@ fn info_field(server: &RedisServer, field: &str) -> i64 {
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in INFO"))
+}
+
+/// A gauge's value in the proxy's `/metrics` (the first series whose line starts with `name`).
+fn gauge(proxy: &redis_intercept::app::Proxy, name: &str) -> f64 {
+    let (_, metrics) = redis_intercept_e2e::http_get(proxy.admin_addr().unwrap(), "/metrics");
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
 }
 
 #[test]
@@ -115,17 +127,11 @@ fn transactions_run_on_a_connection_of_their_own_that_is_reused() {
     // Two workers, one pooled connection each at most, plus the INFO connection itself.
     assert!(opened <= 4, "200 transactions opened {opened} connections");
     // Pooled connections have their own gauge: readiness counts shared connections only.
-    let (_, metrics) = redis_intercept_e2e::http_get(proxy.admin_addr().unwrap(), "/metrics");
-    let gauge = |name: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
-    };
-    assert_eq!(gauge("redis_intercept_upstream_connections_up{"), 2.0);
-    let dedicated = gauge("redis_intercept_upstream_dedicated_connections_up{");
+    assert_eq!(
+        gauge(&proxy, "redis_intercept_upstream_connections_up{"),
+        2.0
+    );
+    let dedicated = gauge(&proxy, "redis_intercept_upstream_dedicated_connections_up{");
     assert!((1.0..=2.0).contains(&dedicated), "{dedicated}");
     proxy.shutdown();
 }
@@ -425,6 +431,118 @@ fn subscribers_get_a_pipe_of_their_own_and_publishers_reach_them() {
 }
 
 #[test]
+fn a_subscriber_that_unsubscribes_or_resets_is_an_ordinary_client_again() {
+    // The proxy authenticates upstream: a RESET that reached Redis would log the
+    // connection out.
+    let server = RedisServer::start_with(&["--requirepass", "upstream-pw"]);
+    let dir = redis_intercept_e2e::tempfile_dir();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, "upstream-pw\n").unwrap();
+    let proxy = redis_intercept_e2e::start_proxy_full(
+        server.addr,
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        &format!("password_file = {:?}", file.display().to_string()),
+        "",
+    );
+    let addr = proxy.addr("svc").unwrap();
+    let subscribed = || gauge(&proxy, "redis_intercept_clients_subscribed{");
+    let mut c = RespReader::connect(addr);
+    assert_eq!(c.call(&["SET", "k", "v"]), simple("OK"));
+    assert_eq!(
+        c.call(&["SUBSCRIBE", "news"]),
+        Frame::Array(vec![bulk("subscribe"), bulk("news"), Frame::Integer(1)])
+    );
+    assert_eq!(subscribed(), 1.0);
+    // Subscribed mode allows what Redis allows; the rest gets Redis's refusal, from the
+    // proxy (AUTH and SELECT never reach Redis).
+    for (cmd, name) in [
+        (vec!["GET", "k"], "get"),
+        (vec!["AUTH", "x"], "auth"),
+        (vec!["SELECT", "1"], "select"),
+    ] {
+        let reply = c.call(&cmd);
+        assert!(
+            is_error(
+                &reply,
+                &format!("Can't execute '{name}': only (P|S)SUBSCRIBE")
+            ),
+            "{reply:?}"
+        );
+    }
+    assert_eq!(
+        c.call(&["PING", "x"]),
+        Frame::Array(vec![bulk("pong"), bulk("x")])
+    );
+    // Unsubscribing from everything ends subscribed mode; commands pipelined behind it are
+    // served by the proxy as any client's: SELECT 1 is the proxy's refusal, which Redis
+    // would have accepted.
+    c.send(
+        &[
+            encode(&["UNSUBSCRIBE"]),
+            encode(&["GET", "k"]),
+            encode(&["SELECT", "1"]),
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        c.read(),
+        Frame::Array(vec![bulk("unsubscribe"), bulk("news"), Frame::Integer(0)])
+    );
+    assert_eq!(c.read(), bulk("v"));
+    let select = c.read();
+    assert!(is_error(&select, "SELECT"), "{select:?}");
+    assert!(!is_error(&select, "Can't execute"), "{select:?}");
+    assert_eq!(subscribed(), 0.0);
+    // RESET in subscribed mode is answered by the proxy and closes the node connection;
+    // the client goes on, still authenticated upstream.
+    c.call(&["SUBSCRIBE", "sport"]);
+    assert_eq!(c.call(&["RESET"]), simple("RESET"));
+    assert_eq!(c.call(&["GET", "k"]), bulk("v"));
+    let mut direct = RespReader::connect(server.addr);
+    assert_eq!(direct.call(&["AUTH", "upstream-pw"]), simple("OK"));
+    wait_until(Duration::from_secs(5), || {
+        direct.call(&["PUBSUB", "NUMSUB", "sport"])
+            == Frame::Array(vec![bulk("sport"), Frame::Integer(0)])
+    });
+    // RESET and SELECT never reached Redis.
+    let stats = match direct.call(&["INFO", "commandstats"]) {
+        Frame::Bulk(b) => String::from_utf8_lossy(&b).into_owned(),
+        other => panic!("{other:?}"),
+    };
+    assert!(!stats.contains("cmdstat_reset"), "{stats}");
+    assert!(!stats.contains("cmdstat_select"), "{stats}");
+    // QUIT in subscribed mode: +OK and the connection closes.
+    c.call(&["PSUBSCRIBE", "x*"]);
+    assert_eq!(c.call(&["QUIT"]), simple("OK"));
+    let mut rest = Vec::new();
+    let mut raw = std::net::TcpStream::connect(addr).unwrap();
+    raw.write_all(b"SUBSCRIBE q\r\nQUIT\r\n").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.ends_with(b"+OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert_eq!(subscribed(), 0.0);
+    proxy.shutdown();
+}
+
+#[test]
+fn a_subscribe_that_cannot_reach_redis_gets_an_error_and_the_client_goes_on() {
+    let mut server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let addr = proxy.addr("svc").unwrap();
+    server.kill();
+    let mut c = RespReader::connect(addr);
+    let reply = c.call(&["SUBSCRIBE", "news"]);
+    assert!(is_error(&reply, "unavailable"), "{reply:?}");
+    // Not subscribed: the proxy answers as for any client.
+    assert_eq!(c.call(&["PING"]), simple("PONG"));
+    proxy.shutdown();
+}
+
+#[test]
 fn cluster_pubsub_and_sharded_pubsub_reach_subscribers() {
     let cluster = RedisCluster::start(3, 0);
     let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
@@ -459,6 +577,37 @@ fn cluster_pubsub_and_sharded_pubsub_reach_subscribers() {
             Frame::Array(vec![bulk("smessage"), bulk(ch), bulk("s")])
         );
     }
+    // One client's shard channels must share a node: a channel on another master gets a
+    // clear error (not a MOVED the client can't follow), and the client stays subscribed.
+    let map =
+        SlotMap::from_cluster_slots(&cluster.nodes[0].cmd(&["CLUSTER", "SLOTS"]), "127.0.0.1")
+            .unwrap();
+    let owner = |ch: &str| map.master(Slot::for_key(ch.as_bytes())).unwrap().to_owned();
+    let mut ssub = RespReader::connect(addr);
+    ssub.call(&["SSUBSCRIBE", "a"]);
+    let (mut same, mut other) = (1, 0);
+    for ch in ["b", "c", "d", "e", "f"] {
+        let reply = ssub.call(&["SSUBSCRIBE", ch]);
+        if owner(ch) == owner("a") {
+            same += 1;
+            assert_eq!(
+                reply,
+                Frame::Array(vec![bulk("ssubscribe"), bulk(ch), Frame::Integer(same)])
+            );
+        } else {
+            other += 1;
+            assert!(is_error(&reply, "served by another node"), "{reply:?}");
+        }
+    }
+    assert!(other > 0, "channels b..f all on the master of a");
+    assert_eq!(
+        publisher.call(&["SPUBLISH", "a", "still"]),
+        Frame::Integer(1)
+    );
+    assert_eq!(
+        ssub.read(),
+        Frame::Array(vec![bulk("smessage"), bulk("a"), bulk("still")])
+    );
     proxy.shutdown();
 }
 

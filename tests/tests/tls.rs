@@ -79,6 +79,21 @@ fn traffic_goes_over_tls_verified_by_the_configured_ca() {
     wait_until(Duration::from_secs(5), || {
         http_get(proxy.admin_addr().unwrap(), "/ready").0 == 200
     });
+    // A subscriber's own connection is TLS too, both ways, and unsubscribing hands the
+    // client back.
+    let mut sub = RespReader::connect(proxy.addr("svc").unwrap());
+    let bulk = |s: &str| Frame::Bulk(s.as_bytes().to_vec().into());
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "tls-news"]),
+        Frame::Array(vec![bulk("subscribe"), bulk("tls-news"), Frame::Integer(1)])
+    );
+    assert_eq!(c.call(&["PUBLISH", "tls-news", "hi"]), Frame::Integer(1));
+    assert_eq!(
+        sub.read(),
+        Frame::Array(vec![bulk("message"), bulk("tls-news"), bulk("hi")])
+    );
+    sub.call(&["UNSUBSCRIBE"]);
+    assert_eq!(sub.call(&["GET", "tls-key"]), bulk("secret"));
     // The node's IP as the name works too (the certificate lists 127.0.0.1).
     let by_ip = proxy_with_tls(
         tls_addr,

@@ -2,9 +2,8 @@
 //! commands that leave state on a connection, so a client using them gets a connection of its
 //! own.
 //!
-//! A client that subscribes becomes a plain pipe to one node for the rest of its life: its
-//! own connection is opened, the subscribe command and everything after it are copied both
-//! ways untouched (pushed messages have no request, so they don't fit reply slots).
+//! A client that subscribes gets a connection of its own too, served by `pubsub` until it
+//! leaves subscribed mode (pushed messages have no request, so they don't fit reply slots).
 //!
 //! The client is pinned (see `forward`) from its first WATCH, MULTI or blocking command until
 //! its state is clean again (EXEC, DISCARD or UNWATCH answered, the blocking reply in) and no
@@ -20,11 +19,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{Core, End, Session, forward, routing, wrong_arity};
+use super::{Session, forward, routing, wrong_arity};
 use crate::command::{Command, Handling, Local};
 use crate::resp::{Request, RequestParser};
 use crate::upstream::{ConnSettings, ReplySink, error_reply};
@@ -54,8 +51,8 @@ pub(super) struct Stateful {
     blocking: bool,
     /// Input processing stopped until every owed reply is in (before pinning).
     pub(super) barrier: bool,
-    /// The client subscribed: once its owed replies are written, the session becomes a pipe
-    /// to this node.
+    /// The client subscribed: once its owed replies are written, `pubsub` serves it on a
+    /// connection to this node.
     pub(super) subscribe: Option<(String, ConnSettings)>,
 }
 
@@ -453,51 +450,6 @@ impl Session {
             }
             let _ = self.core.deliver(token, reply.into());
         }
-    }
-}
-
-/// Copies bytes both ways between a subscribed client and its own connection to `target`,
-/// starting with `first` (the subscribe command and whatever the client sent after it), until
-/// either side closes or the proxy shuts down.
-pub(super) async fn pubsub_pipe(
-    mut client: TcpStream,
-    first: &[u8],
-    target: (String, ConnSettings),
-    core: &Core,
-) -> End {
-    let (addr, settings) = target;
-    let opened = tokio::time::timeout(
-        settings.connect_timeout,
-        crate::upstream::open(&addr, &settings),
-    )
-    .await;
-    let mut upstream = match opened {
-        Ok(Ok(stream)) => stream,
-        Ok(Err((_, why))) => {
-            let reply = error_reply(&format!("upstream {addr} unavailable: {why}"));
-            let _ = client.write_all(&reply).await;
-            return End::PubSub(format!("connect to {addr} failed"));
-        }
-        Err(_) => {
-            let reply = error_reply(&format!("upstream {addr} unavailable: connect timed out"));
-            let _ = client.write_all(&reply).await;
-            return End::PubSub(format!("connect to {addr} timed out"));
-        }
-    };
-    if let Err(e) = upstream.write_all(first).await {
-        return End::PubSub(format!("write to {addr} failed: {e}"));
-    }
-    let shutdown = async {
-        while !core.shutdown.get() {
-            core.signal.wait().await;
-        }
-    };
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
-            Ok(_) => End::PubSub("closed".to_owned()),
-            Err(e) => End::PubSub(e.to_string()),
-        },
-        () = shutdown => End::PubSub("proxy shutdown".to_owned()),
     }
 }
 
