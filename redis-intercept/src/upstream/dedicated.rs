@@ -87,6 +87,20 @@ impl DedicatedPool {
         }
     }
 
+    /// Closes the idle connections to nodes `keep` rejects: after a topology change, nodes
+    /// that left or are no longer masters (a transaction there would only get redirects).
+    pub fn keep_nodes(&self, keep: impl Fn(&str) -> bool) {
+        self.idle.borrow_mut().retain(|addr, list| {
+            if keep(addr) {
+                return true;
+            }
+            for conn in list.drain(..) {
+                conn.close();
+            }
+            false
+        });
+    }
+
     /// Closes every connection, lent or idle (shutdown).
     pub fn close(&self) {
         self.closed.set(true);
@@ -106,5 +120,70 @@ impl DedicatedPool {
     /// Idle connections kept for `addr` (for tests and the pool's own limit).
     pub fn idle_count(&self, addr: &str) -> usize {
         self.idle.borrow().get(addr).map_or(0, Vec::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests panic on failure")]
+
+    use std::time::Duration;
+
+    use super::*;
+
+    fn settings() -> ConnSettings {
+        ConnSettings {
+            auth: None,
+            connect_timeout: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(1),
+            max_pending_bytes: 1 << 20,
+            limits: crate::resp::Limits::default(),
+            readonly: false,
+            tls: None,
+            write_delay: Duration::ZERO,
+            mark: None,
+        }
+    }
+
+    /// Waits (on the local task set) until `f` holds.
+    async fn until(f: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn idle_connections_to_nodes_no_longer_wanted_are_closed() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let (addr_a, addr_b) = (
+                    a.local_addr().unwrap().to_string(),
+                    b.local_addr().unwrap().to_string(),
+                );
+                let pool = DedicatedPool::new("t", settings(), Metrics::new());
+                let (ca, cb) = (pool.take(&addr_a), pool.take(&addr_b));
+                // Keep the server ends open while the connections are in use.
+                let (_sa, _sb) = (a.accept().await.unwrap(), b.accept().await.unwrap());
+                until(|| ca.is_up() && cb.is_up()).await;
+                pool.give_back(ca.clone(), true);
+                pool.give_back(cb.clone(), true);
+                assert_eq!((pool.idle_count(&addr_a), pool.idle_count(&addr_b)), (1, 1));
+                pool.keep_nodes(|n| n == addr_a);
+                assert_eq!((pool.idle_count(&addr_a), pool.idle_count(&addr_b)), (1, 0));
+                assert!(cb.is_closed());
+                assert!(!ca.is_closed());
+                // The kept one is lent again rather than a new one opened.
+                let again = pool.take(&addr_a);
+                assert!(Rc::ptr_eq(&again.0, &ca.0));
+                pool.close();
+            })
+            .await;
     }
 }

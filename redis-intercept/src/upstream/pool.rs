@@ -377,6 +377,8 @@ impl ClusterPool {
                 }
             }
         }
+        let masters: HashSet<&str> = map.shards().iter().map(|s| s.master.as_str()).collect();
+        self.dedicated.keep_nodes(|addr| masters.contains(addr));
         let old = self.map.replace(Rc::new(map));
         let new = self.map.borrow();
         if old.shards() != new.shards() || old.covered() != new.covered() {
