@@ -768,6 +768,7 @@ impl Session {
             {
                 self.send_delayed();
             }
+            self.follow_probe();
             if !self.state.closing && !input.is_empty() && self.stateful.subscribe.is_none() {
                 self.process_input(input);
             }

@@ -39,6 +39,18 @@ fn info_field(server: &RedisServer, field: &str) -> i64 {
         .unwrap_or_else(|| panic!("no {field} in INFO"))
 }
 
+/// A cluster of 3 masters and a proxy in front of it (`upstream_extra` in its upstream), with
+/// the cluster's slot map as the test sees it.
+fn cluster_and_proxy(upstream_extra: &str) -> (RedisCluster, redis_intercept::app::Proxy, SlotMap) {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, upstream_extra, "");
+    let map =
+        SlotMap::from_cluster_slots(&cluster.nodes[0].cmd(&["CLUSTER", "SLOTS"]), "127.0.0.1")
+            .unwrap();
+    (cluster, proxy, map)
+}
+
 /// A gauge's value in the proxy's `/metrics` (the first series whose line starts with `name`).
 fn gauge(proxy: &redis_intercept::app::Proxy, name: &str) -> f64 {
     let (_, metrics) = redis_intercept_e2e::http_get(proxy.admin_addr().unwrap(), "/metrics");
@@ -296,12 +308,8 @@ fn a_lost_dedicated_connection_fails_the_transaction_and_nothing_runs_outside_it
 
 #[test]
 fn cluster_transactions_stay_in_one_slot_and_blocking_pops_reach_any_master() {
-    let cluster = RedisCluster::start(3, 0);
-    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
-    let proxy = start_cluster_proxy(&seeds, "", "");
+    let (cluster, proxy, map) = cluster_and_proxy("");
     let addr = proxy.addr("svc").unwrap();
-    let node0 = &cluster.nodes[0];
-    let map = SlotMap::from_cluster_slots(&node0.cmd(&["CLUSTER", "SLOTS"]), "127.0.0.1").unwrap();
     let owner = |key: &str| {
         let master = map
             .master(Slot::for_key(key.as_bytes()))
@@ -431,6 +439,92 @@ fn subscribers_get_a_pipe_of_their_own_and_publishers_reach_them() {
 }
 
 #[test]
+fn cluster_transactions_and_blocking_pops_follow_a_slot_that_moved() {
+    // No periodic refresh: only the MOVED tells the proxy where the slots went.
+    let (cluster, proxy, map) = cluster_and_proxy("refresh_interval = \"1h\"");
+    let addr = proxy.addr("svc").unwrap();
+    let by_addr = |a: &str| {
+        cluster
+            .nodes
+            .iter()
+            .find(|n| n.addr.to_string() == a)
+            .unwrap()
+    };
+    // Moves the (empty) slot of `key` to another master, on every node; returns the new owner.
+    let move_slot = |key: &str| {
+        let slot = Slot::for_key(key.as_bytes());
+        let from = map.master(slot).unwrap();
+        let to = cluster
+            .nodes
+            .iter()
+            .find(|n| n.addr.to_string() != from)
+            .unwrap();
+        let Frame::Bulk(id) = to.cmd(&["CLUSTER", "MYID"]) else {
+            panic!("MYID");
+        };
+        let id = String::from_utf8_lossy(&id).into_owned();
+        for n in &cluster.nodes {
+            assert_eq!(
+                n.cmd(&["CLUSTER", "SETSLOT", &slot.get().to_string(), "NODE", &id]),
+                simple("OK")
+            );
+        }
+        assert_eq!(
+            by_addr(from).cmd(&["GET", key]),
+            Frame::Error(
+                format!("MOVED {} {}", slot.get(), to.addr)
+                    .into_bytes()
+                    .into()
+            )
+        );
+        to
+    };
+    let mut c = RespReader::connect(addr);
+    // A transaction, one command at a time: held until the key, whose MOVED is followed.
+    let to = move_slot("{t1}a");
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["PING"]), simple("QUEUED"));
+    assert_eq!(c.call(&["SET", "{t1}a", "1"]), simple("QUEUED"));
+    assert_eq!(c.call(&["INCR", "{t1}a"]), simple("QUEUED"));
+    assert_eq!(
+        c.call(&["EXEC"]),
+        Frame::Array(vec![simple("PONG"), simple("OK"), Frame::Integer(2)])
+    );
+    assert_eq!(to.cmd(&["GET", "{t1}a"]), bulk("2"));
+    // The same, pipelined in one write.
+    let to = move_slot("{t2}b");
+    c.send(
+        &[
+            encode(&["MULTI"]),
+            encode(&["SET", "{t2}b", "x"]),
+            encode(&["EXEC"]),
+        ]
+        .concat(),
+    );
+    assert_eq!(c.read(), simple("OK"));
+    assert_eq!(c.read(), simple("QUEUED"));
+    assert_eq!(c.read(), Frame::Array(vec![simple("OK")]));
+    assert_eq!(to.cmd(&["GET", "{t2}b"]), bulk("x"));
+    // WATCH first.
+    let to = move_slot("{t3}w");
+    assert_eq!(c.call(&["WATCH", "{t3}w"]), simple("OK"));
+    assert_eq!(c.call(&["MULTI"]), simple("OK"));
+    assert_eq!(c.call(&["SET", "{t3}w", "y"]), simple("QUEUED"));
+    assert_eq!(c.call(&["EXEC"]), Frame::Array(vec![simple("OK")]));
+    assert_eq!(to.cmd(&["GET", "{t3}w"]), bulk("y"));
+    // A blocking pop waits on the slot's new owner.
+    let to = move_slot("{t4}q");
+    let mut waiter = RespReader::connect(addr);
+    waiter.send(&encode(&["BLPOP", "{t4}q", "10"]));
+    wait_until(Duration::from_secs(5), || {
+        info_field(to, "blocked_clients") == 1
+    });
+    assert_eq!(c.call(&["RPUSH", "{t4}q", "v"]), Frame::Integer(1));
+    assert_eq!(waiter.read(), Frame::Array(vec![bulk("{t4}q"), bulk("v")]));
+    proxy.shutdown();
+}
+
+#[test]
 fn a_subscriber_that_unsubscribes_or_resets_is_an_ordinary_client_again() {
     // The proxy authenticates upstream: a RESET that reached Redis would log the
     // connection out.
@@ -544,9 +638,7 @@ fn a_subscribe_that_cannot_reach_redis_gets_an_error_and_the_client_goes_on() {
 
 #[test]
 fn cluster_pubsub_and_sharded_pubsub_reach_subscribers() {
-    let cluster = RedisCluster::start(3, 0);
-    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
-    let proxy = start_cluster_proxy(&seeds, "", "");
+    let (_cluster, proxy, map) = cluster_and_proxy("");
     let addr = proxy.addr("svc").unwrap();
     let mut publisher = RespReader::connect(addr);
     let mut sub = RespReader::connect(addr);
@@ -579,9 +671,6 @@ fn cluster_pubsub_and_sharded_pubsub_reach_subscribers() {
     }
     // One client's shard channels must share a node: a channel on another master gets a
     // clear error (not a MOVED the client can't follow), and the client stays subscribed.
-    let map =
-        SlotMap::from_cluster_slots(&cluster.nodes[0].cmd(&["CLUSTER", "SLOTS"]), "127.0.0.1")
-            .unwrap();
     let owner = |ch: &str| map.master(Slot::for_key(ch.as_bytes())).unwrap().to_owned();
     let mut ssub = RespReader::connect(addr);
     ssub.call(&["SSUBSCRIBE", "a"]);

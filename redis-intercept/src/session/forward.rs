@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::cluster::{ClusterClient, ClusterShared, Merge, MergeKind, Positions};
 use super::{Backend, Dice};
-use crate::cluster::Slot;
+use crate::cluster::{Redirect, RedirectKind, Slot};
 use crate::command::{Command, flags};
 use crate::resp::{Limits, Request, RequestParser, encode_command};
 use crate::route::{self, Prefixes, SplitKind};
@@ -287,6 +287,48 @@ impl Forwarder {
             old.pool.give_back(old.conn, false);
         }
         Ok(())
+    }
+
+    /// Whether the client is pinned to a cluster node (whose slots can move).
+    pub fn pinned_to_cluster(&self) -> bool {
+        self.pinned.as_ref().is_some_and(|p| p.cluster)
+    }
+
+    /// The first keyed command on the client's cluster connection got `reply`: if it is a
+    /// MOVED, the slot map learns the new owner and the client is pinned to that node instead
+    /// (the old connection, with whatever the command left on it, is closed). False if
+    /// `reply` is not a MOVED this can follow.
+    pub fn follow_moved(&mut self, reply: &[u8]) -> bool {
+        let Some(p) = &self.pinned else {
+            return false;
+        };
+        let host = crate::config::split_host_port(p.conn.addr())
+            .map(|(h, _)| h)
+            .unwrap_or_default();
+        let redirect = match Redirect::parse(reply, &host) {
+            Some(r) if p.cluster && r.kind == RedirectKind::Moved => r,
+            _ => return false,
+        };
+        let Some(Target::Cluster(cluster)) = self.routes.get(p.route).map(|t| &t.main) else {
+            return false;
+        };
+        let pool = cluster.pool();
+        pool.note_moved(redirect.slot, &redirect.addr);
+        let Ok((conn, dedicated)) = pool.dedicated(Some(redirect.slot)) else {
+            return false;
+        };
+        let route = p.route;
+        let old = self.pinned.replace(Pinned {
+            route,
+            conn,
+            pool: dedicated,
+            cluster: true,
+            slot: Some(redirect.slot),
+        });
+        if let Some(old) = old {
+            old.pool.give_back(old.conn, false);
+        }
+        true
     }
 
     /// Gives the client's own connection back: kept for the next client if `clean` (no

@@ -13,18 +13,20 @@
 //! routes, MULTI alone doesn't say which node the transaction runs on: the proxy answers MULTI
 //! (`+OK`) and the keyless commands after it (`+QUEUED`) itself, as Redis would, and holds
 //! them until a command with a key picks the node (any master, or the catch-all, if EXEC
-//! comes first); then they go there first, their replies dropped.
+//! comes first); then they go there first, their replies dropped. If that key's slot has
+//! moved, the node's MOVED is followed once for the whole (see [`Probe`]).
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use super::{Session, forward, routing, wrong_arity};
+use super::{Core, Session, forward, routing, wrong_arity};
 use crate::command::{Command, Handling, Local};
 use crate::resp::{Request, RequestParser};
-use crate::upstream::{ConnSettings, ReplySink, error_reply};
+use crate::upstream::{ConnSettings, Reply, ReplySink, error_reply};
 
 /// Most commands held while a transaction waits for a key to pick its node; then it takes
 /// the default node (a transaction of only keyless commands).
@@ -54,6 +56,60 @@ pub(super) struct Stateful {
     /// The client subscribed: once its owed replies are written, `pubsub` serves it on a
     /// connection to this node.
     pub(super) subscribe: Option<(String, ConnSettings)>,
+    /// The next command sent opens a [`Probe`], after these held commands (cluster only).
+    arm_probe: Option<Vec<Bytes>>,
+    /// The first keyed command on a fresh cluster connection, until its reply shows the node
+    /// owns the slot.
+    probe: Option<Probe>,
+}
+
+/// The first keyed command sent on a client's new cluster connection, kept until its reply
+/// is in: a MOVED (the slot map was out of date) sends it again, with the held commands
+/// before it, to the slot's new owner, so the transaction or blocking command runs where the
+/// key is. The client's later commands wait meanwhile (they would go to the old node).
+struct Probe {
+    /// Held commands sent before it (MULTI, keyless ones), encoded; their replies are dropped.
+    held: Vec<Bytes>,
+    /// The command, encoded as the client sent it.
+    first: Bytes,
+    /// Its reply slot.
+    token: u64,
+    /// Redirects followed so far.
+    hops: u8,
+    /// A MOVED reply, caught by [`ProbeSink`] instead of reaching the client.
+    redirect: Rc<RefCell<Option<Bytes>>>,
+}
+
+/// Redirects a probe follows before its MOVED goes to the client as it is.
+const MAX_PROBE_HOPS: u8 = 5;
+
+/// Where a probe's reply goes: a MOVED is kept for the session, anything else fills the
+/// client's reply slot.
+struct ProbeSink {
+    /// The client.
+    core: Rc<Core>,
+    /// Where a MOVED is kept.
+    redirect: Rc<RefCell<Option<Bytes>>>,
+}
+
+impl ReplySink for ProbeSink {
+    fn deliver(&self, token: u64, reply: Reply<'_>) -> bool {
+        if reply.as_slice().starts_with(b"-MOVED ") {
+            *self.redirect.borrow_mut() = Some(reply.into_bytes());
+            // The session follows it; its slot stays unfilled meanwhile.
+            self.core.signal.notify();
+            return false;
+        }
+        self.core.deliver(token, reply)
+    }
+
+    fn flush(&self) {
+        self.core.flush();
+    }
+
+    fn expects_more(&self) -> bool {
+        self.core.expects_more()
+    }
 }
 
 impl Stateful {
@@ -151,6 +207,11 @@ impl Session {
                 return self.subscribe(req, cmd);
             }
             _ => {}
+        }
+        if self.stateful.probe.is_some() {
+            // Until the probe's reply shows where the client's state lives.
+            self.stateful.barrier = true;
+            return Step::Wait;
         }
         self.maybe_unpin();
         let txn = txn_kind(cmd);
@@ -275,7 +336,11 @@ impl Session {
         } else {
             self.stateful.blocking = true;
         }
+        if self.forwarder.pinned_to_cluster() {
+            self.stateful.arm_probe = Some(Vec::new());
+        }
         self.send(req, cmd, deadline);
+        self.stateful.arm_probe = None;
         Step::Done
     }
 
@@ -322,11 +387,25 @@ impl Session {
             self.core.push_ready(e);
             return Step::Done;
         }
+        let held = std::mem::take(&mut self.stateful.held);
+        self.send_held(&held, deadline);
+        if route.is_some() && self.forwarder.pinned_to_cluster() {
+            self.stateful.arm_probe = Some(held);
+        }
+        self.pinned(req, cmd, txn, is_blocking(cmd), deadline);
+        self.stateful.arm_probe = None;
+        Step::Done
+    }
+
+    /// Sends held commands on the pinned connection, their replies dropped (the client had
+    /// its answers when they were held).
+    fn send_held(&mut self, held: &[Bytes], deadline: Instant) {
+        let routing = routing(&self.svc);
         let discard = Rc::clone(&self.svc.discard);
-        for bytes in std::mem::take(&mut self.stateful.held) {
+        for bytes in held {
             let mut parser = RequestParser::new(self.svc.limits);
             // Held requests were encoded from parsed ones, so they parse again.
-            if let Ok(Some(n)) = parser.parse(&bytes) {
+            if let Ok(Some(n)) = parser.parse(bytes) {
                 let held_req = parser.request(&bytes[..n]);
                 let held_cmd = crate::command::lookup(&held_req);
                 let mut cx = forward::Ctx {
@@ -344,8 +423,43 @@ impl Session {
                 }
             }
         }
-        self.pinned(req, cmd, txn, is_blocking(cmd), deadline);
-        Step::Done
+    }
+
+    /// Follows a probe's MOVED: pins the client to the slot's new owner and sends the held
+    /// commands and the probed one there. After [`MAX_PROBE_HOPS`], or if the MOVED can't be
+    /// followed, the client gets it as it is. Also ends a probe whose reply came.
+    pub(super) fn follow_probe(&mut self) {
+        let Some(probe) = &mut self.stateful.probe else {
+            return;
+        };
+        let Some(moved) = probe.redirect.borrow_mut().take() else {
+            if self.core.unfilled.get() == 0 {
+                self.stateful.probe = None;
+            }
+            return;
+        };
+        probe.hops += 1;
+        if probe.hops > MAX_PROBE_HOPS || !self.forwarder.follow_moved(&moved) {
+            let token = probe.token;
+            self.stateful.probe = None;
+            let _ = self.core.deliver(token, moved.into());
+            return;
+        }
+        let (held, first, token) = (probe.held.clone(), probe.first.clone(), probe.token);
+        let redirect = Rc::clone(&probe.redirect);
+        let deadline = Instant::now() + self.svc.op_timeout;
+        self.send_held(&held, deadline);
+        let mut parser = RequestParser::new(self.svc.limits);
+        // `first` was encoded from a parsed request, so it parses again.
+        if let Ok(Some(n)) = parser.parse(&first) {
+            let req = parser.request(&first[..n]);
+            let cmd = crate::command::lookup(&req);
+            let sink = Rc::new(ProbeSink {
+                core: Rc::clone(&self.core),
+                redirect,
+            });
+            self.send_to(&req, cmd, token, deadline, sink);
+        }
     }
 
     /// A command of a pinned client: everything it sends goes on its own connection.
@@ -427,11 +541,40 @@ impl Session {
     /// Sends `req` on the pinned connection into a new reply slot.
     fn send(&mut self, req: &Request<'_>, cmd: Option<Command>, deadline: Instant) {
         let token = self.core.push_pending();
-        self.send_as(req, cmd, token, deadline);
+        let Some(held) = self.stateful.arm_probe.take() else {
+            self.send_as(req, cmd, token, deadline);
+            return;
+        };
+        let redirect = Rc::default();
+        self.stateful.probe = Some(Probe {
+            held,
+            first: encode(req),
+            token,
+            hops: 0,
+            redirect: Rc::clone(&redirect),
+        });
+        let sink = Rc::new(ProbeSink {
+            core: Rc::clone(&self.core),
+            redirect,
+        });
+        self.send_to(req, cmd, token, deadline, sink);
     }
 
     /// Sends `req` on the pinned connection; its reply fills slot `token`.
     fn send_as(&mut self, req: &Request<'_>, cmd: Option<Command>, token: u64, deadline: Instant) {
+        let sink: Rc<dyn ReplySink> = self.core.clone();
+        self.send_to(req, cmd, token, deadline, sink);
+    }
+
+    /// Sends `req` on the pinned connection; its reply goes to `sink` as `token`.
+    fn send_to(
+        &mut self,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        token: u64,
+        deadline: Instant,
+        sink: Rc<dyn ReplySink>,
+    ) {
         let deadline = if self.stateful.blocking {
             Instant::now() + BLOCKING_WAIT
         } else {
@@ -443,7 +586,6 @@ impl Session {
             deadline,
             dice: &mut self.dice,
         };
-        let sink: Rc<dyn ReplySink> = self.core.clone();
         if let Err(reply) = self.forwarder.forward(&mut cx, req, cmd, sink, token) {
             if self.stateful.multi {
                 self.stateful.dirty = true;
