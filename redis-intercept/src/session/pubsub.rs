@@ -307,7 +307,7 @@ impl Session {
                     })
                     .map(|ch| {
                         error_reply(&format!(
-                            "shard channel '{}' is served by another node than this client's other subscriptions ({}); subscribe to it on another connection",
+                            "shard channels on more than one master from one connection are not supported by redis-intercept: '{}' is served by another node than this client's other subscriptions ({}); subscribe to it on another connection",
                             String::from_utf8_lossy(ch),
                             pipe.addr
                         ))
