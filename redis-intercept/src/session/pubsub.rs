@@ -1,15 +1,20 @@
-//! A subscribed client: its own connection to one node, with pushed messages copied to the
-//! client as they arrive, until the client leaves subscribed mode.
+//! A subscribed client: connections of its own to the nodes it subscribed on, with pushed
+//! messages copied to the client as they arrive, until the client leaves subscribed mode.
 //!
-//! Only the commands Redis allows in subscribed mode go to the node: (P|S)SUBSCRIBE,
-//! (P|S)UNSUBSCRIBE and PING. Any other command first asks the node whether the client is
+//! Only the commands Redis allows in subscribed mode go to the nodes: (P|S)SUBSCRIBE,
+//! (P|S)UNSUBSCRIBE and PING. Any other command first asks the nodes whether the client is
 //! still subscribed, with a `PING <nonce>` (an array reply while subscribed, a bulk string
 //! after). Still subscribed: the command gets Redis's own refusal from the proxy, and RESET or
-//! QUIT end the connection to the node. Not subscribed any more (the client unsubscribed from
-//! everything): the connection to the node is closed and the session serves the command, and
+//! QUIT close the node connections. Not subscribed any more (the client unsubscribed from
+//! everything): the node connections are closed and the session serves the command, and
 //! the ones after it, with routing, auth and policies as before. So raw commands never reach
-//! the node behind the proxy's back, and a pooled client connection (Jedis returns it to its
+//! a node behind the proxy's back, and a pooled client connection (Jedis returns it to its
 //! pool after unsubscribing) is an ordinary one again.
+//!
+//! Shard channels (SSUBSCRIBE) live on their slot's master. On a cluster a client's shard
+//! channels may span masters: the pipe opens a connection to each master it needs, sends
+//! each one the commands for its channels (split by slot, as Redis Cluster requires), and
+//! rewrites the count in shard confirmations to the client's total, as one Redis would count.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -20,16 +25,17 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::{End, InputBuf, MAX_QUERY_BUFFER, Session, read_input};
+use crate::cluster::Slot;
 use crate::command;
-use crate::resp::{ReplyScanner, RequestParser};
+use crate::resp::{ReplyScanner, Request, RequestParser, encode_command};
 use crate::upstream::tls::Stream;
 use crate::upstream::{ConnSettings, error_reply};
 
-/// Most bytes of client commands queued for the node before the client's input is left
+/// Most bytes of client commands queued for one node before the client's input is left
 /// unread.
 const MAX_TO_NODE: usize = 1024 * 1024;
 
-/// How much room a read from the node gets.
+/// How much room a read from a node gets.
 const READ_CHUNK: usize = 16 * 1024;
 
 /// How a pub/sub stretch of a session ended.
@@ -44,14 +50,19 @@ pub(super) enum Piped {
 enum Check {
     /// Not asked.
     None,
-    /// `PING <nonce>` went to the node: the replies it may give while subscribed and after.
+    /// `PING <nonce>` went to every node: the replies a node may give while subscribed and
+    /// after.
     Asked {
-        /// `*2 pong <nonce>`: still subscribed.
+        /// `*2 pong <nonce>`: still subscribed there.
         subscribed: Bytes,
-        /// `<nonce>` as a bulk string: not subscribed.
+        /// `<nonce>` as a bulk string: not subscribed there.
         plain: Bytes,
+        /// Nodes that haven't answered yet.
+        waiting: usize,
+        /// Some node answered that the client is subscribed there.
+        any: bool,
     },
-    /// The node answered: whether the client was still subscribed.
+    /// The answer: whether the client still has any subscription.
     Answered(bool),
 }
 
@@ -63,37 +74,106 @@ enum Flow {
     Back,
     /// The client broke the protocol: write what is queued, then close.
     Broken,
+    /// Open a connection to this master for a shard channel, then offer the command again.
+    Open(String, Box<ConnSettings>),
 }
 
-/// What a wait in the pipe ended with.
+/// Where one command goes.
+enum Dest {
+    /// To the first node, as sent.
+    Home,
+    /// To these nodes (indexes into `Pipe::nodes`), these encoded commands.
+    Nodes(Vec<(usize, BytesMut)>),
+    /// Not in subscribed mode's set: after the check, this refusal (or back to normal).
+    Refuse(Bytes),
+    /// A master with no connection yet.
+    Open(String, Box<ConnSettings>),
+}
+
+/// What a wait in the pipe ended with (`usize`: which node).
 enum Ev {
     Signal,
     ClientReadable,
     ClientWritable,
-    NodeWrote(usize),
-    NodeFlushed,
-    NodeRead(usize),
-    NodeFailed(std::io::Error),
+    NodeWrote(usize, usize),
+    NodeFlushed(usize),
+    NodeRead(usize, usize),
+    NodeFailed(usize, std::io::Error),
 }
 
-/// The node a subscribed client talks to, and what goes each way.
-struct Pipe {
-    /// `host:port`, for messages and the shard-channel check.
+/// One of a subscribed client's node connections.
+struct Node {
+    /// `host:port`.
     addr: String,
     /// The connection.
-    node: Stream,
-    /// Client commands not yet written to the node.
+    stream: Stream,
+    /// Client commands not yet written.
     to_node: BytesMut,
-    /// A write to the node may still sit in a TLS buffer.
+    /// A write may still sit in a TLS buffer.
     unflushed: bool,
-    /// Node bytes not yet cut into frames.
+    /// Bytes not yet cut into frames.
     from_node: BytesMut,
-    /// Where the next node frame ends.
+    /// Where the next frame ends.
     scanner: ReplyScanner,
+    /// The client's shard channels on this node (the node's last count).
+    shards: i64,
+}
+
+impl Node {
+    fn new(addr: String, stream: Stream) -> Node {
+        Node {
+            addr,
+            stream,
+            to_node: BytesMut::new(),
+            unflushed: false,
+            from_node: BytesMut::new(),
+            scanner: ReplyScanner::default(),
+            shards: 0,
+        }
+    }
+}
+
+/// A subscribed client's connections, and what goes to the client.
+struct Pipe {
+    /// The first node (channels, patterns, PING and the check), then any other master a
+    /// shard channel needed.
+    nodes: Vec<Node>,
     /// Messages and replies not yet written to the client.
     to_client: BytesMut,
     /// The subscribed-mode check.
     check: Check,
+    /// Which node is read first next time, so one busy node can't starve the others.
+    turn: usize,
+}
+
+/// Opens a pub/sub connection to `addr`; the error reply if it fails.
+async fn open_node(addr: &str, settings: &ConnSettings) -> Result<Stream, Bytes> {
+    let why = match tokio::time::timeout(
+        settings.connect_timeout,
+        crate::upstream::open(addr, settings),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => return Ok(stream),
+        Ok(Err((_, why))) => why,
+        Err(_) => "connect timed out".to_owned(),
+    };
+    Err(error_reply(&format!("upstream {addr} unavailable: {why}")))
+}
+
+/// The count at the end of a shard (un)subscribe confirmation (`*3 ssubscribe ch :n`), and
+/// where that integer starts.
+fn shard_count(frame: &[u8]) -> Option<(usize, i64)> {
+    if !(frame.starts_with(b"*3\r\n$10\r\nssubscribe\r\n")
+        || frame.starts_with(b"*3\r\n$12\r\nsunsubscribe\r\n"))
+    {
+        return None;
+    }
+    let body = frame.strip_suffix(b"\r\n")?;
+    // The count is the last element; the channel before it ends with CRLF.
+    let colon = body.windows(3).rposition(|w| w == b"\r\n:")? + 2;
+    let n = std::str::from_utf8(&body[colon + 1..]).ok()?.parse().ok()?;
+    Some((colon, n))
 }
 
 impl Session {
@@ -106,25 +186,20 @@ impl Session {
         target: (String, ConnSettings),
     ) -> Piped {
         let (addr, settings) = target;
-        let opened = tokio::time::timeout(
-            settings.connect_timeout,
-            crate::upstream::open(&addr, &settings),
-        )
-        .await;
-        let node = match opened {
-            Ok(Ok(stream)) => stream,
-            Ok(Err((_, why))) => return self.subscribe_failed(input, &addr, &why),
-            Err(_) => return self.subscribe_failed(input, &addr, "connect timed out"),
+        let stream = match open_node(&addr, &settings).await {
+            Ok(stream) => stream,
+            Err(reply) => {
+                // The subscribe command gets the error, and the session goes on unsubscribed.
+                self.skip_command(input);
+                self.core.push_ready(reply);
+                return Piped::Back;
+            }
         };
         let mut pipe = Pipe {
-            addr,
-            node,
-            to_node: BytesMut::new(),
-            unflushed: false,
-            from_node: BytesMut::new(),
-            scanner: ReplyScanner::default(),
+            nodes: vec![Node::new(addr, stream)],
             to_client: BytesMut::new(),
             check: Check::None,
+            turn: 0,
         };
         self.svc.metrics.subscribed.inc();
         let piped = self.pipe(client, input, &mut pipe).await;
@@ -136,18 +211,13 @@ impl Session {
         piped
     }
 
-    /// The subscribe command at the start of `input` gets the connect error, and the session
-    /// goes on unsubscribed.
-    fn subscribe_failed(&mut self, input: &mut InputBuf, addr: &str, why: &str) -> Piped {
+    /// Consumes the command at the start of `input` (one the proxy answered itself).
+    fn skip_command(&mut self, input: &mut InputBuf) {
         let mut parser = RequestParser::new(self.svc.limits);
         if let Ok(Some(n)) = parser.parse(input.data()) {
             input.consume(n);
-            self.commands += 1;
-            self.svc.metrics.commands.inc();
+            self.count_command();
         }
-        self.core
-            .push_ready(error_reply(&format!("upstream {addr} unavailable: {why}")));
-        Piped::Back
     }
 
     async fn pipe(&mut self, client: &TcpStream, input: &mut InputBuf, pipe: &mut Pipe) -> Piped {
@@ -162,6 +232,16 @@ impl Session {
                     Flow::Go => {}
                     Flow::Back => return Piped::Back,
                     Flow::Broken => broken = true,
+                    Flow::Open(addr, settings) => {
+                        match open_node(&addr, &settings).await {
+                            Ok(stream) => pipe.nodes.push(Node::new(addr, stream)),
+                            Err(reply) => {
+                                self.skip_command(input);
+                                pipe.to_client.extend_from_slice(&reply);
+                            }
+                        }
+                        continue;
+                    }
                 }
             }
             if broken && pipe.to_client.is_empty() {
@@ -173,9 +253,10 @@ impl Session {
             let read_client = !broken
                 && !matches!(pipe.check, Check::Asked { .. })
                 && input.len() < MAX_QUERY_BUFFER
-                && pipe.to_node.len() < MAX_TO_NODE;
-            pipe.from_node.reserve(READ_CHUNK);
+                && pipe.nodes.iter().all(|n| n.to_node.len() < MAX_TO_NODE);
             let core = &self.core;
+            pipe.turn = pipe.turn.wrapping_add(1);
+            let (count, first) = (pipe.nodes.len(), pipe.turn % pipe.nodes.len());
             let ev = poll_fn(|cx| {
                 if core.signal.poll(cx).is_ready() {
                     return Poll::Ready(Ev::Signal);
@@ -186,28 +267,12 @@ impl Session {
                 if read_client && client.poll_read_ready(cx).is_ready() {
                     return Poll::Ready(Ev::ClientReadable);
                 }
-                if !pipe.to_node.is_empty() {
-                    match Pin::new(&mut pipe.node).poll_write(cx, &pipe.to_node) {
-                        Poll::Ready(Ok(n)) => return Poll::Ready(Ev::NodeWrote(n)),
-                        Poll::Ready(Err(e)) => return Poll::Ready(Ev::NodeFailed(e)),
-                        Poll::Pending => {}
-                    }
-                } else if pipe.unflushed {
-                    match Pin::new(&mut pipe.node).poll_flush(cx) {
-                        Poll::Ready(Ok(())) => return Poll::Ready(Ev::NodeFlushed),
-                        Poll::Ready(Err(e)) => return Poll::Ready(Ev::NodeFailed(e)),
-                        Poll::Pending => {}
+                for i in (0..count).map(|k| (first + k) % count) {
+                    if let Some(ev) = poll_node(i, &mut pipe.nodes[i], cx) {
+                        return Poll::Ready(ev);
                     }
                 }
-                match tokio_util::io::poll_read_buf(
-                    Pin::new(&mut pipe.node),
-                    cx,
-                    &mut pipe.from_node,
-                ) {
-                    Poll::Ready(Ok(n)) => Poll::Ready(Ev::NodeRead(n)),
-                    Poll::Ready(Err(e)) => Poll::Ready(Ev::NodeFailed(e)),
-                    Poll::Pending => Poll::Pending,
-                }
+                Poll::Pending
             })
             .await;
             match ev {
@@ -222,60 +287,83 @@ impl Session {
                     Ok(_) => {}
                     Err(e) => return Piped::End(End::Io(e.to_string())),
                 },
-                Ev::NodeWrote(n) => {
-                    pipe.to_node.advance(n);
-                    pipe.unflushed = true;
+                Ev::NodeWrote(i, n) => {
+                    pipe.nodes[i].to_node.advance(n);
+                    pipe.nodes[i].unflushed = true;
                 }
-                Ev::NodeFlushed => pipe.unflushed = false,
-                Ev::NodeRead(0) => {
-                    // Whatever the node sent before closing is the client's.
+                Ev::NodeFlushed(i) => pipe.nodes[i].unflushed = false,
+                Ev::NodeRead(i, 0) => {
+                    // Whatever the nodes sent before this one closed is the client's.
                     let _ = client.try_write(&pipe.to_client);
-                    return Piped::End(End::PubSub(format!("{} closed the connection", pipe.addr)));
+                    let addr = &pipe.nodes[i].addr;
+                    return Piped::End(End::PubSub(format!("{addr} closed the connection")));
                 }
-                Ev::NodeRead(_) => {
-                    if let Err(e) = self.node_frames(pipe) {
+                Ev::NodeRead(i, _) => {
+                    if let Err(e) = self.node_frames(pipe, i) {
                         return Piped::End(End::PubSub(e));
                     }
                 }
-                Ev::NodeFailed(e) => {
-                    return Piped::End(End::PubSub(format!("{}: {e}", pipe.addr)));
+                Ev::NodeFailed(i, e) => {
+                    return Piped::End(End::PubSub(format!("{}: {e}", pipe.nodes[i].addr)));
                 }
             }
         }
     }
 
-    /// Moves every complete frame from the node to the client, except the answer to our own
-    /// check. `Err` is why the pipe must end.
-    fn node_frames(&self, pipe: &mut Pipe) -> Result<(), String> {
+    /// Moves every complete frame from node `i` to the client, except the answer to our own
+    /// check, with shard counts made the client's total. `Err` is why the pipe must end.
+    fn node_frames(&self, pipe: &mut Pipe, i: usize) -> Result<(), String> {
         loop {
-            let len = match pipe.scanner.scan(&pipe.from_node, &self.svc.limits) {
+            let node = &mut pipe.nodes[i];
+            let len = match node.scanner.scan(&node.from_node, &self.svc.limits) {
                 Ok(Some(len)) => len,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(format!("protocol error from {}: {e}", pipe.addr)),
+                Err(e) => return Err(format!("protocol error from {}: {e}", node.addr)),
             };
-            let frame = &pipe.from_node[..len];
-            let answer = match &pipe.check {
-                Check::Asked { subscribed, .. } if frame == &subscribed[..] => Some(true),
-                Check::Asked { plain, .. } if frame == &plain[..] => Some(false),
-                _ => None,
-            };
-            match answer {
-                Some(still) => pipe.check = Check::Answered(still),
-                None => pipe.to_client.extend_from_slice(frame),
+            let frame = node.from_node.split_to(len);
+            if let Check::Asked {
+                subscribed,
+                plain,
+                waiting,
+                any,
+            } = &mut pipe.check
+                && (frame == *subscribed || frame == *plain)
+            {
+                // Each node answers after everything sent to it before: the client is
+                // subscribed if it is on any of them.
+                *any |= frame == *subscribed;
+                *waiting = waiting.saturating_sub(1);
+                if *waiting == 0 {
+                    pipe.check = Check::Answered(*any);
+                }
+                continue;
             }
-            pipe.from_node.advance(len);
+            match shard_count(&frame) {
+                Some((at, n)) if pipe.nodes.len() > 1 => {
+                    pipe.nodes[i].shards = n;
+                    let total: i64 = pipe.nodes.iter().map(|n| n.shards).sum();
+                    pipe.to_client.extend_from_slice(&frame[..at]);
+                    pipe.to_client
+                        .extend_from_slice(format!(":{total}\r\n").as_bytes());
+                }
+                Some((_, n)) => {
+                    pipe.nodes[i].shards = n;
+                    pipe.to_client.extend_from_slice(&frame);
+                }
+                None => pipe.to_client.extend_from_slice(&frame),
+            }
         }
     }
 
-    /// Handles the client's complete commands in `input`: subscribed-mode commands go to the
-    /// node; any other starts (or acts on) the subscribed-mode check.
+    /// Handles the client's complete commands in `input`: subscribed-mode commands go to
+    /// their nodes; any other starts (or acts on) the subscribed-mode check.
     fn pubsub_input(
         &mut self,
         parser: &mut RequestParser,
         input: &mut InputBuf,
         pipe: &mut Pipe,
     ) -> Flow {
-        while pipe.to_node.len() < MAX_TO_NODE {
+        while pipe.nodes.iter().all(|n| n.to_node.len() < MAX_TO_NODE) {
             let n = match parser.parse(input.data()) {
                 Ok(None) => return Flow::Go,
                 Ok(Some(n)) => n,
@@ -292,43 +380,28 @@ impl Session {
                 continue;
             }
             let name = command::lookup(&req).map(|c| c.info.name);
-            let forward = match name {
-                Some("subscribe" | "psubscribe" | "unsubscribe" | "punsubscribe" | "ping") => {
+            let refusal = match self.destination(&req, name, pipe) {
+                Dest::Home => {
+                    pipe.nodes[0].to_node.extend_from_slice(&data[..n]);
                     None
                 }
-                // A shard channel lives on its slot's node: one this connection isn't to
-                // would get a MOVED the client can't follow.
-                Some("ssubscribe" | "sunsubscribe") => (1..req.len())
-                    .filter_map(|i| req.arg(i))
-                    .find(|ch| {
-                        self.forwarder
-                            .pubsub_target(Some(ch))
-                            .map_or(true, |(a, _)| a != pipe.addr)
-                    })
-                    .map(|ch| {
-                        error_reply(&format!(
-                            "shard channels on more than one master from one connection are not supported by redis-intercept: '{}' is served by another node than this client's other subscriptions ({}); subscribe to it on another connection",
-                            String::from_utf8_lossy(ch),
-                            pipe.addr
-                        ))
-                    }),
-                _ => Some(error_reply(&format!(
-                    "Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-                    name.map_or_else(
-                        || String::from_utf8_lossy(req.arg(0).unwrap_or_default()).to_lowercase(),
-                        str::to_owned
-                    )
-                ))),
+                Dest::Nodes(parts) => {
+                    for (i, part) in parts {
+                        pipe.nodes[i].to_node.extend_from_slice(&part);
+                    }
+                    None
+                }
+                Dest::Open(addr, settings) => return Flow::Open(addr, settings),
+                Dest::Refuse(reply) => Some(reply),
             };
-            let Some(refusal) = forward else {
-                pipe.to_node.extend_from_slice(&data[..n]);
+            let Some(refusal) = refusal else {
                 self.count_command();
                 input.consume(n);
                 continue;
             };
             match std::mem::replace(&mut pipe.check, Check::None) {
                 Check::None => {
-                    self.ask_node(pipe);
+                    self.ask_nodes(pipe);
                     return Flow::Go;
                 }
                 // Out of subscribed mode: the session serves this command as any other.
@@ -350,8 +423,75 @@ impl Session {
         Flow::Go
     }
 
-    /// Queues `PING <nonce>` for the node; its reply tells whether the client is subscribed.
-    fn ask_node(&mut self, pipe: &mut Pipe) {
+    /// Where a command of a subscribed client goes.
+    fn destination(&self, req: &Request<'_>, name: Option<&str>, pipe: &Pipe) -> Dest {
+        let upper: &[u8] = match name {
+            Some("subscribe" | "psubscribe" | "unsubscribe" | "punsubscribe" | "ping") => {
+                return Dest::Home;
+            }
+            Some("ssubscribe") => b"SSUBSCRIBE",
+            Some("sunsubscribe") => b"SUNSUBSCRIBE",
+            _ => {
+                let name = name.map_or_else(
+                    || String::from_utf8_lossy(req.arg(0).unwrap_or_default()).to_lowercase(),
+                    str::to_owned,
+                );
+                return Dest::Refuse(error_reply(&format!(
+                    "Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                )));
+            }
+        };
+        if req.len() < 2 {
+            if upper == b"SSUBSCRIBE" {
+                // Redis's arity error.
+                return Dest::Home;
+            }
+            // SUNSUBSCRIBE from everything: every node with shard channels (the first node
+            // alone if none, for Redis's reply that there was nothing).
+            let mut with: Vec<usize> = (0..pipe.nodes.len())
+                .filter(|&i| pipe.nodes[i].shards > 0)
+                .collect();
+            if with.is_empty() {
+                with.push(0);
+            }
+            let mut cmd = BytesMut::new();
+            encode_command([upper].into_iter(), &mut cmd);
+            return Dest::Nodes(with.into_iter().map(|i| (i, cmd.clone())).collect());
+        }
+        // One command per slot (Redis Cluster refuses shard channels of several slots in
+        // one), on the slot's master.
+        let mut groups: Vec<(Slot, usize, Vec<&[u8]>)> = Vec::new();
+        for ch in (1..req.len()).filter_map(|i| req.arg(i)) {
+            let slot = Slot::for_key(ch);
+            if let Some(g) = groups.iter_mut().find(|g| g.0 == slot) {
+                g.2.push(ch);
+                continue;
+            }
+            let (addr, settings) = match self.forwarder.pubsub_target(Some(ch)) {
+                Ok(target) => target,
+                Err(e) => return Dest::Refuse(e),
+            };
+            let Some(i) = pipe.nodes.iter().position(|n| n.addr == addr) else {
+                return Dest::Open(addr, Box::new(settings));
+            };
+            groups.push((slot, i, vec![ch]));
+        }
+        Dest::Nodes(
+            groups
+                .into_iter()
+                .map(|(_, i, channels)| {
+                    let mut cmd = BytesMut::new();
+                    let args = std::iter::once(upper).chain(channels);
+                    encode_command(args.collect::<Vec<_>>().into_iter(), &mut cmd);
+                    (i, cmd)
+                })
+                .collect(),
+        )
+    }
+
+    /// Queues `PING <nonce>` for every node; the replies tell whether the client is still
+    /// subscribed anywhere.
+    fn ask_nodes(&mut self, pipe: &mut Pipe) {
         let nonce = format!(
             "redis-intercept-check-{:x}-{:x}",
             self.state.id,
@@ -360,16 +500,67 @@ impl Session {
         let plain = Bytes::from(format!("${}\r\n{nonce}\r\n", nonce.len()));
         let mut subscribed = BytesMut::from(&b"*2\r\n$4\r\npong\r\n"[..]);
         subscribed.extend_from_slice(&plain);
-        pipe.to_node.extend_from_slice(b"*2\r\n$4\r\nPING\r\n");
-        pipe.to_node.extend_from_slice(&plain);
+        for node in &mut pipe.nodes {
+            node.to_node.extend_from_slice(b"*2\r\n$4\r\nPING\r\n");
+            node.to_node.extend_from_slice(&plain);
+        }
         pipe.check = Check::Asked {
             subscribed: subscribed.freeze(),
             plain,
+            waiting: pipe.nodes.len(),
+            any: false,
         };
     }
 
     fn count_command(&mut self) {
         self.commands += 1;
         self.svc.metrics.commands.inc();
+    }
+}
+
+/// Polls one node: its pending write (or flush), then a read.
+fn poll_node(i: usize, node: &mut Node, cx: &mut std::task::Context<'_>) -> Option<Ev> {
+    if !node.to_node.is_empty() {
+        match Pin::new(&mut node.stream).poll_write(cx, &node.to_node) {
+            Poll::Ready(Ok(n)) => return Some(Ev::NodeWrote(i, n)),
+            Poll::Ready(Err(e)) => return Some(Ev::NodeFailed(i, e)),
+            Poll::Pending => {}
+        }
+    } else if node.unflushed {
+        match Pin::new(&mut node.stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => return Some(Ev::NodeFlushed(i)),
+            Poll::Ready(Err(e)) => return Some(Ev::NodeFailed(i, e)),
+            Poll::Pending => {}
+        }
+    }
+    node.from_node.reserve(READ_CHUNK);
+    match tokio_util::io::poll_read_buf(Pin::new(&mut node.stream), cx, &mut node.from_node) {
+        Poll::Ready(Ok(n)) => Some(Ev::NodeRead(i, n)),
+        Poll::Ready(Err(e)) => Some(Ev::NodeFailed(i, e)),
+        Poll::Pending => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_counts_are_found_at_the_end_of_confirmations() {
+        let f = b"*3\r\n$10\r\nssubscribe\r\n$3\r\na:b\r\n:12\r\n";
+        let (at, n) = shard_count(f).unwrap_or_default();
+        assert_eq!(n, 12);
+        assert_eq!(&f[at..], b":12\r\n");
+        // A channel name that looks like the count doesn't fool it.
+        let f = b"*3\r\n$12\r\nsunsubscribe\r\n$5\r\nx\r\n:7\r\n:0\r\n";
+        assert_eq!(shard_count(f).map(|(_, n)| n), Some(0));
+        assert_eq!(
+            shard_count(b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n"),
+            None
+        );
+        assert_eq!(
+            shard_count(b"*3\r\n$8\r\nsmessage\r\n$1\r\na\r\n$1\r\nb\r\n"),
+            None
+        );
     }
 }
