@@ -23,6 +23,11 @@ fn simple(s: &str) -> Frame {
     Frame::Simple(s.as_bytes().to_vec().into())
 }
 
+/// A pub/sub push or confirmation: `[kind, channel, count]`.
+fn push3(kind: &str, channel: &str, count: i64) -> Frame {
+    Frame::Array(vec![bulk(kind), bulk(channel), Frame::Integer(count)])
+}
+
 fn is_error(f: &Frame, text: &str) -> bool {
     matches!(f, Frame::Error(e) if String::from_utf8_lossy(e).contains(text))
 }
@@ -383,14 +388,7 @@ fn subscribers_get_a_pipe_of_their_own_and_publishers_reach_them() {
     assert_eq!(sub.read(), simple("OK"));
     assert_eq!(sub.read(), bulk("1"));
     for (i, ch) in ["news", "sport"].iter().enumerate() {
-        assert_eq!(
-            sub.read(),
-            Frame::Array(vec![
-                bulk("subscribe"),
-                bulk(ch),
-                Frame::Integer(i as i64 + 1)
-            ])
-        );
+        assert_eq!(sub.read(), push3("subscribe", ch, i as i64 + 1));
     }
     assert_eq!(
         publisher.call(&["PUBLISH", "news", "hello"]),
@@ -403,7 +401,7 @@ fn subscribers_get_a_pipe_of_their_own_and_publishers_reach_them() {
     // Patterns, and the subscribed-mode PING, answered by Redis itself.
     assert_eq!(
         sub.call(&["PSUBSCRIBE", "al*"]),
-        Frame::Array(vec![bulk("psubscribe"), bulk("al*"), Frame::Integer(3)])
+        push3("psubscribe", "al*", 3)
     );
     assert_eq!(
         publisher.call(&["PUBLISH", "alerts", "fire"]),
@@ -425,14 +423,7 @@ fn subscribers_get_a_pipe_of_their_own_and_publishers_reach_them() {
     // Shard channels on a standalone server: counted on their own, as Redis does.
     sub.send(&encode(&["SSUBSCRIBE", "s1", "s2"]));
     for (i, ch) in ["s1", "s2"].iter().enumerate() {
-        assert_eq!(
-            sub.read(),
-            Frame::Array(vec![
-                bulk("ssubscribe"),
-                bulk(ch),
-                Frame::Integer(i as i64 + 1)
-            ])
-        );
+        assert_eq!(sub.read(), push3("ssubscribe", ch, i as i64 + 1));
     }
     assert_eq!(publisher.call(&["SPUBLISH", "s2", "x"]), Frame::Integer(1));
     assert_eq!(
@@ -561,7 +552,7 @@ fn a_subscriber_that_unsubscribes_or_resets_is_an_ordinary_client_again() {
     assert_eq!(c.call(&["SET", "k", "v"]), simple("OK"));
     assert_eq!(
         c.call(&["SUBSCRIBE", "news"]),
-        Frame::Array(vec![bulk("subscribe"), bulk("news"), Frame::Integer(1)])
+        push3("subscribe", "news", 1)
     );
     assert_eq!(subscribed(), 1.0);
     // Subscribed mode allows what Redis allows; the rest gets Redis's refusal, from the
@@ -595,10 +586,7 @@ fn a_subscriber_that_unsubscribes_or_resets_is_an_ordinary_client_again() {
         ]
         .concat(),
     );
-    assert_eq!(
-        c.read(),
-        Frame::Array(vec![bulk("unsubscribe"), bulk("news"), Frame::Integer(0)])
-    );
+    assert_eq!(c.read(), push3("unsubscribe", "news", 0));
     assert_eq!(c.read(), bulk("v"));
     let select = c.read();
     assert!(is_error(&select, "SELECT"), "{select:?}");
@@ -676,10 +664,7 @@ fn cluster_pubsub_and_sharded_pubsub_reach_subscribers() {
     // Sharded channels live on their slot's master; channels on every master work.
     for ch in ["a", "b", "c", "d", "e", "f"] {
         let mut ssub = RespReader::connect(addr);
-        assert_eq!(
-            ssub.call(&["SSUBSCRIBE", ch]),
-            Frame::Array(vec![bulk("ssubscribe"), bulk(ch), Frame::Integer(1)])
-        );
+        assert_eq!(ssub.call(&["SSUBSCRIBE", ch]), push3("ssubscribe", ch, 1));
         assert_eq!(publisher.call(&["SPUBLISH", ch, "s"]), Frame::Integer(1));
         assert_eq!(
             ssub.read(),
@@ -697,11 +682,7 @@ fn cluster_pubsub_and_sharded_pubsub_reach_subscribers() {
     for (i, ch) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
         assert_eq!(
             ssub.call(&["SSUBSCRIBE", ch]),
-            Frame::Array(vec![
-                bulk("ssubscribe"),
-                bulk(ch),
-                Frame::Integer(i as i64 + 1)
-            ])
+            push3("ssubscribe", ch, i as i64 + 1)
         );
     }
     // Several channels in one command, split by slot and master.
