@@ -642,6 +642,29 @@ fn a_subscribe_that_cannot_reach_redis_gets_an_error_and_the_client_goes_on() {
 }
 
 #[test]
+fn a_subscriber_whose_node_stops_answering_gets_an_error_within_op_timeout() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "op_timeout = \"300ms\"");
+    let addr = proxy.addr("svc").unwrap();
+    let mut sub = RespReader::connect(addr);
+    sub.call(&["SUBSCRIBE", "news"]);
+    // The node stops serving commands (the proxy's check included) for 3 s.
+    assert_eq!(
+        server.cmd(&["CLIENT", "PAUSE", "3000", "ALL"]),
+        simple("OK")
+    );
+    let started = Instant::now();
+    let reply = sub.call(&["GET", "k"]);
+    assert!(is_error(&reply, "timed out"), "{reply:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The connection closes: its state on the node is unknown.
+    let mut rest = Vec::new();
+    sub.stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    proxy.shutdown();
+}
+
+#[test]
 fn cluster_pubsub_and_sharded_pubsub_reach_subscribers() {
     let (_cluster, proxy, map) = cluster_and_proxy("");
     let addr = proxy.addr("svc").unwrap();

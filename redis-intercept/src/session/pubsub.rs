@@ -19,10 +19,12 @@
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::{End, InputBuf, MAX_QUERY_BUFFER, Session, read_input};
 use crate::cluster::Slot;
@@ -61,6 +63,8 @@ enum Check {
         waiting: usize,
         /// Some node answered that the client is subscribed there.
         any: bool,
+        /// When the session stops waiting for the answers (`op_timeout`).
+        deadline: Instant,
     },
     /// The answer: whether the client still has any subscription.
     Answered(bool),
@@ -93,6 +97,7 @@ enum Dest {
 /// What a wait in the pipe ended with (`usize`: which node).
 enum Ev {
     Signal,
+    CheckTimedOut,
     ClientReadable,
     ClientWritable,
     NodeWrote(usize, usize),
@@ -223,6 +228,8 @@ impl Session {
     async fn pipe(&mut self, client: &TcpStream, input: &mut InputBuf, pipe: &mut Pipe) -> Piped {
         let mut parser = RequestParser::new(self.svc.limits);
         let mut broken = false;
+        let check_sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(check_sleep);
         loop {
             if self.core.shutdown.get() {
                 return Piped::End(End::PubSub("proxy shutdown".to_owned()));
@@ -254,6 +261,15 @@ impl Session {
                 && !matches!(pipe.check, Check::Asked { .. })
                 && input.len() < MAX_QUERY_BUFFER
                 && pipe.nodes.iter().all(|n| n.to_node.len() < MAX_TO_NODE);
+            let check_deadline = match &pipe.check {
+                Check::Asked { deadline, .. } => Some(*deadline),
+                _ => None,
+            };
+            if let Some(deadline) = check_deadline
+                && check_sleep.deadline() != deadline
+            {
+                check_sleep.as_mut().reset(deadline);
+            }
             let core = &self.core;
             pipe.turn = pipe.turn.wrapping_add(1);
             let (count, first) = (pipe.nodes.len(), pipe.turn % pipe.nodes.len());
@@ -267,6 +283,9 @@ impl Session {
                 if read_client && client.poll_read_ready(cx).is_ready() {
                     return Poll::Ready(Ev::ClientReadable);
                 }
+                if check_deadline.is_some() && check_sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ev::CheckTimedOut);
+                }
                 for i in (0..count).map(|k| (first + k) % count) {
                     if let Some(ev) = poll_node(i, &mut pipe.nodes[i], cx) {
                         return Poll::Ready(ev);
@@ -277,6 +296,18 @@ impl Session {
             .await;
             match ev {
                 Ev::Signal => {}
+                Ev::CheckTimedOut => {
+                    // A node that doesn't answer within op_timeout: the command waiting on
+                    // the check gets an error, and the connection closes (its state is
+                    // unknown).
+                    pipe.to_client.extend_from_slice(&error_reply(
+                        "operation timed out waiting for a subscriber's upstream connection",
+                    ));
+                    let _ = client.try_write(&pipe.to_client);
+                    return Piped::End(End::PubSub(
+                        "a node did not answer within op_timeout".to_owned(),
+                    ));
+                }
                 Ev::ClientWritable => match client.try_write(&pipe.to_client) {
                     Ok(n) => pipe.to_client.advance(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -326,6 +357,7 @@ impl Session {
                 plain,
                 waiting,
                 any,
+                ..
             } = &mut pipe.check
                 && (frame == *subscribed || frame == *plain)
             {
@@ -509,6 +541,7 @@ impl Session {
             plain,
             waiting: pipe.nodes.len(),
             any: false,
+            deadline: Instant::now() + self.svc.op_timeout,
         };
     }
 
