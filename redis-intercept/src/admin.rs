@@ -24,8 +24,9 @@ use crate::upstream::pool::ClusterStatus;
 pub struct AdminState {
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
-    /// The effective config as TOML, secrets redacted, rendered once at start.
-    pub config_toml: String,
+    /// The running config as TOML, secrets redacted: rendered at start and again by each
+    /// reload.
+    config_toml: std::sync::RwLock<String>,
     /// For each service: its name and the upstream nodes it needs up to be ready.
     pub readiness: Vec<(String, Vec<NodeLabels>)>,
     /// Connections each node needs up: workers × `connections_per_node`, per upstream name.
@@ -73,12 +74,20 @@ impl AdminState {
             .collect();
         AdminState {
             metrics,
-            config_toml: redacted_toml(config),
+            config_toml: std::sync::RwLock::new(redacted_toml(config)),
             readiness,
             expected,
             clusters,
             intercept,
         }
+    }
+
+    /// Shows `config` at `/config` from now on (after a reload).
+    pub fn set_config(&self, config: &Config) {
+        *self
+            .config_toml
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = redacted_toml(config);
     }
 
     /// Copies the eBPF counters into the metrics about to be served.
@@ -439,7 +448,11 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
             let (status, text) = state.cgroups();
             respond(status, TEXT, text)
         }
-        "/config" => respond(StatusCode::OK, "application/toml; charset=utf-8", state.config_toml.clone()),
+        "/config" => respond(StatusCode::OK, "application/toml; charset=utf-8", state
+            .config_toml
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()),
         "/" => respond(
             StatusCode::OK,
             TEXT,

@@ -5,6 +5,9 @@
 //! own handle of every service listener and owns its own upstream connections, so the data
 //! path shares nothing between threads and takes no locks.
 
+mod live;
+
+use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -18,13 +21,12 @@ use tracing::{error, info, warn};
 
 use crate::admin::{Admin, AdminState};
 use crate::config::{Config, Mode};
-use crate::config::{FaultConfig, FaultKind};
 use crate::intercept::{self, Interceptor};
 use crate::metrics::Metrics;
 use crate::resp::Limits;
 use crate::session::{
-    self, Backend, ClientAuth, ClientGuard, Discard, Fault, FaultAction, Mirror, RouteCtx,
-    ServiceCtx, Sessions, SharedAuth,
+    self, Backend, ClientAuth, ClientGuard, Discard, Mirror, RouteCtx, ServiceCtx, Sessions,
+    SharedAuth,
 };
 use crate::upstream::dedicated::DedicatedPool;
 use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
@@ -57,6 +59,10 @@ pub struct Proxy {
     client_auths: Vec<SharedAuth>,
     /// The configuration running now.
     running: std::sync::Mutex<Config>,
+    /// Hands each reload's running config to the workers.
+    reloads: watch::Sender<Arc<Config>>,
+    /// What the admin endpoint shows (`/config` follows reloads).
+    state: Arc<AdminState>,
     /// The eBPF programs; taken (and so detached) first at shutdown.
     intercept: Option<InterceptSlot>,
     /// The thread that attaches them once the upstreams answer.
@@ -67,19 +73,35 @@ pub struct Proxy {
 pub type InterceptSlot = Arc<std::sync::Mutex<Option<Interceptor>>>;
 
 impl Proxy {
-    /// Applies a new configuration without a restart: client passwords (`[service.auth]`,
-    /// with `password_file` read again) change for every new AUTH. Returns notes about
-    /// settings that differ but only take effect after a restart. Upstream `password_file`s
-    /// need no reload: they are read at every connect.
+    /// Applies a new configuration without a restart, as far as it can be: for every service
+    /// still in the file, client passwords (`[service.auth]`, with `password_file` read
+    /// again), VIPs, `op_timeout`, `idle_timeout`, `max_clients`, `max_client_buffer`,
+    /// `max_pipeline`, `legacy_auth`, the fault rules and the mirrors' `percentage` and
+    /// `exclude_reads`. They reach clients already connected at their next command. Returns
+    /// notes about what differs but needs a restart (listeners, upstreams, routes, read
+    /// policies, adding or removing services and mirrors). Upstream `password_file`s need no
+    /// reload: they are read at every connect.
     ///
     /// # Errors
-    /// A password file that can't be read; nothing changes then.
+    /// A password file that can't be read, or VIPs the eBPF map refuses; nothing changes
+    /// then.
     pub fn reload(&self, new: &Config) -> Result<Vec<String>> {
         let auths = client_auths(new)?;
         let mut running = self
             .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // VIPs of running services change at once (first: the one step that can fail).
+        if let Some(slot) = &self.intercept
+            && let Some(interceptor) = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_mut()
+        {
+            interceptor
+                .set_vips(&vips(new, &self.services))
+                .map_err(|e| anyhow::anyhow!("intercept: {e}"))?;
+        }
         let mut notes = Vec::new();
         for (i, svc) in running.services.iter().enumerate() {
             let Some(j) = new.services.iter().position(|s| s.name == svc.name) else {
@@ -95,39 +117,25 @@ impl Proxy {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = auth.clone();
             }
         }
-        // VIPs of running services change at once.
-        if let Some(slot) = &self.intercept
-            && let Some(interceptor) = slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .as_mut()
-        {
-            interceptor
-                .set_vips(&vips(new, &self.services))
-                .map_err(|e| anyhow::anyhow!("intercept: {e}"))?;
-        }
-        // Everything else needs a restart; say so when it changed.
-        let mut old = running.clone();
-        let mut next = new.clone();
-        for s in old.services.iter_mut().chain(next.services.iter_mut()) {
-            s.auth = None;
-            s.vips.clear();
-        }
-        if redacted_toml_of(&old) != redacted_toml_of(&next) {
-            notes.push(
-                "settings other than client passwords changed; they take effect after a restart"
-                    .to_owned(),
-            );
-        }
-        // What runs now: the same services and upstreams, with the new credentials.
+        // What runs now: the same services and upstreams, with every live setting of the
+        // new file.
         let mut applied = running.clone();
         for s in &mut applied.services {
             if let Some(n) = new.services.iter().find(|n| n.name == s.name) {
-                s.auth = n.auth.clone();
-                s.vips = n.vips.clone();
+                live::take_live(s, n);
             }
         }
-        *running = applied;
+        let left = live::differences(&applied, new);
+        if !left.is_empty() {
+            notes.push(format!(
+                "these settings changed and take effect after a restart: {}",
+                left.join(", ")
+            ));
+        }
+        self.state.set_config(&applied);
+        *running = applied.clone();
+        // Workers apply it on their own threads; nothing on the data path takes a lock.
+        self.reloads.send_replace(Arc::new(applied));
         Ok(notes)
     }
 
@@ -173,7 +181,7 @@ impl Proxy {
 }
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains and stops it. SIGHUP reloads
-/// `path` (client passwords change at once; an invalid file keeps the running config).
+/// `path` ([`Proxy::reload`]; an invalid file keeps the running config).
 ///
 /// # Errors
 /// Start-up failures from [`start`], or signal handlers that can't be installed.
@@ -297,7 +305,7 @@ fn reload(proxy: &Proxy, path: Option<&std::path::Path>) {
     };
     match proxy.reload(&config) {
         Ok(notes) => {
-            info!(file = %path.display(), "configuration reloaded: client passwords applied");
+            info!(file = %path.display(), "configuration reloaded");
             for note in notes {
                 warn!("reload: {note}");
             }
@@ -326,11 +334,6 @@ fn client_auths(config: &Config) -> Result<Vec<Option<ClientAuth>>> {
                 .transpose()
         })
         .collect()
-}
-
-/// The config as TOML with secrets redacted, for comparing two configs.
-fn redacted_toml_of(config: &Config) -> String {
-    crate::admin::redacted_toml(config)
 }
 
 /// Binds every listener, then starts the workers. Errors (a port in use, a bad address)
@@ -378,6 +381,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
         .map(|a| Arc::new(std::sync::RwLock::new(a)))
         .collect::<Vec<SharedAuth>>();
     let (tx, rx) = watch::channel(false);
+    let (reload_tx, reload_rx) = watch::channel(Arc::new(config.clone()));
     let metrics = Metrics::new();
     // Every worker publishes its view of each cluster upstream here, for /ready and /topology.
     let cluster_status: std::collections::HashMap<String, Arc<ClusterStatus>> = config
@@ -434,6 +438,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
                 .context("clone listener for a worker")?,
             counters: counters.clone(),
             shutdown: rx.clone(),
+            reloads: reload_rx.clone(),
             metrics: Arc::clone(&metrics),
             upstream_auths: upstream_auths.clone(),
             client_auths: client_auths.clone(),
@@ -454,7 +459,11 @@ pub fn start(config: &Config) -> Result<Proxy> {
     }
     info!(workers, "proxy started");
     let attacher = match &intercept {
-        Some(slot) => Some(spawn_attacher(Arc::clone(slot), state, rx.clone())?),
+        Some(slot) => Some(spawn_attacher(
+            Arc::clone(slot),
+            Arc::clone(&state),
+            rx.clone(),
+        )?),
         None => None,
     };
     Ok(Proxy {
@@ -467,6 +476,8 @@ pub fn start(config: &Config) -> Result<Proxy> {
         metrics,
         client_auths,
         running: std::sync::Mutex::new(config.clone()),
+        reloads: reload_tx,
+        state,
     })
 }
 
@@ -531,6 +542,8 @@ struct WorkerPlan {
     counters: Vec<Arc<AtomicUsize>>,
     /// Becomes true at shutdown.
     shutdown: watch::Receiver<bool>,
+    /// The running config after each reload, for the settings a reload changes in place.
+    reloads: watch::Receiver<Arc<Config>>,
     /// The process's metrics.
     metrics: Arc<Metrics>,
     /// Credentials of each upstream, by name.
@@ -561,6 +574,7 @@ impl WorkerPlan {
             listeners,
             counters,
             shutdown,
+            reloads,
             metrics,
             upstream_auths,
             client_auths,
@@ -636,18 +650,13 @@ impl WorkerPlan {
                 name: svc.name.clone(),
                 routes,
                 prefixes,
-                op_timeout: svc.op_timeout.0,
-                idle_timeout: svc.idle_timeout.non_zero(),
-                max_client_buffer: svc.max_client_buffer.0,
-                max_pipeline: svc.max_pipeline,
+                policy: RefCell::new(Rc::new(live::policy(svc))),
                 limits,
                 metrics: metrics.service(&svc.name, index),
                 auth: client_auth,
-                legacy_auth_reject: svc.legacy_auth == crate::config::LegacyAuth::Reject,
-                faults: svc.faults.iter().map(fault).collect(),
                 discard: Rc::clone(&discard),
             });
-            accepts.push((listener, ctx, counter, svc.max_clients));
+            accepts.push((listener, ctx, counter));
         }
         // Clients wait in the listen backlog until each cluster's first topology discovery
         // has succeeded (or taken too long), so early requests aren't refused for want of a
@@ -655,17 +664,27 @@ impl WorkerPlan {
         for pool in pools.values() {
             pool.wait_first(FIRST_DISCOVERY_WAIT).await;
         }
-        for (listener, ctx, counter, max_clients) in accepts {
+        let ctxs: Vec<Rc<ServiceCtx>> = accepts.iter().map(|(_, c, _)| Rc::clone(c)).collect();
+        for (listener, ctx, counter) in accepts {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tokio::task::spawn_local(accept_loop(
                 listener,
                 ctx,
                 counter,
-                max_clients,
                 shutdown.clone(),
                 Rc::clone(&sessions),
             ));
         }
+        // Reloads reach this worker's services here; the task ends with the proxy.
+        let mut reloads = reloads;
+        let woken = Rc::clone(&sessions);
+        tokio::task::spawn_local(async move {
+            while reloads.changed().await.is_ok() {
+                let config = Arc::clone(&reloads.borrow_and_update());
+                live::apply(&ctxs, &config);
+                woken.wake_all();
+            }
+        });
         let mut stop = shutdown.clone();
         while !*stop.borrow() {
             if stop.changed().await.is_err() {
@@ -806,8 +825,8 @@ impl Upstreams<'_> {
                     m.max_queue.0,
                     m.batch_delay.0,
                 ),
-                per_10000: percent_to_per_10000(m.percentage),
-                exclude_reads: m.exclude_reads,
+                per_10000: Cell::new(live::percent_to_per_10000(m.percentage)),
+                exclude_reads: Cell::new(m.exclude_reads),
                 batch_delay: m.batch_delay.0,
                 sent,
                 dropped,
@@ -815,11 +834,6 @@ impl Upstreams<'_> {
         }
         Ok(mirrors)
     }
-}
-
-/// A percentage (0 to 100, validated by the config) in hundredths of a percent.
-fn percent_to_per_10000(percentage: f64) -> u32 {
-    (percentage * 100.0).round().clamp(0.0, 10_000.0) as u32
 }
 
 /// Starts this worker's shared connections to a standalone upstream's node.
@@ -866,28 +880,6 @@ fn conn_settings(
 
 /// Longest a worker waits for a cluster's first topology before it accepts clients anyway.
 const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(5);
-
-/// The runtime form of a fault rule.
-fn fault(f: &FaultConfig) -> Fault {
-    let action = match f.kind {
-        FaultKind::Error => {
-            let message = f.message.as_deref().unwrap_or("ERR Fault Injected: Error");
-            // One line: a CR or LF would break the reply framing.
-            let message: String = message
-                .chars()
-                .filter(|c| *c != '\r' && *c != '\n')
-                .collect();
-            FaultAction::Error(bytes::Bytes::from(format!("-{message}\r\n")))
-        }
-        FaultKind::Delay => FaultAction::Delay(f.delay.map(|d| d.0).unwrap_or_default()),
-    };
-    Fault {
-        action,
-        per_10000: percent_to_per_10000(f.percentage),
-        commands: f.commands.iter().map(|c| c.as_bytes().to_vec()).collect(),
-        key_prefix: f.key_prefix.as_ref().map(|p| p.as_bytes().to_vec()),
-    }
-}
 
 /// What an upstream's connections need from files and the environment, read at start so a
 /// missing one fails start-up.
@@ -944,7 +936,6 @@ async fn accept_loop(
     listener: tokio::net::TcpListener,
     ctx: Rc<ServiceCtx>,
     counter: Arc<AtomicUsize>,
-    max_clients: usize,
     mut shutdown: watch::Receiver<bool>,
     sessions: Rc<Sessions>,
 ) {
@@ -957,6 +948,7 @@ async fn accept_loop(
         match accepted {
             Ok((stream, _peer)) => {
                 backoff = Duration::from_millis(10);
+                let max_clients = ctx.policy().max_clients;
                 let Some(guard) = ClientGuard::acquire(&counter, max_clients) else {
                     ctx.metrics.rejected.inc();
                     // Redis's own words, then close.

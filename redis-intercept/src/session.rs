@@ -68,14 +68,8 @@ pub struct ServiceCtx {
     pub routes: Vec<RouteCtx>,
     /// Which route a key falls under.
     pub prefixes: crate::route::Prefixes,
-    /// How long a request may wait for its reply.
-    pub op_timeout: Duration,
-    /// Close clients idle this long (`None`: never).
-    pub idle_timeout: Option<Duration>,
-    /// Most reply bytes held for one client.
-    pub max_client_buffer: usize,
-    /// Most requests of one client in flight.
-    pub max_pipeline: usize,
+    /// The settings a reload changes in place (see [`Policy`]).
+    pub policy: RefCell<Rc<Policy>>,
     /// Request parsing limits.
     pub limits: Limits,
     /// The service's metric handles.
@@ -83,12 +77,36 @@ pub struct ServiceCtx {
     /// Client-facing credentials (`None`: clients need none), shared by every worker and
     /// replaced by a reload.
     pub auth: SharedAuth,
+    /// The sink that swallows mirror replies.
+    pub discard: Rc<dyn ReplySink>,
+}
+
+impl ServiceCtx {
+    /// The service's settings now. Cheap (no atomics): read it where a decision is made,
+    /// so a reload reaches clients that are already connected.
+    pub fn policy(&self) -> Rc<Policy> {
+        Rc::clone(&self.policy.borrow())
+    }
+}
+
+/// A service's settings that apply to clients already connected when a reload changes them:
+/// nothing in here owns a connection. Each worker holds its own copy, replaced whole.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// How long a request may wait for its reply (requests sent from now on).
+    pub op_timeout: Duration,
+    /// Close clients idle this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Most reply bytes held for one client.
+    pub max_client_buffer: usize,
+    /// Most requests of one client in flight.
+    pub max_pipeline: usize,
+    /// Most connected clients of the service (checked at accept).
+    pub max_clients: usize,
     /// Without `auth`: refuse AUTH as Redis does when no password is set (else answer OK).
     pub legacy_auth_reject: bool,
     /// Fault injection rules, tried in order; the first that matches and hits applies.
     pub faults: Vec<Fault>,
-    /// The sink that swallows mirror replies.
-    pub discard: Rc<dyn ReplySink>,
 }
 
 /// Swallows mirror replies: they are read (to keep the connection in step) and dropped,
@@ -167,12 +185,12 @@ struct Delayed {
 fn inject_fault(
     req: &Request<'_>,
     cmd: Option<Command>,
-    svc: &ServiceCtx,
+    faults: &[Fault],
     core: &Core,
     dice: &mut Dice,
     delayed: &mut Option<Delayed>,
 ) -> bool {
-    let Some(action) = pick_fault(req, cmd, &svc.faults, dice) else {
+    let Some(action) = pick_fault(req, cmd, faults, dice) else {
         return false;
     };
     match action {
@@ -315,6 +333,14 @@ impl Sessions {
         self.live.borrow().is_empty()
     }
 
+    /// Wakes every session to read its service's [`Policy`] again after a reload: a wait
+    /// that began before it (an idle client's, say) may end sooner now.
+    pub fn wake_all(&self) {
+        for core in self.live.borrow().values() {
+            core.signal.notify();
+        }
+    }
+
     /// Asks every session to stop reading, finish the replies it owes, and close.
     pub fn shut_down(&self) {
         for core in self.live.borrow().values() {
@@ -350,8 +376,9 @@ struct Core {
     unfilled: Cell<usize>,
     /// Reply bytes the client socket hasn't taken yet.
     out: RefCell<BytesMut>,
-    /// Most bytes `held` + `out` may reach.
-    max_buffer: usize,
+    /// Most bytes `held` + `out` may reach: the service's `max_client_buffer`, set again
+    /// by the session on each turn so a reload reaches it.
+    max_buffer: Cell<usize>,
     /// A flush is already queued for the end of the current upstream batch.
     flush_queued: Cell<bool>,
     /// The session task waits on reply progress and wants a wake-up after flushes.
@@ -455,7 +482,7 @@ impl Core {
         if out.is_empty() && out.capacity() > KEEP_BUFFER {
             *out = BytesMut::new();
         }
-        if out.len() + self.held.get() > self.max_buffer {
+        if out.len() + self.held.get() > self.max_buffer.get() {
             self.failure.set(Some(Failure::SlowReader));
         }
     }
@@ -660,7 +687,7 @@ pub async fn run(
         held: Cell::new(0),
         unfilled: Cell::new(0),
         out: RefCell::default(),
-        max_buffer: svc.max_client_buffer,
+        max_buffer: Cell::new(svc.policy().max_client_buffer),
         flush_queued: Cell::new(false),
         wake_on_progress: Cell::new(false),
         failure: Cell::new(None),
@@ -746,7 +773,7 @@ struct Session {
 impl Session {
     async fn serve(&mut self, stream: &TcpStream, input: &mut InputBuf) -> End {
         let mut eof = false;
-        let idle = self.svc.idle_timeout;
+        let mut idle = self.svc.policy().idle_timeout;
         let idle_sleep = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86400)));
         tokio::pin!(idle_sleep);
         let mut last_active = Instant::now();
@@ -754,6 +781,15 @@ impl Session {
         let delay_sleep = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(delay_sleep);
         loop {
+            let policy = self.svc.policy();
+            if policy.idle_timeout != idle {
+                // A reload changed it: count from the last activity, as if it had always been.
+                idle = policy.idle_timeout;
+                if let Some(limit) = idle {
+                    idle_sleep.as_mut().reset(last_active + limit);
+                }
+            }
+            core.max_buffer.set(policy.max_client_buffer);
             if core.shutdown.get() {
                 self.state.closing = true;
                 if self.stateful.is_blocked() && core.unfilled.get() > 0 {
@@ -798,8 +834,8 @@ impl Session {
                 && !self.stateful.barrier
                 && self.stateful.subscribe.is_none()
                 && !eof
-                && outstanding < self.svc.max_pipeline
-                && out_len < self.svc.max_client_buffer / 2
+                && outstanding < policy.max_pipeline
+                && out_len < policy.max_client_buffer / 2
                 && input.len() < MAX_QUERY_BUFFER;
             let idle_armed = idle.is_some() && outstanding == 0 && out_len == 0;
             let delay_until = self.delayed.as_ref().map(|d| d.until);
@@ -871,7 +907,7 @@ impl Session {
         let Some(d) = self.delayed.take() else {
             return;
         };
-        let deadline = Instant::now() + self.svc.op_timeout;
+        let deadline = Instant::now() + self.svc.policy().op_timeout;
         let sink: Rc<dyn ReplySink> = self.core.clone();
         // The held request was encoded from a parsed one, so it parses again.
         let mut parser = RequestParser::new(self.svc.limits);
@@ -913,14 +949,15 @@ impl Session {
     /// A delayed request stops it until that request is sent, so the client's commands keep
     /// their order.
     fn process_input(&mut self, input: &mut InputBuf) {
-        let deadline = Instant::now() + self.svc.op_timeout;
+        let policy = self.svc.policy();
+        let deadline = Instant::now() + policy.op_timeout;
         let before = self.commands;
         self.stateful.barrier = false;
         // Out of `self` while its requests borrow it; put back below (no early return).
         let mut parser = std::mem::replace(&mut self.parser, RequestParser::new(self.svc.limits));
         while !self.state.closing
             && self.delayed.is_none()
-            && self.core.outstanding() < self.svc.max_pipeline
+            && self.core.outstanding() < policy.max_pipeline
         {
             match parser.parse(input.data()) {
                 Ok(None) => break,
@@ -940,11 +977,11 @@ impl Session {
                         let faulted = matches!(step, stateful::Step::Normal)
                             && self.state.authenticated
                             && !self.stateful.active(&self.forwarder)
-                            && !self.svc.faults.is_empty()
+                            && !policy.faults.is_empty()
                             && inject_fault(
                                 &req,
                                 cmd,
-                                &self.svc,
+                                &policy.faults,
                                 &self.core,
                                 &mut self.dice,
                                 &mut self.delayed,
@@ -1144,7 +1181,7 @@ fn check_credentials(
                 Err(Bytes::from_static(WRONGPASS))
             }
         }
-        None if svc.legacy_auth_reject => Err(match user {
+        None if svc.policy().legacy_auth_reject => Err(match user {
             Some(_) => Bytes::from_static(WRONGPASS),
             None => Bytes::from_static(
                 b"-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n",

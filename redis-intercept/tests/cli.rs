@@ -259,6 +259,37 @@ fn sighup_reloads_client_passwords_and_keeps_running_on_a_bad_file() {
     hup();
     wait_for(&["AUTH", "new-pass"], "+OK");
     assert!(ask(&addr, &["AUTH", "old-pass"]).starts_with("-WRONGPASS"));
+    // A fault rule added to the file applies on SIGHUP to a client already connected
+    // (answered by the proxy, so no Redis is needed).
+    let mut client = std::net::TcpStream::connect(&addr).unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut replies = std::io::BufReader::new(client.try_clone().unwrap());
+    let mut get = |line: &str| {
+        use std::io::{BufRead, Write};
+        client.write_all(line.as_bytes()).unwrap();
+        let mut reply = String::new();
+        replies.read_line(&mut reply).unwrap();
+        reply.trim_end().to_owned()
+    };
+    assert_eq!(get("AUTH new-pass\r\n"), "+OK");
+    assert!(get("GET k\r\n").starts_with("-ERR upstream"));
+    std::fs::write(
+        &path,
+        format!("{text}\n[[service.fault]]\nkind = \"error\"\npercentage = 100.0\n"),
+    )
+    .unwrap();
+    hup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let reply = get("GET k\r\n");
+        if reply == "-ERR Fault Injected: Error" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{reply}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // A broken file is refused and the running config stays.
     std::fs::write(&path, "[[service]\n").unwrap();
     hup();

@@ -269,13 +269,15 @@ fn reload_turns_client_auth_on_and_reports_what_needs_a_restart() {
     let changed = with_auth
         .replace("passwords = [\"pw\"]", "passwords = [\"pw2\"]")
         .replace(
-            "upstream = \"main\"\n",
-            "upstream = \"main\"\nop_timeout = \"1s\"\n",
+            "mode = \"standalone\"\n",
+            "mode = \"standalone\"\nconnect_timeout = \"3s\"\n",
         );
     let config = redis_intercept::config::Config::parse(&changed, "reload").unwrap();
     let notes = proxy.reload(&config).unwrap();
     assert!(
-        notes.iter().any(|n| n.contains("after a restart")),
+        notes
+            .iter()
+            .any(|n| n.contains("after a restart") && n.contains("upstream[0].connect_timeout")),
         "{notes:?}"
     );
     let mut third = RespReader::connect(addr);

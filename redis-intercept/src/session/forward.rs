@@ -10,6 +10,7 @@
 //! dedicated connection (to the node of its first key on a cluster), and everything it sends
 //! goes there, unsplit and unmirrored, until the session gives the connection back.
 
+use std::cell::Cell;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
@@ -28,10 +29,10 @@ use crate::upstream::{ConnSettings, ReplySink, SharedConn, error_reply};
 pub struct Mirror {
     /// The mirror upstream on this worker.
     pub backend: Backend,
-    /// Chance per request in hundredths of a percent (0 to 10000).
-    pub per_10000: u32,
-    /// Copy only commands Redis flags `write`.
-    pub exclude_reads: bool,
+    /// Chance per request in hundredths of a percent (0 to 10000); a reload may change it.
+    pub per_10000: Cell<u32>,
+    /// Copy only commands Redis flags `write`; a reload may change it.
+    pub exclude_reads: Cell<bool>,
     /// How long a copy may wait in the queue before it is written (`batch_delay`); added to
     /// its deadline, so a long delay doesn't time copies out while they wait.
     pub batch_delay: std::time::Duration,
@@ -614,10 +615,11 @@ fn mirror(
 ) {
     let is_write = cmd.is_some_and(|c| c.info.has(flags::WRITE));
     for (m, target) in route.mirrors.iter().zip(targets.iter_mut()) {
-        if m.exclude_reads && !is_write {
+        if m.exclude_reads.get() && !is_write {
             continue;
         }
-        if m.per_10000 < 10_000 && dice.below(10_000) >= m.per_10000 {
+        let per_10000 = m.per_10000.get();
+        if per_10000 < 10_000 && dice.below(10_000) >= per_10000 {
             continue;
         }
         match target.forward(req, cmd, Rc::clone(discard), 0, deadline + m.batch_delay) {

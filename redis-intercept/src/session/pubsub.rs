@@ -254,7 +254,7 @@ impl Session {
             if broken && pipe.to_client.is_empty() {
                 return Piped::End(End::ProtocolError);
             }
-            if pipe.to_client.len() > self.svc.max_client_buffer {
+            if pipe.to_client.len() > self.svc.policy().max_client_buffer {
                 return Piped::End(End::SlowReader);
             }
             let read_client = !broken
@@ -541,7 +541,7 @@ impl Session {
             plain,
             waiting: pipe.nodes.len(),
             any: false,
-            deadline: Instant::now() + self.svc.op_timeout,
+            deadline: Instant::now() + self.svc.policy().op_timeout,
         };
     }
 

@@ -447,7 +447,7 @@ impl Session {
         }
         let (held, first, token) = (probe.held.clone(), probe.first.clone(), probe.token);
         let redirect = Rc::clone(&probe.redirect);
-        let deadline = Instant::now() + self.svc.op_timeout;
+        let deadline = Instant::now() + self.svc.policy().op_timeout;
         self.send_held(&held, deadline);
         let mut parser = RequestParser::new(self.svc.limits);
         // `first` was encoded from a parsed request, so it parses again.

@@ -1,0 +1,265 @@
+//! Settings a reload changes in place: each service's [`Policy`] and its mirrors' rates,
+//! built from the config, carried from a new file into the running config, and applied on a
+//! worker. Everything else (listeners, upstreams, routes) owns connections and needs a restart.
+
+use std::rc::Rc;
+
+use crate::config::{Config, FaultConfig, FaultKind, LegacyAuth, MirrorConfig, ServiceConfig};
+use crate::session::{Fault, FaultAction, Policy, ServiceCtx};
+
+/// The runtime form of a service's reloadable settings.
+pub(super) fn policy(svc: &ServiceConfig) -> Policy {
+    Policy {
+        op_timeout: svc.op_timeout.0,
+        idle_timeout: svc.idle_timeout.non_zero(),
+        max_client_buffer: svc.max_client_buffer.0,
+        max_pipeline: svc.max_pipeline,
+        max_clients: svc.max_clients,
+        legacy_auth_reject: svc.legacy_auth == LegacyAuth::Reject,
+        faults: svc.faults.iter().map(fault).collect(),
+    }
+}
+
+/// The runtime form of a fault rule.
+fn fault(f: &FaultConfig) -> Fault {
+    let action = match f.kind {
+        FaultKind::Error => {
+            let message = f.message.as_deref().unwrap_or("ERR Fault Injected: Error");
+            // One line: a CR or LF would break the reply framing.
+            let message: String = message
+                .chars()
+                .filter(|c| *c != '\r' && *c != '\n')
+                .collect();
+            FaultAction::Error(bytes::Bytes::from(format!("-{message}\r\n")))
+        }
+        FaultKind::Delay => FaultAction::Delay(f.delay.map(|d| d.0).unwrap_or_default()),
+    };
+    Fault {
+        action,
+        per_10000: percent_to_per_10000(f.percentage),
+        commands: f.commands.iter().map(|c| c.as_bytes().to_vec()).collect(),
+        key_prefix: f.key_prefix.as_ref().map(|p| p.as_bytes().to_vec()),
+    }
+}
+
+/// A percentage (0 to 100, validated by the config) in hundredths of a percent.
+pub(super) fn percent_to_per_10000(percentage: f64) -> u32 {
+    (percentage * 100.0).round().clamp(0.0, 10_000.0) as u32
+}
+
+/// Copies into `running` (a service as it runs) every setting of `new` (the same service
+/// in the reloaded file) that a reload applies in place. Whatever still differs afterwards
+/// needs a restart.
+pub(super) fn take_live(running: &mut ServiceConfig, new: &ServiceConfig) {
+    running.auth.clone_from(&new.auth);
+    running.vips.clone_from(&new.vips);
+    running.op_timeout = new.op_timeout;
+    running.idle_timeout = new.idle_timeout;
+    running.max_clients = new.max_clients;
+    running.max_client_buffer = new.max_client_buffer;
+    running.max_pipeline = new.max_pipeline;
+    running.legacy_auth = new.legacy_auth;
+    running.faults.clone_from(&new.faults);
+    take_mirror_rates(&mut running.mirrors, &new.mirrors);
+    for (r, n) in running.routes.iter_mut().zip(&new.routes) {
+        // The same route (its mirrors' connections exist): only then are rates carried over.
+        if r.prefix == n.prefix && r.upstream == n.upstream {
+            take_mirror_rates(&mut r.mirrors, &n.mirrors);
+        }
+    }
+}
+
+/// Copies `percentage` and `exclude_reads` when both lists name the same mirror upstreams
+/// in the same order. Adding or removing a mirror needs connections, so a restart.
+fn take_mirror_rates(running: &mut [MirrorConfig], new: &[MirrorConfig]) {
+    if running.len() != new.len()
+        || running
+            .iter()
+            .zip(new)
+            .any(|(r, n)| r.upstream != n.upstream)
+    {
+        return;
+    }
+    for (r, n) in running.iter_mut().zip(new) {
+        r.percentage = n.percentage;
+        r.exclude_reads = n.exclude_reads;
+    }
+}
+
+/// Applies `config` (the running config after a reload) to one worker's services, matched
+/// by name. Clients already connected see it at their next command.
+pub(super) fn apply(services: &[Rc<ServiceCtx>], config: &Config) {
+    for ctx in services {
+        let Some(svc) = config.services.iter().find(|s| s.name == ctx.name) else {
+            continue;
+        };
+        *ctx.policy.borrow_mut() = Rc::new(policy(svc));
+        // Route 0 is the catch-all, with the service's own mirrors.
+        let lists = std::iter::once(&svc.mirrors).chain(svc.routes.iter().map(|r| &r.mirrors));
+        for (route, list) in ctx.routes.iter().zip(lists) {
+            for (m, conf) in route.mirrors.iter().zip(list) {
+                m.per_10000.set(percent_to_per_10000(conf.percentage));
+                m.exclude_reads.set(conf.exclude_reads);
+            }
+        }
+    }
+}
+
+/// The key paths (`service[0].read_policy`) where two configs differ, secrets redacted:
+/// what a reload could not apply.
+pub(super) fn differences(running: &Config, new: &Config) -> Vec<String> {
+    let (Ok(a), Ok(b)) = (toml::Value::try_from(running), toml::Value::try_from(new)) else {
+        return vec!["(the configuration could not be compared)".to_owned()];
+    };
+    let mut out = Vec::new();
+    diff(&a, &b, "", &mut out);
+    out
+}
+
+fn diff(a: &toml::Value, b: &toml::Value, at: &str, out: &mut Vec<String>) {
+    let key = |k: &str| {
+        if at.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{at}.{k}")
+        }
+    };
+    match (a, b) {
+        (toml::Value::Table(x), toml::Value::Table(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                match (x.get(k), y.get(k)) {
+                    (Some(p), Some(q)) => diff(p, q, &key(k), out),
+                    _ => out.push(key(k)),
+                }
+            }
+        }
+        // Arrays of tables (`[[service]]`) are compared entry by entry; plain arrays whole.
+        (toml::Value::Array(x), toml::Value::Array(y))
+            if x.iter().chain(y).all(toml::Value::is_table) =>
+        {
+            for i in 0..x.len().max(y.len()) {
+                match (x.get(i), y.get(i)) {
+                    (Some(p), Some(q)) => diff(p, q, &format!("{at}[{i}]"), out),
+                    _ => out.push(format!("{at}[{i}]")),
+                }
+            }
+        }
+        _ if a != b => out.push(at.to_owned()),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[[upstream]]
+name = "main"
+mode = "standalone"
+nodes = ["127.0.0.1:6379"]
+
+[[upstream]]
+name = "copy"
+mode = "standalone"
+nodes = ["127.0.0.1:6380"]
+
+[[service]]
+name = "svc"
+listen = "127.0.0.1:0"
+upstream = "main"
+
+[[service.mirror]]
+upstream = "copy"
+percentage = 100.0
+
+[[service.route]]
+prefix = "a:"
+upstream = "main"
+
+[[service.route.mirror]]
+upstream = "copy"
+"#;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, "t").unwrap()
+    }
+
+    /// What `Proxy::reload` does: carry the live settings over, then list what remains.
+    fn left_over(running: &str, new: &str) -> Vec<String> {
+        let mut running = parse(running);
+        let new = parse(new);
+        take_live(&mut running.services[0], &new.services[0]);
+        differences(&running, &new)
+    }
+
+    #[test]
+    fn live_settings_leave_nothing_for_a_restart() {
+        let new = BASE
+            .replace(
+                "upstream = \"main\"\n\n[[service.mirror]]",
+                "upstream = \"main\"\nop_timeout = \"1s\"\nidle_timeout = \"9s\"\nmax_clients = 7\n\
+                 max_pipeline = 3\nmax_client_buffer = \"1MiB\"\nlegacy_auth = \"reject\"\n\
+                 vips = [\"127.0.100.1:6379\"]\n\n[[service.fault]]\nkind = \"error\"\npercentage = 5.0\n\n\
+                 [service.auth]\npasswords = [\"p\"]\n\n[[service.mirror]]",
+            )
+            .replace("percentage = 100.0", "percentage = 10.0\nexclude_reads = true");
+        assert_eq!(left_over(BASE, &new), Vec::<String>::new());
+        // And the rates reach the route's mirror too.
+        let new = format!("{BASE}percentage = 0.0\n");
+        assert_eq!(left_over(BASE, &new), Vec::<String>::new());
+    }
+
+    #[test]
+    fn connection_settings_are_named_for_a_restart() {
+        let new = BASE
+            .replace("prefix = \"a:\"", "prefix = \"b:\"")
+            .replace(
+                "nodes = [\"127.0.0.1:6380\"]",
+                "nodes = [\"127.0.0.1:6380\"]\nconnect_timeout = \"3s\"",
+            )
+            .replace(
+                "percentage = 100.0",
+                "percentage = 50.0\nbatch_delay = \"5ms\"",
+            );
+        assert_eq!(
+            left_over(BASE, &new),
+            [
+                "service[0].mirror[0].batch_delay",
+                "service[0].route[0].prefix",
+                "upstream[1].connect_timeout",
+            ]
+        );
+        // A mirror added: the list changed, so no rate is carried over either.
+        let new = BASE.replace(
+            "[[service.route]]",
+            "[[service.mirror]]\nupstream = \"main\"\npercentage = 1.0\n\n[[service.route]]",
+        );
+        assert_eq!(left_over(BASE, &new), ["service[0].mirror[1]"]);
+        let new = format!(
+            "{BASE}\n[[service]]\nname = \"two\"\nlisten = \"127.0.0.1:1\"\nupstream = \"main\"\n"
+        );
+        assert_eq!(left_over(BASE, &new), ["service[1]"]);
+    }
+
+    #[test]
+    fn fault_rules_become_runtime_faults() {
+        let text = format!(
+            "{BASE}\n[[service.fault]]\nkind = \"error\"\npercentage = 12.5\ncommands = [\"GET\"]\n\
+             message = \"ERR boom\\r\\nx\"\n\n[[service.fault]]\nkind = \"delay\"\npercentage = 100.0\n\
+             delay = \"20ms\"\nkey_prefix = \"slow:\"\n"
+        );
+        let p = policy(&parse(&text).services[0]);
+        assert_eq!(p.faults.len(), 2);
+        assert_eq!(p.faults[0].per_10000, 1250);
+        assert_eq!(p.faults[0].commands, [b"GET".to_vec()]);
+        assert!(
+            matches!(&p.faults[0].action, FaultAction::Error(e) if e.as_ref() == b"-ERR boomx\r\n")
+        );
+        assert!(matches!(p.faults[1].action, FaultAction::Delay(d) if d.as_millis() == 20));
+        assert_eq!(p.faults[1].key_prefix.as_deref(), Some(&b"slow:"[..]));
+    }
+}
