@@ -575,6 +575,21 @@ fn a_subscriber_that_unsubscribes_or_resets_is_an_ordinary_client_again() {
         c.call(&["PING", "x"]),
         Frame::Array(vec![bulk("pong"), bulk("x")])
     );
+    // The gauge follows the confirmations' counts: a client with nothing left stops counting
+    // at once, without sending another command.
+    assert_eq!(c.call(&["PSUBSCRIBE", "n*"]), push3("psubscribe", "n*", 2));
+    assert_eq!(
+        c.call(&["UNSUBSCRIBE", "news"]),
+        push3("unsubscribe", "news", 1)
+    );
+    assert_eq!(subscribed(), 1.0);
+    assert_eq!(c.call(&["PUNSUBSCRIBE"]), push3("punsubscribe", "n*", 0));
+    assert_eq!(subscribed(), 0.0);
+    assert_eq!(
+        c.call(&["SUBSCRIBE", "news"]),
+        push3("subscribe", "news", 1)
+    );
+    assert_eq!(subscribed(), 1.0);
     // Unsubscribing from everything ends subscribed mode; commands pipelined behind it are
     // served by the proxy as any client's: SELECT 1 is the proxy's refusal, which Redis
     // would have accepted.

@@ -122,6 +122,8 @@ struct Node {
     scanner: ReplyScanner,
     /// The client's shard channels on this node (the node's last count).
     shards: i64,
+    /// The client's channels and patterns on this node (the node's last count).
+    channels: i64,
 }
 
 impl Node {
@@ -134,6 +136,7 @@ impl Node {
             from_node: BytesMut::new(),
             scanner: ReplyScanner::default(),
             shards: 0,
+            channels: 0,
         }
     }
 }
@@ -149,6 +152,9 @@ struct Pipe {
     check: Check,
     /// Which node is read first next time, so one busy node can't starve the others.
     turn: usize,
+    /// The client counts in the subscribed-clients gauge: it has a subscription on some
+    /// node, as the nodes' last confirmations say.
+    counted: bool,
 }
 
 /// Opens a pub/sub connection to `addr`; the error reply if it fails.
@@ -166,19 +172,35 @@ async fn open_node(addr: &str, settings: &ConnSettings) -> Result<Stream, Bytes>
     Err(error_reply(&format!("upstream {addr} unavailable: {why}")))
 }
 
-/// The count at the end of a shard (un)subscribe confirmation (`*3 ssubscribe ch :n`), and
-/// where that integer starts.
-fn shard_count(frame: &[u8]) -> Option<(usize, i64)> {
-    if !(frame.starts_with(b"*3\r\n$10\r\nssubscribe\r\n")
-        || frame.starts_with(b"*3\r\n$12\r\nsunsubscribe\r\n"))
-    {
-        return None;
-    }
+/// Which count a subscription confirmation carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counts {
+    /// Channels and patterns (`subscribe`, `unsubscribe`, `psubscribe`, `punsubscribe`).
+    Channels,
+    /// Shard channels (`ssubscribe`, `sunsubscribe`).
+    Shards,
+}
+
+/// What a (un)subscribe confirmation (`*3 <kind> <channel> :n`) counts, the count, and
+/// where that integer starts; `None` for any other frame.
+fn confirmation(frame: &[u8]) -> Option<(Counts, usize, i64)> {
+    const KINDS: [(&[u8], Counts); 6] = [
+        (b"*3\r\n$9\r\nsubscribe\r\n", Counts::Channels),
+        (b"*3\r\n$11\r\nunsubscribe\r\n", Counts::Channels),
+        (b"*3\r\n$10\r\npsubscribe\r\n", Counts::Channels),
+        (b"*3\r\n$12\r\npunsubscribe\r\n", Counts::Channels),
+        (b"*3\r\n$10\r\nssubscribe\r\n", Counts::Shards),
+        (b"*3\r\n$12\r\nsunsubscribe\r\n", Counts::Shards),
+    ];
+    let kind = KINDS
+        .iter()
+        .find(|(head, _)| frame.starts_with(head))
+        .map(|&(_, kind)| kind)?;
     let body = frame.strip_suffix(b"\r\n")?;
     // The count is the last element; the channel before it ends with CRLF.
     let colon = body.windows(3).rposition(|w| w == b"\r\n:")? + 2;
     let n = std::str::from_utf8(&body[colon + 1..]).ok()?.parse().ok()?;
-    Some((colon, n))
+    Some((kind, colon, n))
 }
 
 impl Session {
@@ -205,10 +227,12 @@ impl Session {
             to_client: BytesMut::new(),
             check: Check::None,
             turn: 0,
+            counted: false,
         };
-        self.svc.metrics.subscribed.inc();
         let piped = self.pipe(client, input, &mut pipe).await;
-        self.svc.metrics.subscribed.dec();
+        if pipe.counted {
+            self.svc.metrics.subscribed.dec();
+        }
         if matches!(piped, Piped::Back) && !pipe.to_client.is_empty() {
             // Messages that came before the answer go out ahead of the next replies.
             self.core.push_ready(pipe.to_client.split().freeze());
@@ -370,19 +394,40 @@ impl Session {
                 }
                 continue;
             }
-            match shard_count(&frame) {
-                Some((at, n)) if pipe.nodes.len() > 1 => {
+            match confirmation(&frame) {
+                Some((Counts::Shards, at, n)) if pipe.nodes.len() > 1 => {
                     pipe.nodes[i].shards = n;
                     let total: i64 = pipe.nodes.iter().map(|n| n.shards).sum();
                     pipe.to_client.extend_from_slice(&frame[..at]);
                     pipe.to_client
                         .extend_from_slice(format!(":{total}\r\n").as_bytes());
                 }
-                Some((_, n)) => {
-                    pipe.nodes[i].shards = n;
+                Some((counts, _, n)) => {
+                    match counts {
+                        Counts::Shards => pipe.nodes[i].shards = n,
+                        Counts::Channels => pipe.nodes[i].channels = n,
+                    }
                     pipe.to_client.extend_from_slice(&frame);
                 }
-                None => pipe.to_client.extend_from_slice(&frame),
+                None => {
+                    pipe.to_client.extend_from_slice(&frame);
+                    continue;
+                }
+            }
+            self.count_subscribed(pipe);
+        }
+    }
+
+    /// Keeps the subscribed-clients gauge in step with the nodes' last counts, so a client
+    /// that unsubscribed from everything stops counting at once, not at its next command.
+    fn count_subscribed(&self, pipe: &mut Pipe) {
+        let subscribed = pipe.nodes.iter().any(|n| n.shards + n.channels > 0);
+        if subscribed != pipe.counted {
+            pipe.counted = subscribed;
+            if subscribed {
+                self.svc.metrics.subscribed.inc();
+            } else {
+                self.svc.metrics.subscribed.dec();
             }
         }
     }
@@ -579,20 +624,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shard_counts_are_found_at_the_end_of_confirmations() {
+    fn counts_are_found_at_the_end_of_confirmations() {
         let f = b"*3\r\n$10\r\nssubscribe\r\n$3\r\na:b\r\n:12\r\n";
-        let (at, n) = shard_count(f).unwrap_or_default();
-        assert_eq!(n, 12);
+        let (kind, at, n) = confirmation(f).unwrap_or((Counts::Channels, 0, 0));
+        assert_eq!((kind, n), (Counts::Shards, 12));
         assert_eq!(&f[at..], b":12\r\n");
         // A channel name that looks like the count doesn't fool it.
         let f = b"*3\r\n$12\r\nsunsubscribe\r\n$5\r\nx\r\n:7\r\n:0\r\n";
-        assert_eq!(shard_count(f).map(|(_, n)| n), Some(0));
         assert_eq!(
-            shard_count(b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n"),
+            confirmation(f).map(|(k, _, n)| (k, n)),
+            Some((Counts::Shards, 0))
+        );
+        assert_eq!(
+            confirmation(b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n").map(|(k, _, n)| (k, n)),
+            Some((Counts::Channels, 1))
+        );
+        // UNSUBSCRIBE with nothing subscribed names no channel.
+        assert_eq!(
+            confirmation(b"*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n").map(|(k, _, n)| (k, n)),
+            Some((Counts::Channels, 0))
+        );
+        assert_eq!(
+            confirmation(b"*3\r\n$12\r\npunsubscribe\r\n$2\r\np*\r\n:3\r\n").map(|(_, _, n)| n),
+            Some(3)
+        );
+        assert_eq!(
+            confirmation(b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n:1\r\n"),
             None
         );
         assert_eq!(
-            shard_count(b"*3\r\n$8\r\nsmessage\r\n$1\r\na\r\n$1\r\nb\r\n"),
+            confirmation(b"*3\r\n$8\r\nsmessage\r\n$1\r\na\r\n$1\r\nb\r\n"),
             None
         );
     }
