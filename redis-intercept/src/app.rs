@@ -9,6 +9,7 @@ mod live;
 
 use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -103,6 +104,19 @@ impl Proxy {
                 .map_err(|e| anyhow::anyhow!("intercept: {e}"))?;
         }
         let mut notes = Vec::new();
+        // The file's cgroup settings and default policy change at once too.
+        if let (Some(slot), Some(ic)) = (&self.intercept, &new.intercept)
+            && let Some(interceptor) = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_mut()
+        {
+            notes.extend(
+                interceptor
+                    .reconcile(ic.default == crate::config::OnOff::On, cgroup_rules(ic))
+                    .map_err(|e| anyhow::anyhow!("intercept: {e}"))?,
+            );
+        }
         for (i, svc) in running.services.iter().enumerate() {
             let Some(j) = new.services.iter().position(|s| s.name == svc.name) else {
                 notes.push(format!(
@@ -120,6 +134,13 @@ impl Proxy {
         // What runs now: the same services and upstreams, with every live setting of the
         // new file.
         let mut applied = running.clone();
+        if let (Some(running_ic), Some(ic)) = (&mut applied.intercept, &new.intercept)
+            && self.intercept.is_some()
+        {
+            running_ic.default = ic.default;
+            running_ic.enable.clone_from(&ic.enable);
+            running_ic.disable.clone_from(&ic.disable);
+        }
         for s in &mut applied.services {
             if let Some(n) = new.services.iter().find(|n| n.name == s.name) {
                 live::take_live(s, n);
@@ -219,16 +240,10 @@ fn load_interceptor(
         Some(c) => c.clone(),
         None => intercept::cgroup2_mount()?,
     };
-    let rules = ic
-        .enable
-        .iter()
-        .map(|p| (p.clone(), true))
-        .chain(ic.disable.iter().map(|p| (p.clone(), false)))
-        .collect();
     let mut interceptor = Interceptor::load(intercept::Plan {
         attach,
         default_on: ic.default == crate::config::OnOff::On,
-        rules,
+        rules: cgroup_rules(ic),
         pod_addresses: ic.pod_addresses.clone(),
         getpeername: ic.getpeername,
     })
@@ -237,6 +252,15 @@ fn load_interceptor(
         .set_vips(&vips(config, services))
         .context("intercept")?;
     Ok(interceptor)
+}
+
+/// The explicit cgroup settings of `[intercept]`: `enable` on, `disable` off.
+fn cgroup_rules(ic: &crate::config::InterceptConfig) -> Vec<(PathBuf, bool)> {
+    ic.enable
+        .iter()
+        .map(|p| (p.clone(), true))
+        .chain(ic.disable.iter().map(|p| (p.clone(), false)))
+        .collect()
 }
 
 /// Every VIP of the services that are running, with the listener it goes to.

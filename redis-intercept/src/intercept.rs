@@ -480,6 +480,44 @@ impl Interceptor {
         }
     }
 
+    /// Applies a reloaded file's `default` and `enable`/`disable` lists. The default policy
+    /// changes; a setting the old file made and the new one drops is cleared; a setting the
+    /// new file adds or changes is made, and so is one the file had but that isn't in force
+    /// (its cgroup didn't exist before). A setting changed at run time (`redis-intercept
+    /// cgroup`) for a cgroup whose line in the file didn't change stays. Returns why a
+    /// setting could not be made (a cgroup that doesn't exist yet, say); the rest are made.
+    ///
+    /// # Errors
+    /// The settings map can't be written.
+    pub fn reconcile(
+        &mut self,
+        default_on: bool,
+        rules: Vec<(PathBuf, bool)>,
+    ) -> Result<Vec<String>, InterceptError> {
+        if default_on != self.plan.default_on {
+            self.plan.default_on = default_on;
+            self.write_settings()?;
+        }
+        let old = std::mem::replace(&mut self.plan.rules, rules.clone());
+        for (path, _) in &old {
+            if !rules.iter().any(|(p, _)| p == path) {
+                // Gone with its cgroup is as good as cleared.
+                let _ = self.set(path, None);
+            }
+        }
+        let mut problems = Vec::new();
+        for (path, on) in rules {
+            let unchanged = old.contains(&(path.clone(), on));
+            if unchanged && self.rules.contains_key(&self.resolve(&path)) {
+                continue;
+            }
+            if let Err(e) = self.set(&path, Some(on)) {
+                problems.push(format!("[intercept] setting not applied: {e}"));
+            }
+        }
+        Ok(problems)
+    }
+
     /// Every explicit setting.
     pub fn rules(&self) -> Vec<Rule> {
         self.rules

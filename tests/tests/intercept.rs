@@ -375,6 +375,67 @@ fn reload_adds_and_removes_a_vip() {
 }
 
 #[test]
+fn reload_applies_the_files_default_and_cgroup_settings() {
+    let cg = TestCgroup::new("reload-cg");
+    let (backend, vip_server) = servers("127.0.100.8");
+    let v = vip_server.addr.to_string();
+    let app = cg.child("app");
+    let intercept = |default: &str, enable: &str, disable: &str| {
+        format!(
+            "cgroup = \"{}\"\ndefault = \"{default}\"\nenable = [{enable}]\ndisable = [{disable}]",
+            cg.path.display()
+        )
+    };
+    let quoted = format!("\"{}\"", app.display());
+    let first = intercept("off", &quoted, "");
+    let proxy = start_proxy_config(&config(
+        backend.addr,
+        &[vip_server.addr],
+        "127.0.0.1:0",
+        &first,
+    ));
+    wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    assert_eq!(probe(Some(&app), &v, &["GET", "who"]).1, "backend");
+    assert_eq!(probe(Some(&cg.path), &v, &["GET", "who"]).1, "vip");
+    // The default turns on and the app's setting flips to off: both apply at once, and
+    // nothing about [intercept] is left for a restart.
+    let bound = proxy.addr("svc").unwrap().to_string();
+    let reload = |intercept: &str| {
+        let text = config(backend.addr, &[vip_server.addr], &bound, intercept);
+        proxy
+            .reload(&redis_intercept::config::Config::parse(&text, "reload").unwrap())
+            .unwrap()
+    };
+    let notes = reload(&intercept("on", "", &quoted));
+    assert!(notes.iter().all(|n| !n.contains("intercept")), "{notes:?}");
+    assert_eq!(probe(Some(&app), &v, &["GET", "who"]).1, "vip");
+    assert_eq!(probe(Some(&cg.path), &v, &["GET", "who"]).1, "backend");
+    // A cgroup the file names before it exists is reported, and set by a later reload.
+    let later = cg.path.join("later");
+    let with_later = format!("{quoted}, \"{}\"", later.display());
+    let notes = reload(&intercept("on", "", &with_later));
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("setting not applied") && n.contains("later")),
+        "{notes:?}"
+    );
+    let later = cg.child("later");
+    reload(&intercept("on", "", &with_later));
+    assert_eq!(probe(Some(&later), &v, &["GET", "who"]).1, "vip");
+    // A run-time change for a cgroup whose line didn't change survives a reload.
+    let admin = proxy.admin_addr().unwrap();
+    cgroup_cli(admin, &["enable", &later.display().to_string()]);
+    reload(&intercept("on", "", &with_later));
+    assert_eq!(probe(Some(&later), &v, &["GET", "who"]).1, "backend");
+    // Dropped from the file: the app's setting is cleared and it follows the default (on).
+    reload(&intercept("on", "", ""));
+    assert_eq!(probe(Some(&app), &v, &["GET", "who"]).1, "backend");
+    assert_eq!(probe(Some(&later), &v, &["GET", "who"]).1, "backend");
+    proxy.shutdown();
+}
+
+#[test]
 fn stale_programs_left_by_the_legacy_attach_call_are_removed_at_start() {
     let cg = TestCgroup::new("stale");
     // target/debug/deps/<test> → target/ebpf/…: the object the agent's build script built.
