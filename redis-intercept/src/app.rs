@@ -29,10 +29,10 @@ use crate::session::{
     self, Backend, ClientAuth, ClientGuard, Discard, Mirror, RouteCtx, ServiceCtx, Sessions,
     SharedAuth,
 };
-use crate::upstream::dedicated::DedicatedPool;
 use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
+use crate::upstream::standalone::Standalone;
 use crate::upstream::tls::{self, TlsSettings};
-use crate::upstream::{ConnSettings, PasswordSource, SharedConn, UpstreamAuth};
+use crate::upstream::{ConnSettings, PasswordSource, UpstreamAuth};
 
 /// A bound service listener.
 #[derive(Debug, Clone)]
@@ -606,8 +606,7 @@ impl WorkerPlan {
             mark,
         } = self;
         let limits = Limits::default();
-        let mut all_conns = Vec::new();
-        let mut dedicated = Vec::new();
+        let mut standalones = Vec::new();
         // Cluster pools by (upstream, whether replicas serve reads): services that share an
         // upstream share its connections.
         let mut pools: std::collections::HashMap<(String, bool), Rc<ClusterPool>> =
@@ -635,8 +634,7 @@ impl WorkerPlan {
                 limits,
                 metrics: &metrics,
                 pools: &mut pools,
-                all_conns: &mut all_conns,
-                dedicated: &mut dedicated,
+                standalones: &mut standalones,
                 cluster_status: &cluster_status,
                 mark,
             };
@@ -730,11 +728,8 @@ impl WorkerPlan {
                 "drain timeout: closing remaining clients"
             );
         }
-        for c in &all_conns {
-            c.close();
-        }
-        for d in &dedicated {
-            d.close();
+        for s in &standalones {
+            s.close();
         }
         for pool in pools.values() {
             pool.close();
@@ -756,10 +751,8 @@ struct Upstreams<'a> {
     metrics: &'a Arc<Metrics>,
     /// Cluster pools by (upstream, whether replicas serve reads).
     pools: &'a mut std::collections::HashMap<(String, bool), Rc<ClusterPool>>,
-    /// Every standalone connection, closed at shutdown.
-    all_conns: &'a mut Vec<SharedConn>,
-    /// Every standalone upstream's dedicated connections, closed at shutdown.
-    dedicated: &'a mut Vec<Rc<DedicatedPool>>,
+    /// Every standalone server's connections (all databases), closed at shutdown.
+    standalones: &'a mut Vec<Rc<Standalone>>,
     /// Where workers publish their view of each cluster.
     cluster_status: &'a std::collections::HashMap<String, Arc<ClusterStatus>>,
     /// Socket mark of upstream connections.
@@ -785,12 +778,27 @@ impl Upstreams<'_> {
         match up.mode {
             Mode::Standalone => {
                 // Config validation gives a standalone upstream exactly one node.
-                let dedicated =
-                    DedicatedPool::new(&up.name, settings.clone(), Arc::clone(self.metrics));
-                self.dedicated.push(Rc::clone(&dedicated));
-                let conns = connect_upstream(up, settings, self.metrics);
-                self.all_conns.extend(conns.iter().cloned());
-                Backend::Standalone(conns, dedicated)
+                let Some(node) = up.nodes.first() else {
+                    // Config validation gives a standalone upstream exactly one node.
+                    return Backend::Standalone(Standalone::new(
+                        &up.name,
+                        "",
+                        settings,
+                        0,
+                        up.databases,
+                        Arc::clone(self.metrics),
+                    ));
+                };
+                let server = Standalone::new(
+                    &up.name,
+                    node,
+                    settings,
+                    up.connections_per_node,
+                    up.databases,
+                    Arc::clone(self.metrics),
+                );
+                self.standalones.push(Rc::clone(&server));
+                Backend::Standalone(server)
             }
             Mode::Cluster => {
                 let readonly = policy != crate::config::ReadPolicy::Master;
@@ -860,28 +868,6 @@ impl Upstreams<'_> {
     }
 }
 
-/// Starts this worker's shared connections to a standalone upstream's node.
-fn connect_upstream(
-    up: &crate::config::UpstreamConfig,
-    settings: ConnSettings,
-    metrics: &Metrics,
-) -> Vec<SharedConn> {
-    let conns: Vec<SharedConn> = up
-        .nodes
-        .iter()
-        .take(1)
-        .flat_map(|node| {
-            (0..up.connections_per_node).map(|_| {
-                SharedConn::new(node.clone(), settings.clone(), metrics.node(&up.name, node))
-            })
-        })
-        .collect();
-    for c in &conns {
-        tokio::task::spawn_local(c.clone().run());
-    }
-    conns
-}
-
 /// How the connections of `up` behave.
 fn conn_settings(
     up: &crate::config::UpstreamConfig,
@@ -899,6 +885,7 @@ fn conn_settings(
         max_pending_bytes,
         limits,
         readonly: false,
+        db: 0,
     }
 }
 

@@ -194,8 +194,15 @@ pub struct UpstreamConfig {
     /// Cluster: shortest time between two refreshes triggered by redirects or failures.
     #[serde(default = "default_redirect_refresh_interval")]
     pub redirect_refresh_interval: Dur,
+    /// Standalone: the server's `databases` setting. `SELECT` of a database below it gets
+    /// connections of its own; others get Redis's out-of-range error from the proxy.
+    #[serde(default = "default_databases")]
+    pub databases: u32,
 }
 
+fn default_databases() -> u32 {
+    16
+}
 fn default_connect_timeout() -> Dur {
     Dur(Duration::from_secs(1))
 }
@@ -655,6 +662,9 @@ impl Config {
             }
             if u.connections_per_node == 0 {
                 err(at("connections_per_node"), "must be at least 1");
+            }
+            if u.databases == 0 {
+                err(at("databases"), "must be at least 1");
             }
             if u.connect_timeout.0.is_zero() {
                 err(at("connect_timeout"), "must be more than 0");

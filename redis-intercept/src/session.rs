@@ -37,15 +37,15 @@ use crate::config::ReadPolicy;
 use crate::metrics::ServiceMetrics;
 use crate::resp::{Limits, Request, RequestParser};
 use crate::signal::Signal;
-use crate::upstream::dedicated::DedicatedPool;
 use crate::upstream::pool::ClusterPool;
-use crate::upstream::{Reply, ReplySink, SharedConn, error_reply};
+use crate::upstream::standalone::Standalone;
+use crate::upstream::{Reply, ReplySink, error_reply};
 
 /// Where a service's requests go.
 pub enum Backend {
-    /// One server: this worker's shared connections to it, picked by client id, and the
-    /// connections it lends to one client at a time.
-    Standalone(Vec<SharedConn>, Rc<DedicatedPool>),
+    /// One server: this worker's shared connections to it (picked by client id) and the
+    /// connections it lends to one client at a time, per database.
+    Standalone(Rc<Standalone>),
     /// A Redis Cluster: this worker's pool of its nodes, and where reads may go.
     Cluster(Rc<ClusterPool>, ReadPolicy),
 }
@@ -1054,10 +1054,16 @@ fn dispatch(
             }
         }
         Some((Handling::Local(local), info)) => {
-            let reply = if info.arity_ok(req.len()) {
-                local_reply(local, req, state, svc)
-            } else {
+            let reply = if !info.arity_ok(req.len()) {
                 wrong_arity(req)
+            } else if local == Local::Select {
+                select(req, forwarder)
+            } else {
+                if local == Local::Reset {
+                    // RESET selects database 0 again, as in Redis (0 is always valid).
+                    let _ = forwarder.select(0);
+                }
+                local_reply(local, req, state, svc)
             };
             core.push_ready(reply);
         }
@@ -1078,6 +1084,18 @@ fn dispatch(
                 "'{name}' is not supported by redis-intercept: {why}"
             )));
         }
+    }
+}
+
+/// `SELECT db`: the client's standalone upstreams move to that database's connections.
+fn select(req: &Request<'_>, forwarder: &mut forward::Forwarder) -> Bytes {
+    let db = std::str::from_utf8(req.arg(1).unwrap_or_default())
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok());
+    match db.map(|db| forwarder.select(db)) {
+        Some(Ok(())) => Bytes::from_static(OK),
+        Some(Err(reply)) => reply,
+        None => error_reply("value is not an integer or out of range"),
     }
 }
 
@@ -1117,16 +1135,8 @@ fn local_reply(
             state.closing = true;
             Bytes::from_static(OK)
         }
-        Local::Select => match std::str::from_utf8(arg(1))
-            .ok()
-            .and_then(|s| s.parse::<i64>().ok())
-        {
-            Some(0) => Bytes::from_static(OK),
-            Some(db) => error_reply(&format!(
-                "redis-intercept serves database 0 only; SELECT {db} is not supported"
-            )),
-            None => error_reply("value is not an integer or out of range"),
-        },
+        // Answered by `select`, which moves the client's connections.
+        Local::Select => Bytes::from_static(OK),
         Local::Auth => auth(req, state, svc),
         Local::ClientId => Frame::Integer(state.id as i64).to_bytes(),
         Local::ClientGetName => match &state.name {

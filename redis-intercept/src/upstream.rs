@@ -13,6 +13,7 @@
 
 pub mod dedicated;
 pub mod pool;
+pub mod standalone;
 pub mod tls;
 
 use std::cell::{Cell, RefCell};
@@ -151,6 +152,8 @@ pub struct ConnSettings {
     pub write_delay: Duration,
     /// `SO_MARK` for the socket (with interception: the connect hook skips marked sockets).
     pub mark: Option<u32>,
+    /// The database selected after connecting (standalone servers; 0 sends nothing).
+    pub db: u32,
 }
 
 /// A TCP connection to `addr` (resolved if it is a name), marked with `mark` before the
@@ -197,7 +200,7 @@ pub(crate) async fn open(addr: &str, settings: &ConnSettings) -> Result<Stream, 
     let mut stream = Stream::establish(tcp, settings.tls.as_ref(), &host)
         .await
         .map_err(|e| (false, e))?;
-    if settings.auth.is_some() || settings.readonly {
+    if settings.auth.is_some() || settings.readonly || settings.db != 0 {
         handshake(&mut stream, settings)
             .await
             .map_err(|e| (true, e))?;
@@ -861,8 +864,8 @@ fn release(spare: &mut BytesMut) {
     }
 }
 
-/// Sends `AUTH [username] password` (if configured) and `READONLY` (if asked) and reads the
-/// answers. The error text returned is the server's (it never contains the password).
+/// Sends `AUTH [username] password` (if configured), `READONLY` (if asked) and `SELECT db`
+/// (if not 0) and reads the answers. The error text returned is the server's (it never contains the password).
 pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     settings: &ConnSettings,
@@ -881,6 +884,11 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if settings.readonly {
         encode_command([&b"READONLY"[..]].into_iter(), &mut out);
+        expected += 1;
+    }
+    if settings.db != 0 {
+        let db = settings.db.to_string();
+        encode_command([&b"SELECT"[..], db.as_bytes()].into_iter(), &mut out);
         expected += 1;
     }
     stream

@@ -255,6 +255,21 @@ impl RespReader {
     }
 }
 
+/// `+OK`.
+pub fn ok() -> Frame {
+    Frame::Simple("OK".into())
+}
+
+/// A bulk string reply holding `s`.
+pub fn bulk(s: &str) -> Frame {
+    Frame::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+}
+
+/// Whether `f` is an error reply whose text contains `text`.
+pub fn is_err(f: &Frame, text: &str) -> bool {
+    matches!(f, Frame::Error(e) if String::from_utf8_lossy(e).contains(text))
+}
+
 /// Reads exactly one reply from a blocking stream that carries only that reply.
 pub fn read_frame(stream: &mut TcpStream) -> Frame {
     RespReader::new(stream.try_clone().unwrap()).read()

@@ -171,6 +171,13 @@ fn multi_key_commands_split_merge_or_refuse() {
     assert!(info.contains("upstream_cluster_state:ok"), "{info}");
     assert_eq!(c.call(&["FLUSHDB"]), ok());
     assert_eq!(c.call(&["DBSIZE"]), Frame::Integer(0));
+    // A cluster has database 0 only.
+    assert_eq!(c.call(&["SELECT", "0"]), ok());
+    let select = text(&c.call(&["SELECT", "1"]));
+    assert!(
+        select.contains("database 0 only on a Redis Cluster"),
+        "{select}"
+    );
     proxy.shutdown();
 }
 

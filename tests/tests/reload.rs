@@ -10,15 +10,9 @@ use std::time::{Duration, Instant};
 
 use redis_intercept::config::Config;
 use redis_intercept::resp::Frame;
-use redis_intercept_e2e::{RedisServer, RespReader, http_get, start_proxy_config, wait_until};
-
-fn ok() -> Frame {
-    Frame::Simple("OK".into())
-}
-
-fn is_err(f: &Frame, start: &str) -> bool {
-    matches!(f, Frame::Error(e) if e.starts_with(start.as_bytes()))
-}
+use redis_intercept_e2e::{
+    RedisServer, RespReader, http_get, is_err, ok, start_proxy_config, wait_until,
+};
 
 fn dbsize(server: &RedisServer) -> i64 {
     match server.cmd(&["DBSIZE"]) {

@@ -114,6 +114,22 @@ fn prefixes_pick_the_upstream_and_multi_key_commands_span_routes() {
     );
     // Keyless commands go to the catch-all.
     assert_eq!(c.call(&["DBSIZE"]), single.cmd(&["DBSIZE"]));
+    // SELECT moves the standalone route; a key routed to the cluster (database 0 only) is
+    // refused meanwhile, in a transaction too, rather than landing in the wrong keyspace.
+    assert_eq!(c.call(&["SELECT", "1"]), ok());
+    assert_eq!(c.call(&["SET", "one", "1"]), ok());
+    let mut direct = RespReader::connect(single.addr);
+    assert_eq!(direct.call(&["SELECT", "1"]), ok());
+    assert_eq!(direct.call(&["GET", "one"]), bulk("1"));
+    for cmd in [&["GET", "cluster:a"][..], &["BLPOP", "cluster:q", "1"]] {
+        let reply = c.call(cmd);
+        assert!(
+            matches!(&reply, Frame::Error(e) if String::from_utf8_lossy(e).contains("database 1 is selected")),
+            "{cmd:?}: {reply:?}"
+        );
+    }
+    assert_eq!(c.call(&["SELECT", "0"]), ok());
+    assert_eq!(c.call(&["GET", "cluster:a"]), bulk("1"));
     proxy.shutdown();
 }
 

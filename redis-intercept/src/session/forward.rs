@@ -23,6 +23,7 @@ use crate::command::{Command, flags};
 use crate::resp::{Limits, Request, RequestParser, encode_command};
 use crate::route::{self, Prefixes, SplitKind};
 use crate::upstream::dedicated::DedicatedPool;
+use crate::upstream::standalone::{Db, Standalone};
 use crate::upstream::{ConnSettings, ReplySink, SharedConn, error_reply};
 
 /// A traffic mirror of a route, on one worker.
@@ -54,8 +55,16 @@ pub struct RouteCtx {
 
 /// How one client reaches one upstream.
 enum Target {
-    /// Its shared connection to a standalone server, and the server's dedicated connections.
-    Conn(SharedConn, Rc<DedicatedPool>),
+    /// A standalone server: the client's shared connection and the dedicated connections
+    /// for its selected database.
+    Conn {
+        /// The server's connections on this worker, per database.
+        server: Rc<Standalone>,
+        /// The shared connection this client uses.
+        conn: SharedConn,
+        /// Where its dedicated connections come from.
+        pool: Rc<DedicatedPool>,
+    },
     /// Its routing state on a cluster.
     Cluster(ClusterClient),
     /// An upstream with no connection (never configured so; answers with an error).
@@ -65,11 +74,14 @@ enum Target {
 impl Target {
     fn new(backend: &Backend, client: u64, discard: &Rc<dyn ReplySink>) -> Target {
         match backend {
-            Backend::Standalone(conns, pool) if !conns.is_empty() => Target::Conn(
-                conns[(client as usize) % conns.len()].clone(),
-                Rc::clone(pool),
-            ),
-            Backend::Standalone(..) => Target::None,
+            Backend::Standalone(server) => match pick(&server.db(0), client) {
+                Some((conn, pool)) => Target::Conn {
+                    server: Rc::clone(server),
+                    conn,
+                    pool,
+                },
+                None => Target::None,
+            },
             Backend::Cluster(pool, policy) => Target::Cluster(ClusterClient::new(ClusterShared {
                 pool: Rc::clone(pool),
                 policy: *policy,
@@ -88,7 +100,7 @@ impl Target {
         deadline: Instant,
     ) -> Result<(), Bytes> {
         match self {
-            Target::Conn(conn, _) => conn.send(req, sink, token, deadline),
+            Target::Conn { conn, .. } => conn.send(req, sink, token, deadline),
             Target::Cluster(cluster) => cluster.forward(req, cmd, sink, token, deadline),
             Target::None => Err(error_reply("service has no upstream")),
         }
@@ -98,7 +110,7 @@ impl Target {
     /// cut), or to the server or any master when there is no key.
     fn dedicated(&self, key: Option<&[u8]>) -> Result<(SharedConn, Rc<DedicatedPool>), Bytes> {
         match self {
-            Target::Conn(conn, pool) => Ok((pool.take(conn.addr()), Rc::clone(pool))),
+            Target::Conn { conn, pool, .. } => Ok((pool.take(conn.addr()), Rc::clone(pool))),
             Target::Cluster(cluster) => cluster.pool().dedicated(key.map(Slot::for_key)),
             Target::None => Err(error_reply("service has no upstream")),
         }
@@ -108,11 +120,42 @@ impl Target {
     /// `channel`'s slot (sharded pub/sub), or any master.
     fn plain_target(&self, channel: Option<&[u8]>) -> Result<(String, ConnSettings), Bytes> {
         match self {
-            Target::Conn(conn, pool) => Ok((conn.addr().to_owned(), pool.settings().clone())),
+            Target::Conn { conn, pool, .. } => {
+                Ok((conn.addr().to_owned(), pool.settings().clone()))
+            }
             Target::Cluster(cluster) => cluster.pool().plain_target(channel.map(Slot::for_key)),
             Target::None => Err(error_reply("service has no upstream")),
         }
     }
+}
+
+impl Target {
+    /// Moves a standalone target to database `db`'s connections (made now if this worker has
+    /// none yet). Other targets stay as they are.
+    fn select(&mut self, db: u32, client: u64) {
+        if let Target::Conn { server, conn, pool } = self
+            && let Some((c, p)) = pick(&server.db(db), client)
+        {
+            *conn = c;
+            *pool = p;
+        }
+    }
+
+    /// Whether this is a Redis Cluster (database 0 only).
+    fn is_cluster(&self) -> bool {
+        matches!(self, Target::Cluster(_))
+    }
+}
+
+/// The shared connection of `db` that `client` uses, and the database's dedicated pool.
+fn pick(db: &Db, client: u64) -> Option<(SharedConn, Rc<DedicatedPool>)> {
+    let n = db.conns.len();
+    (n > 0).then(|| {
+        (
+            db.conns[(client as usize) % n].clone(),
+            Rc::clone(&db.dedicated),
+        )
+    })
 }
 
 /// A connection lent to one client (a transaction, a blocking command), on one route.
@@ -145,6 +188,10 @@ pub struct Forwarder {
     keys: Vec<usize>,
     /// The connection this client has to itself, if any: every request goes there.
     pinned: Option<Pinned>,
+    /// The client's id, which picks its shared connections.
+    client: u64,
+    /// The database the client selected (standalone upstreams; a cluster has only 0).
+    db: u32,
 }
 
 /// Everything of the service a forward needs.
@@ -194,7 +241,48 @@ impl Forwarder {
                 .collect(),
             keys: Vec::new(),
             pinned: None,
+            client,
+            db: 0,
         }
+    }
+
+    /// `SELECT db`: every standalone upstream of the client's routes and mirrors moves to
+    /// that database. Checks the number against the catch-all upstream's `databases`.
+    ///
+    /// # Errors
+    /// Redis's reply for a database out of range; a refusal while the client holds a
+    /// connection of its own (WATCH, a blocking command), or when its catch-all upstream is
+    /// a cluster.
+    pub fn select(&mut self, db: i64) -> Result<(), Bytes> {
+        let catch_all = self.routes.first().map(|r| &r.main);
+        if let Some(Target::Conn { server, .. }) = catch_all {
+            if db < 0 || db >= i64::from(server.databases()) {
+                return Err(error_reply("DB index is out of range"));
+            }
+        } else if db != 0 {
+            return Err(error_reply(&format!(
+                "redis-intercept serves database 0 only on a Redis Cluster; SELECT {db} is not supported"
+            )));
+        }
+        let Ok(db) = u32::try_from(db) else {
+            return Err(error_reply("DB index is out of range"));
+        };
+        if db == self.db {
+            return Ok(());
+        }
+        if self.pinned.is_some() {
+            return Err(error_reply(
+                "SELECT while a WATCH or blocking command holds a connection is not supported by redis-intercept",
+            ));
+        }
+        for r in &mut self.routes {
+            r.main.select(db, self.client);
+            for m in &mut r.mirrors {
+                m.select(db, self.client);
+            }
+        }
+        self.db = db;
+        Ok(())
     }
 
     /// Whether the client has a connection of its own.
@@ -218,7 +306,10 @@ impl Forwarder {
     /// has one route, to a standalone server.
     pub fn pins_without_key(&self, svc: &Routing<'_>) -> bool {
         svc.prefixes.is_empty()
-            && matches!(self.routes.first().map(|r| &r.main), Some(Target::Conn(..)))
+            && matches!(
+                self.routes.first().map(|r| &r.main),
+                Some(Target::Conn { .. })
+            )
     }
 
     /// The one route `req`'s keys fall under; `None` for a keyless command.
@@ -274,6 +365,9 @@ impl Forwarder {
         let Some(targets) = self.routes.get(route) else {
             return Err(error_reply("internal error: unknown route"));
         };
+        if self.db != 0 && targets.main.is_cluster() {
+            return Err(other_db_on_cluster(self.db));
+        }
         let (conn, pool) = targets.main.dedicated(key)?;
         let cluster = matches!(targets.main, Target::Cluster(_));
         let slot = key.filter(|_| cluster).map(Slot::for_key);
@@ -533,6 +627,9 @@ impl Forwarder {
         else {
             return Err(error_reply("internal error: unknown route"));
         };
+        if self.db != 0 && targets.main.is_cluster() {
+            return Err(other_db_on_cluster(self.db));
+        }
         let result = targets
             .main
             .forward(req, cmd, to.sink, to.token, cx.deadline);
@@ -542,6 +639,7 @@ impl Forwarder {
                 cmd,
                 ctx,
                 &mut targets.mirrors,
+                self.db,
                 cx.svc.discard,
                 cx.dice,
                 cx.deadline,
@@ -601,14 +699,27 @@ fn cut_keys(req: &Request<'_>, keys: &[usize], cut: usize) -> BytesMut {
     out
 }
 
+/// The refusal for a request routed to a cluster while the client has another database
+/// selected.
+fn other_db_on_cluster(db: u32) -> Bytes {
+    error_reply(&format!(
+        "database {db} is selected, and this key's route leads to a Redis Cluster, which has database 0 only"
+    ))
+}
+
 /// Copies a forwarded request to a route's mirrors. A mirror that can't take it (queue full,
 /// down) drops it and counts: the client never waits for a mirror. A cluster mirror splits
 /// multi-key commands like any cluster request.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the forward's parts, borrowed separately"
+)]
 fn mirror(
     req: &Request<'_>,
     cmd: Option<Command>,
     route: &RouteCtx,
     targets: &mut [Target],
+    db: u32,
     discard: &Rc<dyn ReplySink>,
     dice: &mut Dice,
     deadline: Instant,
@@ -620,6 +731,11 @@ fn mirror(
         }
         let per_10000 = m.per_10000.get();
         if per_10000 < 10_000 && dice.below(10_000) >= per_10000 {
+            continue;
+        }
+        if db != 0 && target.is_cluster() {
+            // A cluster has database 0 only: a copy there would land in the wrong keyspace.
+            m.dropped.inc();
             continue;
         }
         match target.forward(req, cmd, Rc::clone(discard), 0, deadline + m.batch_delay) {

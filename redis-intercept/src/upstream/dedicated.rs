@@ -142,6 +142,7 @@ mod tests {
             tls: None,
             write_delay: Duration::ZERO,
             mark: None,
+            db: 0,
         }
     }
 

@@ -1,0 +1,120 @@
+//! A standalone server as one worker reaches it: shared connections and a dedicated pool for
+//! each database a client has selected. Database 0's are made at start, the others on the
+//! first `SELECT` of a client of this worker, and all of them are kept until shutdown (at
+//! most `databases` sets).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::dedicated::DedicatedPool;
+use super::{ConnSettings, SharedConn};
+use crate::metrics::Metrics;
+
+/// One database's connections on this worker.
+#[derive(Clone)]
+pub struct Db {
+    /// Shared pipelined connections (`connections_per_node`), picked by client id.
+    pub conns: Vec<SharedConn>,
+    /// Connections lent to one client at a time (transactions, blocking commands).
+    pub dedicated: Rc<DedicatedPool>,
+}
+
+/// A worker's way to one standalone server, per database.
+pub struct Standalone {
+    /// The upstream's name, for metrics.
+    name: String,
+    /// The server.
+    addr: String,
+    /// How connections behave; `db` is set per database.
+    settings: ConnSettings,
+    /// Shared connections per database.
+    per_node: usize,
+    /// Databases the server has (`databases`): SELECT of another is refused.
+    databases: u32,
+    /// Where node metrics come from.
+    metrics: Arc<Metrics>,
+    /// The databases in use, 0 always.
+    dbs: RefCell<HashMap<u32, Db>>,
+    /// Set at shutdown: connections made after it are closed at once.
+    closed: Cell<bool>,
+}
+
+impl Standalone {
+    /// Starts database 0's shared connections to `addr` (tasks on the current `LocalSet`).
+    pub fn new(
+        name: &str,
+        addr: &str,
+        settings: ConnSettings,
+        per_node: usize,
+        databases: u32,
+        metrics: Arc<Metrics>,
+    ) -> Rc<Standalone> {
+        let me = Rc::new(Standalone {
+            name: name.to_owned(),
+            addr: addr.to_owned(),
+            settings,
+            per_node,
+            databases,
+            metrics,
+            dbs: RefCell::new(HashMap::new()),
+            closed: Cell::new(false),
+        });
+        me.db(0);
+        me
+    }
+
+    /// The databases the server has, as configured.
+    pub fn databases(&self) -> u32 {
+        self.databases
+    }
+
+    /// Database `db`'s connections, started now if this is the first use on this worker.
+    /// (`db` is below `databases`: callers check, so at most that many sets exist.)
+    pub fn db(&self, db: u32) -> Db {
+        if let Some(d) = self.dbs.borrow().get(&db) {
+            return d.clone();
+        }
+        let settings = ConnSettings {
+            db,
+            ..self.settings.clone()
+        };
+        let conns: Vec<SharedConn> = (0..self.per_node)
+            .map(|_| {
+                SharedConn::new(
+                    self.addr.clone(),
+                    settings.clone(),
+                    self.metrics.node(&self.name, &self.addr),
+                )
+            })
+            .collect();
+        for c in &conns {
+            tokio::task::spawn_local(c.clone().run());
+        }
+        let d = Db {
+            conns,
+            dedicated: DedicatedPool::new(&self.name, settings, Arc::clone(&self.metrics)),
+        };
+        if self.closed.get() {
+            close(&d);
+        }
+        self.dbs.borrow_mut().insert(db, d.clone());
+        d
+    }
+
+    /// Closes every connection of every database (shutdown).
+    pub fn close(&self) {
+        self.closed.set(true);
+        for d in self.dbs.borrow().values() {
+            close(d);
+        }
+    }
+}
+
+fn close(d: &Db) {
+    for c in &d.conns {
+        c.close();
+    }
+    d.dedicated.close();
+}
