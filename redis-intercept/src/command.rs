@@ -332,7 +332,7 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
         | "sunsubscribe" => PubSub,
         // Would change or inspect the shared upstream connection, not the client's.
-        "readonly" | "readwrite" | "swapdb" | "move" | "migrate" | "asking" | "sync" | "psync"
+        "readonly" | "readwrite" | "swapdb" | "migrate" | "asking" | "sync" | "psync"
         | "replconf" | "monitor" | "shutdown" => Unsupported,
         name if name.starts_with("client|") || name.starts_with("cluster|") => Unsupported,
         _ if info.has(flags::ADMIN) => Unsupported,

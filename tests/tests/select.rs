@@ -118,3 +118,44 @@ fn select_outside_the_configured_databases_gets_redis_error() {
     assert_eq!(get_in(&main, "3", "w"), bulk("3"));
     proxy.shutdown();
 }
+
+#[test]
+fn select_waits_for_the_commands_sent_before_it() {
+    let main = RedisServer::start();
+    // One worker with one shared connection: a busy client's backlog sits in front of MOVE.
+    let proxy = start_proxy_config(&format!(
+        "[proxy]\nworkers = 1\ndrain_timeout = \"1s\"\n\n\
+         [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{}\"]\n\n\
+         [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n",
+        main.addr
+    ));
+    let addr = proxy.addr("svc").unwrap();
+    let mut c = RespReader::connect(addr);
+    assert_eq!(c.call(&["SET", "m", "moved"]), ok());
+    assert_eq!(c.call(&["SELECT", "5"]), ok());
+    assert_eq!(c.call(&["SELECT", "0"]), ok());
+    let mut busy = RespReader::connect(addr);
+    let value = "x".repeat(64 * 1024);
+    let batch: Vec<u8> = (0..1000)
+        .flat_map(|i| encode(&["SET", &format!("big{i}"), &value]))
+        .collect();
+    busy.send(&batch);
+    // MOVE goes out behind 64 MB on database 0's connection, GET on database 5's: only the
+    // wait at SELECT makes GET see the moved key.
+    c.send(
+        &[
+            encode(&["MOVE", "m", "5"]),
+            encode(&["SELECT", "5"]),
+            encode(&["GET", "m"]),
+        ]
+        .concat(),
+    );
+    assert_eq!(c.read(), Frame::Integer(1));
+    assert_eq!(c.read(), ok());
+    assert_eq!(c.read(), bulk("moved"));
+    for _ in 0..1000 {
+        assert_eq!(busy.read(), ok());
+    }
+    assert_eq!(get_in(&main, "5", "m"), bulk("moved"));
+    proxy.shutdown();
+}
