@@ -778,25 +778,10 @@ impl Upstreams<'_> {
         match up.mode {
             Mode::Standalone => {
                 // Config validation gives a standalone upstream exactly one node.
-                let Some(node) = up.nodes.first() else {
-                    // Config validation gives a standalone upstream exactly one node.
-                    return Backend::Standalone(Standalone::new(
-                        &up.name,
-                        "",
-                        settings,
-                        0,
-                        up.databases,
-                        Arc::clone(self.metrics),
-                    ));
-                };
-                let server = Standalone::new(
-                    &up.name,
-                    node,
-                    settings,
-                    up.connections_per_node,
-                    up.databases,
-                    Arc::clone(self.metrics),
-                );
+                // Config validation gives a standalone upstream exactly one node (without
+                // one, the server has no connections and requests get an error).
+                let node = up.nodes.first().map_or("", String::as_str);
+                let server = Standalone::new(up, node, settings, Arc::clone(self.metrics));
                 self.standalones.push(Rc::clone(&server));
                 Backend::Standalone(server)
             }
@@ -822,6 +807,7 @@ impl Upstreams<'_> {
                                 refresh_threshold: up.redirect_refresh_threshold,
                                 refresh_min_interval: up.redirect_refresh_interval.0,
                                 worker,
+                                max_idle_dedicated: up.max_idle_dedicated,
                             },
                             Arc::clone(metrics),
                             status.unwrap_or_else(|| ClusterStatus::new(worker + 1)),

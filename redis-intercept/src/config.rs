@@ -198,6 +198,14 @@ pub struct UpstreamConfig {
     /// connections of its own; others get Redis's out-of-range error from the proxy.
     #[serde(default = "default_databases")]
     pub databases: u32,
+    /// Clean connections kept idle per node (and database) and worker for the next
+    /// transaction or blocking command, instead of a connect each time.
+    #[serde(default = "default_max_idle_dedicated")]
+    pub max_idle_dedicated: usize,
+}
+
+fn default_max_idle_dedicated() -> usize {
+    8
 }
 
 fn default_databases() -> u32 {

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use redis_intercept::cluster::{Slot, SlotMap};
 use redis_intercept::resp::Frame;
 use redis_intercept_e2e::{
-    RedisCluster, RedisServer, RespReader, encode, start_cluster_proxy, start_proxy, wait_until,
+    RedisCluster, RedisServer, RespReader, encode, start_cluster_proxy, start_proxy,
+    start_proxy_config, wait_until,
 };
 
 fn bulk(s: &str) -> Frame {
@@ -65,6 +66,43 @@ fn gauge(proxy: &redis_intercept::app::Proxy, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+}
+
+#[test]
+fn idle_transaction_connections_are_capped_by_max_idle_dedicated() {
+    let server = RedisServer::start();
+    let proxy = start_proxy_config(&format!(
+        "[proxy]\nworkers = 1\ndrain_timeout = \"1s\"\n\n\
+         [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{}\"]\n\
+         max_idle_dedicated = 1\n\n\
+         [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\n",
+        server.addr
+    ));
+    let addr = proxy.addr("svc").unwrap();
+    // The shared connection is up once a request went through; `server.cmd` itself is one
+    // connection while it asks.
+    assert_eq!(
+        RespReader::connect(addr).call(&["GET", "x"]),
+        Frame::NullBulk
+    );
+    let base = info_field(&server, "connected_clients");
+    // Three transactions open at once: three connections of their own.
+    let mut clients: Vec<RespReader> = (0..3).map(|_| RespReader::connect(addr)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(c.call(&["MULTI"]), simple("OK"));
+        assert_eq!(c.call(&["INCR", &format!("t{i}")]), simple("QUEUED"));
+    }
+    wait_until(Duration::from_secs(5), || {
+        info_field(&server, "connected_clients") == base + 3
+    });
+    for c in &mut clients {
+        assert_eq!(c.call(&["EXEC"]), Frame::Array(vec![Frame::Integer(1)]));
+    }
+    // Given back clean: one is kept for the next client, the other two are closed.
+    wait_until(Duration::from_secs(5), || {
+        info_field(&server, "connected_clients") == base + 1
+    });
+    proxy.shutdown();
 }
 
 #[test]

@@ -10,9 +10,6 @@ use std::sync::Arc;
 use super::{ConnSettings, SharedConn};
 use crate::metrics::Metrics;
 
-/// Idle dedicated connections kept per node; more than this are closed when given back.
-pub const MAX_IDLE_PER_NODE: usize = 8;
-
 /// A worker's dedicated connections to the nodes of one upstream.
 pub struct DedicatedPool {
     /// The upstream's name, for metrics.
@@ -27,11 +24,19 @@ pub struct DedicatedPool {
     all: RefCell<Vec<Weak<super::Inner>>>,
     /// Set at shutdown: nothing more is lent or kept.
     closed: Cell<bool>,
+    /// Idle connections kept per node (`max_idle_dedicated`); more are closed when given back.
+    max_idle: usize,
 }
 
 impl DedicatedPool {
-    /// An empty pool for the upstream `name`.
-    pub fn new(name: &str, settings: ConnSettings, metrics: Arc<Metrics>) -> Rc<DedicatedPool> {
+    /// An empty pool for the upstream `name` that keeps up to `max_idle` clean connections
+    /// per node for the next client.
+    pub fn new(
+        name: &str,
+        settings: ConnSettings,
+        max_idle: usize,
+        metrics: Arc<Metrics>,
+    ) -> Rc<DedicatedPool> {
         Rc::new(DedicatedPool {
             name: name.to_owned(),
             settings: ConnSettings {
@@ -42,6 +47,7 @@ impl DedicatedPool {
             idle: RefCell::new(HashMap::new()),
             all: RefCell::new(Vec::new()),
             closed: Cell::new(false),
+            max_idle,
         })
     }
 
@@ -80,7 +86,7 @@ impl DedicatedPool {
         }
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(conn.addr().to_owned()).or_default();
-        if list.len() >= MAX_IDLE_PER_NODE {
+        if list.len() >= self.max_idle {
             conn.close();
         } else {
             list.push(conn);
@@ -168,7 +174,7 @@ mod tests {
                     a.local_addr().unwrap().to_string(),
                     b.local_addr().unwrap().to_string(),
                 );
-                let pool = DedicatedPool::new("t", settings(), Metrics::new());
+                let pool = DedicatedPool::new("t", settings(), 8, Metrics::new());
                 let (ca, cb) = (pool.take(&addr_a), pool.take(&addr_b));
                 // Keep the server ends open while the connections are in use.
                 let (_sa, _sb) = (a.accept().await.unwrap(), b.accept().await.unwrap());

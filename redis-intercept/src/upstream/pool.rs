@@ -93,6 +93,8 @@ pub struct PoolSettings {
     pub refresh_min_interval: Duration,
     /// This worker's number, for the admin view.
     pub worker: usize,
+    /// Clean dedicated connections kept idle per node (`max_idle_dedicated`).
+    pub max_idle_dedicated: usize,
 }
 
 /// A cluster upstream's connections and slot map on one worker.
@@ -146,8 +148,12 @@ impl ClusterPool {
         let retried = counter(&metrics.cluster_redirects, "retry");
         let refresh_ok = counter(&metrics.cluster_refreshes, "ok");
         let refresh_failed = counter(&metrics.cluster_refreshes, "failed");
-        let dedicated =
-            DedicatedPool::new(&settings.name, settings.conn.clone(), Arc::clone(&metrics));
+        let dedicated = DedicatedPool::new(
+            &settings.name,
+            settings.conn.clone(),
+            settings.max_idle_dedicated,
+            Arc::clone(&metrics),
+        );
         Rc::new_cyclic(|me| ClusterPool {
             dedicated,
             trigger: RefCell::new(RefreshTrigger::new(

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::dedicated::DedicatedPool;
 use super::{ConnSettings, SharedConn};
+use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 
 /// One database's connections on this worker.
@@ -33,6 +34,8 @@ pub struct Standalone {
     per_node: usize,
     /// Databases the server has (`databases`): SELECT of another is refused.
     databases: u32,
+    /// Clean dedicated connections kept idle per database (`max_idle_dedicated`).
+    max_idle_dedicated: usize,
     /// Where node metrics come from.
     metrics: Arc<Metrics>,
     /// The databases in use, 0 always.
@@ -43,20 +46,25 @@ pub struct Standalone {
 
 impl Standalone {
     /// Starts database 0's shared connections to `addr` (tasks on the current `LocalSet`).
+    /// `up` gives the counts: `connections_per_node`, `databases`, `max_idle_dedicated`.
+    /// Without an address (a config with no node) there are no connections.
     pub fn new(
-        name: &str,
+        up: &UpstreamConfig,
         addr: &str,
         settings: ConnSettings,
-        per_node: usize,
-        databases: u32,
         metrics: Arc<Metrics>,
     ) -> Rc<Standalone> {
         let me = Rc::new(Standalone {
-            name: name.to_owned(),
+            name: up.name.clone(),
             addr: addr.to_owned(),
             settings,
-            per_node,
-            databases,
+            per_node: if addr.is_empty() {
+                0
+            } else {
+                up.connections_per_node
+            },
+            databases: up.databases,
+            max_idle_dedicated: up.max_idle_dedicated,
             metrics,
             dbs: RefCell::new(HashMap::new()),
             closed: Cell::new(false),
@@ -94,7 +102,12 @@ impl Standalone {
         }
         let d = Db {
             conns,
-            dedicated: DedicatedPool::new(&self.name, settings, Arc::clone(&self.metrics)),
+            dedicated: DedicatedPool::new(
+                &self.name,
+                settings,
+                self.max_idle_dedicated,
+                Arc::clone(&self.metrics),
+            ),
         };
         if self.closed.get() {
             close(&d);
