@@ -3,6 +3,7 @@
 //! settings: GET lists them, POST `enable|disable|clear PATH` changes one). It runs on its own thread and runtime, away from the data path, and should only
 //! listen on loopback.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -27,25 +28,26 @@ pub struct AdminState {
     /// The running config as TOML, secrets redacted: rendered at start and again by each
     /// reload.
     config_toml: std::sync::RwLock<String>,
-    /// For each service: its name and the upstream nodes it needs up to be ready.
-    pub readiness: Vec<(String, Vec<NodeLabels>)>,
-    /// Connections each node needs up: workers × `connections_per_node`, per upstream name.
-    pub expected: std::collections::HashMap<String, i64>,
-    /// Workers' views of each cluster upstream, by upstream name.
-    pub clusters: std::collections::HashMap<String, Arc<ClusterStatus>>,
+    /// What `/ready` checks, for the config running now.
+    needs: std::sync::RwLock<Needs>,
+    /// How many workers run.
+    workers: usize,
     /// The eBPF programs, when interception is configured.
     pub intercept: Option<crate::app::InterceptSlot>,
 }
 
-impl AdminState {
-    /// Builds the state for `config` run by `workers` worker threads.
-    pub fn new(
-        config: &Config,
-        workers: usize,
-        metrics: Arc<Metrics>,
-        clusters: std::collections::HashMap<String, Arc<ClusterStatus>>,
-        intercept: Option<crate::app::InterceptSlot>,
-    ) -> AdminState {
+/// What the running config needs up to be ready.
+struct Needs {
+    /// For each service: its name and the upstream nodes it needs up to be ready.
+    readiness: Vec<(String, Vec<NodeLabels>)>,
+    /// Connections each node needs up: workers × `connections_per_node`, per upstream name.
+    expected: HashMap<String, i64>,
+    /// Workers' views of each cluster upstream, by upstream name.
+    clusters: HashMap<String, Arc<ClusterStatus>>,
+}
+
+impl Needs {
+    fn of(config: &Config, workers: usize, clusters: HashMap<String, Arc<ClusterStatus>>) -> Needs {
         let expected = config
             .upstreams
             .iter()
@@ -72,22 +74,50 @@ impl AdminState {
                 (s.name.clone(), nodes)
             })
             .collect();
-        AdminState {
-            metrics,
-            config_toml: std::sync::RwLock::new(redacted_toml(config)),
+        Needs {
             readiness,
             expected,
             clusters,
+        }
+    }
+}
+
+impl AdminState {
+    /// Builds the state for `config` run by `workers` worker threads.
+    pub fn new(
+        config: &Config,
+        workers: usize,
+        metrics: Arc<Metrics>,
+        clusters: HashMap<String, Arc<ClusterStatus>>,
+        intercept: Option<crate::app::InterceptSlot>,
+    ) -> AdminState {
+        AdminState {
+            metrics,
+            config_toml: std::sync::RwLock::new(redacted_toml(config)),
+            needs: std::sync::RwLock::new(Needs::of(config, workers, clusters)),
+            workers,
             intercept,
         }
     }
 
-    /// Shows `config` at `/config` from now on (after a reload).
-    pub fn set_config(&self, config: &Config) {
+    /// Shows `config` at `/config`, and checks what it needs at `/ready`, from now on (after
+    /// a reload). `clusters` are the statuses its workers publish to.
+    pub fn set_running(&self, config: &Config, clusters: HashMap<String, Arc<ClusterStatus>>) {
         *self
             .config_toml
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = redacted_toml(config);
+        *self
+            .needs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Needs::of(config, self.workers, clusters);
+    }
+
+    fn needs(&self) -> std::sync::RwLockReadGuard<'_, Needs> {
+        self.needs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Copies the eBPF counters into the metrics about to be served.
@@ -209,8 +239,14 @@ impl AdminState {
 
     /// What is missing for cluster `name` to be ready: every worker has a map that covers
     /// every slot, and all connections to each master are up.
-    fn cluster_missing(&self, name: &str, status: &ClusterStatus, missing: &mut Vec<String>) {
-        let want = self.expected.get(name).copied().unwrap_or(1);
+    fn cluster_missing(
+        &self,
+        needs: &Needs,
+        name: &str,
+        status: &ClusterStatus,
+        missing: &mut Vec<String>,
+    ) {
+        let want = needs.expected.get(name).copied().unwrap_or(1);
         let workers = status
             .workers
             .lock()
@@ -248,10 +284,11 @@ impl AdminState {
     /// Each worker's view of each cluster upstream, as text.
     pub fn topology(&self) -> String {
         let mut out = String::new();
-        let mut names: Vec<&String> = self.clusters.keys().collect();
+        let needs = self.needs();
+        let mut names: Vec<&String> = needs.clusters.keys().collect();
         names.sort();
         for name in names {
-            let workers = self.clusters[name]
+            let workers = needs.clusters[name]
                 .workers
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -284,14 +321,15 @@ impl AdminState {
     /// upstream (a client may land on any worker); otherwise what is missing.
     pub fn ready(&self) -> Result<(), String> {
         let mut missing = Vec::new();
-        for (service, nodes) in &self.readiness {
+        let needs = self.needs();
+        for (service, nodes) in &needs.readiness {
             for node in nodes {
                 let up = self
                     .metrics
                     .upstream_connections_up
                     .get_or_create(node)
                     .get();
-                let want = self.expected.get(&node.upstream).copied().unwrap_or(1);
+                let want = needs.expected.get(&node.upstream).copied().unwrap_or(1);
                 if up < want {
                     missing.push(format!(
                         "service {service}: upstream {} node {}: {up} of {want} connections up",
@@ -300,10 +338,10 @@ impl AdminState {
                 }
             }
         }
-        let mut names: Vec<&String> = self.clusters.keys().collect();
+        let mut names: Vec<&String> = needs.clusters.keys().collect();
         names.sort();
         for name in names {
-            self.cluster_missing(name, &self.clusters[name], &mut missing);
+            self.cluster_missing(&needs, name, &needs.clusters[name], &mut missing);
         }
         if missing.is_empty() {
             Ok(())

@@ -8,6 +8,7 @@
 mod live;
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -29,6 +30,7 @@ use crate::session::{
     self, Backend, ClientAuth, ClientGuard, Discard, Mirror, RouteCtx, ServiceCtx, Sessions,
     SharedAuth,
 };
+use crate::upstream::owned::{Owned, PoolLease};
 use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
 use crate::upstream::standalone::Standalone;
 use crate::upstream::tls::{self, TlsSettings};
@@ -58,10 +60,12 @@ pub struct Proxy {
     /// Client credentials of each service (config order), shared with every worker so a
     /// reload changes them for all.
     client_auths: Vec<SharedAuth>,
-    /// The configuration running now.
-    running: std::sync::Mutex<Config>,
+    /// The configuration running now, with its upstreams' credentials.
+    running: std::sync::Mutex<Arc<Reloaded>>,
     /// Hands each reload's running config to the workers.
-    reloads: watch::Sender<Arc<Config>>,
+    reloads: watch::Sender<Arc<Reloaded>>,
+    /// How many workers run.
+    worker_count: usize,
     /// What the admin endpoint shows (`/config` follows reloads).
     state: Arc<AdminState>,
     /// The eBPF programs; taken (and so detached) first at shutdown.
@@ -74,25 +78,59 @@ pub struct Proxy {
 pub type InterceptSlot = Arc<std::sync::Mutex<Option<Interceptor>>>;
 
 impl Proxy {
-    /// Applies a new configuration without a restart, as far as it can be: for every service
-    /// still in the file, client passwords (`[service.auth]`, with `password_file` read
-    /// again), VIPs, `op_timeout`, `idle_timeout`, `max_clients`, `max_client_buffer`,
+    /// Applies a new configuration without a restart, as far as it can be. For every
+    /// service still in the file: client passwords (`[service.auth]`, with `password_file`
+    /// read again), VIPs, `op_timeout`, `idle_timeout`, `max_clients`, `max_client_buffer`,
     /// `max_pipeline`, `legacy_auth`, the fault rules and the mirrors' `percentage` and
-    /// `exclude_reads`. They reach clients already connected at their next command. Returns
-    /// notes about what differs but needs a restart (listeners, upstreams, routes, read
-    /// policies, adding or removing services and mirrors). Upstream `password_file`s need no
-    /// reload: they are read at every connect.
+    /// `exclude_reads` reach clients already connected at their next command. A service whose
+    /// upstream, `read_policy`, routes or mirrors changed, or which sends to an upstream whose
+    /// settings changed, gets new routes with new connections: new clients start on them, and
+    /// connected clients move to them at their first command that nothing ties to the old
+    /// ones (see ARCHITECTURE.md). Returns notes about what differs but needs a restart
+    /// (listeners, the proxy's own settings, adding or removing services). Upstream
+    /// `password_file`s need no reload: they are read at every connect.
     ///
     /// # Errors
-    /// A password file that can't be read, or VIPs the eBPF map refuses; nothing changes
-    /// then.
+    /// A password or TLS file that can't be read, or VIPs the eBPF map refuses; nothing
+    /// changes then.
     pub fn reload(&self, new: &Config) -> Result<Vec<String>> {
         let auths = client_auths(new)?;
         let mut running = self
             .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // VIPs of running services change at once (first: the one step that can fail).
+        let old = &running.config;
+        // What runs from now on: the same services and listeners, with every setting of the
+        // new file that a reload applies.
+        let mut applied = old.clone();
+        for s in &mut applied.services {
+            if let Some(n) = new.services.iter().find(|n| n.name == s.name) {
+                live::take_live(s, n);
+            }
+        }
+        applied.upstreams = live::upstreams(&applied, old, new);
+        // Upstreams whose settings changed get new credentials and TLS (read now, so a
+        // missing file fails the reload before anything changes) and new connections.
+        let changed = live::changed_upstreams(old, &applied);
+        let mut secrets = HashMap::new();
+        for up in &applied.upstreams {
+            let kept = running
+                .secrets
+                .get(&up.name)
+                .filter(|_| !changed.contains(&up.name));
+            let s = match kept {
+                Some(s) => s.clone(),
+                None => upstream_secrets(up)?,
+            };
+            secrets.insert(up.name.clone(), s);
+        }
+        let cluster_status = cluster_statuses(
+            &applied,
+            self.worker_count,
+            &running.cluster_status,
+            &changed,
+        );
+        // VIPs of running services change at once (the one step that can fail after this).
         if let Some(slot) = &self.intercept
             && let Some(interceptor) = slot
                 .lock()
@@ -117,7 +155,7 @@ impl Proxy {
                     .map_err(|e| anyhow::anyhow!("intercept: {e}"))?,
             );
         }
-        for (i, svc) in running.services.iter().enumerate() {
+        for (i, svc) in old.services.iter().enumerate() {
             let Some(j) = new.services.iter().position(|s| s.name == svc.name) else {
                 notes.push(format!(
                     "service {:?} was removed: needs a restart",
@@ -131,20 +169,12 @@ impl Proxy {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = auth.clone();
             }
         }
-        // What runs now: the same services and upstreams, with every live setting of the
-        // new file.
-        let mut applied = running.clone();
         if let (Some(running_ic), Some(ic)) = (&mut applied.intercept, &new.intercept)
             && self.intercept.is_some()
         {
             running_ic.default = ic.default;
             running_ic.enable.clone_from(&ic.enable);
             running_ic.disable.clone_from(&ic.disable);
-        }
-        for s in &mut applied.services {
-            if let Some(n) = new.services.iter().find(|n| n.name == s.name) {
-                live::take_live(s, n);
-            }
         }
         let left = live::differences(&applied, new);
         if !left.is_empty() {
@@ -153,10 +183,31 @@ impl Proxy {
                 left.join(", ")
             ));
         }
-        self.state.set_config(&applied);
-        *running = applied.clone();
+        self.state.set_running(&applied, cluster_status.clone());
+        let (done, applied_by) = std::sync::mpsc::channel();
+        let next = Arc::new(Reloaded {
+            config: applied,
+            secrets,
+            cluster_status,
+            done: Some(done),
+        });
+        *running = Arc::clone(&next);
         // Workers apply it on their own threads; nothing on the data path takes a lock.
-        self.reloads.send_replace(Arc::new(applied));
+        self.reloads.send_replace(next);
+        // Returns once every worker runs it (new clusters have their slot maps), so what
+        // follows a reload sees it. (The lock is held: reloads don't overlap.)
+        let deadline = std::time::Instant::now() + RELOAD_WAIT;
+        for n in 0..self.worker_count {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if applied_by.recv_timeout(left).is_err() {
+                notes.push(format!(
+                    "{} of {} workers had not applied the new config after {RELOAD_WAIT:?}; they will",
+                    self.worker_count - n,
+                    self.worker_count
+                ));
+                break;
+            }
+        }
         Ok(notes)
     }
 
@@ -396,7 +447,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
         listeners.push(bound);
     }
     // Secrets are resolved before anything runs, so a missing one fails start-up.
-    let mut upstream_auths = std::collections::HashMap::new();
+    let mut upstream_auths = HashMap::new();
     for up in &config.upstreams {
         upstream_auths.insert(up.name.clone(), upstream_secrets(up)?);
     }
@@ -405,16 +456,16 @@ pub fn start(config: &Config) -> Result<Proxy> {
         .map(|a| Arc::new(std::sync::RwLock::new(a)))
         .collect::<Vec<SharedAuth>>();
     let (tx, rx) = watch::channel(false);
-    let (reload_tx, reload_rx) = watch::channel(Arc::new(config.clone()));
     let metrics = Metrics::new();
     // Every worker publishes its view of each cluster upstream here, for /ready and /topology.
-    let cluster_status: std::collections::HashMap<String, Arc<ClusterStatus>> = config
-        .upstreams
-        .iter()
-        .filter(|u| u.mode == Mode::Cluster)
-        .filter(|u| config.services.iter().any(|s| s.upstream == u.name))
-        .map(|u| (u.name.clone(), ClusterStatus::new(workers)))
-        .collect();
+    let cluster_status = cluster_statuses(config, workers, &HashMap::new(), &[]);
+    let running = Arc::new(Reloaded {
+        config: config.clone(),
+        secrets: upstream_auths.clone(),
+        cluster_status: cluster_status.clone(),
+        done: None,
+    });
+    let (reload_tx, reload_rx) = watch::channel(Arc::clone(&running));
     // The eBPF programs are loaded (and checked by the verifier) now, so a problem stops
     // start-up; they are attached once every upstream answers.
     let intercept = match &config.intercept {
@@ -499,10 +550,34 @@ pub fn start(config: &Config) -> Result<Proxy> {
         admin,
         metrics,
         client_auths,
-        running: std::sync::Mutex::new(config.clone()),
+        running: std::sync::Mutex::new(running),
         reloads: reload_tx,
+        worker_count: workers,
         state,
     })
+}
+
+/// A status for each cluster upstream that is some service's catch-all (what `/ready` and
+/// `/topology` show): the one in `kept` unless the upstream is in `changed`, else a new one.
+fn cluster_statuses(
+    config: &Config,
+    workers: usize,
+    kept: &HashMap<String, Arc<ClusterStatus>>,
+    changed: &[String],
+) -> HashMap<String, Arc<ClusterStatus>> {
+    config
+        .upstreams
+        .iter()
+        .filter(|u| u.mode == Mode::Cluster)
+        .filter(|u| config.services.iter().any(|s| s.upstream == u.name))
+        .map(|u| {
+            let status = match kept.get(&u.name) {
+                Some(s) if !changed.contains(&u.name) => Arc::clone(s),
+                _ => ClusterStatus::new(workers),
+            };
+            (u.name.clone(), status)
+        })
+        .collect()
 }
 
 /// The listening sockets of one service: one per worker with `reuse_port` (and more than
@@ -566,16 +641,16 @@ struct WorkerPlan {
     counters: Vec<Arc<AtomicUsize>>,
     /// Becomes true at shutdown.
     shutdown: watch::Receiver<bool>,
-    /// The running config after each reload, for the settings a reload changes in place.
-    reloads: watch::Receiver<Arc<Config>>,
+    /// The running config after each reload, with its upstreams' credentials.
+    reloads: watch::Receiver<Arc<Reloaded>>,
     /// The process's metrics.
     metrics: Arc<Metrics>,
     /// Credentials of each upstream, by name.
-    upstream_auths: std::collections::HashMap<String, UpstreamSecrets>,
+    upstream_auths: HashMap<String, UpstreamSecrets>,
     /// Client-facing credentials of each service, in config order.
     client_auths: Vec<SharedAuth>,
     /// Where workers publish their view of each cluster upstream.
-    cluster_status: std::collections::HashMap<String, Arc<ClusterStatus>>,
+    cluster_status: HashMap<String, Arc<ClusterStatus>>,
     /// Socket mark of every upstream connection (with interception), so the connect hook
     /// never sends the proxy to itself.
     mark: Option<u32>,
@@ -605,15 +680,22 @@ impl WorkerPlan {
             cluster_status,
             mark,
         } = self;
-        let limits = Limits::default();
-        let mut standalones = Vec::new();
-        // Cluster pools by (upstream, whether replicas serve reads): services that share an
-        // upstream share its connections.
-        let mut pools: std::collections::HashMap<(String, bool), Rc<ClusterPool>> =
-            std::collections::HashMap::new();
-        let mut accepts = Vec::new();
         let sessions = Rc::new(Sessions::default());
-        let discard: Rc<dyn crate::upstream::ReplySink> = Rc::new(Discard);
+        let mut ups = Upstreams {
+            worker: index,
+            auths: upstream_auths,
+            limits: Limits::default(),
+            metrics: Arc::clone(&metrics),
+            pools: HashMap::new(),
+            cluster_status,
+            mark,
+            discard: Rc::new(Discard),
+            owned: Owned::default(),
+            fresh: Vec::new(),
+        };
+        let mut current = Vec::new();
+        let mut accepts = Vec::new();
+        let mut first = Vec::new();
         for (((svc, listener), counter), client_auth) in config
             .services
             .iter()
@@ -621,92 +703,49 @@ impl WorkerPlan {
             .zip(counters)
             .zip(client_auths)
         {
-            let Some(up) = config.upstream(&svc.upstream) else {
-                bail!(
-                    "service {:?}: unknown upstream {:?}",
-                    svc.name,
-                    svc.upstream
-                );
-            };
-            let mut ups = Upstreams {
-                worker: index,
-                auths: &upstream_auths,
-                limits,
-                metrics: &metrics,
-                pools: &mut pools,
-                standalones: &mut standalones,
-                cluster_status: &cluster_status,
-                mark,
-            };
-            let mut routes = vec![RouteCtx {
-                remove_prefix: false,
-                backend: ups.backend(up, svc.read_policy, up.max_pending_bytes.0, Duration::ZERO),
-                mirrors: ups.mirrors(&config, &svc.name, &svc.mirrors)?,
-            }];
-            for r in &svc.routes {
-                let Some(target) = config.upstream(&r.upstream) else {
-                    bail!(
-                        "service {:?}: unknown route upstream {:?}",
-                        svc.name,
-                        r.upstream
-                    );
-                };
-                routes.push(RouteCtx {
-                    remove_prefix: r.remove_prefix,
-                    backend: ups.backend(
-                        target,
-                        r.read_policy.unwrap_or(svc.read_policy),
-                        target.max_pending_bytes.0,
-                        Duration::ZERO,
-                    ),
-                    mirrors: ups.mirrors(&config, &svc.name, &r.mirrors)?,
-                });
-            }
-            let prefixes = crate::route::Prefixes::new(
-                &svc.routes
-                    .iter()
-                    .map(|r| (r.prefix.as_bytes().to_vec(), r.case_insensitive))
-                    .collect::<Vec<_>>(),
-            );
-            let ctx = Rc::new(ServiceCtx {
-                name: svc.name.clone(),
-                routes,
-                prefixes,
-                policy: RefCell::new(Rc::new(live::policy(svc))),
-                limits,
+            let shared = Shared {
+                policy: Rc::new(RefCell::new(Rc::new(live::policy(svc)))),
                 metrics: metrics.service(&svc.name, index),
                 auth: client_auth,
-                discard: Rc::clone(&discard),
-            });
-            accepts.push((listener, ctx, counter));
+                newest: Rc::default(),
+            };
+            let (ctx, pools) = ups.service(&config, svc, &shared)?;
+            first.extend(pools);
+            let ctx = Rc::new(ctx);
+            *shared.newest.borrow_mut() = Rc::downgrade(&ctx);
+            current.push(ctx);
+            accepts.push((listener, counter));
         }
         // Clients wait in the listen backlog until each cluster's first topology discovery
         // has succeeded (or taken too long), so early requests aren't refused for want of a
         // slot map.
-        for pool in pools.values() {
+        for pool in first {
             pool.wait_first(FIRST_DISCOVERY_WAIT).await;
         }
-        let ctxs: Vec<Rc<ServiceCtx>> = accepts.iter().map(|(_, c, _)| Rc::clone(c)).collect();
-        for (listener, ctx, counter) in accepts {
+        let current = Rc::new(RefCell::new(current));
+        for (i, ((listener, counter), svc)) in accepts.into_iter().zip(&config.services).enumerate()
+        {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tokio::task::spawn_local(accept_loop(
                 listener,
-                ctx,
+                Service {
+                    current: Rc::clone(&current),
+                    index: i,
+                    name: svc.name.clone(),
+                },
                 counter,
                 shutdown.clone(),
                 Rc::clone(&sessions),
             ));
         }
         // Reloads reach this worker's services here; the task ends with the proxy.
-        let mut reloads = reloads;
-        let woken = Rc::clone(&sessions);
-        tokio::task::spawn_local(async move {
-            while reloads.changed().await.is_ok() {
-                let config = Arc::clone(&reloads.borrow_and_update());
-                live::apply(&ctxs, &config);
-                woken.wake_all();
-            }
-        });
+        tokio::task::spawn_local(follow_reloads(
+            reloads,
+            ups,
+            config.clone(),
+            Rc::clone(&current),
+            Rc::clone(&sessions),
+        ));
         let mut stop = shutdown.clone();
         while !*stop.borrow() {
             if stop.changed().await.is_err() {
@@ -728,38 +767,211 @@ impl WorkerPlan {
                 "drain timeout: closing remaining clients"
             );
         }
-        for s in &standalones {
-            s.close();
-        }
-        for pool in pools.values() {
-            pool.close();
+        // Older generations close as their last clients go.
+        for ctx in current.borrow().iter() {
+            ctx.owned.close();
         }
         Ok(())
     }
 }
 
-/// A worker's upstreams while it sets up its services: standalone connections are made per
-/// use, cluster pools are shared by everything that uses the same cluster the same way.
-struct Upstreams<'a> {
+/// Applies each reload on one worker: services whose routes, mirrors or upstreams changed get
+/// a new generation of their routes (new clients start on it; connected ones move to it at
+/// their next command that nothing ties to the old one), then every service takes the new
+/// policy and mirror rates. `config` is what the worker runs now.
+async fn follow_reloads(
+    mut reloads: watch::Receiver<Arc<Reloaded>>,
+    mut ups: Upstreams,
+    mut config: Config,
+    current: Rc<RefCell<Vec<Rc<ServiceCtx>>>>,
+    sessions: Rc<Sessions>,
+) {
+    while reloads.changed().await.is_ok() {
+        let new = Arc::clone(&reloads.borrow_and_update());
+        let mut changed = live::changed_upstreams(&config, &new.config);
+        // A cluster that became a service's catch-all gets a status for /ready: its pool is
+        // made again to publish there.
+        for (name, status) in &new.cluster_status {
+            if !ups
+                .cluster_status
+                .get(name)
+                .is_some_and(|s| Arc::ptr_eq(s, status))
+                && !changed.contains(name)
+            {
+                changed.push(name.clone());
+            }
+        }
+        ups.pools.retain(|(name, _), _| !changed.contains(name));
+        ups.auths.clone_from(&new.secrets);
+        ups.cluster_status.clone_from(&new.cluster_status);
+        let mut built = Vec::new();
+        let mut fresh = Vec::new();
+        for (i, ctx) in current.borrow().iter().enumerate() {
+            let find = |c: &Config| c.services.iter().find(|s| s.name == ctx.name).cloned();
+            let (Some(old), Some(svc)) = (find(&config), find(&new.config)) else {
+                continue;
+            };
+            if !live::routing_changed(&old, &svc, &changed) {
+                continue;
+            }
+            match ups.service(&new.config, &svc, &Shared::of(ctx)) {
+                Ok((next, pools)) => {
+                    built.push((i, Rc::new(next)));
+                    fresh.extend(pools);
+                }
+                Err(e) => {
+                    error!(worker = ups.worker, service = %ctx.name, error = %format!("{e:#}"), "reload: routes not rebuilt; the old ones stay");
+                }
+            }
+        }
+        // New clusters get their slot map before anyone is sent there.
+        for pool in fresh {
+            pool.wait_first(FIRST_DISCOVERY_WAIT).await;
+        }
+        {
+            let mut current = current.borrow_mut();
+            for (i, next) in built {
+                if let Some(slot) = current.get_mut(i) {
+                    info!(worker = ups.worker, service = %next.name, "reload: new routes in use; connected clients move to them at their next command");
+                    *slot.newest.borrow_mut() = Rc::downgrade(&next);
+                    *slot = next;
+                }
+            }
+        }
+        config.clone_from(&new.config);
+        live::apply(&current.borrow(), &config);
+        sessions.wake_all();
+        if let Some(done) = &new.done {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// What every generation of a service's routes shares: the settings and credentials a
+/// reload changes in place, and the metric handles.
+struct Shared {
+    /// The service's [`session::Policy`].
+    policy: Rc<RefCell<Rc<session::Policy>>>,
+    /// The service's metric handles.
+    metrics: crate::metrics::ServiceMetrics,
+    /// Client-facing credentials.
+    auth: SharedAuth,
+    /// The newest generation.
+    newest: Rc<RefCell<std::rc::Weak<ServiceCtx>>>,
+}
+
+impl Shared {
+    fn of(ctx: &ServiceCtx) -> Shared {
+        Shared {
+            policy: Rc::clone(&ctx.policy),
+            metrics: ctx.metrics.clone(),
+            auth: Arc::clone(&ctx.auth),
+            newest: Rc::clone(&ctx.newest),
+        }
+    }
+}
+
+/// The running config a reload hands to the workers, with what its upstreams need.
+pub struct Reloaded {
+    /// The configuration now running.
+    config: Config,
+    /// Credentials and TLS of each upstream, by name.
+    secrets: HashMap<String, UpstreamSecrets>,
+    /// Where workers publish their view of each cluster that is a service's catch-all.
+    cluster_status: HashMap<String, Arc<ClusterStatus>>,
+    /// Each worker says here that it runs this config (`None` at start).
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// A worker's upstreams: standalone connections are made for each use, cluster pools are
+/// shared by everything that uses the same cluster the same way.
+struct Upstreams {
     /// The worker's number.
     worker: usize,
     /// Credentials and TLS of each upstream, by name.
-    auths: &'a std::collections::HashMap<String, UpstreamSecrets>,
+    auths: HashMap<String, UpstreamSecrets>,
     /// Reply limits.
     limits: Limits,
     /// The process's metrics.
-    metrics: &'a Arc<Metrics>,
-    /// Cluster pools by (upstream, whether replicas serve reads).
-    pools: &'a mut std::collections::HashMap<(String, bool), Rc<ClusterPool>>,
-    /// Every standalone server's connections (all databases), closed at shutdown.
-    standalones: &'a mut Vec<Rc<Standalone>>,
+    metrics: Arc<Metrics>,
+    /// Cluster pools by (upstream, whether replicas serve reads), while some generation of
+    /// some service's routes uses them.
+    pools: HashMap<(String, bool), std::rc::Weak<PoolLease>>,
     /// Where workers publish their view of each cluster.
-    cluster_status: &'a std::collections::HashMap<String, Arc<ClusterStatus>>,
+    cluster_status: HashMap<String, Arc<ClusterStatus>>,
     /// Socket mark of upstream connections.
     mark: Option<u32>,
+    /// The sink that swallows mirror replies.
+    discard: Rc<dyn crate::upstream::ReplySink>,
+    /// What the service being built opens or shares.
+    owned: Owned,
+    /// Cluster pools made for the service being built.
+    fresh: Vec<Rc<ClusterPool>>,
 }
 
-impl Upstreams<'_> {
+impl Upstreams {
+    /// A generation of `svc`'s routes, and the cluster pools made for it (which have yet
+    /// to discover their topology).
+    fn service(
+        &mut self,
+        config: &Config,
+        svc: &crate::config::ServiceConfig,
+        shared: &Shared,
+    ) -> Result<(ServiceCtx, Vec<Rc<ClusterPool>>)> {
+        self.owned = Owned::default();
+        self.fresh.clear();
+        let Some(up) = config.upstream(&svc.upstream) else {
+            bail!(
+                "service {:?}: unknown upstream {:?}",
+                svc.name,
+                svc.upstream
+            );
+        };
+        let mut routes = vec![RouteCtx {
+            remove_prefix: false,
+            backend: self.backend(up, svc.read_policy, up.max_pending_bytes.0, Duration::ZERO),
+            mirrors: self.mirrors(config, &svc.name, &svc.mirrors)?,
+        }];
+        for r in &svc.routes {
+            let Some(target) = config.upstream(&r.upstream) else {
+                bail!(
+                    "service {:?}: unknown route upstream {:?}",
+                    svc.name,
+                    r.upstream
+                );
+            };
+            routes.push(RouteCtx {
+                remove_prefix: r.remove_prefix,
+                backend: self.backend(
+                    target,
+                    r.read_policy.unwrap_or(svc.read_policy),
+                    target.max_pending_bytes.0,
+                    Duration::ZERO,
+                ),
+                mirrors: self.mirrors(config, &svc.name, &r.mirrors)?,
+            });
+        }
+        let prefixes = crate::route::Prefixes::new(
+            &svc.routes
+                .iter()
+                .map(|r| (r.prefix.as_bytes().to_vec(), r.case_insensitive))
+                .collect::<Vec<_>>(),
+        );
+        let ctx = ServiceCtx {
+            name: svc.name.clone(),
+            routes,
+            prefixes,
+            policy: Rc::clone(&shared.policy),
+            limits: self.limits,
+            metrics: shared.metrics.clone(),
+            auth: Arc::clone(&shared.auth),
+            discard: Rc::clone(&self.discard),
+            newest: Rc::clone(&shared.newest),
+            owned: std::mem::take(&mut self.owned),
+        };
+        Ok((ctx, std::mem::take(&mut self.fresh)))
+    }
+
     /// This worker's way to `up`: new shared connections for a standalone server (with
     /// `max_pending` bytes of queue each), or the cluster's pool.
     fn backend(
@@ -777,23 +989,21 @@ impl Upstreams<'_> {
         };
         match up.mode {
             Mode::Standalone => {
-                // Config validation gives a standalone upstream exactly one node.
                 // Config validation gives a standalone upstream exactly one node (without
                 // one, the server has no connections and requests get an error).
                 let node = up.nodes.first().map_or("", String::as_str);
-                let server = Standalone::new(up, node, settings, Arc::clone(self.metrics));
-                self.standalones.push(Rc::clone(&server));
+                let server = Standalone::new(up, node, settings, Arc::clone(&self.metrics));
+                self.owned.standalones.push(Rc::clone(&server));
                 Backend::Standalone(server)
             }
             Mode::Cluster => {
                 let readonly = policy != crate::config::ReadPolicy::Master;
-                let worker = self.worker;
-                let metrics = self.metrics;
-                let status = self.cluster_status.get(&up.name).cloned();
-                let pool = self
-                    .pools
-                    .entry((up.name.clone(), readonly))
-                    .or_insert_with(|| {
+                let key = (up.name.clone(), readonly);
+                let lease = match self.pools.get(&key).and_then(std::rc::Weak::upgrade) {
+                    Some(lease) => lease,
+                    None => {
+                        let worker = self.worker;
+                        let status = self.cluster_status.get(&up.name).cloned();
                         let pool = ClusterPool::new(
                             PoolSettings {
                                 name: up.name.clone(),
@@ -809,13 +1019,21 @@ impl Upstreams<'_> {
                                 worker,
                                 max_idle_dedicated: up.max_idle_dedicated,
                             },
-                            Arc::clone(metrics),
+                            Arc::clone(&self.metrics),
                             status.unwrap_or_else(|| ClusterStatus::new(worker + 1)),
                         );
                         tokio::task::spawn_local(Rc::clone(&pool).run());
-                        pool
-                    });
-                Backend::Cluster(Rc::clone(pool), policy)
+                        self.fresh.push(Rc::clone(&pool));
+                        let lease = Rc::new(PoolLease(pool));
+                        self.pools.insert(key, Rc::downgrade(&lease));
+                        lease
+                    }
+                };
+                let pool = Rc::clone(&lease.0);
+                if !self.owned.pools.iter().any(|l| Rc::ptr_eq(l, &lease)) {
+                    self.owned.pools.push(lease);
+                }
+                Backend::Cluster(pool, policy)
             }
         }
     }
@@ -875,8 +1093,12 @@ fn conn_settings(
     }
 }
 
-/// Longest a worker waits for a cluster's first topology before it accepts clients anyway.
+/// Longest a worker waits for a cluster's first topology before it accepts clients anyway
+/// (or, after a reload, sends clients there anyway).
 const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(5);
+
+/// Longest a reload waits for every worker to apply it.
+const RELOAD_WAIT: Duration = Duration::from_secs(10);
 
 /// What an upstream's connections need from files and the environment, read at start so a
 /// missing one fails start-up.
@@ -928,10 +1150,27 @@ fn upstream_auth(up: &crate::config::UpstreamConfig) -> Result<Option<UpstreamAu
     }))
 }
 
+/// One service's newest generation on this worker, looked up at each accept (holding a
+/// generation would keep its connections open after a reload replaced it).
+struct Service {
+    /// Every service's newest generation, in config order.
+    current: Rc<RefCell<Vec<Rc<ServiceCtx>>>>,
+    /// This service's place in it.
+    index: usize,
+    /// The service's name, for logs.
+    name: String,
+}
+
+impl Service {
+    fn get(&self) -> Option<Rc<ServiceCtx>> {
+        self.current.borrow().get(self.index).cloned()
+    }
+}
+
 /// Accepts clients of one service on this worker until shutdown.
 async fn accept_loop(
     listener: tokio::net::TcpListener,
-    ctx: Rc<ServiceCtx>,
+    service: Service,
     counter: Arc<AtomicUsize>,
     mut shutdown: watch::Receiver<bool>,
     sessions: Rc<Sessions>,
@@ -945,6 +1184,8 @@ async fn accept_loop(
         match accepted {
             Ok((stream, _peer)) => {
                 backoff = Duration::from_millis(10);
+                // New clients start on the newest routes (a reload may have built them).
+                let Some(ctx) = service.get() else { return };
                 let max_clients = ctx.policy().max_clients;
                 let Some(guard) = ClientGuard::acquire(&counter, max_clients) else {
                     ctx.metrics.rejected.inc();
@@ -962,7 +1203,7 @@ async fn accept_loop(
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait rather than spin.
-                warn!(service = %ctx.name, error = %e, "accept failed");
+                warn!(service = %service.name, error = %e, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }

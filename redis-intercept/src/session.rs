@@ -13,7 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::io::Read;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
@@ -37,6 +37,7 @@ use crate::config::ReadPolicy;
 use crate::metrics::ServiceMetrics;
 use crate::resp::{Limits, Request, RequestParser};
 use crate::signal::Signal;
+use crate::upstream::owned::Owned;
 use crate::upstream::pool::ClusterPool;
 use crate::upstream::standalone::Standalone;
 use crate::upstream::{Reply, ReplySink, error_reply};
@@ -68,8 +69,9 @@ pub struct ServiceCtx {
     pub routes: Vec<RouteCtx>,
     /// Which route a key falls under.
     pub prefixes: crate::route::Prefixes,
-    /// The settings a reload changes in place (see [`Policy`]).
-    pub policy: RefCell<Rc<Policy>>,
+    /// The settings a reload changes in place (see [`Policy`]), shared by every generation
+    /// of the service's routes.
+    pub policy: Rc<RefCell<Rc<Policy>>>,
     /// Request parsing limits.
     pub limits: Limits,
     /// The service's metric handles.
@@ -79,9 +81,26 @@ pub struct ServiceCtx {
     pub auth: SharedAuth,
     /// The sink that swallows mirror replies.
     pub discard: Rc<dyn ReplySink>,
+    /// The service's newest generation, shared by all of them: a reload that changes
+    /// routes, upstreams or mirrors builds a new one, and clients move to it once nothing
+    /// ties them to theirs. (Weak: the worker holds the newest; older ones live as long as
+    /// their clients.)
+    pub newest: Rc<RefCell<Weak<ServiceCtx>>>,
+    /// The upstream connections this generation opened, closed when it is dropped.
+    pub owned: Owned,
 }
 
 impl ServiceCtx {
+    /// The service's newest generation when it isn't this one.
+    pub fn replaced_by(&self) -> Option<Rc<ServiceCtx>> {
+        let newest = self.newest.borrow();
+        if std::ptr::eq(newest.as_ptr(), self) {
+            None
+        } else {
+            newest.upgrade()
+        }
+    }
+
     /// The service's settings now. Cheap (no atomics): read it where a decision is made,
     /// so a reload reaches clients that are already connected.
     pub fn policy(&self) -> Rc<Policy> {
@@ -715,6 +734,7 @@ pub async fn run(
         ),
         delayed: None,
         stateful: stateful::Stateful::default(),
+        declined: None,
     };
     let mut input = InputBuf::default();
     let end = loop {
@@ -768,6 +788,9 @@ struct Session {
     delayed: Option<Delayed>,
     /// Transaction and blocking-command state (a connection of its own while it lasts).
     stateful: stateful::Stateful,
+    /// A generation of the service's routes the client can't move to, and the database it
+    /// had selected then (the new routes don't have it), so it isn't tried at every turn.
+    declined: Option<(Weak<ServiceCtx>, u32)>,
 }
 
 impl Session {
@@ -805,7 +828,11 @@ impl Session {
                 self.send_delayed();
             }
             self.follow_probe();
-            if !self.state.closing && !input.is_empty() && self.stateful.subscribe.is_none() {
+            if self.follow_reload() && !input.is_empty() {
+                // Read on once the replies owed on the old routes are in.
+                self.stateful.barrier = true;
+            } else if !self.state.closing && !input.is_empty() && self.stateful.subscribe.is_none()
+            {
                 self.process_input(input);
             }
             self.maybe_unpin();
@@ -900,6 +927,41 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Moves the client to the newest generation of its service's routes once a reload has
+    /// built one and nothing ties the client to its own: no transaction, WATCH, blocking
+    /// command, subscription or delayed request. Replies still owed on the old connections
+    /// come in first, so the client's commands keep their order. Returns whether it waits
+    /// for them.
+    fn follow_reload(&mut self) -> bool {
+        if self.delayed.is_some()
+            || self.stateful.subscribe.is_some()
+            || self.stateful.active(&self.forwarder)
+        {
+            return false;
+        }
+        let Some(latest) = self.svc.replaced_by() else {
+            return false;
+        };
+        if self.declined.as_ref().is_some_and(|(old, db)| {
+            std::ptr::eq(old.as_ptr(), Rc::as_ptr(&latest)) && *db == self.forwarder.db()
+        }) {
+            return false;
+        }
+        if self.core.unfilled.get() > 0 {
+            return true;
+        }
+        let mut forwarder = forward::Forwarder::new(&latest.routes, self.state.id, &latest.discard);
+        let db = self.forwarder.db();
+        if db != 0 && forwarder.select(i64::from(db)).is_err() {
+            debug!(service = %self.svc.name, client = self.state.id, db, "the reloaded routes can't serve the client's database; it keeps the old ones");
+            self.declined = Some((Rc::downgrade(&latest), db));
+            return false;
+        }
+        self.forwarder = forwarder;
+        self.svc = latest;
+        false
     }
 
     /// Sends the request a delay fault held back.

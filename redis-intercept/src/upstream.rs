@@ -12,6 +12,7 @@
 //! connections of a cluster upstream and its slot map.
 
 pub mod dedicated;
+pub mod owned;
 pub mod pool;
 pub mod standalone;
 pub mod tls;

@@ -337,6 +337,23 @@ pub fn start_proxy_config(text: &str) -> redis_intercept::app::Proxy {
     proxy
 }
 
+/// Sends a backlog to the proxy on `client`: 1000 SETs of 64 KiB (`big0`…`big999`), which
+/// keep an upstream connection busy for a while. Read 1000 `OK`s afterwards.
+pub fn send_backlog(client: &mut RespReader) {
+    let value = "x".repeat(64 * 1024);
+    let batch: Vec<u8> = (0..1000)
+        .flat_map(|i| encode(&["SET", &format!("big{i}"), &value]))
+        .collect();
+    client.send(&batch);
+}
+
+/// Applies config `text` to a running proxy, as SIGHUP does; returns the notes.
+pub fn reload(proxy: &redis_intercept::app::Proxy, text: &str) -> Vec<String> {
+    proxy
+        .reload(&redis_intercept::config::Config::parse(text, "reload").unwrap())
+        .unwrap()
+}
+
 /// Polls `f` every 20ms until it returns true; panics after `limit`.
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -442,6 +459,24 @@ impl RedisCluster {
     /// Addresses of every node, as seeds.
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.nodes.iter().map(|n| n.addr).collect()
+    }
+
+    /// Reads `key` from the node that owns its slot, asked directly.
+    pub fn get_from_owner(&self, key: &str) -> Frame {
+        let map = redis_intercept::cluster::SlotMap::from_cluster_slots(
+            &self.nodes[0].cmd(&["CLUSTER", "SLOTS"]),
+            "127.0.0.1",
+        )
+        .unwrap();
+        let owner = map
+            .master(redis_intercept::cluster::Slot::for_key(key.as_bytes()))
+            .unwrap();
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.addr.to_string() == owner)
+            .unwrap();
+        node.cmd(&["GET", key])
     }
 
     /// Waits until every running node says `cluster_state:ok` and agrees on `CLUSTER SLOTS`.

@@ -271,15 +271,18 @@ fn reload_turns_client_auth_on_and_reports_what_needs_a_restart() {
         .replace(
             "mode = \"standalone\"\n",
             "mode = \"standalone\"\nconnect_timeout = \"3s\"\n",
-        );
+        )
+        .replace("workers = 2", "workers = 3");
     let config = redis_intercept::config::Config::parse(&changed, "reload").unwrap();
     let notes = proxy.reload(&config).unwrap();
     assert!(
         notes
             .iter()
-            .any(|n| n.contains("after a restart") && n.contains("upstream[0].connect_timeout")),
-        "{notes:?}"
+            .any(|n| n.ends_with("after a restart: proxy.workers")),
+        "only the worker count waits for a restart: {notes:?}"
     );
+    // The upstream's new connections carry the client that was in.
+    assert_eq!(before.call(&["GET", "k"]), Frame::Bulk("v".into()));
     let mut third = RespReader::connect(addr);
     assert!(is_err(&third.call(&["AUTH", "pw"]), "WRONGPASS"));
     assert_eq!(third.call(&["AUTH", "pw2"]), ok());

@@ -1,4 +1,4 @@
-//! A reload changes faults, mirror rates, timeouts and client limits for clients that are
+//! A reload changes faults, mirror rates, timeouts, client limits and routes for clients that are
 //! already connected, on every worker, and names what only a restart applies.
 #![allow(
     clippy::unwrap_used,
@@ -8,10 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use redis_intercept::config::Config;
 use redis_intercept::resp::Frame;
 use redis_intercept_e2e::{
-    RedisServer, RespReader, http_get, is_err, ok, start_proxy_config, wait_until,
+    RedisServer, RespReader, http_get, is_err, ok, reload, start_proxy_config, wait_until,
 };
 
 fn dbsize(server: &RedisServer) -> i64 {
@@ -32,12 +31,6 @@ fn config(main: &RedisServer, copy: &RedisServer, service_extra: &str, mirror: &
          [[service.mirror]]\nupstream = \"copy\"\nexclude_reads = true\nbatch_delay = \"0s\"\n{mirror}\n",
         main.addr, copy.addr
     )
-}
-
-fn reload(proxy: &redis_intercept::app::Proxy, text: &str) -> Vec<String> {
-    proxy
-        .reload(&Config::parse(text, "reload").unwrap())
-        .unwrap()
 }
 
 #[test]
@@ -148,34 +141,37 @@ fn reload_names_the_settings_that_need_a_restart_and_applies_the_rest() {
     let proxy = start_proxy_config(&base);
     let mut c = RespReader::connect(proxy.addr("svc").unwrap());
     assert_eq!(c.call(&["SET", "k", "v"]), ok());
+    // A fault, a route and a mirror setting (all applied) with a new listen address and
+    // drain timeout (not applied).
     let next = config(
         &main,
         &copy,
-        "[[service.fault]]\nkind = \"error\"\npercentage = 100.0\n\n\
+        "[[service.fault]]\nkind = \"error\"\npercentage = 100.0\ncommands = [\"GET\"]\n\n\
          [[service.route]]\nprefix = \"r:\"\nupstream = \"copy\"\n",
         "max_queue = \"1MiB\"\n",
     )
-    .replace("[admin]", "[admin]\n# a comment changes nothing\n");
+    .replace("[admin]", "[admin]\n# a comment changes nothing\n")
+    .replace("drain_timeout = \"1s\"", "drain_timeout = \"2s\"")
+    .replace(
+        "name = \"svc\"\nlisten = \"127.0.0.1:0\"",
+        "name = \"svc\"\nlisten = \"127.0.0.1:1\"",
+    );
     let notes = reload(&proxy, &next);
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert!(
-        notes[0].contains("after a restart")
-            && notes[0].contains("service[0].mirror[0].max_queue")
-            && notes[0].contains("service[0].route"),
+        notes[0].ends_with("take effect after a restart: proxy.drain_timeout, service[0].listen"),
         "{notes:?}"
     );
-    // The fault is live even though the route is not.
-    wait_until(Duration::from_secs(5), || {
-        is_err(&c.call(&["GET", "k"]), "ERR Fault Injected: Error")
-    });
+    // The fault and the route are live for the client that was connected.
+    assert!(is_err(&c.call(&["GET", "k"]), "ERR Fault Injected: Error"));
+    assert_eq!(c.call(&["SET", "r:x", "1"]), ok());
+    assert_eq!(copy.cmd(&["GET", "r:x"]), Frame::Bulk("1".into()));
     let (_, body) = http_get(proxy.admin_addr().unwrap(), "/config");
+    assert!(body.contains("prefix = \"r:\""), "{body}");
+    assert!(body.contains("max_queue"), "{body}");
     assert!(
-        body.contains("Fault Injected") || body.contains("kind = \"error\""),
-        "{body}"
-    );
-    assert!(
-        !body.contains("prefix = \"r:\""),
-        "the route is not running: {body}"
+        body.contains("drain_timeout = \"1000ms\"") && !body.contains("127.0.0.1:1\""),
+        "what runs, not the file: {body}"
     );
     proxy.shutdown();
 }

@@ -9,7 +9,6 @@
 
 use std::time::Duration;
 
-use redis_intercept::cluster::{Slot, SlotMap};
 use redis_intercept::resp::Frame;
 use redis_intercept_e2e::{RedisCluster, RedisServer, RespReader, start_proxy_config, wait_until};
 
@@ -19,20 +18,6 @@ fn ok() -> Frame {
 
 fn bulk(s: &str) -> Frame {
     Frame::Bulk(s.as_bytes().to_vec().into())
-}
-
-/// Reads `key` from the cluster node that owns it.
-fn cluster_get(cluster: &RedisCluster, key: &str) -> Frame {
-    let map =
-        SlotMap::from_cluster_slots(&cluster.nodes[0].cmd(&["CLUSTER", "SLOTS"]), "127.0.0.1")
-            .unwrap();
-    let owner = map.master(Slot::for_key(key.as_bytes())).unwrap();
-    let node = cluster
-        .nodes
-        .iter()
-        .find(|n| n.addr.to_string() == owner)
-        .unwrap();
-    node.cmd(&["GET", key])
 }
 
 fn config(single: &RedisServer, cluster: &RedisCluster, service_extra: &str) -> String {
@@ -62,7 +47,7 @@ fn prefixes_pick_the_upstream_and_multi_key_commands_span_routes() {
     // The seed: "cluster…" keys go to the cluster, anything else to the single server.
     assert_eq!(c.call(&["SET", "cluster:a", "1"]), ok());
     assert_eq!(c.call(&["SET", "plain", "2"]), ok());
-    assert_eq!(cluster_get(&cluster, "cluster:a"), bulk("1"));
+    assert_eq!(cluster.get_from_owner("cluster:a"), bulk("1"));
     assert_eq!(single.cmd(&["GET", "cluster:a"]), Frame::NullBulk);
     assert_eq!(single.cmd(&["GET", "plain"]), bulk("2"));
     // The longest prefix wins.
@@ -70,7 +55,7 @@ fn prefixes_pick_the_upstream_and_multi_key_commands_span_routes() {
     assert_eq!(single.cmd(&["GET", "cluster:raw:x"]), bulk("3"));
     // remove_prefix and case_insensitive: STRIP:k is stored as k on the cluster.
     assert_eq!(c.call(&["SET", "STRIP:k", "4"]), ok());
-    assert_eq!(cluster_get(&cluster, "k"), bulk("4"));
+    assert_eq!(cluster.get_from_owner("k"), bulk("4"));
     assert_eq!(c.call(&["GET", "strip:k"]), bulk("4"));
     // Multi-key commands split by route (then by slot on the cluster) and merge in order.
     assert_eq!(
@@ -88,7 +73,7 @@ fn prefixes_pick_the_upstream_and_multi_key_commands_span_routes() {
         ok()
     );
     assert_eq!(single.cmd(&["GET", "m2"]), bulk("b"));
-    assert_eq!(cluster_get(&cluster, "m4"), bulk("d"));
+    assert_eq!(cluster.get_from_owner("m4"), bulk("d"));
     assert_eq!(
         c.call(&["MGET", "m2", "cluster:m3", "nope", "strip:m4", "cluster:m1"]),
         Frame::Array(vec![
@@ -175,7 +160,7 @@ fn routes_have_their_own_read_policy_and_mirrors_and_mirrors_reach_clusters() {
     for (k, v) in [("x1", "1"), ("x2", "2"), ("x3", "3"), ("x4", "4")] {
         assert_eq!(single.cmd(&["GET", k]), bulk(v));
         wait_until(Duration::from_secs(5), || {
-            cluster_get(&cluster, k) == bulk(v)
+            cluster.get_from_owner(k) == bulk(v)
         });
     }
     // The route reads from replicas.
@@ -217,7 +202,7 @@ fn transactions_and_blocking_pops_follow_the_route_of_their_keys() {
         c.call(&["EXEC"]),
         Frame::Array(vec![ok(), Frame::Integer(2)])
     );
-    assert_eq!(cluster_get(&cluster, "{t}x"), bulk("2"));
+    assert_eq!(cluster.get_from_owner("{t}x"), bulk("2"));
     assert_eq!(single.cmd(&["EXISTS", "c:{t}x"]), Frame::Integer(0));
     // The catch-all route: the single server.
     assert_eq!(c.call(&["MULTI"]), ok());

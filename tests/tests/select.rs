@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redis_intercept::resp::Frame;
 use redis_intercept_e2e::{
-    RedisServer, RespReader, bulk, encode, is_err, ok, start_proxy_config, wait_until,
+    RedisServer, RespReader, bulk, encode, is_err, ok, send_backlog, start_proxy_config, wait_until,
 };
 
 /// `GET key` in database `db`, asked of `server` directly.
@@ -135,11 +135,7 @@ fn select_waits_for_the_commands_sent_before_it() {
     assert_eq!(c.call(&["SELECT", "5"]), ok());
     assert_eq!(c.call(&["SELECT", "0"]), ok());
     let mut busy = RespReader::connect(addr);
-    let value = "x".repeat(64 * 1024);
-    let batch: Vec<u8> = (0..1000)
-        .flat_map(|i| encode(&["SET", &format!("big{i}"), &value]))
-        .collect();
-    busy.send(&batch);
+    send_backlog(&mut busy);
     // MOVE goes out behind 64 MB on database 0's connection, GET on database 5's: only the
     // wait at SELECT makes GET see the moved key.
     c.send(

@@ -1,10 +1,14 @@
-//! Settings a reload changes in place: each service's [`Policy`] and its mirrors' rates,
-//! built from the config, carried from a new file into the running config, and applied on a
-//! worker. Everything else (listeners, upstreams, routes) owns connections and needs a restart.
+//! What a reload changes without a restart: each service's [`Policy`] and mirror rates
+//! (applied in place), and its routes, mirrors and upstreams (a worker builds a new
+//! generation of the service's routes, and clients move to it). Listeners, the proxy's own
+//! settings and the list of services need a restart.
 
 use std::rc::Rc;
 
-use crate::config::{Config, FaultConfig, FaultKind, LegacyAuth, MirrorConfig, ServiceConfig};
+use crate::config::{
+    Config, FaultConfig, FaultKind, LegacyAuth, MirrorConfig, RouteConfig, ServiceConfig,
+    UpstreamConfig,
+};
 use crate::session::{Fault, FaultAction, Policy, ServiceCtx};
 
 /// The runtime form of a service's reloadable settings.
@@ -60,30 +64,106 @@ pub(super) fn take_live(running: &mut ServiceConfig, new: &ServiceConfig) {
     running.max_pipeline = new.max_pipeline;
     running.legacy_auth = new.legacy_auth;
     running.faults.clone_from(&new.faults);
-    take_mirror_rates(&mut running.mirrors, &new.mirrors);
-    for (r, n) in running.routes.iter_mut().zip(&new.routes) {
-        // The same route (its mirrors' connections exist): only then are rates carried over.
-        if r.prefix == n.prefix && r.upstream == n.upstream {
-            take_mirror_rates(&mut r.mirrors, &n.mirrors);
+    // Routing: workers build a new generation of the service's routes when these change.
+    running.upstream.clone_from(&new.upstream);
+    running.read_policy = new.read_policy;
+    running.mirrors.clone_from(&new.mirrors);
+    running.routes.clone_from(&new.routes);
+}
+
+/// The upstreams that run after a reload: every one of the new file, plus those only the
+/// old file has that a running service still uses (a service removed from the file keeps
+/// running until a restart, with its upstreams).
+pub(super) fn upstreams(applied: &Config, old: &Config, new: &Config) -> Vec<UpstreamConfig> {
+    let mut out = new.upstreams.clone();
+    for up in &old.upstreams {
+        if new.upstream(&up.name).is_none()
+            && applied
+                .services
+                .iter()
+                .any(|s| uses(s).contains(&up.name.as_str()))
+        {
+            out.push(up.clone());
         }
+    }
+    out
+}
+
+/// Every upstream a service sends to: its own, its routes' and all mirrors'.
+fn uses(svc: &ServiceConfig) -> Vec<&str> {
+    let mut names = vec![svc.upstream.as_str()];
+    names.extend(svc.mirrors.iter().map(|m| m.upstream.as_str()));
+    for r in &svc.routes {
+        names.push(r.upstream.as_str());
+        names.extend(r.mirrors.iter().map(|m| m.upstream.as_str()));
+    }
+    names
+}
+
+/// Whether two config items are the same setting for setting (compared as TOML).
+pub(super) fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    match (toml::Value::try_from(a), toml::Value::try_from(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 
-/// Copies `percentage` and `exclude_reads` when both lists name the same mirror upstreams
-/// in the same order. Adding or removing a mirror needs connections, so a restart.
-fn take_mirror_rates(running: &mut [MirrorConfig], new: &[MirrorConfig]) {
-    if running.len() != new.len()
-        || running
+/// The names of the upstreams whose settings differ between `old` and `new`, or that only
+/// one of them has: their connections are made again.
+pub(super) fn changed_upstreams(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for up in &old.upstreams {
+        if !new.upstream(&up.name).is_some_and(|n| same(up, n)) {
+            out.push(up.name.clone());
+        }
+    }
+    for up in &new.upstreams {
+        if old.upstream(&up.name).is_none() {
+            out.push(up.name.clone());
+        }
+    }
+    out
+}
+
+/// Whether service `old` (as it ran) and `new` (the same service after a reload) route
+/// differently, so that a worker must build its routes again: another upstream, read
+/// policy, route or mirror list (a mirror's `percentage` and `exclude_reads` change in
+/// place), or an upstream in `changed` that it sends to.
+pub(super) fn routing_changed(
+    old: &ServiceConfig,
+    new: &ServiceConfig,
+    changed: &[String],
+) -> bool {
+    let view = |s: &ServiceConfig| {
+        let rates_off = |list: &[MirrorConfig]| -> Vec<MirrorConfig> {
+            list.iter()
+                .map(|m| MirrorConfig {
+                    percentage: 0.0,
+                    exclude_reads: false,
+                    ..m.clone()
+                })
+                .collect()
+        };
+        let routes: Vec<RouteConfig> = s
+            .routes
             .iter()
-            .zip(new)
-            .any(|(r, n)| r.upstream != n.upstream)
-    {
-        return;
-    }
-    for (r, n) in running.iter_mut().zip(new) {
-        r.percentage = n.percentage;
-        r.exclude_reads = n.exclude_reads;
-    }
+            .map(|r| RouteConfig {
+                mirrors: rates_off(&r.mirrors),
+                ..r.clone()
+            })
+            .collect();
+        (
+            s.upstream.clone(),
+            s.read_policy,
+            rates_off(&s.mirrors),
+            routes,
+        )
+    };
+    !same(&view(old), &view(new))
+        || uses(old)
+            .into_iter()
+            .chain(uses(new))
+            .any(|n| changed.iter().any(|c| c == n))
 }
 
 /// Applies `config` (the running config after a reload) to one worker's services, matched
@@ -190,10 +270,16 @@ upstream = "copy"
 
     /// What `Proxy::reload` does: carry the live settings over, then list what remains.
     fn left_over(running: &str, new: &str) -> Vec<String> {
-        let mut running = parse(running);
+        let old = parse(running);
         let new = parse(new);
-        take_live(&mut running.services[0], &new.services[0]);
-        differences(&running, &new)
+        let mut applied = old.clone();
+        for s in &mut applied.services {
+            if let Some(n) = new.services.iter().find(|n| n.name == s.name) {
+                take_live(s, n);
+            }
+        }
+        applied.upstreams = upstreams(&applied, &old, &new);
+        differences(&applied, &new)
     }
 
     #[test]
@@ -208,13 +294,7 @@ upstream = "copy"
             )
             .replace("percentage = 100.0", "percentage = 10.0\nexclude_reads = true");
         assert_eq!(left_over(BASE, &new), Vec::<String>::new());
-        // And the rates reach the route's mirror too.
-        let new = format!("{BASE}percentage = 0.0\n");
-        assert_eq!(left_over(BASE, &new), Vec::<String>::new());
-    }
-
-    #[test]
-    fn connection_settings_are_named_for_a_restart() {
+        // Routes, mirrors and upstreams are rebuilt, so they need no restart either.
         let new = BASE
             .replace("prefix = \"a:\"", "prefix = \"b:\"")
             .replace(
@@ -224,25 +304,94 @@ upstream = "copy"
             .replace(
                 "percentage = 100.0",
                 "percentage = 50.0\nbatch_delay = \"5ms\"",
+            )
+            .replace(
+                "[[service.route]]",
+                "[[service.mirror]]\nupstream = \"main\"\npercentage = 1.0\n\n[[service.route]]",
             );
-        assert_eq!(
-            left_over(BASE, &new),
-            [
-                "service[0].mirror[0].batch_delay",
-                "service[0].route[0].prefix",
-                "upstream[1].connect_timeout",
-            ]
-        );
-        // A mirror added: the list changed, so no rate is carried over either.
-        let new = BASE.replace(
-            "[[service.route]]",
-            "[[service.mirror]]\nupstream = \"main\"\npercentage = 1.0\n\n[[service.route]]",
-        );
-        assert_eq!(left_over(BASE, &new), ["service[0].mirror[1]"]);
+        assert_eq!(left_over(BASE, &new), Vec::<String>::new());
+    }
+
+    #[test]
+    fn listeners_and_services_are_named_for_a_restart() {
+        let new = BASE.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+        assert_eq!(left_over(BASE, &new), ["service[0].listen"]);
         let new = format!(
             "{BASE}\n[[service]]\nname = \"two\"\nlisten = \"127.0.0.1:1\"\nupstream = \"main\"\n"
         );
         assert_eq!(left_over(BASE, &new), ["service[1]"]);
+    }
+
+    #[test]
+    fn a_removed_services_upstreams_keep_running() {
+        let two = format!(
+            "{BASE}\n[[upstream]]\nname = \"other\"\nmode = \"standalone\"\nnodes = [\"127.0.0.1:6381\"]\n\n\
+             [[service]]\nname = \"two\"\nlisten = \"127.0.0.1:1\"\nupstream = \"other\"\n"
+        );
+        let old = parse(&two);
+        let new = parse(BASE);
+        let mut applied = old.clone();
+        for s in &mut applied.services {
+            if let Some(n) = new.services.iter().find(|n| n.name == s.name) {
+                take_live(s, n);
+            }
+        }
+        let names: Vec<String> = upstreams(&applied, &old, &new)
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
+        assert_eq!(names, ["main", "copy", "other"]);
+        // Without the service, nothing keeps it.
+        applied.services.truncate(1);
+        assert_eq!(upstreams(&applied, &old, &new).len(), 2);
+    }
+
+    #[test]
+    fn routes_are_rebuilt_only_when_routing_changes() {
+        let old = parse(BASE);
+        let svc = |text: &str| parse(text).services[0].clone();
+        // Rates change in place.
+        let rates = svc(&format!("{BASE}percentage = 0.0\nexclude_reads = true\n"));
+        assert!(!routing_changed(&old.services[0], &rates, &[]));
+        assert!(!routing_changed(
+            &old.services[0],
+            &svc(&BASE.replace(
+                "upstream = \"main\"\n\n[[service.mirror]]",
+                "upstream = \"main\"\nop_timeout = \"2s\"\n\n[[service.mirror]]"
+            )),
+            &[]
+        ));
+        for changed in [
+            BASE.replace("prefix = \"a:\"", "prefix = \"b:\""),
+            BASE.replace("prefix = \"a:\"", "prefix = \"a:\"\nremove_prefix = true"),
+            BASE.replace(
+                "upstream = \"main\"\n\n[[service.mirror]]",
+                "upstream = \"copy\"\n\n[[service.mirror]]",
+            ),
+            format!("{BASE}batch_delay = \"5ms\"\n"),
+        ] {
+            assert!(
+                routing_changed(&old.services[0], &svc(&changed), &[]),
+                "{changed}"
+            );
+        }
+        // An upstream it sends to changed; another one didn't matter.
+        assert!(routing_changed(
+            &old.services[0],
+            &old.services[0],
+            &["copy".to_owned()]
+        ));
+        assert!(!routing_changed(
+            &old.services[0],
+            &old.services[0],
+            &["x".to_owned()]
+        ));
+        let timeout = parse(&BASE.replace(
+            "nodes = [\"127.0.0.1:6380\"]",
+            "nodes = [\"127.0.0.1:6380\"]\nconnect_timeout = \"3s\"",
+        ));
+        assert_eq!(changed_upstreams(&old, &timeout), ["copy"]);
+        assert_eq!(changed_upstreams(&old, &old), Vec::<String>::new());
     }
 
     #[test]

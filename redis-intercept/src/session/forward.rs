@@ -285,6 +285,11 @@ impl Forwarder {
         Ok(())
     }
 
+    /// The database the client selected.
+    pub fn db(&self) -> u32 {
+        self.db
+    }
+
     /// Whether the client has a connection of its own.
     pub fn is_pinned(&self) -> bool {
         self.pinned.is_some()

@@ -1,0 +1,47 @@
+//! The upstream connections one generation of a service's routes owns, closed when the last
+//! client and listener using that generation let go of it (after a reload replaced it).
+
+use std::rc::Rc;
+
+use super::pool::ClusterPool;
+use super::standalone::Standalone;
+
+/// A worker's cluster pool as the route generations that use it hold it. Generations of
+/// several services share one pool; the pool closes when the last of them is dropped.
+pub struct PoolLease(pub Rc<ClusterPool>);
+
+impl Drop for PoolLease {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// What one generation of a service's routes opened or shares.
+#[derive(Default)]
+pub struct Owned {
+    /// Standalone servers, each made for this generation alone.
+    pub standalones: Vec<Rc<Standalone>>,
+    /// Cluster pools, shared with other generations that route to the same cluster.
+    pub pools: Vec<Rc<PoolLease>>,
+}
+
+impl Owned {
+    /// Closes every connection now (shutdown), shared pools included.
+    pub fn close(&self) {
+        for s in &self.standalones {
+            s.close();
+        }
+        for p in &self.pools {
+            p.0.close();
+        }
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        // Standalone servers are this generation's alone; pools close with their last lease.
+        for s in &self.standalones {
+            s.close();
+        }
+    }
+}
