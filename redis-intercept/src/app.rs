@@ -5,6 +5,7 @@
 //! own handle of every service listener and owns its own upstream connections, so the data
 //! path shares nothing between threads and takes no locks.
 
+mod files;
 mod live;
 
 use std::cell::{Cell, RefCell};
@@ -211,6 +212,20 @@ impl Proxy {
         Ok(notes)
     }
 
+    /// The client `password_file`s of the running services (what a config watch reads).
+    pub fn client_password_files(&self) -> Vec<PathBuf> {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        running
+            .config
+            .services
+            .iter()
+            .filter_map(|s| s.auth.as_ref()?.password_file.clone())
+            .collect()
+    }
+
     /// The bound address of the service called `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
         self.services
@@ -253,7 +268,8 @@ impl Proxy {
 }
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains and stops it. SIGHUP reloads
-/// `path` ([`Proxy::reload`]; an invalid file keeps the running config).
+/// `path` ([`Proxy::reload`]; an invalid file keeps the running config), and so does a
+/// change to it or to a client password file, seen every `watch_config`.
 ///
 /// # Errors
 /// Start-up failures from [`start`], or signal handlers that can't be installed.
@@ -267,11 +283,33 @@ pub fn run(config: &Config, path: Option<&std::path::Path>) -> Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let every = config
+            .proxy
+            .watch_config
+            .non_zero()
+            .filter(|_| path.is_some());
+        let mut files = path.map(|p| files::Watch::new(p, &proxy));
+        let mut tick = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r?; break; }
                 _ = term.recv() => break,
-                _ = hup.recv() => reload(&proxy, path),
+                _ = hup.recv() => {
+                    reload(&proxy, path);
+                    if let Some(f) = &mut files {
+                        f.changed(&proxy);
+                    }
+                }
+                _ = tick.tick(), if every.is_some() => {
+                    if let Some(f) = &mut files
+                        && f.changed(&proxy)
+                    {
+                        info!("the config file or a client password file changed: reloading");
+                        reload(&proxy, path);
+                        f.changed(&proxy);
+                    }
+                }
             }
         }
         anyhow::Ok(())

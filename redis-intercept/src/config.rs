@@ -75,6 +75,11 @@ pub struct ProxyConfig {
     /// How long shutdown waits for clients to receive the replies they are owed.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Dur,
+    /// How often the running proxy reads its config file, and the client `password_file`s
+    /// it names, and reloads (as SIGHUP does) when one has changed: an updated Kubernetes
+    /// ConfigMap or Secret then applies with no signal. `"0s"`: only SIGHUP reloads.
+    #[serde(default = "default_watch_config")]
+    pub watch_config: Dur,
 }
 
 impl Default for ProxyConfig {
@@ -83,8 +88,13 @@ impl Default for ProxyConfig {
             workers: 0,
             reuse_port: true,
             drain_timeout: default_drain_timeout(),
+            watch_config: default_watch_config(),
         }
     }
+}
+
+fn default_watch_config() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 
 fn default_drain_timeout() -> Dur {

@@ -199,80 +199,179 @@ fn ask(addr: &str, args: &[&str]) -> String {
     line.trim_end().to_owned()
 }
 
-#[test]
-fn sighup_reloads_client_passwords_and_keeps_running_on_a_bad_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("passwords");
-    std::fs::write(&secret, "old-pass\n").unwrap();
+/// A loopback address with a free port.
+fn free_addr() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let addr = format!("127.0.0.1:{port}");
-    // AUTH is answered by the proxy, so no Redis is needed (the upstream port is closed).
-    let text = format!(
-        "[proxy]\nworkers = 1\n\n[[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"127.0.0.1:1\"]\n\n\
+    format!("127.0.0.1:{port}")
+}
+
+/// One service on `addr` with client passwords from `secret`, in front of a closed port (the
+/// proxy answers AUTH and faults itself), reading its files every `watch`.
+fn auth_only_config(addr: &str, secret: &std::path::Path, watch: &str) -> String {
+    format!(
+        "[proxy]\nworkers = 1\nwatch_config = \"{watch}\"\n\n\
+         [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"127.0.0.1:1\"]\n\n\
          [[service]]\nname = \"cache\"\nlisten = \"{addr}\"\nupstream = \"main\"\n\
          [service.auth]\npassword_file = \"{}\"\n",
         secret.display()
-    );
-    let path = dir.path().join("conf.toml");
-    std::fs::write(&path, &text).unwrap();
-    let mut child = bin()
+    )
+}
+
+/// A `redis-intercept run` process, stopped (SIGTERM, then waited for) when dropped, so a
+/// failing test doesn't leave it running and holding the test's output open.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// `redis-intercept run --config path`, once it accepts on `addr`.
+fn spawn_run(path: &std::path::Path, addr: &str) -> Running {
+    let child = bin()
         .arg("run")
         .arg("--config")
-        .arg(&path)
+        .arg(path)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
+    while std::net::TcpStream::connect(addr).is_err() {
         assert!(
             std::time::Instant::now() < deadline,
             "the proxy did not start"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    Running(child)
+}
+
+/// A connection that sends raw lines and reads one-line replies.
+struct LineClient {
+    /// The socket, for writing.
+    stream: std::net::TcpStream,
+    /// The same socket, buffered for reading.
+    replies: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl LineClient {
+    fn connect(addr: &str) -> LineClient {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let replies = std::io::BufReader::new(stream.try_clone().unwrap());
+        LineClient { stream, replies }
+    }
+
+    /// Sends `line` (with its CRLF) and returns the first line of the reply.
+    fn send(&mut self, line: &str) -> String {
+        use std::io::{BufRead, Write};
+        self.stream.write_all(line.as_bytes()).unwrap();
+        let mut reply = String::new();
+        self.replies.read_line(&mut reply).unwrap();
+        reply.trim_end().to_owned()
+    }
+}
+
+/// Asks until the first line of the reply is `want` (10 s at most).
+fn wait_for(addr: &str, args: &[&str], want: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = ask(addr, args);
+        if got == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{args:?}: {got}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_changed_config_or_password_file_is_reloaded_without_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("passwords");
+    std::fs::write(&secret, "old-pass\n").unwrap();
+    let addr = free_addr();
+    let text = auth_only_config(&addr, &secret, "100ms");
+    let path = dir.path().join("conf.toml");
+    std::fs::write(&path, &text).unwrap();
+    let mut child = spawn_run(&path, &addr);
+    assert_eq!(ask(&addr, &["AUTH", "old-pass"]), "+OK");
+    // A rotated Secret: only the password file changes.
+    std::fs::write(&secret, "new-pass\n").unwrap();
+    wait_for(&addr, &["AUTH", "new-pass"], "+OK");
+    assert!(ask(&addr, &["AUTH", "old-pass"]).starts_with("-WRONGPASS"));
+    // An updated ConfigMap, written as Kubernetes does: a new file swapped in by rename.
+    let next = dir.path().join("conf.toml.new");
+    std::fs::write(
+        &next,
+        format!("{text}\n[[service.fault]]\nkind = \"error\"\npercentage = 100.0\ncommands = [\"GET\"]\n"),
+    )
+    .unwrap();
+    std::fs::rename(&next, &path).unwrap();
+    let mut client = LineClient::connect(&addr);
+    let mut send = |line: &str| client.send(line);
+    assert_eq!(send("AUTH new-pass\r\n"), "+OK");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while send("GET k\r\n") != "-ERR Fault Injected: Error" {
+        assert!(std::time::Instant::now() < deadline, "the fault never came");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A broken file is refused once, and the running config stays.
+    std::fs::write(&path, "[[service]\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(send("GET k\r\n"), "-ERR Fault Injected: Error");
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the proxy kept running"
+    );
+}
+
+#[test]
+fn sighup_reloads_client_passwords_and_keeps_running_on_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("passwords");
+    std::fs::write(&secret, "old-pass\n").unwrap();
+    let addr = free_addr();
+    // AUTH is answered by the proxy, so no Redis is needed (the upstream port is closed).
+    // Only SIGHUP reloads here (no watch).
+    let text = auth_only_config(&addr, &secret, "0s");
+    let path = dir.path().join("conf.toml");
+    std::fs::write(&path, &text).unwrap();
+    let mut child = spawn_run(&path, &addr);
     let hup = || {
         let ok = Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
+            .args(["-HUP", &child.0.id().to_string()])
             .status()
             .unwrap()
             .success();
         assert!(ok);
     };
-    let wait_for = |args: &[&str], want: &str| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let got = ask(&addr, args);
-            if got == want {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "{args:?}: {got}");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
     assert_eq!(ask(&addr, &["AUTH", "old-pass"]), "+OK");
     // Rotation: the Secret file changes, then SIGHUP.
     std::fs::write(&secret, "new-pass\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        ask(&addr, &["AUTH", "old-pass"]),
+        "+OK",
+        "no reload before SIGHUP"
+    );
     hup();
-    wait_for(&["AUTH", "new-pass"], "+OK");
+    wait_for(&addr, &["AUTH", "new-pass"], "+OK");
     assert!(ask(&addr, &["AUTH", "old-pass"]).starts_with("-WRONGPASS"));
     // A fault rule added to the file applies on SIGHUP to a client already connected
     // (answered by the proxy, so no Redis is needed).
-    let mut client = std::net::TcpStream::connect(&addr).unwrap();
-    client
-        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
-    let mut replies = std::io::BufReader::new(client.try_clone().unwrap());
-    let mut get = |line: &str| {
-        use std::io::{BufRead, Write};
-        client.write_all(line.as_bytes()).unwrap();
-        let mut reply = String::new();
-        replies.read_line(&mut reply).unwrap();
-        reply.trim_end().to_owned()
-    };
+    let mut client = LineClient::connect(&addr);
+    let mut get = |line: &str| client.send(line);
     assert_eq!(get("AUTH new-pass\r\n"), "+OK");
     assert!(get("GET k\r\n").starts_with("-ERR upstream"));
     std::fs::write(
@@ -296,11 +395,7 @@ fn sighup_reloads_client_passwords_and_keeps_running_on_a_bad_file() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(ask(&addr, &["AUTH", "new-pass"]), "+OK");
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.0.try_wait().unwrap().is_none(),
         "the proxy kept running"
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
 }
