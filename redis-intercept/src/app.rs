@@ -110,9 +110,34 @@ impl Proxy {
             }
         }
         applied.upstreams = live::upstreams(&applied, old, new);
-        // Upstreams whose settings changed get new credentials and TLS (read now, so a
-        // missing file fails the reload before anything changes) and new connections.
-        let changed = live::changed_upstreams(old, &applied);
+        // Upstreams whose settings or TLS files changed get new credentials and TLS (read
+        // now, so a missing file fails the reload before anything changes) and new
+        // connections.
+        let mut changed = live::changed_upstreams(old, &applied);
+        let tls_files = tls_fingerprints(&applied);
+        for (name, print) in &tls_files {
+            if running.tls_files.get(name).is_some_and(|p| p != print) && !changed.contains(name) {
+                changed.push(name.clone());
+            }
+        }
+        let cluster_status = cluster_statuses(
+            &applied,
+            self.worker_count,
+            &running.cluster_status,
+            &changed,
+        );
+        // A cluster that became a service's catch-all has a new status for /ready: its
+        // pools are made again to publish there.
+        for (name, status) in &cluster_status {
+            if !running
+                .cluster_status
+                .get(name)
+                .is_some_and(|s| Arc::ptr_eq(s, status))
+                && !changed.contains(name)
+            {
+                changed.push(name.clone());
+            }
+        }
         let mut secrets = HashMap::new();
         for up in &applied.upstreams {
             let kept = running
@@ -125,12 +150,6 @@ impl Proxy {
             };
             secrets.insert(up.name.clone(), s);
         }
-        let cluster_status = cluster_statuses(
-            &applied,
-            self.worker_count,
-            &running.cluster_status,
-            &changed,
-        );
         // VIPs of running services change at once (the one step that can fail after this).
         if let Some(slot) = &self.intercept
             && let Some(interceptor) = slot
@@ -190,6 +209,8 @@ impl Proxy {
             config: applied,
             secrets,
             cluster_status,
+            tls_files,
+            changed,
             done: Some(done),
         });
         *running = Arc::clone(&next);
@@ -212,18 +233,21 @@ impl Proxy {
         Ok(notes)
     }
 
-    /// The client `password_file`s of the running services (what a config watch reads).
-    pub fn client_password_files(&self) -> Vec<PathBuf> {
+    /// The files besides the config that a reload reads and a config watch looks at: the
+    /// running services' client `password_file`s and the upstreams' TLS files.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
         let running = self
             .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        running
-            .config
+        let config = &running.config;
+        let mut out: Vec<PathBuf> = config
             .services
             .iter()
             .filter_map(|s| s.auth.as_ref()?.password_file.clone())
-            .collect()
+            .collect();
+        out.extend(config.upstreams.iter().flat_map(files::tls_files));
+        out
     }
 
     /// The bound address of the service called `name`.
@@ -409,22 +433,33 @@ fn reload(proxy: &Proxy, path: Option<&std::path::Path>) {
         warn!("SIGHUP: the proxy was started without --config; nothing to reload");
         return;
     };
-    let config = match Config::load(path) {
-        Ok(c) => c,
+    let applied = match Config::load(path) {
+        Ok(config) => match proxy.reload(&config) {
+            Ok(notes) => {
+                info!(file = %path.display(), "configuration reloaded");
+                for note in notes {
+                    warn!("reload: {note}");
+                }
+                true
+            }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "reload failed, keeping the running config");
+                false
+            }
+        },
         Err(e) => {
             error!("reload failed, keeping the running config:\n{e}");
-            return;
+            false
         }
     };
-    match proxy.reload(&config) {
-        Ok(notes) => {
-            info!(file = %path.display(), "configuration reloaded");
-            for note in notes {
-                warn!("reload: {note}");
-            }
-        }
-        Err(e) => error!(error = %format!("{e:#}"), "reload failed, keeping the running config"),
-    }
+    let m = &proxy.metrics;
+    let result = if applied { "applied" } else { "failed" };
+    m.config_reloads
+        .get_or_create(&crate::metrics::ResultLabels {
+            result: result.to_owned(),
+        })
+        .inc();
+    m.config_last_reload_successful.set(i64::from(applied));
 }
 
 /// The client credentials of every service, password files read now.
@@ -501,6 +536,8 @@ pub fn start(config: &Config) -> Result<Proxy> {
         config: config.clone(),
         secrets: upstream_auths.clone(),
         cluster_status: cluster_status.clone(),
+        tls_files: tls_fingerprints(config),
+        changed: Vec::new(),
         done: None,
     });
     let (reload_tx, reload_rx) = watch::channel(Arc::clone(&running));
@@ -593,6 +630,21 @@ pub fn start(config: &Config) -> Result<Proxy> {
         worker_count: workers,
         state,
     })
+}
+
+/// A hash of each upstream's TLS files (0 files: the hash of none).
+fn tls_fingerprints(config: &Config) -> HashMap<String, u64> {
+    config
+        .upstreams
+        .iter()
+        .map(|u| {
+            let paths = files::tls_files(u);
+            (
+                u.name.clone(),
+                files::fingerprint(paths.iter().map(PathBuf::as_path)),
+            )
+        })
+        .collect()
 }
 
 /// A status for each cluster upstream that is some service's catch-all (what `/ready` and
@@ -826,16 +878,11 @@ async fn follow_reloads(
 ) {
     while reloads.changed().await.is_ok() {
         let new = Arc::clone(&reloads.borrow_and_update());
+        // What the reload found changed, and what differs from what this worker ran (the
+        // same, unless the worker missed a reload).
         let mut changed = live::changed_upstreams(&config, &new.config);
-        // A cluster that became a service's catch-all gets a status for /ready: its pool is
-        // made again to publish there.
-        for (name, status) in &new.cluster_status {
-            if !ups
-                .cluster_status
-                .get(name)
-                .is_some_and(|s| Arc::ptr_eq(s, status))
-                && !changed.contains(name)
-            {
+        for name in &new.changed {
+            if !changed.contains(name) {
                 changed.push(name.clone());
             }
         }
@@ -917,6 +964,11 @@ pub struct Reloaded {
     secrets: HashMap<String, UpstreamSecrets>,
     /// Where workers publish their view of each cluster that is a service's catch-all.
     cluster_status: HashMap<String, Arc<ClusterStatus>>,
+    /// A hash of each upstream's TLS files, to see at the next reload whether they changed.
+    tls_files: HashMap<String, u64>,
+    /// Upstreams whose connections this reload makes again: changed settings or TLS files,
+    /// or a cluster with a new status.
+    changed: Vec<String>,
     /// Each worker says here that it runs this config (`None` at start).
     done: Option<std::sync::mpsc::Sender<()>>,
 }
@@ -995,6 +1047,8 @@ impl Upstreams {
                 .map(|r| (r.prefix.as_bytes().to_vec(), r.case_insensitive))
                 .collect::<Vec<_>>(),
         );
+        // Counted down when the generation is dropped.
+        shared.metrics.generations.inc();
         let ctx = ServiceCtx {
             name: svc.name.clone(),
             routes,

@@ -101,12 +101,22 @@ pub struct Metrics {
     /// Connects to a VIP seen by the eBPF programs, by what happened (copied from their
     /// per-CPU counters when `/metrics` is read).
     pub intercepted_connects: Family<ResultLabels, Gauge<i64, AtomicI64>>,
+    /// Reloads of the config file (SIGHUP or a change seen), `applied` or `failed`: a bad
+    /// ConfigMap edit is otherwise only a log line.
+    pub config_reloads: Family<ResultLabels, Counter>,
+    /// 1 when the last reload was applied (or none was tried), 0 after a failed one.
+    pub config_last_reload_successful: Gauge,
+    /// Generations of each service's routes in use, summed over workers: above the worker
+    /// count, some clients are still on routes a reload replaced (in a transaction, a
+    /// blocking command or subscribed).
+    pub route_generations: Family<ServiceLabels, Gauge>,
 }
 
 /// A `result` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    /// `redirected`, `skipped_mark`, `skipped_policy`, `skipped_no_pod_address`.
+    /// Intercepted connects: `redirected`, `skipped_mark`, `skipped_policy`,
+    /// `skipped_no_pod_address`. Config reloads: `applied`, `failed`.
     pub result: String,
 }
 
@@ -130,6 +140,9 @@ impl Metrics {
             cluster_redirects: Family::default(),
             cluster_refreshes: Family::default(),
             intercepted_connects: Family::default(),
+            config_reloads: Family::default(),
+            config_last_reload_successful: Gauge::default(),
+            route_generations: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -207,6 +220,23 @@ impl Metrics {
             "Connects to a VIP seen by the eBPF programs: redirected, or left alone and why",
             m.intercepted_connects.clone(),
         );
+        registry.register(
+            "config_reloads",
+            "Reloads of the config file (SIGHUP or a change seen), applied or failed",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "config_last_reload_successful",
+            "1 when the last config reload was applied (or none was tried), 0 after a failed one",
+            m.config_last_reload_successful.clone(),
+        );
+        registry.register(
+            "route_generations",
+            "Generations of a service's routes in use, summed over workers (more than the \
+             workers: clients still on routes a reload replaced)",
+            m.route_generations.clone(),
+        );
+        m.config_last_reload_successful.set(1);
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -234,6 +264,7 @@ impl Metrics {
             accepted: self.clients_accepted.get_or_create(&labels).clone(),
             rejected: self.clients_rejected.get_or_create(&labels).clone(),
             commands: self.commands.get_or_create(&labels).clone(),
+            generations: self.route_generations.get_or_create(&labels).clone(),
             service: service.to_owned(),
             closed: self.clients_closed.clone(),
         }
@@ -308,6 +339,8 @@ pub struct ServiceMetrics {
     pub rejected: Counter,
     /// Commands received.
     pub commands: Counter,
+    /// Generations of the service's routes in use.
+    pub generations: Gauge,
     /// Service name, for the close-reason family.
     service: String,
     /// Closes by reason (rare, so looked up when it happens).

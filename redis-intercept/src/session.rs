@@ -90,6 +90,12 @@ pub struct ServiceCtx {
     pub owned: Owned,
 }
 
+impl Drop for ServiceCtx {
+    fn drop(&mut self) {
+        self.metrics.generations.dec();
+    }
+}
+
 impl ServiceCtx {
     /// The service's newest generation when it isn't this one.
     pub fn replaced_by(&self) -> Option<Rc<ServiceCtx>> {

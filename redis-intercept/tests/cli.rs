@@ -282,6 +282,21 @@ impl LineClient {
     }
 }
 
+/// The value of metric `name` (with its labels) at the admin endpoint `admin`.
+fn metric(admin: &str, name: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let prefix = format!("redis_intercept_{name} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+        .to_owned()
+}
+
 /// Asks until the first line of the reply is `want` (10 s at most).
 fn wait_for(addr: &str, args: &[&str], want: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -301,7 +316,11 @@ fn a_changed_config_or_password_file_is_reloaded_without_a_signal() {
     let secret = dir.path().join("passwords");
     std::fs::write(&secret, "old-pass\n").unwrap();
     let addr = free_addr();
-    let text = auth_only_config(&addr, &secret, "100ms");
+    let admin = free_addr();
+    let text = auth_only_config(&addr, &secret, "100ms").replace(
+        "[[upstream]]",
+        &format!("[admin]\nlisten = \"{admin}\"\n\n[[upstream]]"),
+    );
     let path = dir.path().join("conf.toml");
     std::fs::write(&path, &text).unwrap();
     let mut child = spawn_run(&path, &addr);
@@ -326,10 +345,20 @@ fn a_changed_config_or_password_file_is_reloaded_without_a_signal() {
         assert!(std::time::Instant::now() < deadline, "the fault never came");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    assert_eq!(
+        metric(&admin, "config_reloads_total{result=\"applied\"}"),
+        "2"
+    );
+    assert_eq!(metric(&admin, "config_last_reload_successful"), "1");
     // A broken file is refused once, and the running config stays.
     std::fs::write(&path, "[[service]\n").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(400));
     assert_eq!(send("GET k\r\n"), "-ERR Fault Injected: Error");
+    assert_eq!(
+        metric(&admin, "config_reloads_total{result=\"failed\"}"),
+        "1"
+    );
+    assert_eq!(metric(&admin, "config_last_reload_successful"), "0");
     assert!(
         child.0.try_wait().unwrap().is_none(),
         "the proxy kept running"

@@ -299,6 +299,15 @@ fn a_subscriber_keeps_only_its_own_routes_open() {
     // The generation in between has no client left, so b's connections close, while the
     // subscriber's first generation (a) is still there for it.
     wait_until(Duration::from_secs(10), || proxy_conns(b) == 0);
+    // Each of the two workers runs the newest generation; the subscriber holds one more.
+    let admin = proxy.admin_addr().unwrap();
+    let generations = || {
+        let (_, body) = http_get(admin, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix("redis_intercept_route_generations{service=\"svc\"} "))
+            .map(str::to_owned)
+    };
+    assert_eq!(generations().as_deref(), Some("3"));
     assert_eq!(a.cmd(&["PUBLISH", "news", "hi"]), Frame::Integer(1));
     assert_eq!(
         sub.read(),
@@ -311,5 +320,6 @@ fn a_subscriber_keeps_only_its_own_routes_open() {
     );
     assert_eq!(sub.call(&["GET", "k"]), bulk("2"));
     wait_until(Duration::from_secs(10), || proxy_conns(a) == 0);
+    assert_eq!(generations().as_deref(), Some("2"));
     proxy.shutdown();
 }

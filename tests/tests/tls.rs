@@ -164,3 +164,54 @@ fn client_certificates_for_servers_that_verify_clients() {
     assert_eq!(c.call(&["SET", "k", "v"]), Frame::Simple("OK".into()));
     with.shutdown();
 }
+
+#[test]
+fn a_reload_picks_up_rotated_tls_files_with_new_connections() {
+    let certs = TestCerts::generate();
+    let rotated = TestCerts::generate();
+    let (server, tls_addr) = tls_server(&certs, false);
+    // The proxy's CA bundle, as a mounted Secret would hold it.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::copy(certs.path("ca.pem"), &ca).unwrap();
+    let text = format!(
+        "[proxy]\nworkers = 2\n\n[[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{tls_addr}\"]\n\
+         connect_timeout = \"1s\"\nreconnect_backoff_max = \"200ms\"\n\
+         tls = {{ ca_file = \"{}\", server_name = \"localhost\" }}\n\n\
+         [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:0\"\nupstream = \"main\"\nop_timeout = \"1s\"\n",
+        ca.display()
+    );
+    let proxy = start_proxy_config(&text);
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    assert_eq!(c.call(&["SET", "a", "1"]), Frame::Simple("OK".into()));
+    // Rotation: the server takes a certificate from another CA, the Secret gets that CA, and
+    // the proxy's connections are cut (so the old ones can't carry on).
+    assert_eq!(
+        server.cmd(&[
+            "CONFIG",
+            "SET",
+            "tls-cert-file",
+            &rotated.path("server.pem"),
+            "tls-key-file",
+            &rotated.path("server.key"),
+        ]),
+        Frame::Simple("OK".into())
+    );
+    std::fs::copy(rotated.path("ca.pem"), &ca).unwrap();
+    server.cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
+    // Reconnecting with the old CA fails: the server's new certificate isn't trusted.
+    wait_until(Duration::from_secs(5), || {
+        matches!(c.call(&["GET", "a"]), Frame::Error(_))
+    });
+    // The same file again: its TLS files changed, so the upstream gets new connections.
+    let notes = proxy
+        .reload(&redis_intercept::config::Config::parse(&text, "reload").unwrap())
+        .unwrap();
+    assert_eq!(notes, Vec::<String>::new());
+    wait_until(Duration::from_secs(5), || {
+        c.call(&["GET", "a"]) == Frame::Bulk("1".into())
+    });
+    assert_eq!(c.call(&["SET", "b", "2"]), Frame::Simple("OK".into()));
+    assert_eq!(server.cmd(&["GET", "b"]), Frame::Bulk("2".into()));
+    proxy.shutdown();
+}

@@ -1,17 +1,19 @@
-//! Reloads the proxy when its config file, or a client password file the config names, has
-//! changed (`[proxy] watch_config`): Kubernetes updates a mounted ConfigMap or Secret in
-//! place and sends no signal.
+//! Reloads the proxy when its config file, or a client password or upstream TLS file the
+//! config names, has changed (`[proxy] watch_config`): Kubernetes updates a mounted
+//! ConfigMap or Secret in place and sends no signal. Also the hash a reload compares to see
+//! whether an upstream's TLS files changed.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use super::Proxy;
+use crate::config::UpstreamConfig;
 
 /// The files as they were at the last look.
 pub(super) struct Watch {
     /// The config file.
     path: PathBuf,
-    /// A hash of the config file and of every client password file it names.
+    /// A hash of the config file and of every file it names that a reload reads.
     last: u64,
 }
 
@@ -20,24 +22,29 @@ impl Watch {
     pub(super) fn new(path: &Path, proxy: &Proxy) -> Watch {
         Watch {
             path: path.to_owned(),
-            last: fingerprint(path, &proxy.client_password_files()),
+            last: fingerprint(
+                std::iter::once(path).chain(proxy.watched_files().iter().map(PathBuf::as_path)),
+            ),
         }
     }
 
     /// Whether a file changed since the last look; remembers what it saw. After a reload,
     /// call it once more so the reload's own files (a new password file) count as seen.
     pub(super) fn changed(&mut self, proxy: &Proxy) -> bool {
-        let now = fingerprint(&self.path, &proxy.client_password_files());
+        let files = proxy.watched_files();
+        let now = fingerprint(
+            std::iter::once(self.path.as_path()).chain(files.iter().map(PathBuf::as_path)),
+        );
         std::mem::replace(&mut self.last, now) != now
     }
 }
 
-/// A hash of the files' bytes (a file that can't be read hashes as its error, so its
-/// return counts as a change too). Contents, not times: a ConfigMap update swaps a
+/// A hash of the files' paths and bytes (a file that can't be read hashes as its error, so
+/// its return counts as a change too). Contents, not times: a ConfigMap update swaps a
 /// symlink, and a file may be rewritten within one second.
-fn fingerprint(config: &Path, others: &[PathBuf]) -> u64 {
+pub(super) fn fingerprint<'a>(paths: impl Iterator<Item = &'a Path>) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    for path in std::iter::once(config).chain(others.iter().map(PathBuf::as_path)) {
+    for path in paths {
         path.hash(&mut h);
         match std::fs::read(path) {
             Ok(bytes) => bytes.hash(&mut h),
@@ -45,6 +52,16 @@ fn fingerprint(config: &Path, others: &[PathBuf]) -> u64 {
         }
     }
     h.finish()
+}
+
+/// The TLS files of `up` (CA bundle, client certificate and key).
+pub(super) fn tls_files(up: &UpstreamConfig) -> Vec<PathBuf> {
+    up.tls
+        .iter()
+        .flat_map(|t| [&t.ca_file, &t.client_cert_file, &t.client_key_file])
+        .flatten()
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -58,18 +75,23 @@ mod tests {
         let secret = dir.path().join("pw");
         std::fs::write(&conf, "a").unwrap();
         std::fs::write(&secret, "one").unwrap();
-        let list = [secret.clone()];
-        let first = fingerprint(&conf, &list);
-        assert_eq!(fingerprint(&conf, &list), first);
+        let first = fingerprint([conf.as_path(), secret.as_path()].into_iter());
+        assert_eq!(
+            fingerprint([conf.as_path(), secret.as_path()].into_iter()),
+            first
+        );
         std::fs::write(&secret, "two").unwrap();
-        let second = fingerprint(&conf, &list);
+        let second = fingerprint([conf.as_path(), secret.as_path()].into_iter());
         assert_ne!(second, first);
         std::fs::remove_file(&conf).unwrap();
-        let gone = fingerprint(&conf, &list);
+        let gone = fingerprint([conf.as_path(), secret.as_path()].into_iter());
         assert_ne!(gone, second);
         std::fs::write(&conf, "a").unwrap();
-        assert_eq!(fingerprint(&conf, &list), second);
+        assert_eq!(
+            fingerprint([conf.as_path(), secret.as_path()].into_iter()),
+            second
+        );
         // Naming another file is a change even when both read the same.
-        assert_ne!(fingerprint(&conf, &[]), second);
+        assert_ne!(fingerprint([conf.as_path()].into_iter()), second);
     }
 }
