@@ -332,8 +332,8 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
         | "sunsubscribe" => PubSub,
         // Would change or inspect the shared upstream connection, not the client's.
-        "readonly" | "readwrite" | "swapdb" | "migrate" | "asking" | "sync" | "psync"
-        | "replconf" | "monitor" | "shutdown" => Unsupported,
+        "readonly" | "readwrite" | "migrate" | "asking" | "sync" | "psync" | "replconf"
+        | "monitor" | "shutdown" => Unsupported,
         name if name.starts_with("client|") || name.starts_with("cluster|") => Unsupported,
         _ if info.has(flags::ADMIN) => Unsupported,
         // Not flagged `blocking` by Redis 7.0, but it blocks its connection until replicas

@@ -323,3 +323,32 @@ fn a_subscriber_keeps_only_its_own_routes_open() {
     assert_eq!(generations().as_deref(), Some("2"));
     proxy.shutdown();
 }
+
+#[test]
+fn a_client_in_a_database_the_new_routes_lack_stays_until_it_leaves_it() {
+    let s = servers();
+    let [a, b, _] = &s;
+    let proxy = start_proxy_config(&config(&s, "upstream = \"a\"\n"));
+    let addr = proxy.addr("svc").unwrap();
+    let mut deep = RespReader::connect(addr);
+    let mut plain = RespReader::connect(addr);
+    assert_eq!(deep.call(&["SELECT", "5"]), ok());
+    assert_eq!(plain.call(&["PING"]), Frame::Simple("PONG".into()));
+    // The new catch-all has databases 0 to 3 only.
+    let fewer = config(&s, "upstream = \"b\"\n").replace(
+        "name = \"b\"\nmode = \"standalone\"\n",
+        "name = \"b\"\nmode = \"standalone\"\ndatabases = 4\n",
+    );
+    assert_eq!(reload(&proxy, &fewer), Vec::<String>::new());
+    assert_eq!(plain.call(&["SET", "p", "1"]), ok());
+    assert_eq!(b.cmd(&["GET", "p"]), bulk("1"));
+    // The client in database 5 keeps writing there, on a.
+    assert_eq!(deep.call(&["SET", "d", "5"]), ok());
+    assert_eq!(get_in(a, "5", "d"), bulk("5"));
+    // Back in database 0, it moves.
+    assert_eq!(deep.call(&["SELECT", "0"]), ok());
+    assert_eq!(deep.call(&["SET", "d", "0"]), ok());
+    assert_eq!(b.cmd(&["GET", "d"]), bulk("0"));
+    assert_eq!(a.cmd(&["GET", "d"]), Frame::NullBulk);
+    proxy.shutdown();
+}

@@ -155,3 +155,27 @@ fn select_waits_for_the_commands_sent_before_it() {
     assert_eq!(get_in(&main, "5", "m"), bulk("moved"));
     proxy.shutdown();
 }
+
+#[test]
+fn swapdb_swaps_for_every_client_as_redis_does() {
+    let main = RedisServer::start();
+    let copy = RedisServer::start();
+    let proxy = proxy(&main, &copy, "");
+    let addr = proxy.addr("svc").unwrap();
+    let mut two = RespReader::connect(addr);
+    let mut zero = RespReader::connect(addr);
+    assert_eq!(two.call(&["SELECT", "2"]), ok());
+    assert_eq!(two.call(&["SET", "s", "in-two"]), ok());
+    assert_eq!(zero.call(&["SET", "s", "in-zero"]), ok());
+    assert_eq!(zero.call(&["SWAPDB", "0", "2"]), ok());
+    // Both clients keep their database numbers and see the other's data now.
+    assert_eq!(zero.call(&["GET", "s"]), bulk("in-two"));
+    assert_eq!(two.call(&["GET", "s"]), bulk("in-zero"));
+    assert_eq!(get_in(&main, "0", "s"), bulk("in-two"));
+    // Redis checks the numbers itself.
+    assert!(is_err(
+        &zero.call(&["SWAPDB", "0", "99"]),
+        "ERR DB index is out of range"
+    ));
+    proxy.shutdown();
+}
