@@ -352,3 +352,71 @@ fn a_client_in_a_database_the_new_routes_lack_stays_until_it_leaves_it() {
     assert_eq!(a.cmd(&["GET", "d"]), Frame::NullBulk);
     proxy.shutdown();
 }
+
+#[test]
+fn clients_under_load_see_no_error_and_read_their_writes_across_reloads() {
+    let s = servers();
+    let [a, _, _] = &s;
+    // Two files that route differently but to the same server: every reload builds new
+    // routes and connections, and every client moves between its commands.
+    let one = config(&s, "upstream = \"a\"\n");
+    let two = config(
+        &s,
+        "upstream = \"a\"\n\n[[service.route]]\nprefix = \"x:\"\nupstream = \"a\"\n",
+    );
+    let proxy = start_proxy_config(&one);
+    let addr = proxy.addr("svc").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..6)
+        .map(|id| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut c = RespReader::connect(addr);
+                let mut rounds = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Half the clients pipeline a write and its read, half wait for each.
+                    let key = format!("{}k{id}", if id % 2 == 0 { "x:" } else { "" });
+                    let value = rounds.to_string();
+                    if id < 3 {
+                        c.send(
+                            format!("SET {key} {value}\r\nGET {key}\r\nINCR n{id}\r\n").as_bytes(),
+                        );
+                        assert_eq!(c.read(), ok(), "client {id}");
+                        assert_eq!(c.read(), bulk(&value), "client {id}");
+                    } else {
+                        assert_eq!(c.call(&["SET", &key, &value]), ok(), "client {id}");
+                        assert_eq!(c.call(&["GET", &key]), bulk(&value), "client {id}");
+                        c.send(format!("INCR n{id}\r\n").as_bytes());
+                    }
+                    rounds += 1;
+                    assert_eq!(c.read(), Frame::Integer(rounds as i64), "client {id}");
+                }
+                rounds
+            })
+        })
+        .collect();
+    for i in 0..20 {
+        std::thread::sleep(Duration::from_millis(50));
+        let text = if i % 2 == 0 { &two } else { &one };
+        assert_eq!(reload(&proxy, text), Vec::<String>::new());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (id, w) in workers.into_iter().enumerate() {
+        let rounds = w.join().expect("a client saw a wrong reply");
+        assert!(rounds > 20, "client {id} made {rounds} rounds");
+        assert_eq!(
+            a.cmd(&["GET", &format!("n{id}")]),
+            bulk(&rounds.to_string())
+        );
+    }
+    // Nothing is left of the old routes: one generation per worker, and a's connections are
+    // those of the newest (two workers × one connection each).
+    let admin = proxy.admin_addr().unwrap();
+    wait_until(Duration::from_secs(10), || {
+        http_get(admin, "/metrics")
+            .1
+            .contains("redis_intercept_route_generations{service=\"svc\"} 2\n")
+    });
+    wait_until(Duration::from_secs(10), || proxy_conns(a) == 2);
+    proxy.shutdown();
+}
