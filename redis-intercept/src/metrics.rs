@@ -1,8 +1,12 @@
 //! Prometheus metrics: one registry for the process, with handles resolved once so the data
 //! path only does relaxed atomic adds.
 
+mod latency;
+
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
+
+pub use latency::{Latency, LatencyBatch};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -92,6 +96,8 @@ pub struct Metrics {
     pub upstream_failures: Family<NodeLabels, Counter>,
     /// Upstream connections reset because a request passed its op_timeout.
     pub upstream_timeouts: Family<NodeLabels, Counter>,
+    /// How long requests on shared upstream connections waited for their replies.
+    pub upstream_latency: Family<NodeLabels, Latency>,
     /// Requests copied to mirrors, sent or dropped.
     pub mirror_requests: Family<MirrorLabels, Counter>,
     /// Cluster redirects and retries followed, by kind.
@@ -136,6 +142,7 @@ impl Metrics {
             upstream_dedicated_up: Family::default(),
             upstream_failures: Family::default(),
             upstream_timeouts: Family::default(),
+            upstream_latency: Family::default(),
             mirror_requests: Family::default(),
             cluster_redirects: Family::default(),
             cluster_refreshes: Family::default(),
@@ -194,6 +201,11 @@ impl Metrics {
             "upstream_timeouts",
             "Upstream connections reset because a request passed op_timeout",
             m.upstream_timeouts.clone(),
+        );
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Time from queueing a request on a shared upstream connection to reading its reply",
+            m.upstream_latency.clone(),
         );
         registry.register(
             "mirror_requests",
@@ -304,6 +316,7 @@ impl Metrics {
             up: self.upstream_connections_up.get_or_create(&labels).clone(),
             failures: self.upstream_failures.get_or_create(&labels).clone(),
             timeouts: self.upstream_timeouts.get_or_create(&labels).clone(),
+            latency: Some(self.upstream_latency.get_or_create(&labels).clone()),
         }
     }
 
@@ -319,6 +332,8 @@ impl Metrics {
                     node: node.to_owned(),
                 })
                 .clone(),
+            // A blocking command waits as long as it likes: not a latency.
+            latency: None,
             ..shared
         }
     }
@@ -368,6 +383,8 @@ pub struct NodeMetrics {
     pub failures: Counter,
     /// Timeout resets.
     pub timeouts: Counter,
+    /// Reply latency (shared connections only).
+    pub latency: Option<Latency>,
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::metrics::NodeMetrics;
+use crate::metrics::{LatencyBatch, NodeMetrics};
 use crate::resp::{Limits, ReplyScanner, Request, encode_command};
 use crate::signal::Signal;
 use tls::{Stream, TlsSettings};
@@ -242,6 +242,8 @@ struct InFlight {
     token: u64,
     /// When the client stops waiting.
     deadline: Instant,
+    /// When its write batch began to gather (for the latency histogram).
+    queued: Instant,
 }
 
 /// A shared pipelined connection to one node. Cloning gives another handle to the same
@@ -264,6 +266,9 @@ struct Inner {
     out: RefCell<BytesMut>,
     /// Requests awaiting replies, in the order they were queued (and written).
     inflight: RefCell<VecDeque<InFlight>>,
+    /// When the bytes in `out` began to gather: one clock read per write batch, shared by
+    /// its requests.
+    batch_at: Cell<Instant>,
     /// Wakes the writer when `out` gains bytes.
     wake_writer: Signal,
     /// Wakes the timeout watcher when `inflight` stops being empty.
@@ -309,6 +314,7 @@ impl SharedConn {
             state: Cell::new(State::Connecting),
             out: RefCell::new(BytesMut::new()),
             inflight: RefCell::new(VecDeque::new()),
+            batch_at: Cell::new(Instant::now()),
             wake_writer: Signal::default(),
             wake_timer: Signal::default(),
             closed: Cell::new(false),
@@ -384,6 +390,7 @@ impl SharedConn {
                 sink: discard,
                 token: 0,
                 deadline,
+                queued: cmd.queued,
             });
             inflight.push_back(cmd);
         }
@@ -449,6 +456,9 @@ impl SharedConn {
             )));
         }
         let before = out.len();
+        if before == 0 {
+            inner.batch_at.set(Instant::now());
+        }
         write(&mut out);
         // A delayed writer also wants to know when a batch's worth is queued.
         let wake = before == 0
@@ -464,6 +474,7 @@ impl SharedConn {
             sink,
             token,
             deadline,
+            queued: inner.batch_at.get(),
         });
         if wake {
             inner.wake_writer.notify();
@@ -680,6 +691,9 @@ impl SharedConn {
             to_flush,
             deferred,
         } = replies;
+        // One clock read for the whole read batch.
+        let now = inner.metrics.latency.as_ref().map(|_| Instant::now());
+        let mut latency = LatencyBatch::default();
         loop {
             match scanner.scan(buf, &inner.settings.limits) {
                 Ok(Some(len)) => {
@@ -687,6 +701,9 @@ impl SharedConn {
                     let Some(req) = next else {
                         return Err("reply with no request waiting".to_owned());
                     };
+                    if let Some(now) = now {
+                        latency.observe(now.saturating_duration_since(req.queued));
+                    }
                     let before = buf.len();
                     if req.sink.deliver(req.token, Reply::InBuffer(buf, len)) {
                         to_flush.push(req.sink);
@@ -700,6 +717,9 @@ impl SharedConn {
                 Ok(None) => break,
                 Err(e) => return Err(format!("protocol error from server: {e}")),
             }
+        }
+        if let Some(histogram) = &inner.metrics.latency {
+            histogram.add(&latency);
         }
         for sink in to_flush.drain(..) {
             if sink.expects_more() {

@@ -52,6 +52,34 @@ fn admin_reports_ready_metrics_and_config() {
     );
     // One shared connection per worker (the test proxy has 2).
     assert_eq!(metric(&body, &up), Some(2.0), "{body}");
+    // Reply latency of the three forwarded commands (PING and ECHO are answered locally),
+    // then of one that waits for a paused server.
+    let latency = |what: &str| {
+        format!(
+            "redis_intercept_upstream_request_duration_seconds_{what}{{upstream=\"main\",node=\"{}\"",
+            server.addr
+        )
+    };
+    assert_eq!(metric(&body, &latency("count")), Some(3.0), "{body}");
+    assert_eq!(
+        server.cmd(&["CLIENT", "PAUSE", "300", "ALL"]),
+        redis_intercept::resp::Frame::Simple("OK".into())
+    );
+    c.call(&["GET", "k"]);
+    let body = http_get(admin, "/metrics").1;
+    assert_eq!(metric(&body, &latency("count")), Some(4.0), "{body}");
+    let bucket = |le: &str| {
+        metric(
+            &body,
+            &format!(
+                "redis_intercept_upstream_request_duration_seconds_bucket{{le=\"{le}\",upstream=\"main\",node=\"{}\"}}",
+                server.addr
+            ),
+        )
+    };
+    assert_eq!(bucket("0.25"), Some(3.0), "{body}");
+    assert_eq!(bucket("0.5"), Some(4.0), "{body}");
+    assert!(metric(&body, &latency("sum")).unwrap() >= 0.25, "{body}");
     drop(c);
     let mut last = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
