@@ -87,9 +87,10 @@ impl Proxy {
     /// upstream, `read_policy`, routes or mirrors changed, or which sends to an upstream whose
     /// settings changed, gets new routes with new connections: new clients start on them, and
     /// connected clients move to them at their first command that nothing ties to the old
-    /// ones (see ARCHITECTURE.md). Returns notes about what differs but needs a restart
-    /// (listeners, the proxy's own settings, adding or removing services). Upstream
-    /// `password_file`s need no reload: they are read at every connect.
+    /// ones (see ARCHITECTURE.md); so does an upstream whose TLS files' contents changed.
+    /// Returns once every worker runs the result (at most 10 s), with notes about what
+    /// differs but needs a restart (listeners, the proxy's own settings, adding or removing
+    /// services). Upstream `password_file`s need no reload: they are read at every connect.
     ///
     /// # Errors
     /// A password or TLS file that can't be read, or VIPs the eBPF map refuses; nothing
@@ -957,7 +958,7 @@ impl Shared {
 }
 
 /// The running config a reload hands to the workers, with what its upstreams need.
-pub struct Reloaded {
+struct Reloaded {
     /// The configuration now running.
     config: Config,
     /// Credentials and TLS of each upstream, by name.
