@@ -38,6 +38,19 @@ impl fmt::Display for Error {
     }
 }
 
+/// `message` with the line and column of `e` in `text`. The offending line itself is not
+/// quoted, as toml's own rendering does: it may hold a password, and reload errors are logged.
+fn located(text: &str, e: &toml::de::Error, message: &str) -> String {
+    let message = message.trim_end();
+    let Some(at) = e.span().map(|r| r.start.min(text.len())) else {
+        return message.to_owned();
+    };
+    let before = text.get(..at).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {message}")
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -626,11 +639,19 @@ impl Config {
             problems: vec![(path, msg)],
         };
         let de = toml::de::Deserializer::parse(text)
-            .map_err(|e| fail(String::new(), e.to_string().trim_end().to_owned()))?;
+            .map_err(|e| fail(String::new(), located(text, &e, e.message())))?;
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
-            fail(path, e.into_inner().to_string().trim_end().to_owned())
+            let inner = e.into_inner();
+            // Serde's messages quote the value ("invalid type: string \"…\""); a password's
+            // must not reach a log.
+            let message = if path.contains("password") {
+                "not a valid value here (the value is not shown: it may be a secret)"
+            } else {
+                inner.message()
+            };
+            fail(path, located(text, &inner, message))
         })?;
         let problems = config.problems();
         if problems.is_empty() {
@@ -867,6 +888,23 @@ mod tests {
         assert_eq!(s.max_client_buffer.0, 64 << 20);
         assert_eq!(c.upstreams[0].connections_per_node, 1);
         assert!(c.unsupported_features().is_empty());
+    }
+
+    #[test]
+    fn errors_never_quote_a_password() {
+        let with = |line: &str| format!("{MINIMAL}\n        [service.auth]\n        {line}\n");
+        for line in [
+            "passwords = [\"hunter2\", 5]",
+            "passwords = \"hunter2\"",
+            "passwords = [\"hunter2\"",
+            "passwords = [\"hunter2\"] x",
+        ] {
+            let e = errors(&with(line));
+            assert!(!e.contains("hunter2"), "{line}: {e}");
+            assert!(e.contains("line 13, column "), "{line}: {e}");
+        }
+        let e = errors(&with("passwords = [\"hunter2\", 5]"));
+        assert!(e.contains("service[0].auth.passwords[1]"), "{e}");
     }
 
     #[test]

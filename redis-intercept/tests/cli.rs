@@ -235,12 +235,14 @@ impl Drop for Running {
 }
 
 /// `redis-intercept run --config path`, once it accepts on `addr`.
+/// Its log goes to `log` next to the config file.
 fn spawn_run(path: &std::path::Path, addr: &str) -> Running {
+    let log = std::fs::File::create(path.with_file_name("log")).unwrap();
     let child = bin()
         .arg("run")
         .arg("--config")
         .arg(path)
-        .stderr(std::process::Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -350,10 +352,21 @@ fn a_changed_config_or_password_file_is_reloaded_without_a_signal() {
         "2"
     );
     assert_eq!(metric(&admin, "config_last_reload_successful"), "1");
-    // A broken file is refused once, and the running config stays.
-    std::fs::write(&path, "[[service]\n").unwrap();
+    // A broken file is refused once, and the running config stays. The log says why
+    // without quoting the broken line, which holds a password.
+    std::fs::write(
+        &path,
+        text.replace(
+            "[service.auth]\n",
+            "[service.auth]\npasswords = [\"leaked-secret\", 5]\n",
+        ),
+    )
+    .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(400));
     assert_eq!(send("GET k\r\n"), "-ERR Fault Injected: Error");
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    assert!(log.contains("reload failed"), "{log}");
+    assert!(!log.contains("leaked-secret"), "{log}");
     assert_eq!(
         metric(&admin, "config_reloads_total{result=\"failed\"}"),
         "1"
