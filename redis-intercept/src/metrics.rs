@@ -98,6 +98,9 @@ pub struct Metrics {
     pub upstream_timeouts: Family<NodeLabels, Counter>,
     /// How long requests on shared upstream connections waited for their replies.
     pub upstream_latency: Family<NodeLabels, Latency>,
+    /// From reading a request to writing its reply, per service (first request of each read
+    /// batch).
+    pub request_latency: Family<ServiceLabels, Latency>,
     /// Requests copied to mirrors, sent or dropped.
     pub mirror_requests: Family<MirrorLabels, Counter>,
     /// Cluster redirects and retries followed, by kind.
@@ -143,6 +146,7 @@ impl Metrics {
             upstream_failures: Family::default(),
             upstream_timeouts: Family::default(),
             upstream_latency: Family::default(),
+            request_latency: Family::default(),
             mirror_requests: Family::default(),
             cluster_redirects: Family::default(),
             cluster_refreshes: Family::default(),
@@ -201,6 +205,12 @@ impl Metrics {
             "upstream_timeouts",
             "Upstream connections reset because a request passed op_timeout",
             m.upstream_timeouts.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from reading a client's request to writing its reply (the first request of \
+             each read batch)",
+            m.request_latency.clone(),
         );
         registry.register(
             "upstream_request_duration_seconds",
@@ -277,6 +287,7 @@ impl Metrics {
             rejected: self.clients_rejected.get_or_create(&labels).clone(),
             commands: self.commands.get_or_create(&labels).clone(),
             generations: self.route_generations.get_or_create(&labels).clone(),
+            latency: self.request_latency.get_or_create(&labels).clone(),
             service: service.to_owned(),
             closed: self.clients_closed.clone(),
         }
@@ -356,6 +367,8 @@ pub struct ServiceMetrics {
     pub commands: Counter,
     /// Generations of the service's routes in use.
     pub generations: Gauge,
+    /// Request latency as the client sees it (sampled once per read batch).
+    pub latency: Latency,
     /// Service name, for the close-reason family.
     service: String,
     /// Closes by reason (rare, so looked up when it happens).

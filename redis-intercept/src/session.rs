@@ -34,7 +34,7 @@ pub use forward::{Mirror, RouteCtx};
 
 use crate::command::{self, Command, Handling, Local, flags};
 use crate::config::ReadPolicy;
-use crate::metrics::ServiceMetrics;
+use crate::metrics::{Latency, LatencyBatch, ServiceMetrics};
 use crate::resp::{Limits, Request, RequestParser};
 use crate::signal::Signal;
 use crate::upstream::owned::Owned;
@@ -414,6 +414,11 @@ struct Core {
     shutdown: Cell<bool>,
     /// Wakes the session task.
     signal: Signal,
+    /// The first request of the last read batch (its token, and when it was read), until
+    /// its reply goes to the socket: one latency sample per batch, no clock read per reply.
+    sample: Cell<Option<(u64, Instant)>>,
+    /// The service's request latency histogram.
+    latency: Latency,
 }
 
 impl ReplySink for Core {
@@ -457,6 +462,11 @@ impl ReplySink for Core {
 
 impl Core {
     /// Reserves the next slot; returns its token.
+    /// The token the next slot will get.
+    fn next_token(&self) -> u64 {
+        self.head.get() + self.slots.borrow().len() as u64
+    }
+
     fn push_pending(&self) -> u64 {
         let mut slots = self.slots.borrow_mut();
         slots.push_back(None);
@@ -503,6 +513,15 @@ impl Core {
                     return;
                 }
             }
+        }
+        if let Some((token, read_at)) = self.sample.get()
+            && self.head.get() > token
+        {
+            // Its reply is in `out` or written: sampled at the first write attempt.
+            self.sample.set(None);
+            let mut batch = LatencyBatch::default();
+            batch.observe(read_at.elapsed());
+            self.latency.add(&batch);
         }
         if out.is_empty() && out.capacity() > KEEP_BUFFER {
             *out = BytesMut::new();
@@ -718,6 +737,8 @@ pub async fn run(
         failure: Cell::new(None),
         shutdown: Cell::new(false),
         signal: Signal::default(),
+        sample: Cell::new(None),
+        latency: svc.metrics.latency.clone(),
     });
     sessions.live.borrow_mut().insert(id, Rc::clone(&core));
     svc.metrics.connected.inc();
@@ -1018,7 +1039,12 @@ impl Session {
     /// their order.
     fn process_input(&mut self, input: &mut InputBuf) {
         let policy = self.svc.policy();
-        let deadline = Instant::now() + policy.op_timeout;
+        let now = Instant::now();
+        let deadline = now + policy.op_timeout;
+        if self.core.sample.get().is_none() && !input.is_empty() {
+            // The batch's first request takes the next slot.
+            self.core.sample.set(Some((self.core.next_token(), now)));
+        }
         let before = self.commands;
         self.stateful.barrier = false;
         // Out of `self` while its requests borrow it; put back below (no early return).

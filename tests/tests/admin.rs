@@ -80,6 +80,23 @@ fn admin_reports_ready_metrics_and_config() {
     assert_eq!(bucket("0.25"), Some(3.0), "{body}");
     assert_eq!(bucket("0.5"), Some(4.0), "{body}");
     assert!(metric(&body, &latency("sum")).unwrap() >= 0.25, "{body}");
+    // The client's view, sampled once per read batch: the batch above, then the slow GET.
+    let client = |le: &str| {
+        metric(
+            &body,
+            &format!(
+                "redis_intercept_request_duration_seconds_bucket{{le=\"{le}\",service=\"svc\"}}"
+            ),
+        )
+    };
+    let samples = metric(
+        &body,
+        "redis_intercept_request_duration_seconds_count{service=\"svc\"}",
+    )
+    .unwrap();
+    assert!(samples >= 2.0, "{body}");
+    assert_eq!(client("0.25"), Some(samples - 1.0), "{body}");
+    assert_eq!(client("+Inf"), Some(samples), "{body}");
     drop(c);
     let mut last = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
