@@ -48,8 +48,8 @@ pub struct BoundService {
 
 /// A running proxy. Dropping it without [`Proxy::shutdown`] leaves the workers running.
 pub struct Proxy {
-    /// Every service listener, in config order.
-    pub services: Vec<BoundService>,
+    /// Every service listener, in config order (a reload appends the services it adds).
+    services: std::sync::Mutex<Vec<BoundService>>,
     /// Tells workers to stop accepting and drain.
     shutdown: watch::Sender<bool>,
     /// Worker threads, joined on shutdown.
@@ -60,7 +60,10 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Client credentials of each service (config order), shared with every worker so a
     /// reload changes them for all.
-    client_auths: Vec<SharedAuth>,
+    client_auths: std::sync::Mutex<Vec<SharedAuth>>,
+    /// Whether each worker has its own listening socket (`[proxy] reuse_port`), for the
+    /// services a reload adds.
+    reuse_port: bool,
     /// The configuration running now, with its upstreams' credentials.
     running: std::sync::Mutex<Arc<Reloaded>>,
     /// Hands each reload's running config to the workers.
@@ -88,13 +91,14 @@ impl Proxy {
     /// settings changed, gets new routes with new connections: new clients start on them, and
     /// connected clients move to them at their first command that nothing ties to the old
     /// ones (see ARCHITECTURE.md); so does an upstream whose TLS files' contents changed.
-    /// Returns once every worker runs the result (at most 10 s), with notes about what
-    /// differs but needs a restart (listeners, the proxy's own settings, adding or removing
-    /// services). Upstream `password_file`s need no reload: they are read at every connect.
+    /// A service only the new file has is bound and served by every worker. Returns once
+    /// every worker runs the result (at most 10 s), with notes about what differs but needs
+    /// a restart (a running service's listener, the proxy's own settings, removing a
+    /// service). Upstream `password_file`s need no reload: they are read at every connect.
     ///
     /// # Errors
-    /// A password or TLS file that can't be read, or VIPs the eBPF map refuses; nothing
-    /// changes then.
+    /// A password or TLS file that can't be read, a new service's port that can't be bound,
+    /// or VIPs the eBPF map refuses; nothing changes then.
     pub fn reload(&self, new: &Config) -> Result<Vec<String>> {
         let auths = client_auths(new)?;
         let mut running = self
@@ -109,6 +113,46 @@ impl Proxy {
             if let Some(n) = new.services.iter().find(|n| n.name == s.name) {
                 live::take_live(s, n);
             }
+        }
+        // Services only the new file has are bound now (a port in use fails the reload)
+        // and served by every worker from now on.
+        let mut added = Vec::new();
+        for svc in &new.services {
+            if old.services.iter().any(|s| s.name == svc.name) {
+                continue;
+            }
+            let bound = bind_for_workers(svc.listen, self.worker_count, self.reuse_port)
+                .with_context(|| {
+                    format!("service {:?}: cannot listen on {}", svc.name, svc.listen)
+                })?;
+            let addr = bound
+                .first()
+                .context("no listener was bound")?
+                .local_addr()?;
+            let listeners = (0..self.worker_count)
+                .map(|i| {
+                    bound
+                        .get(i)
+                        .or(bound.first())
+                        .map(TcpListener::try_clone)
+                        .transpose()
+                })
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let auth = new
+                .services
+                .iter()
+                .position(|s| s.name == svc.name)
+                .and_then(|j| auths.get(j))
+                .cloned()
+                .flatten();
+            added.push(AddedService {
+                name: svc.name.clone(),
+                addr,
+                listeners: std::sync::Mutex::new(listeners),
+                counter: Arc::new(AtomicUsize::new(0)),
+                auth: Arc::new(std::sync::RwLock::new(auth)),
+            });
+            applied.services.push(svc.clone());
         }
         applied.upstreams = live::upstreams(&applied, old, new);
         // Upstreams whose settings or TLS files changed get new credentials and TLS (read
@@ -151,6 +195,15 @@ impl Proxy {
             };
             secrets.insert(up.name.clone(), s);
         }
+        let mut services = self
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut bound: Vec<BoundService> = services.clone();
+        bound.extend(added.iter().map(|a| BoundService {
+            name: a.name.clone(),
+            addr: a.addr,
+        }));
         // VIPs of running services change at once (the one step that can fail after this).
         if let Some(slot) = &self.intercept
             && let Some(interceptor) = slot
@@ -159,9 +212,14 @@ impl Proxy {
                 .as_mut()
         {
             interceptor
-                .set_vips(&vips(new, &self.services))
+                .set_vips(&vips(new, &bound))
                 .map_err(|e| anyhow::anyhow!("intercept: {e}"))?;
         }
+        for a in &added {
+            info!(service = %a.name, addr = %a.addr, "reload: listening for a new service");
+        }
+        *services = bound;
+        drop(services);
         let mut notes = Vec::new();
         // The file's cgroup settings and default policy change at once too.
         if let (Some(slot), Some(ic)) = (&self.intercept, &new.intercept)
@@ -176,6 +234,10 @@ impl Proxy {
                     .map_err(|e| anyhow::anyhow!("intercept: {e}"))?,
             );
         }
+        let mut slots = self
+            .client_auths
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (i, svc) in old.services.iter().enumerate() {
             let Some(j) = new.services.iter().position(|s| s.name == svc.name) else {
                 notes.push(format!(
@@ -184,12 +246,14 @@ impl Proxy {
                 ));
                 continue;
             };
-            if let (Some(slot), Some(auth)) = (self.client_auths.get(i), auths.get(j)) {
+            if let (Some(slot), Some(auth)) = (slots.get(i), auths.get(j)) {
                 *slot
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = auth.clone();
             }
         }
+        slots.extend(added.iter().map(|a| Arc::clone(&a.auth)));
+        drop(slots);
         if let (Some(running_ic), Some(ic)) = (&mut applied.intercept, &new.intercept)
             && self.intercept.is_some()
         {
@@ -197,7 +261,7 @@ impl Proxy {
             running_ic.enable.clone_from(&ic.enable);
             running_ic.disable.clone_from(&ic.disable);
         }
-        let left = live::differences(&applied, new);
+        let left = live::differences(&applied, &live::in_running_order(new, &applied));
         if !left.is_empty() {
             notes.push(format!(
                 "these settings changed and take effect after a restart: {}",
@@ -212,6 +276,7 @@ impl Proxy {
             cluster_status,
             tls_files,
             changed,
+            added,
             done: Some(done),
         });
         *running = Arc::clone(&next);
@@ -254,6 +319,8 @@ impl Proxy {
     /// The bound address of the service called `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
         self.services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .find(|s| s.name == name)
             .map(|s| s.addr)
@@ -539,6 +606,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
         cluster_status: cluster_status.clone(),
         tls_files: tls_fingerprints(config),
         changed: Vec::new(),
+        added: Vec::new(),
         done: None,
     });
     let (reload_tx, reload_rx) = watch::channel(Arc::clone(&running));
@@ -620,12 +688,13 @@ pub fn start(config: &Config) -> Result<Proxy> {
     Ok(Proxy {
         intercept,
         attacher,
-        services,
+        services: std::sync::Mutex::new(services),
         shutdown: tx,
         workers: handles,
         admin,
         metrics,
-        client_auths,
+        client_auths: std::sync::Mutex::new(client_auths),
+        reuse_port: config.proxy.reuse_port,
         running: std::sync::Mutex::new(running),
         reloads: reload_tx,
         worker_count: workers,
@@ -835,6 +904,7 @@ impl WorkerPlan {
             ups,
             config.clone(),
             Rc::clone(&current),
+            shutdown.clone(),
             Rc::clone(&sessions),
         ));
         let mut stop = shutdown.clone();
@@ -875,6 +945,7 @@ async fn follow_reloads(
     mut ups: Upstreams,
     mut config: Config,
     current: Rc<RefCell<Vec<Rc<ServiceCtx>>>>,
+    shutdown: watch::Receiver<bool>,
     sessions: Rc<Sessions>,
 ) {
     while reloads.changed().await.is_ok() {
@@ -924,6 +995,7 @@ async fn follow_reloads(
                 }
             }
         }
+        serve_added(&new, &mut ups, &current, &shutdown, &sessions).await;
         config.clone_from(&new.config);
         live::apply(&current.borrow(), &config);
         sessions.wake_all();
@@ -931,6 +1003,82 @@ async fn follow_reloads(
             let _ = done.send(());
         }
     }
+}
+
+/// Starts serving, on this worker, the services `new` added: routes, then an accept loop on
+/// the worker's own socket.
+async fn serve_added(
+    new: &Reloaded,
+    ups: &mut Upstreams,
+    current: &Rc<RefCell<Vec<Rc<ServiceCtx>>>>,
+    shutdown: &watch::Receiver<bool>,
+    sessions: &Rc<Sessions>,
+) {
+    for added in &new.added {
+        let Some(svc) = new.config.services.iter().find(|s| s.name == added.name) else {
+            continue;
+        };
+        let listener = added
+            .listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(ups.worker)
+            .and_then(Option::take);
+        let Some(listener) = listener.map(tokio::net::TcpListener::from_std) else {
+            continue;
+        };
+        let shared = Shared {
+            policy: Rc::new(RefCell::new(Rc::new(live::policy(svc)))),
+            metrics: ups.metrics.service(&svc.name, ups.worker),
+            auth: Arc::clone(&added.auth),
+            newest: Rc::default(),
+        };
+        let built = listener
+            .map_err(anyhow::Error::from)
+            .and_then(|l| Ok((l, ups.service(&new.config, svc, &shared)?)));
+        let (listener, (ctx, pools)) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                error!(worker = ups.worker, service = %svc.name, error = %format!("{e:#}"), "reload: the new service is not served by this worker");
+                continue;
+            }
+        };
+        for pool in pools {
+            pool.wait_first(FIRST_DISCOVERY_WAIT).await;
+        }
+        let ctx = Rc::new(ctx);
+        *shared.newest.borrow_mut() = Rc::downgrade(&ctx);
+        let index = {
+            let mut current = current.borrow_mut();
+            current.push(ctx);
+            current.len() - 1
+        };
+        tokio::task::spawn_local(accept_loop(
+            listener,
+            Service {
+                current: Rc::clone(current),
+                index,
+                name: svc.name.clone(),
+            },
+            Arc::clone(&added.counter),
+            shutdown.clone(),
+            Rc::clone(sessions),
+        ));
+    }
+}
+
+/// A service a reload added: bound by the reload, served by each worker from its socket.
+struct AddedService {
+    /// The service's name.
+    name: String,
+    /// Where it listens.
+    addr: SocketAddr,
+    /// One listener per worker, each taken by its worker.
+    listeners: std::sync::Mutex<Vec<Option<TcpListener>>>,
+    /// Its connected clients, over all workers (for `max_clients`).
+    counter: Arc<AtomicUsize>,
+    /// Its client credentials (a later reload changes them).
+    auth: SharedAuth,
 }
 
 /// What every generation of a service's routes shares: the settings and credentials a
@@ -970,6 +1118,8 @@ struct Reloaded {
     /// Upstreams whose connections this reload makes again: changed settings or TLS files,
     /// or a cluster with a new status.
     changed: Vec<String>,
+    /// Services this reload added, with their listeners.
+    added: Vec<AddedService>,
     /// Each worker says here that it runs this config (`None` at start).
     done: Option<std::sync::mpsc::Sender<()>>,
 }

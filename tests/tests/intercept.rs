@@ -432,6 +432,24 @@ fn reload_applies_the_files_default_and_cgroup_settings() {
     reload(&intercept("on", "", ""));
     assert_eq!(probe(Some(&app), &v, &["GET", "who"]).1, "backend");
     assert_eq!(probe(Some(&later), &v, &["GET", "who"]).1, "backend");
+    // A service added by a reload: its VIP (where nothing listens) is intercepted at once.
+    let vip2 = format!("127.0.100.8:{}", redis_intercept_e2e::free_port());
+    let two = format!(
+        "{}\n[[service]]\nname = \"two\"\nlisten = \"127.0.0.1:{}\"\nupstream = \"main\"\nvips = [\"{vip2}\"]\n",
+        config(
+            backend.addr,
+            &[vip_server.addr],
+            "127.0.0.1:0",
+            &intercept("on", "", "")
+        ),
+        redis_intercept_e2e::free_port()
+    );
+    let notes = proxy
+        .reload(&redis_intercept::config::Config::parse(&two, "reload").unwrap())
+        .unwrap();
+    assert_eq!(notes, Vec::<String>::new());
+    assert_eq!(probe(Some(&app), &vip2, &["GET", "who"]).1, "backend");
+    assert_eq!(probe(Some(&app), &v, &["GET", "who"]).1, "backend");
     proxy.shutdown();
 }
 

@@ -420,3 +420,64 @@ fn clients_under_load_see_no_error_and_read_their_writes_across_reloads() {
     wait_until(Duration::from_secs(10), || proxy_conns(a) == 2);
     proxy.shutdown();
 }
+
+#[test]
+fn a_reload_adds_a_service_on_every_worker() {
+    let s = servers();
+    let [a, b, c] = &s;
+    let base = config(&s, "upstream = \"a\"\n");
+    let proxy = start_proxy_config(&base);
+    let mut old = RespReader::connect(proxy.addr("svc").unwrap());
+    assert_eq!(old.call(&["SET", "k", "a"]), ok());
+    assert_eq!(proxy.addr("two"), None);
+    let listen = format!("127.0.0.1:{}", redis_intercept_e2e::free_port());
+    let two = |upstream: &str| {
+        format!(
+            "{base}\n[[service]]\nname = \"two\"\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n"
+        )
+    };
+    assert_eq!(reload(&proxy, &two("b")), Vec::<String>::new());
+    let addr = proxy.addr("two").expect("the new service listens");
+    // Enough clients that both workers serve some.
+    let mut clients: Vec<RespReader> = (0..8).map(|_| RespReader::connect(addr)).collect();
+    for (i, cl) in clients.iter_mut().enumerate() {
+        assert_eq!(cl.call(&["SET", &format!("two{i}"), "b"]), ok());
+        assert_eq!(b.cmd(&["GET", &format!("two{i}")]), bulk("b"), "client {i}");
+    }
+    assert_eq!(old.call(&["GET", "k"]), bulk("a"));
+    let admin = proxy.admin_addr().unwrap();
+    let (_, metrics) = http_get(admin, "/metrics");
+    assert!(
+        metrics.contains("redis_intercept_clients_connected{service=\"two\"} 8\n"),
+        "{metrics}"
+    );
+    assert!(http_get(admin, "/config").1.contains("name = \"two\""));
+    // The same file again changes nothing; another upstream for it moves its clients.
+    assert_eq!(reload(&proxy, &two("b")), Vec::<String>::new());
+    assert_eq!(proxy.addr("two"), Some(addr));
+    assert_eq!(reload(&proxy, &two("c")), Vec::<String>::new());
+    for (i, cl) in clients.iter_mut().enumerate() {
+        assert_eq!(cl.call(&["SET", &format!("moved{i}"), "c"]), ok());
+        assert_eq!(
+            c.cmd(&["GET", &format!("moved{i}")]),
+            bulk("c"),
+            "client {i}"
+        );
+    }
+    assert_eq!(a.cmd(&["GET", "two0"]), Frame::NullBulk);
+    // A service whose port is taken fails the whole reload: nothing changes.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let three = format!(
+        "{}\n[[service]]\nname = \"three\"\nlisten = \"{}\"\nupstream = \"a\"\n",
+        two("a"),
+        held.local_addr().unwrap()
+    );
+    let err = proxy
+        .reload(&redis_intercept::config::Config::parse(&three, "reload").unwrap())
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("cannot listen"), "{err:#}");
+    assert_eq!(proxy.addr("three"), None);
+    assert_eq!(clients[0].call(&["SET", "still", "c"]), ok());
+    assert_eq!(c.cmd(&["GET", "still"]), bulk("c"));
+    proxy.shutdown();
+}

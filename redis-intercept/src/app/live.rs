@@ -185,6 +185,25 @@ pub(super) fn apply(services: &[Rc<ServiceCtx>], config: &Config) {
     }
 }
 
+/// `new` with its services in the order they run in `applied` (services keep their
+/// places, added ones come last; a removed one, still running, as it runs), so that
+/// [`differences`] compares each service with itself.
+pub(super) fn in_running_order(new: &Config, applied: &Config) -> Config {
+    let mut out = new.clone();
+    out.services = applied
+        .services
+        .iter()
+        .map(|s| {
+            new.services
+                .iter()
+                .find(|n| n.name == s.name)
+                .unwrap_or(s)
+                .clone()
+        })
+        .collect();
+    out
+}
+
 /// The key paths (`service[0].read_policy`) where two configs differ, secrets redacted:
 /// what a reload could not apply.
 pub(super) fn differences(running: &Config, new: &Config) -> Vec<String> {
@@ -278,8 +297,13 @@ upstream = "copy"
                 take_live(s, n);
             }
         }
+        for s in &new.services {
+            if !old.services.iter().any(|o| o.name == s.name) {
+                applied.services.push(s.clone());
+            }
+        }
         applied.upstreams = upstreams(&applied, &old, &new);
-        differences(&applied, &new)
+        differences(&applied, &in_running_order(&new, &applied))
     }
 
     #[test]
@@ -313,13 +337,21 @@ upstream = "copy"
     }
 
     #[test]
-    fn listeners_and_services_are_named_for_a_restart() {
+    fn a_listener_is_named_for_a_restart_and_an_added_service_is_not() {
         let new = BASE.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
         assert_eq!(left_over(BASE, &new), ["service[0].listen"]);
-        let new = format!(
-            "{BASE}\n[[service]]\nname = \"two\"\nlisten = \"127.0.0.1:1\"\nupstream = \"main\"\n"
+        let two = "\n[[service]]\nname = \"two\"\nlisten = \"127.0.0.1:1\"\nupstream = \"main\"\n";
+        assert_eq!(
+            left_over(BASE, &format!("{BASE}{two}")),
+            Vec::<String>::new()
         );
-        assert_eq!(left_over(BASE, &new), ["service[1]"]);
+        // Added in front of the running one: each is still compared with itself.
+        let front = BASE.replacen(
+            "[[service]]",
+            &format!("{}\n[[service]]", two.trim_start()),
+            1,
+        );
+        assert_eq!(left_over(BASE, &front), Vec::<String>::new());
     }
 
     #[test]
