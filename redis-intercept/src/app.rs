@@ -91,10 +91,10 @@ impl Proxy {
     /// settings changed, gets new routes with new connections: new clients start on them, and
     /// connected clients move to them at their first command that nothing ties to the old
     /// ones (see ARCHITECTURE.md); so does an upstream whose TLS files' contents changed.
-    /// A service only the new file has is bound and served by every worker. Returns once
-    /// every worker runs the result (at most 10 s), with notes about what differs but needs
-    /// a restart (a running service's listener, the proxy's own settings, removing a
-    /// service). Upstream `password_file`s need no reload: they are read at every connect.
+    /// A service only the new file has is bound and served by every worker; one only the
+    /// old file had stops accepting, and its clients are closed once their replies are out.
+    /// Returns once every worker runs the result (at most 10 s), with notes about what
+    /// differs but needs a restart (a running service's listener, the proxy's own settings). Upstream `password_file`s need no reload: they are read at every connect.
     ///
     /// # Errors
     /// A password or TLS file that can't be read, a new service's port that can't be bound,
@@ -114,6 +114,15 @@ impl Proxy {
                 live::take_live(s, n);
             }
         }
+        // Services only the old file has stop: their listeners close, and their clients
+        // finish what they owe and are closed.
+        let removed: Vec<String> = old
+            .services
+            .iter()
+            .filter(|s| !new.services.iter().any(|n| n.name == s.name))
+            .map(|s| s.name.clone())
+            .collect();
+        applied.services.retain(|s| !removed.contains(&s.name));
         // Services only the new file has are bound now (a port in use fails the reload)
         // and served by every worker from now on.
         let mut added = Vec::new();
@@ -154,7 +163,7 @@ impl Proxy {
             });
             applied.services.push(svc.clone());
         }
-        applied.upstreams = live::upstreams(&applied, old, new);
+        applied.upstreams.clone_from(&new.upstreams);
         // Upstreams whose settings or TLS files changed get new credentials and TLS (read
         // now, so a missing file fails the reload before anything changes) and new
         // connections.
@@ -199,7 +208,11 @@ impl Proxy {
             .services
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut bound: Vec<BoundService> = services.clone();
+        let mut bound: Vec<BoundService> = services
+            .iter()
+            .filter(|s| !removed.contains(&s.name))
+            .cloned()
+            .collect();
         bound.extend(added.iter().map(|a| BoundService {
             name: a.name.clone(),
             addr: a.addr,
@@ -238,21 +251,20 @@ impl Proxy {
             .client_auths
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (i, svc) in old.services.iter().enumerate() {
+        let mut kept = Vec::new();
+        for (slot, svc) in slots.iter().zip(&old.services) {
             let Some(j) = new.services.iter().position(|s| s.name == svc.name) else {
-                notes.push(format!(
-                    "service {:?} was removed: needs a restart",
-                    svc.name
-                ));
                 continue;
             };
-            if let (Some(slot), Some(auth)) = (slots.get(i), auths.get(j)) {
+            if let Some(auth) = auths.get(j) {
                 *slot
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = auth.clone();
             }
+            kept.push(Arc::clone(slot));
         }
-        slots.extend(added.iter().map(|a| Arc::clone(&a.auth)));
+        kept.extend(added.iter().map(|a| Arc::clone(&a.auth)));
+        *slots = kept;
         drop(slots);
         if let (Some(running_ic), Some(ic)) = (&mut applied.intercept, &new.intercept)
             && self.intercept.is_some()
@@ -277,6 +289,7 @@ impl Proxy {
             tls_files,
             changed,
             added,
+            removed,
             done: Some(done),
         });
         *running = Arc::clone(&next);
@@ -607,6 +620,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
         tls_files: tls_fingerprints(config),
         changed: Vec::new(),
         added: Vec::new(),
+        removed: Vec::new(),
         done: None,
     });
     let (reload_tx, reload_rx) = watch::channel(Arc::clone(&running));
@@ -873,7 +887,7 @@ impl WorkerPlan {
             first.extend(pools);
             let ctx = Rc::new(ctx);
             *shared.newest.borrow_mut() = Rc::downgrade(&ctx);
-            current.push(ctx);
+            current.push(Some(ctx));
             accepts.push((listener, counter));
         }
         // Clients wait in the listen backlog until each cluster's first topology discovery
@@ -882,7 +896,10 @@ impl WorkerPlan {
         for pool in first {
             pool.wait_first(FIRST_DISCOVERY_WAIT).await;
         }
-        let current = Rc::new(RefCell::new(current));
+        let current = Rc::new(Served {
+            list: RefCell::new(current),
+            removed: tokio::sync::Notify::new(),
+        });
         for (i, ((listener, counter), svc)) in accepts.into_iter().zip(&config.services).enumerate()
         {
             let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -929,7 +946,7 @@ impl WorkerPlan {
             );
         }
         // Older generations close as their last clients go.
-        for ctx in current.borrow().iter() {
+        for ctx in current.list.borrow().iter().flatten() {
             ctx.owned.close();
         }
         Ok(())
@@ -944,7 +961,7 @@ async fn follow_reloads(
     mut reloads: watch::Receiver<Arc<Reloaded>>,
     mut ups: Upstreams,
     mut config: Config,
-    current: Rc<RefCell<Vec<Rc<ServiceCtx>>>>,
+    current: Rc<Served>,
     shutdown: watch::Receiver<bool>,
     sessions: Rc<Sessions>,
 ) {
@@ -963,7 +980,8 @@ async fn follow_reloads(
         ups.cluster_status.clone_from(&new.cluster_status);
         let mut built = Vec::new();
         let mut fresh = Vec::new();
-        for (i, ctx) in current.borrow().iter().enumerate() {
+        for (i, ctx) in current.list.borrow().iter().enumerate() {
+            let Some(ctx) = ctx else { continue };
             let find = |c: &Config| c.services.iter().find(|s| s.name == ctx.name).cloned();
             let (Some(old), Some(svc)) = (find(&config), find(&new.config)) else {
                 continue;
@@ -986,9 +1004,9 @@ async fn follow_reloads(
             pool.wait_first(FIRST_DISCOVERY_WAIT).await;
         }
         {
-            let mut current = current.borrow_mut();
+            let mut list = current.list.borrow_mut();
             for (i, next) in built {
-                if let Some(slot) = current.get_mut(i) {
+                if let Some(Some(slot)) = list.get_mut(i) {
                     info!(worker = ups.worker, service = %next.name, "reload: new routes in use; connected clients move to them at their next command");
                     *slot.newest.borrow_mut() = Rc::downgrade(&next);
                     *slot = next;
@@ -996,8 +1014,26 @@ async fn follow_reloads(
             }
         }
         serve_added(&new, &mut ups, &current, &shutdown, &sessions).await;
+        // Removed services: no more accepts, and their clients finish what they owe and
+        // are closed, as at shutdown.
+        let mut removed = false;
+        for slot in current.list.borrow_mut().iter_mut() {
+            if let Some(ctx) = slot
+                && new.removed.contains(&ctx.name)
+            {
+                info!(worker = ups.worker, service = %ctx.name, "reload: service removed; its clients are closed once their replies are out");
+                sessions.shut_down_service(ctx);
+                *slot = None;
+                removed = true;
+            }
+        }
+        if removed {
+            current.removed.notify_waiters();
+        }
         config.clone_from(&new.config);
-        live::apply(&current.borrow(), &config);
+        let running: Vec<Rc<ServiceCtx>> =
+            current.list.borrow().iter().flatten().cloned().collect();
+        live::apply(&running, &config);
         sessions.wake_all();
         if let Some(done) = &new.done {
             let _ = done.send(());
@@ -1010,7 +1046,7 @@ async fn follow_reloads(
 async fn serve_added(
     new: &Reloaded,
     ups: &mut Upstreams,
-    current: &Rc<RefCell<Vec<Rc<ServiceCtx>>>>,
+    current: &Rc<Served>,
     shutdown: &watch::Receiver<bool>,
     sessions: &Rc<Sessions>,
 ) {
@@ -1049,9 +1085,9 @@ async fn serve_added(
         let ctx = Rc::new(ctx);
         *shared.newest.borrow_mut() = Rc::downgrade(&ctx);
         let index = {
-            let mut current = current.borrow_mut();
-            current.push(ctx);
-            current.len() - 1
+            let mut list = current.list.borrow_mut();
+            list.push(Some(ctx));
+            list.len() - 1
         };
         tokio::task::spawn_local(accept_loop(
             listener,
@@ -1120,6 +1156,8 @@ struct Reloaded {
     changed: Vec<String>,
     /// Services this reload added, with their listeners.
     added: Vec<AddedService>,
+    /// Services this reload removed, by name.
+    removed: Vec<String>,
     /// Each worker says here that it runs this config (`None` at start).
     done: Option<std::sync::mpsc::Sender<()>>,
 }
@@ -1393,11 +1431,20 @@ fn upstream_auth(up: &crate::config::UpstreamConfig) -> Result<Option<UpstreamAu
     }))
 }
 
+/// Every service a worker serves: its newest generation, in config order (`None` once a
+/// reload removed it).
+struct Served {
+    /// The generations.
+    list: RefCell<Vec<Option<Rc<ServiceCtx>>>>,
+    /// Wakes the accept loops when a reload removed a service.
+    removed: tokio::sync::Notify,
+}
+
 /// One service's newest generation on this worker, looked up at each accept (holding a
 /// generation would keep its connections open after a reload replaced it).
 struct Service {
-    /// Every service's newest generation, in config order.
-    current: Rc<RefCell<Vec<Rc<ServiceCtx>>>>,
+    /// Every service's newest generation.
+    current: Rc<Served>,
     /// This service's place in it.
     index: usize,
     /// The service's name, for logs.
@@ -1406,7 +1453,12 @@ struct Service {
 
 impl Service {
     fn get(&self) -> Option<Rc<ServiceCtx>> {
-        self.current.borrow().get(self.index).cloned()
+        self.current
+            .list
+            .borrow()
+            .get(self.index)
+            .cloned()
+            .flatten()
     }
 }
 
@@ -1420,9 +1472,14 @@ async fn accept_loop(
 ) {
     let mut backoff = Duration::from_millis(10);
     loop {
+        if service.get().is_none() {
+            // A reload removed the service: dropping the listener closes its socket.
+            return;
+        }
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.changed() => return,
+            () = service.current.removed.notified() => continue,
         };
         match accepted {
             Ok((stream, _peer)) => {

@@ -71,7 +71,7 @@ pub struct ServiceCtx {
     pub prefixes: crate::route::Prefixes,
     /// The settings a reload changes in place (see [`Policy`]), shared by every generation
     /// of the service's routes.
-    pub policy: Rc<RefCell<Rc<Policy>>>,
+    pub policy: PolicyCell,
     /// Request parsing limits.
     pub limits: Limits,
     /// The service's metric handles.
@@ -113,6 +113,9 @@ impl ServiceCtx {
         Rc::clone(&self.policy.borrow())
     }
 }
+
+/// A service's [`Policy`] as every generation of it shares it.
+pub type PolicyCell = Rc<RefCell<Rc<Policy>>>;
 
 /// A service's settings that apply to clients already connected when a reload changes them:
 /// nothing in here owns a connection. Each worker holds its own copy, replaced whole.
@@ -343,8 +346,9 @@ impl Drop for ClientGuard {
 /// The sessions of one worker, so shutdown can reach them and the worker can wait for them.
 #[derive(Default)]
 pub struct Sessions {
-    /// Live sessions by client id.
-    live: RefCell<HashMap<u64, Rc<Core>>>,
+    /// Live sessions by client id, with their service (the policy cell every generation of
+    /// a service shares stands for it).
+    live: RefCell<HashMap<u64, (PolicyCell, Rc<Core>)>>,
 }
 
 impl Sessions {
@@ -361,16 +365,27 @@ impl Sessions {
     /// Wakes every session to read its service's [`Policy`] again after a reload: a wait
     /// that began before it (an idle client's, say) may end sooner now.
     pub fn wake_all(&self) {
-        for core in self.live.borrow().values() {
+        for (_, core) in self.live.borrow().values() {
             core.signal.notify();
         }
     }
 
     /// Asks every session to stop reading, finish the replies it owes, and close.
     pub fn shut_down(&self) {
-        for core in self.live.borrow().values() {
+        for (_, core) in self.live.borrow().values() {
             core.shutdown.set(true);
             core.signal.notify();
+        }
+    }
+
+    /// [`Sessions::shut_down`] for the clients of `svc`'s service only (a reload removed
+    /// it).
+    pub fn shut_down_service(&self, svc: &ServiceCtx) {
+        for (service, core) in self.live.borrow().values() {
+            if Rc::ptr_eq(service, &svc.policy) {
+                core.shutdown.set(true);
+                core.signal.notify();
+            }
         }
     }
 }
@@ -740,7 +755,10 @@ pub async fn run(
         sample: Cell::new(None),
         latency: svc.metrics.latency.clone(),
     });
-    sessions.live.borrow_mut().insert(id, Rc::clone(&core));
+    sessions
+        .live
+        .borrow_mut()
+        .insert(id, (Rc::clone(&svc.policy), Rc::clone(&core)));
     svc.metrics.connected.inc();
     svc.metrics.worker_connected.inc();
     let mut session = Session {

@@ -422,7 +422,7 @@ fn clients_under_load_see_no_error_and_read_their_writes_across_reloads() {
 }
 
 #[test]
-fn a_reload_adds_a_service_on_every_worker() {
+fn a_reload_adds_a_service_on_every_worker_and_removes_it() {
     let s = servers();
     let [a, b, c] = &s;
     let base = config(&s, "upstream = \"a\"\n");
@@ -479,5 +479,31 @@ fn a_reload_adds_a_service_on_every_worker() {
     assert_eq!(proxy.addr("three"), None);
     assert_eq!(clients[0].call(&["SET", "still", "c"]), ok());
     assert_eq!(c.cmd(&["GET", "still"]), bulk("c"));
+    // Removed again: its clients are closed, its port stops accepting, and the other
+    // service carries on.
+    assert_eq!(reload(&proxy, &base), Vec::<String>::new());
+    assert_eq!(proxy.addr("two"), None);
+    for (i, cl) in clients.iter_mut().enumerate() {
+        cl.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let read = std::io::Read::read(&mut cl.stream, &mut buf);
+        assert!(matches!(read, Ok(0)), "client {i} was not closed: {read:?}");
+    }
+    wait_until(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(addr).is_err()
+    });
+    assert_eq!(old.call(&["GET", "k"]), bulk("a"));
+    let (_, metrics) = http_get(admin, "/metrics");
+    assert!(
+        metrics.contains("redis_intercept_clients_connected{service=\"two\"} 0\n"),
+        "{metrics}"
+    );
+    assert!(!http_get(admin, "/config").1.contains("name = \"two\""));
+    // And back, on the same port.
+    assert_eq!(reload(&proxy, &two("b")), Vec::<String>::new());
+    let mut back = RespReader::connect(proxy.addr("two").unwrap());
+    assert_eq!(back.call(&["GET", "two0"]), bulk("b"));
     proxy.shutdown();
 }

@@ -7,7 +7,6 @@ use std::rc::Rc;
 
 use crate::config::{
     Config, FaultConfig, FaultKind, LegacyAuth, MirrorConfig, RouteConfig, ServiceConfig,
-    UpstreamConfig,
 };
 use crate::session::{Fault, FaultAction, Policy, ServiceCtx};
 
@@ -69,24 +68,6 @@ pub(super) fn take_live(running: &mut ServiceConfig, new: &ServiceConfig) {
     running.read_policy = new.read_policy;
     running.mirrors.clone_from(&new.mirrors);
     running.routes.clone_from(&new.routes);
-}
-
-/// The upstreams that run after a reload: every one of the new file, plus those only the
-/// old file has that a running service still uses (a service removed from the file keeps
-/// running until a restart, with its upstreams).
-pub(super) fn upstreams(applied: &Config, old: &Config, new: &Config) -> Vec<UpstreamConfig> {
-    let mut out = new.upstreams.clone();
-    for up in &old.upstreams {
-        if new.upstream(&up.name).is_none()
-            && applied
-                .services
-                .iter()
-                .any(|s| uses(s).contains(&up.name.as_str()))
-        {
-            out.push(up.clone());
-        }
-    }
-    out
 }
 
 /// Every upstream a service sends to: its own, its routes' and all mirrors'.
@@ -186,8 +167,8 @@ pub(super) fn apply(services: &[Rc<ServiceCtx>], config: &Config) {
 }
 
 /// `new` with its services in the order they run in `applied` (services keep their
-/// places, added ones come last; a removed one, still running, as it runs), so that
-/// [`differences`] compares each service with itself.
+/// places, added ones come last), so that [`differences`] compares each service with
+/// itself.
 pub(super) fn in_running_order(new: &Config, applied: &Config) -> Config {
     let mut out = new.clone();
     out.services = applied
@@ -297,12 +278,15 @@ upstream = "copy"
                 take_live(s, n);
             }
         }
+        applied
+            .services
+            .retain(|s| new.services.iter().any(|n| n.name == s.name));
         for s in &new.services {
             if !old.services.iter().any(|o| o.name == s.name) {
                 applied.services.push(s.clone());
             }
         }
-        applied.upstreams = upstreams(&applied, &old, &new);
+        applied.upstreams.clone_from(&new.upstreams);
         differences(&applied, &in_running_order(&new, &applied))
     }
 
@@ -352,30 +336,6 @@ upstream = "copy"
             1,
         );
         assert_eq!(left_over(BASE, &front), Vec::<String>::new());
-    }
-
-    #[test]
-    fn a_removed_services_upstreams_keep_running() {
-        let two = format!(
-            "{BASE}\n[[upstream]]\nname = \"other\"\nmode = \"standalone\"\nnodes = [\"127.0.0.1:6381\"]\n\n\
-             [[service]]\nname = \"two\"\nlisten = \"127.0.0.1:1\"\nupstream = \"other\"\n"
-        );
-        let old = parse(&two);
-        let new = parse(BASE);
-        let mut applied = old.clone();
-        for s in &mut applied.services {
-            if let Some(n) = new.services.iter().find(|n| n.name == s.name) {
-                take_live(s, n);
-            }
-        }
-        let names: Vec<String> = upstreams(&applied, &old, &new)
-            .into_iter()
-            .map(|u| u.name)
-            .collect();
-        assert_eq!(names, ["main", "copy", "other"]);
-        // Without the service, nothing keeps it.
-        applied.services.truncate(1);
-        assert_eq!(upstreams(&applied, &old, &new).len(), 2);
     }
 
     #[test]
