@@ -335,6 +335,10 @@ pub struct ServiceConfig {
     /// error for AUTH without a configured password).
     #[serde(default)]
     pub legacy_auth: LegacyAuth,
+    /// Count calls and reply latency per command (`command_calls_total`,
+    /// `command_duration_seconds`). Off by default: it reads the clock once per reply.
+    #[serde(default)]
+    pub command_stats: bool,
     /// Key-prefix routes; longest prefix wins.
     #[serde(default, rename = "route", skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConfig>,

@@ -1,11 +1,14 @@
 //! Prometheus metrics: one registry for the process, with handles resolved once so the data
 //! path only does relaxed atomic adds.
 
+mod commands;
 mod latency;
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
+pub use commands::{CommandFamilies, CommandHandles, CommandStats, UNKNOWN};
 pub use latency::{Latency, LatencyBatch};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -69,6 +72,15 @@ pub struct ClusterLabels {
     pub kind: String,
 }
 
+/// Labels of injected faults.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    /// Service name from the config.
+    pub service: String,
+    /// `error` or `delay`.
+    pub kind: String,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -119,6 +131,10 @@ pub struct Metrics {
     /// count, some clients are still on routes a reload replaced (in a transaction, a
     /// blocking command or subscribed).
     pub route_generations: Family<ServiceLabels, Gauge>,
+    /// Per-command calls and latency (only services with `command_stats` on record them).
+    pub command_families: CommandFamilies,
+    /// Requests a fault rule hit.
+    pub faults: Family<FaultLabels, Counter>,
 }
 
 /// A `result` label.
@@ -154,6 +170,8 @@ impl Metrics {
             config_reloads: Family::default(),
             config_last_reload_successful: Gauge::default(),
             route_generations: Family::default(),
+            command_families: CommandFamilies::default(),
+            faults: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -258,6 +276,22 @@ impl Metrics {
              workers: clients still on routes a reload replaced)",
             m.route_generations.clone(),
         );
+        registry.register(
+            "command_calls",
+            "Commands by name and result (ok, error), for services with command_stats on",
+            m.command_families.calls.clone(),
+        );
+        registry.register(
+            "command_duration_seconds",
+            "Time from reading a command to its reply reaching the client's session, by \
+             command, for services with command_stats on",
+            m.command_families.latency.clone(),
+        );
+        registry.register(
+            "faults",
+            "Requests a fault rule hit, by kind (error, delay)",
+            m.faults.clone(),
+        );
         m.config_last_reload_successful.set(1);
         Arc::new(Metrics { registry, ..m })
     }
@@ -288,9 +322,22 @@ impl Metrics {
             commands: self.commands.get_or_create(&labels).clone(),
             generations: self.route_generations.get_or_create(&labels).clone(),
             latency: self.request_latency.get_or_create(&labels).clone(),
+            by_command: Rc::new(CommandStats::new(service, self.command_families.clone())),
+            fault_errors: self.fault(service, "error"),
+            fault_delays: self.fault(service, "delay"),
             service: service.to_owned(),
             closed: self.clients_closed.clone(),
         }
+    }
+
+    /// The counter of faults of `kind` injected into `service`'s requests.
+    fn fault(&self, service: &str, kind: &str) -> Counter {
+        self.faults
+            .get_or_create(&FaultLabels {
+                service: service.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .clone()
     }
 
     /// Handles for one mirror of one service: (sent, dropped).
@@ -350,7 +397,8 @@ impl Metrics {
     }
 }
 
-/// Pre-resolved metric handles of one service (cheap to clone: each is an `Arc`).
+/// Pre-resolved metric handles of one service on one worker (cheap to clone: each is an
+/// `Arc` or an `Rc`).
 #[derive(Clone)]
 pub struct ServiceMetrics {
     /// Clients connected now.
@@ -369,6 +417,12 @@ pub struct ServiceMetrics {
     pub generations: Gauge,
     /// Request latency as the client sees it (sampled once per read batch).
     pub latency: Latency,
+    /// Per-command calls and latency, recorded when the service's `command_stats` is on.
+    pub by_command: Rc<CommandStats>,
+    /// Requests answered with an injected error.
+    pub fault_errors: Counter,
+    /// Requests held back by an injected delay.
+    pub fault_delays: Counter,
     /// Service name, for the close-reason family.
     service: String,
     /// Closes by reason (rare, so looked up when it happens).

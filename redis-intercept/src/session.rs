@@ -34,7 +34,9 @@ pub use forward::{Mirror, RouteCtx};
 
 use crate::command::{self, Command, Handling, Local, flags};
 use crate::config::ReadPolicy;
-use crate::metrics::{Latency, LatencyBatch, ServiceMetrics};
+use crate::metrics::{
+    CommandHandles, CommandStats, Latency, LatencyBatch, ServiceMetrics, UNKNOWN,
+};
 use crate::resp::{Limits, Request, RequestParser};
 use crate::signal::Signal;
 use crate::upstream::owned::Owned;
@@ -133,6 +135,8 @@ pub struct Policy {
     pub max_clients: usize,
     /// Without `auth`: refuse AUTH as Redis does when no password is set (else answer OK).
     pub legacy_auth_reject: bool,
+    /// Record per-command calls and latency.
+    pub command_stats: bool,
     /// Fault injection rules, tried in order; the first that matches and hits applies.
     pub faults: Vec<Fault>,
 }
@@ -217,13 +221,18 @@ fn inject_fault(
     core: &Core,
     dice: &mut Dice,
     delayed: &mut Option<Delayed>,
+    metrics: &ServiceMetrics,
 ) -> bool {
     let Some(action) = pick_fault(req, cmd, faults, dice) else {
         return false;
     };
     match action {
-        FaultAction::Error(reply) => core.push_ready(reply.clone()),
+        FaultAction::Error(reply) => {
+            metrics.fault_errors.inc();
+            core.push_ready(reply.clone());
+        }
         FaultAction::Delay(delay) => {
+            metrics.fault_delays.inc();
             let token = core.push_pending();
             let mut request = BytesMut::new();
             req.write_resp(&mut request);
@@ -434,6 +443,18 @@ struct Core {
     sample: Cell<Option<(u64, Instant)>>,
     /// The service's request latency histogram.
     latency: Latency,
+    /// Per-command statistics of the requests in flight; `None` while the service's
+    /// `command_stats` is off.
+    tracked: RefCell<Option<Tracked>>,
+}
+
+/// One session's requests whose replies are counted per command.
+struct Tracked {
+    /// The service's per-command handles on this worker.
+    stats: Rc<CommandStats>,
+    /// Requests waiting for their reply, in token order: the token, the command's handles
+    /// and when the request was read. At most one per reply slot.
+    open: VecDeque<(u64, Rc<CommandHandles>, Instant)>,
 }
 
 impl ReplySink for Core {
@@ -447,6 +468,7 @@ impl ReplySink for Core {
         };
         if slot.is_none() {
             self.unfilled.set(self.unfilled.get().saturating_sub(1));
+            self.settle(token, reply.as_slice());
             if index == 0 {
                 // Next in line: straight to the output, nothing kept.
                 slots.pop_front();
@@ -491,6 +513,9 @@ impl Core {
 
     /// Appends a reply the proxy made itself.
     fn push_ready(&self, reply: Bytes) {
+        if self.tracked.borrow().is_some() {
+            self.settle(self.next_token(), &reply);
+        }
         self.held.set(self.held.get() + reply.len());
         self.slots.borrow_mut().push_back(Some(reply));
     }
@@ -543,6 +568,68 @@ impl Core {
         }
         if out.len() + self.held.get() > self.max_buffer.get() {
             self.failure.set(Some(Failure::SlowReader));
+        }
+    }
+
+    /// Turns per-command statistics on (`Some`: the service's handles) or off.
+    fn count_commands(&self, stats: Option<&Rc<CommandStats>>) {
+        let mut tracked = self.tracked.borrow_mut();
+        match stats {
+            Some(stats) if tracked.is_none() => {
+                *tracked = Some(Tracked {
+                    stats: Rc::clone(stats),
+                    open: VecDeque::new(),
+                });
+            }
+            None if tracked.is_some() => *tracked = None,
+            _ => {}
+        }
+    }
+
+    /// Starts tracking the request about to take the next slot, read at `read_at`; returns
+    /// its token, or `None` when statistics are off.
+    fn track(&self, cmd: Option<Command>, read_at: Instant) -> Option<u64> {
+        let mut tracked = self.tracked.borrow_mut();
+        let t = tracked.as_mut()?;
+        let token = self.next_token();
+        let head = self.head.get();
+        // A slot before the head has gone to the client: its entry can never settle. (Every
+        // slot is settled as it fills; this only keeps the queue bounded by the slots.)
+        while t.open.front().is_some_and(|(open, ..)| *open < head) {
+            t.open.pop_front();
+        }
+        let name = cmd.map_or(UNKNOWN, |c| c.info.name);
+        t.open.push_back((token, t.stats.handles(name), read_at));
+        Some(token)
+    }
+
+    /// Forgets the request tracked as `token` if it took no slot (it is offered again later,
+    /// or it left normal mode).
+    fn untrack_unused(&self, token: Option<u64>) {
+        let Some(token) = token else {
+            return;
+        };
+        if self.next_token() != token {
+            return;
+        }
+        if let Some(t) = self.tracked.borrow_mut().as_mut()
+            && t.open.back().is_some_and(|(open, ..)| *open == token)
+        {
+            t.open.pop_back();
+        }
+    }
+
+    /// Counts `reply` for the request in slot `token`, if it is tracked.
+    fn settle(&self, token: u64, reply: &[u8]) {
+        let mut tracked = self.tracked.borrow_mut();
+        let Some(t) = tracked.as_mut() else {
+            return;
+        };
+        let i = t.open.partition_point(|(open, ..)| *open < token);
+        if t.open.get(i).is_some_and(|(open, ..)| *open == token)
+            && let Some((_, handles, read_at)) = t.open.remove(i)
+        {
+            handles.record(reply.first() == Some(&b'-'), read_at.elapsed());
         }
     }
 
@@ -754,6 +841,7 @@ pub async fn run(
         signal: Signal::default(),
         sample: Cell::new(None),
         latency: svc.metrics.latency.clone(),
+        tracked: RefCell::new(None),
     });
     sessions
         .live
@@ -1059,6 +1147,9 @@ impl Session {
         let policy = self.svc.policy();
         let now = Instant::now();
         let deadline = now + policy.op_timeout;
+        // Here rather than at the top of the loop: a reload's wake-up may come with input.
+        self.core
+            .count_commands(policy.command_stats.then_some(&self.svc.metrics.by_command));
         if self.core.sample.get().is_none() && !input.is_empty() {
             // The batch's first request takes the next slot.
             self.core.sample.set(Some((self.core.next_token(), now)));
@@ -1079,10 +1170,12 @@ impl Session {
                     if !req.is_empty() {
                         // Looked up once for faults, dispatch and mirrors.
                         let cmd = command::lookup(&req);
+                        let tracked = self.core.track(cmd, now);
                         let step = self.stateful(&req, cmd, deadline);
                         if matches!(step, stateful::Step::Wait | stateful::Step::Subscribe) {
                             // Offered again once the replies owed on shared connections
                             // are in (the parser is resumable, so nothing is lost).
+                            self.core.untrack_unused(tracked);
                             break;
                         }
                         self.commands += 1;
@@ -1097,10 +1190,12 @@ impl Session {
                                 &self.core,
                                 &mut self.dice,
                                 &mut self.delayed,
+                                &self.svc.metrics,
                             );
                         if !faulted && matches!(step, stateful::Step::Normal) {
                             self.dispatch_normal(&req, cmd, deadline);
                         }
+                        self.core.untrack_unused(tracked);
                     }
                     input.consume(n);
                 }

@@ -7,7 +7,11 @@
 
 use std::time::Duration;
 
-use redis_intercept_e2e::{RedisServer, RespReader, http_get, start_proxy_with, wait_until};
+use redis_intercept::resp::Frame;
+use redis_intercept_e2e::{
+    RedisServer, RespReader, free_port, http_get, reload, start_proxy_config, start_proxy_with,
+    wait_until,
+};
 
 fn metric(body: &str, line_start: &str) -> Option<f64> {
     body.lines()
@@ -193,4 +197,101 @@ fn connections_spread_over_workers_and_a_held_port_is_refused() {
         .err()
         .expect("a held port is refused");
     assert!(format!("{err:#}").contains("cannot listen"), "{err:#}");
+}
+
+/// The service's config for the command statistics test, with `command_stats` set to `on`.
+fn command_stats_config(server: std::net::SocketAddr, port: u16, on: bool) -> String {
+    format!(
+        "[proxy]\nworkers = 2\ndrain_timeout = \"1s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[upstream]]\nname = \"main\"\nmode = \"standalone\"\nnodes = [\"{server}\"]\n\n\
+         [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"main\"\n\
+         command_stats = {on}\n\n\
+         [[service.fault]]\nkind = \"error\"\npercentage = 100.0\ncommands = [\"HGET\"]\n\n\
+         [[service.fault]]\nkind = \"delay\"\npercentage = 100.0\ncommands = [\"HLEN\"]\n\
+         delay = \"300ms\"\n"
+    )
+}
+
+#[test]
+fn command_stats_count_calls_errors_and_latency_per_command() {
+    let server = RedisServer::start();
+    let port = free_port();
+    let proxy = start_proxy_config(&command_stats_config(server.addr, port, false));
+    let admin = proxy.admin_addr().unwrap();
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    c.call(&["SET", "a", "1"]);
+    c.call(&["GET", "a"]);
+    let calls = |body: &str, command: &str, result: &str| {
+        metric(
+            body,
+            &format!(
+                "redis_intercept_command_calls_total{{service=\"svc\",command=\"{command}\",result=\"{result}\"}}"
+            ),
+        )
+    };
+    let body = http_get(admin, "/metrics").1;
+    // Off: nothing per command.
+    assert_eq!(calls(&body, "get", "ok"), None, "{body}");
+    assert!(!body.contains("command_duration_seconds_count{"), "{body}");
+
+    // On by a reload, for the client already connected.
+    reload(&proxy, &command_stats_config(server.addr, port, true));
+    assert_eq!(c.call(&["SET", "a", "1"]), Frame::Simple("OK".into()));
+    c.call(&["GET", "a"]);
+    c.call(&["GET", "missing"]);
+    c.call(&["INCR", "a"]);
+    // Errors: Redis's (a wrong type, an unknown command) and the proxy's (a fault).
+    assert!(matches!(c.call(&["LPUSH", "a", "x"]), Frame::Error(_)));
+    assert!(matches!(c.call(&["NOSUCHCOMMAND", "x"]), Frame::Error(_)));
+    assert!(matches!(c.call(&["HGET", "h", "f"]), Frame::Error(_)));
+    assert_eq!(c.call(&["HLEN", "h"]), Frame::Integer(0));
+    assert_eq!(c.call(&["PING"]), Frame::Simple("PONG".into()));
+    // A pipeline: each command is counted.
+    c.send(b"GET a\r\nGET a\r\nGET a\r\nGET a\r\nGET a\r\n");
+    for _ in 0..5 {
+        c.read();
+    }
+    let body = http_get(admin, "/metrics").1;
+    for (command, ok, error) in [
+        ("set", 1.0, 0.0),
+        ("get", 7.0, 0.0),
+        ("incr", 1.0, 0.0),
+        ("lpush", 0.0, 1.0),
+        ("unknown", 0.0, 1.0),
+        ("hget", 0.0, 1.0),
+        ("hlen", 1.0, 0.0),
+        ("ping", 1.0, 0.0),
+    ] {
+        assert_eq!(calls(&body, command, "ok"), Some(ok), "{command}: {body}");
+        assert_eq!(
+            calls(&body, command, "error"),
+            Some(error),
+            "{command}: {body}"
+        );
+    }
+    let duration = |what: &str, command: &str| {
+        metric(
+            &body,
+            &format!(
+                "redis_intercept_command_duration_seconds_{what}service=\"svc\",command=\"{command}\"}}"
+            ),
+        )
+    };
+    assert_eq!(duration("count{", "get"), Some(7.0), "{body}");
+    // The delayed HLEN took its 300 ms; the GETs didn't.
+    assert_eq!(duration("bucket{le=\"0.25\",", "hlen"), Some(0.0), "{body}");
+    assert_eq!(duration("bucket{le=\"0.5\",", "hlen"), Some(1.0), "{body}");
+    assert_eq!(duration("bucket{le=\"0.25\",", "get"), Some(7.0), "{body}");
+    assert!(duration("sum{", "hlen").unwrap() >= 0.3, "{body}");
+    for (kind, n) in [("error", 1.0), ("delay", 1.0)] {
+        let line = format!("redis_intercept_faults_total{{service=\"svc\",kind=\"{kind}\"}}");
+        assert_eq!(metric(&body, &line), Some(n), "{body}");
+    }
+
+    // Off again: the counts stay where they were.
+    reload(&proxy, &command_stats_config(server.addr, port, false));
+    c.call(&["GET", "a"]);
+    let body = http_get(admin, "/metrics").1;
+    assert_eq!(calls(&body, "get", "ok"), Some(7.0), "{body}");
+    proxy.shutdown();
 }

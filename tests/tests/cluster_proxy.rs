@@ -94,7 +94,7 @@ fn keys_land_on_their_slot_owner_with_a_dead_seed_first() {
 #[test]
 fn multi_key_commands_split_merge_or_refuse() {
     let cluster = RedisCluster::start(3, 0);
-    let proxy = start_cluster_proxy(&seeds(&cluster), "", "");
+    let proxy = start_cluster_proxy(&seeds(&cluster), "", "command_stats = true");
     let mut c = RespReader::connect(proxy.addr("svc").unwrap());
     let keys: Vec<String> = (0..30).map(|i| format!("key:{i}")).collect();
     let mut mset = vec!["MSET".to_owned()];
@@ -178,6 +178,25 @@ fn multi_key_commands_split_merge_or_refuse() {
         select.contains("database 0 only on a Redis Cluster"),
         "{select}"
     );
+    // A split command is one call, whatever the number of masters it went to.
+    for (command, ok, error) in [
+        ("mset", 1.0, 0.0),
+        ("mget", 1.0, 0.0),
+        ("del", 1.0, 0.0),
+        ("dbsize", 3.0, 0.0),
+        ("keys", 1.0, 0.0),
+        ("msetnx", 1.0, 1.0),
+        ("rename", 1.0, 1.0),
+        ("eval", 1.0, 1.0),
+        ("select", 1.0, 1.0),
+    ] {
+        for (result, n) in [("ok", ok), ("error", error)] {
+            let line = format!(
+                "redis_intercept_command_calls_total{{service=\"svc\",command=\"{command}\",result=\"{result}\"}}"
+            );
+            assert_eq!(metric(&proxy, &line), n, "{line}");
+        }
+    }
     proxy.shutdown();
 }
 

@@ -19,6 +19,7 @@ pub(super) fn policy(svc: &ServiceConfig) -> Policy {
         max_pipeline: svc.max_pipeline,
         max_clients: svc.max_clients,
         legacy_auth_reject: svc.legacy_auth == LegacyAuth::Reject,
+        command_stats: svc.command_stats,
         faults: svc.faults.iter().map(fault).collect(),
     }
 }
@@ -62,6 +63,7 @@ pub(super) fn take_live(running: &mut ServiceConfig, new: &ServiceConfig) {
     running.max_client_buffer = new.max_client_buffer;
     running.max_pipeline = new.max_pipeline;
     running.legacy_auth = new.legacy_auth;
+    running.command_stats = new.command_stats;
     running.faults.clone_from(&new.faults);
     // Routing: workers build a new generation of the service's routes when these change.
     running.upstream.clone_from(&new.upstream);

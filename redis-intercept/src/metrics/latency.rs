@@ -58,6 +58,31 @@ impl Latency {
         self.0.count.fetch_add(batch.count, Ordering::Relaxed);
         self.0.sum_ns.fetch_add(batch.sum_ns, Ordering::Relaxed);
     }
+
+    /// Adds one observation (three atomic adds; gather a [`LatencyBatch`] for many).
+    pub fn observe(&self, d: Duration) {
+        let ns = nanos(d);
+        if let Some(b) = self.0.buckets.get(bucket_of(ns)) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+/// `d` in nanoseconds, saturating (u64 arithmetic: this runs once per reply).
+fn nanos(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
+}
+
+/// The bucket an observation of `ns` nanoseconds falls in.
+fn bucket_of(ns: u64) -> usize {
+    BOUNDS_NS
+        .iter()
+        .position(|b| ns <= *b)
+        .unwrap_or(BOUNDS_NS.len())
 }
 
 /// Observations gathered on one thread, added to a [`Latency`] at once.
@@ -74,16 +99,8 @@ pub struct LatencyBatch {
 impl LatencyBatch {
     /// Records one duration.
     pub fn observe(&mut self, d: Duration) {
-        // u64 arithmetic: this runs once per reply.
-        let ns = d
-            .as_secs()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(u64::from(d.subsec_nanos()));
-        let bucket = BOUNDS_NS
-            .iter()
-            .position(|b| ns <= *b)
-            .unwrap_or(BOUNDS_NS.len());
-        if let Some(b) = self.buckets.get_mut(bucket) {
+        let ns = nanos(d);
+        if let Some(b) = self.buckets.get_mut(bucket_of(ns)) {
             *b = b.saturating_add(1);
         }
         self.count += 1;
@@ -131,15 +148,18 @@ mod tests {
         batch.observe(Duration::from_secs(9));
         latency.add(&batch);
         latency.add(&LatencyBatch::default());
+        latency.observe(Duration::from_millis(2));
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register("t", "test", latency);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains("t_bucket{le=\"0.0001\"} 2\n"), "{text}");
         assert!(text.contains("t_bucket{le=\"0.00025\"} 3\n"), "{text}");
-        assert!(text.contains("t_bucket{le=\"2.5\"} 3\n"), "{text}");
-        assert!(text.contains("t_bucket{le=\"+Inf\"} 4\n"), "{text}");
-        assert!(text.contains("t_count 4\n"), "{text}");
-        assert!(text.contains("t_sum 9.000281\n"), "{text}");
+        assert!(text.contains("t_bucket{le=\"0.001\"} 3\n"), "{text}");
+        assert!(text.contains("t_bucket{le=\"0.0025\"} 4\n"), "{text}");
+        assert!(text.contains("t_bucket{le=\"2.5\"} 4\n"), "{text}");
+        assert!(text.contains("t_bucket{le=\"+Inf\"} 5\n"), "{text}");
+        assert!(text.contains("t_count 5\n"), "{text}");
+        assert!(text.contains("t_sum 9.002281\n"), "{text}");
     }
 }
