@@ -60,13 +60,22 @@ impl Needs {
                 let nodes = config
                     .upstream(&s.upstream)
                     // A cluster's nodes come from its topology, checked separately.
-                    .filter(|u| u.mode == Mode::Standalone)
+                    .filter(|u| u.mode != Mode::Cluster)
                     .map(|u| {
-                        u.nodes
-                            .iter()
-                            .map(|n| NodeLabels {
+                        let nodes = match u.mode {
+                            // The master the sentinels gave; none yet is never ready.
+                            Mode::Sentinel => vec![
+                                u.master
+                                    .clone()
+                                    .unwrap_or_else(|| "(master not known yet)".to_owned()),
+                            ],
+                            Mode::Standalone | Mode::Cluster => u.nodes.clone(),
+                        };
+                        nodes
+                            .into_iter()
+                            .map(|node| NodeLabels {
                                 upstream: u.name.clone(),
-                                node: n.clone(),
+                                node,
                             })
                             .collect()
                     })

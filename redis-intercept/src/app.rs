@@ -7,6 +7,7 @@
 
 mod files;
 mod live;
+mod sentinel;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -48,8 +49,8 @@ pub struct BoundService {
 
 /// A running proxy. Dropping it without [`Proxy::shutdown`] leaves the workers running.
 pub struct Proxy {
-    /// Every service listener, in config order (a reload appends the services it adds).
-    services: std::sync::Mutex<Vec<BoundService>>,
+    /// What reloads change, shared with the sentinel watcher (which reloads on a failover).
+    control: Arc<Control>,
     /// Tells workers to stop accepting and drain.
     shutdown: watch::Sender<bool>,
     /// Worker threads, joined on shutdown.
@@ -58,6 +59,16 @@ pub struct Proxy {
     admin: Option<Admin>,
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
+    /// The thread that follows sentinel upstreams' masters.
+    sentinels: JoinHandle<()>,
+    /// The thread that attaches the eBPF programs once the upstreams answer.
+    attacher: Option<JoinHandle<()>>,
+}
+
+/// The running configuration and what a reload changes.
+struct Control {
+    /// Every service listener, in config order (a reload appends the services it adds).
+    services: std::sync::Mutex<Vec<BoundService>>,
     /// Client credentials of each service (config order), shared with every worker so a
     /// reload changes them for all.
     client_auths: std::sync::Mutex<Vec<SharedAuth>>,
@@ -74,14 +85,86 @@ pub struct Proxy {
     state: Arc<AdminState>,
     /// The eBPF programs; taken (and so detached) first at shutdown.
     intercept: Option<InterceptSlot>,
-    /// The thread that attaches them once the upstreams answer.
-    attacher: Option<JoinHandle<()>>,
+    /// The master each sentinel upstream's sentinels last reported, by upstream name:
+    /// written into every config that runs (`UpstreamConfig::master`).
+    masters: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// The loaded eBPF programs, shared with the admin endpoint; `None` once detached.
 pub type InterceptSlot = Arc<std::sync::Mutex<Option<Interceptor>>>;
 
 impl Proxy {
+    /// Applies a new configuration without a restart: see [`Control::reload`].
+    ///
+    /// # Errors
+    /// As [`Control::reload`]; nothing changes then.
+    pub fn reload(&self, new: &Config) -> Result<Vec<String>> {
+        self.control.reload(new)
+    }
+
+    /// The files besides the config that a reload reads and a config watch looks at: the
+    /// running services' client `password_file`s and the upstreams' TLS files.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let running = self
+            .control
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let config = &running.config;
+        let mut out: Vec<PathBuf> = config
+            .services
+            .iter()
+            .filter_map(|s| s.auth.as_ref()?.password_file.clone())
+            .collect();
+        out.extend(config.upstreams.iter().flat_map(files::tls_files));
+        out
+    }
+
+    /// The bound address of the service called `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.control
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.addr)
+    }
+
+    /// Where the admin endpoint listens, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr)
+    }
+
+    /// Stops accepting, lets clients receive the replies they are owed (up to the drain
+    /// timeout), closes everything and waits for the workers.
+    pub fn shutdown(self) {
+        // Detach first: new connects go straight to their VIPs while clients drain.
+        if let Some(slot) = &self.control.intercept {
+            let taken = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if taken.is_some_and(|i| i.is_attached()) {
+                info!("eBPF interception detached");
+            }
+        }
+        let _ = self.shutdown.send(true);
+        for t in self.attacher.into_iter().chain([self.sentinels]) {
+            let _ = t.join();
+        }
+        for w in self.workers {
+            if w.join().is_err() {
+                error!("a worker thread panicked");
+            }
+        }
+        if let Some(admin) = self.admin {
+            admin.join();
+        }
+    }
+}
+
+impl Control {
     /// Applies a new configuration without a restart, as far as it can be. For every
     /// service still in the file: client passwords (`[service.auth]`, with `password_file`
     /// read again), VIPs, `op_timeout`, `idle_timeout`, `max_clients`, `max_client_buffer`,
@@ -100,11 +183,69 @@ impl Proxy {
     /// A password or TLS file that can't be read, a new service's port that can't be bound,
     /// or VIPs the eBPF map refuses; nothing changes then.
     pub fn reload(&self, new: &Config) -> Result<Vec<String>> {
-        let auths = client_auths(new)?;
         let mut running = self
             .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Sentinel upstreams the file adds: their masters are asked before clients go there.
+        let known = self
+            .masters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let found = sentinel::first_masters(new, &known);
+        self.masters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(found);
+        self.apply(&mut running, new)
+    }
+
+    /// The configuration running now.
+    fn config(&self) -> Config {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .config
+            .clone()
+    }
+
+    /// Records `addr` as the master of the sentinel upstream `name`; true if it moved.
+    fn set_master(&self, name: &str, addr: String) -> bool {
+        let mut masters = self
+            .masters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = masters.insert(name.to_owned(), addr.clone());
+        if old.as_ref() == Some(&addr) {
+            return false;
+        }
+        warn!(upstream = %name, from = old.as_deref().unwrap_or("none"), to = %addr, "sentinel: the master moved");
+        true
+    }
+
+    /// Runs the running configuration again with the masters known now: the sentinel
+    /// upstreams whose master moved get new connections, nothing else changes. (Under the
+    /// reload lock, so a file reload can't come between reading the config and applying it.)
+    fn follow_masters(&self) -> Result<Vec<String>> {
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let config = running.config.clone();
+        self.apply(&mut running, &config)
+    }
+
+    /// [`Control::reload`] with its lock held.
+    fn apply(&self, running: &mut Arc<Reloaded>, new: &Config) -> Result<Vec<String>> {
+        let new = &with_masters(
+            new,
+            &self
+                .masters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let auths = client_auths(new)?;
         let old = &running.config;
         // What runs from now on: the same services and listeners, with every setting of the
         // new file that a reload applies.
@@ -311,65 +452,6 @@ impl Proxy {
         }
         Ok(notes)
     }
-
-    /// The files besides the config that a reload reads and a config watch looks at: the
-    /// running services' client `password_file`s and the upstreams' TLS files.
-    pub fn watched_files(&self) -> Vec<PathBuf> {
-        let running = self
-            .running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let config = &running.config;
-        let mut out: Vec<PathBuf> = config
-            .services
-            .iter()
-            .filter_map(|s| s.auth.as_ref()?.password_file.clone())
-            .collect();
-        out.extend(config.upstreams.iter().flat_map(files::tls_files));
-        out
-    }
-
-    /// The bound address of the service called `name`.
-    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.services
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.addr)
-    }
-
-    /// Where the admin endpoint listens, when configured.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(|a| a.addr)
-    }
-
-    /// Stops accepting, lets clients receive the replies they are owed (up to the drain
-    /// timeout), closes everything and waits for the workers.
-    pub fn shutdown(self) {
-        // Detach first: new connects go straight to their VIPs while clients drain.
-        if let Some(slot) = &self.intercept {
-            let taken = slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            if taken.is_some_and(|i| i.is_attached()) {
-                info!("eBPF interception detached");
-            }
-        }
-        let _ = self.shutdown.send(true);
-        if let Some(a) = self.attacher {
-            let _ = a.join();
-        }
-        for w in self.workers {
-            if w.join().is_err() {
-                error!("a worker thread panicked");
-            }
-        }
-        if let Some(admin) = self.admin {
-            admin.join();
-        }
-    }
 }
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains and stops it. SIGHUP reloads
@@ -571,6 +653,9 @@ fn client_auths(config: &Config) -> Result<Vec<Option<ClientAuth>>> {
 /// # Errors
 /// Configuration this build can't run, or a listener that can't be bound.
 pub fn start(config: &Config) -> Result<Proxy> {
+    // Where the sentinel upstreams' masters are, asked before anything connects.
+    let masters = sentinel::first_masters(config, &HashMap::new());
+    let config = &with_masters(config, &masters);
     let unsupported = config.unsupported_features();
     if !unsupported.is_empty() {
         bail!(
@@ -624,6 +709,8 @@ pub fn start(config: &Config) -> Result<Proxy> {
         done: None,
     });
     let (reload_tx, reload_rx) = watch::channel(Arc::clone(&running));
+    // Workers report failed connections to a sentinel upstream's master here.
+    let (kick_tx, kicks) = tokio::sync::mpsc::channel(sentinel::KICKS);
     // The eBPF programs are loaded (and checked by the verifier) now, so a problem stops
     // start-up; they are attached once every upstream answers.
     let intercept = match &config.intercept {
@@ -679,6 +766,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
             mark: intercept
                 .as_ref()
                 .map(|_| redis_intercept_common::PROXY_SO_MARK),
+            kicks: kick_tx.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("ri-worker-{index}"))
@@ -699,21 +787,40 @@ pub fn start(config: &Config) -> Result<Proxy> {
         )?),
         None => None,
     };
-    Ok(Proxy {
+    let control = Arc::new(Control {
         intercept,
-        attacher,
         services: std::sync::Mutex::new(services),
-        shutdown: tx,
-        workers: handles,
-        admin,
-        metrics,
         client_auths: std::sync::Mutex::new(client_auths),
         reuse_port: config.proxy.reuse_port,
         running: std::sync::Mutex::new(running),
         reloads: reload_tx,
         worker_count: workers,
         state,
+        masters: std::sync::Mutex::new(masters),
+    });
+    // Always, as a reload may add a sentinel upstream (idle, it wakes once a second).
+    let sentinels = sentinel::spawn_watch(Arc::clone(&control), kicks, rx.clone())?;
+    Ok(Proxy {
+        control,
+        shutdown: tx,
+        workers: handles,
+        admin,
+        metrics,
+        sentinels,
+        attacher,
     })
+}
+
+/// `config` with each sentinel upstream's `master` set from `masters` (unset: not known yet).
+fn with_masters(config: &Config, masters: &HashMap<String, String>) -> Config {
+    let mut config = config.clone();
+    for up in &mut config.upstreams {
+        up.master = match up.mode {
+            Mode::Sentinel => masters.get(&up.name).cloned(),
+            Mode::Standalone | Mode::Cluster => None,
+        };
+    }
+    config
 }
 
 /// A hash of each upstream's TLS files (0 files: the hash of none).
@@ -828,6 +935,8 @@ struct WorkerPlan {
     /// Socket mark of every upstream connection (with interception), so the connect hook
     /// never sends the proxy to itself.
     mark: Option<u32>,
+    /// Where a failed connection to a sentinel upstream's master is reported.
+    kicks: tokio::sync::mpsc::Sender<String>,
 }
 
 impl WorkerPlan {
@@ -853,6 +962,7 @@ impl WorkerPlan {
             client_auths,
             cluster_status,
             mark,
+            kicks,
         } = self;
         let sessions = Rc::new(Sessions::default());
         let mut ups = Upstreams {
@@ -863,6 +973,7 @@ impl WorkerPlan {
             pools: HashMap::new(),
             cluster_status,
             mark,
+            kicks,
             discard: Rc::new(Discard),
             owned: Owned::default(),
             fresh: Vec::new(),
@@ -1180,6 +1291,9 @@ struct Upstreams {
     cluster_status: HashMap<String, Arc<ClusterStatus>>,
     /// Socket mark of upstream connections.
     mark: Option<u32>,
+    /// Where a failed connection to a sentinel upstream's master is reported, so the
+    /// sentinels are asked at once.
+    kicks: tokio::sync::mpsc::Sender<String>,
     /// The sink that swallows mirror replies.
     discard: Rc<dyn crate::upstream::ReplySink>,
     /// What the service being built opens or shares.
@@ -1273,7 +1387,22 @@ impl Upstreams {
                 // Config validation gives a standalone upstream exactly one node (without
                 // one, the server has no connections and requests get an error).
                 let node = up.nodes.first().map_or("", String::as_str);
-                let server = Standalone::new(up, node, settings, Arc::clone(&self.metrics));
+                let server = Standalone::new(up, node, settings, Arc::clone(&self.metrics), None);
+                self.owned.standalones.push(Rc::clone(&server));
+                Backend::Standalone(server)
+            }
+            Mode::Sentinel => {
+                // The master the sentinels gave (none yet: no connections, and requests get
+                // an error until the watcher finds one).
+                let node = up.master.as_deref().unwrap_or_default();
+                let kicks = self.kicks.clone();
+                let name = up.name.clone();
+                let report: Rc<dyn Fn()> = Rc::new(move || {
+                    // Full: a report is already waiting, which is as good.
+                    let _ = kicks.try_send(name.clone());
+                });
+                let server =
+                    Standalone::new(up, node, settings, Arc::clone(&self.metrics), Some(report));
                 self.owned.standalones.push(Rc::clone(&server));
                 Backend::Standalone(server)
             }

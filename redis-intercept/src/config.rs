@@ -171,6 +171,9 @@ pub enum Mode {
     Cluster,
     /// One Redis server.
     Standalone,
+    /// One Redis server whose address Redis Sentinel gives: `nodes` are sentinels, asked
+    /// for the master of `master_name`; a failover moves the proxy to the new master.
+    Sentinel,
 }
 
 /// How to reach one Redis deployment (`[[upstream]]`).
@@ -181,8 +184,16 @@ pub struct UpstreamConfig {
     pub name: String,
     /// Cluster or standalone.
     pub mode: Mode,
-    /// `host:port` of the server (standalone) or the seed nodes (cluster).
+    /// `host:port` of the server (standalone), the seed nodes (cluster) or the sentinels
+    /// (sentinel).
     pub nodes: Vec<String>,
+    /// Sentinel: the name the sentinels monitor the master under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_name: Option<String>,
+    /// Sentinel: the master the sentinels reported, filled in by the proxy (shown at
+    /// `/config`; a change gives the upstream new connections, as a reload does).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub master: Option<String>,
     /// ACL user the proxy authenticates as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
@@ -208,7 +219,8 @@ pub struct UpstreamConfig {
     /// requests are refused with an error.
     #[serde(default = "default_upstream_backlog")]
     pub max_pending_bytes: ByteSize,
-    /// Cluster: how often the slot map is refreshed.
+    /// Cluster: how often the slot map is refreshed. Sentinel: how often the sentinels are
+    /// asked for the master.
     #[serde(default = "default_refresh_interval")]
     pub refresh_interval: Dur,
     /// Cluster: redirects or connection failures that trigger an early refresh.
@@ -694,6 +706,16 @@ impl Config {
             if u.mode == Mode::Standalone && u.nodes.len() > 1 {
                 err(at("nodes"), "a standalone upstream has exactly one node");
             }
+            match (u.mode, &u.master_name) {
+                (Mode::Sentinel, None) => err(at("master_name"), "a sentinel upstream needs one"),
+                (Mode::Sentinel, Some(n)) if n.is_empty() => {
+                    err(at("master_name"), "must not be empty");
+                }
+                (Mode::Standalone | Mode::Cluster, Some(_)) => {
+                    err(at("master_name"), "only a sentinel upstream has one");
+                }
+                _ => {}
+            }
             if u.password_file.is_some() && u.password_env.is_some() {
                 err(
                     at("password_env"),
@@ -947,6 +969,34 @@ mod tests {
         );
         assert!(
             e.contains("upstream[0].nodes: needs at least one host:port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_sentinel_upstream_names_its_master_and_only_it_does() {
+        let sentinel = MINIMAL.replace("mode = \"standalone\"", "mode = \"sentinel\"");
+        assert!(
+            errors(&sentinel).contains("upstream[0].master_name: a sentinel upstream needs one"),
+            "{}",
+            errors(&sentinel)
+        );
+        let named = sentinel.replace(
+            "mode = \"sentinel\"",
+            "mode = \"sentinel\"\nmaster_name = \"cache\"",
+        );
+        let c = Config::parse(&named, "test.toml").unwrap();
+        assert_eq!(c.upstreams[0].master_name.as_deref(), Some("cache"));
+        assert_eq!(c.upstreams[0].master, None);
+        // `master` is the proxy's to fill in, never the file's.
+        let e = errors(&named.replace("master_name", "master"));
+        assert!(e.contains("unknown field `master`"), "{e}");
+        let e = errors(&MINIMAL.replace(
+            "mode = \"standalone\"",
+            "mode = \"standalone\"\nmaster_name = \"cache\"",
+        ));
+        assert!(
+            e.contains("upstream[0].master_name: only a sentinel upstream has one"),
             "{e}"
         );
     }

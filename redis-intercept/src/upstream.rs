@@ -14,6 +14,7 @@
 pub mod dedicated;
 pub mod owned;
 pub mod pool;
+pub mod sentinel;
 pub mod standalone;
 pub mod tls;
 

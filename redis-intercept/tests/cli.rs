@@ -50,11 +50,11 @@ fn check_accepts_a_good_config_with_a_summary() {
 
 #[test]
 fn check_rejects_broken_configs_naming_file_key_and_problem() {
-    let (ok, _, err) = check(&GOOD.replace("mode = \"standalone\"", "mode = \"sentinel\""));
+    let (ok, _, err) = check(&GOOD.replace("mode = \"standalone\"", "mode = \"replicated\""));
     assert!(!ok);
     assert!(err.contains("FILE: upstream[0].mode: "), "{err}");
     assert!(
-        err.contains("line 4") && err.contains("unknown variant `sentinel`"),
+        err.contains("line 4") && err.contains("unknown variant `replicated`"),
         "{err}"
     );
 

@@ -405,6 +405,107 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A Redis Sentinel (`redis-server --sentinel`) monitoring one master as `m`, with short
+/// timeouts so a failover takes seconds. Killed (by its pid) when dropped.
+pub struct RedisSentinel {
+    /// The running process.
+    child: Child,
+    /// Holds its config file (which Sentinel rewrites) and log.
+    dir: tempfile::TempDir,
+    /// Where clients reach it.
+    pub addr: SocketAddr,
+}
+
+impl RedisSentinel {
+    /// Starts a sentinel that monitors `master` as `m` with quorum 1: it alone decides a
+    /// failover, after `down_after_ms` without an answer.
+    pub fn start(master: SocketAddr, down_after_ms: u32) -> RedisSentinel {
+        Self::start_on(free_port(), master, down_after_ms)
+    }
+
+    /// Like [`RedisSentinel::start`], on `port` of 127.0.0.1.
+    pub fn start_on(port: u16, master: SocketAddr, down_after_ms: u32) -> RedisSentinel {
+        let dir = tempfile::Builder::new()
+            .prefix("ri-sentinel-")
+            .tempdir()
+            .expect("temp dir");
+        let conf = dir.path().join("sentinel.conf");
+        let ip = master.ip();
+        let mport = master.port();
+        std::fs::write(
+            &conf,
+            format!(
+                "bind 127.0.0.1\nport {port}\ndir {dir}\nlogfile {dir}/sentinel.log\n\
+                 sentinel monitor m {ip} {mport} 1\n\
+                 sentinel down-after-milliseconds m {down_after_ms}\n\
+                 sentinel failover-timeout m 2000\n",
+                dir = dir.path().display()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let child = Command::new(redis_server_bin())
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run redis-server --sentinel");
+        let sentinel = RedisSentinel {
+            child,
+            dir,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(sentinel.addr).is_ok() && sentinel.master() == Some(master)
+        });
+        sentinel
+    }
+
+    /// The master of `m` as the sentinel sees it now.
+    pub fn master(&self) -> Option<SocketAddr> {
+        let stream = TcpStream::connect(self.addr).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut stream = stream;
+        stream
+            .write_all(&encode(&["SENTINEL", "get-master-addr-by-name", "m"]))
+            .ok()?;
+        match read_frame(&mut stream) {
+            Frame::Array(parts) => match parts.as_slice() {
+                [Frame::Bulk(ip), Frame::Bulk(port)] => format!(
+                    "{}:{}",
+                    String::from_utf8_lossy(ip),
+                    String::from_utf8_lossy(port)
+                )
+                .parse()
+                .ok(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Sends one command to the sentinel.
+    pub fn cmd(&self, args: &[&str]) -> Frame {
+        raw_command(self.addr, args)
+    }
+
+    /// The sentinel's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sentinel.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- log of sentinel {} ---\n{}", self.addr, self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A Redis Cluster of real redis-server processes (each in its own directory, so a killed node
 /// restarts with its `nodes.conf`).
 pub struct RedisCluster {

@@ -42,17 +42,21 @@ pub struct Standalone {
     dbs: RefCell<HashMap<u32, Db>>,
     /// Set at shutdown: connections made after it are closed at once.
     closed: Cell<bool>,
+    /// Called when a shared connection fails (a sentinel upstream asks its sentinels).
+    on_failure: Option<Rc<dyn Fn()>>,
 }
 
 impl Standalone {
     /// Starts database 0's shared connections to `addr` (tasks on the current `LocalSet`).
     /// `up` gives the counts: `connections_per_node`, `databases`, `max_idle_dedicated`.
-    /// Without an address (a config with no node) there are no connections.
+    /// Without an address (a config with no node) there are no connections. `on_failure`
+    /// is called whenever a shared connection fails.
     pub fn new(
         up: &UpstreamConfig,
         addr: &str,
         settings: ConnSettings,
         metrics: Arc<Metrics>,
+        on_failure: Option<Rc<dyn Fn()>>,
     ) -> Rc<Standalone> {
         let me = Rc::new(Standalone {
             name: up.name.clone(),
@@ -68,6 +72,7 @@ impl Standalone {
             metrics,
             dbs: RefCell::new(HashMap::new()),
             closed: Cell::new(false),
+            on_failure,
         });
         me.db(0);
         me
@@ -98,6 +103,9 @@ impl Standalone {
             })
             .collect();
         for c in &conns {
+            if let Some(hook) = &self.on_failure {
+                c.set_failure_hook(Rc::clone(hook));
+            }
             tokio::task::spawn_local(c.clone().run());
         }
         let d = Db {

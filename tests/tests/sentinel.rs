@@ -1,0 +1,194 @@
+//! End-to-end: a sentinel upstream follows its master through a forced failover and through
+//! the master being killed, with clients that stay connected to the proxy.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic on failure"
+)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use redis_intercept::resp::Frame;
+use redis_intercept_e2e::{
+    RedisSentinel, RedisServer, RespReader, bulk, free_port, http_get, ok, reload,
+    start_proxy_config, wait_until,
+};
+
+/// A proxy whose service `svc` uses the master of `m` as the sentinels at `sentinels` say.
+fn config(sentinels: &[SocketAddr], port: u16, refresh: &str) -> String {
+    let nodes: Vec<String> = sentinels.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "[proxy]\nworkers = 2\ndrain_timeout = \"1s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[upstream]]\nname = \"main\"\nmode = \"sentinel\"\nmaster_name = \"m\"\n\
+         nodes = [{}]\nrefresh_interval = \"{refresh}\"\nconnect_timeout = \"500ms\"\n\
+         reconnect_backoff_max = \"200ms\"\n\n\
+         [[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"main\"\n",
+        nodes.join(", ")
+    )
+}
+
+fn role(server: &RedisServer) -> String {
+    match server.cmd(&["ROLE"]) {
+        Frame::Array(parts) => match parts.first() {
+            Some(Frame::Bulk(r)) => String::from_utf8_lossy(r).into_owned(),
+            other => panic!("ROLE: {other:?}"),
+        },
+        other => panic!("ROLE: {other:?}"),
+    }
+}
+
+/// Writes `key` through `client` until the write succeeds (each attempt waits for its
+/// reply), and returns how many attempts failed.
+fn write_until_ok(client: &mut RespReader, key: &str) -> usize {
+    let mut failed = 0;
+    wait_until(Duration::from_secs(30), || {
+        if client.call(&["SET", key, "v"]) == ok() {
+            true
+        } else {
+            failed += 1;
+            std::thread::sleep(Duration::from_millis(50));
+            false
+        }
+    });
+    failed
+}
+
+#[test]
+fn a_sentinel_upstream_follows_failovers_and_clients_stay_connected() {
+    let a = RedisServer::start();
+    let b = RedisServer::start_with(&["--replicaof", "127.0.0.1", &a.addr.port().to_string()]);
+    let sentinel = RedisSentinel::start(a.addr, 1000);
+    // The sentinel learns the replica from the master's INFO.
+    wait_until(
+        Duration::from_secs(20),
+        || matches!(sentinel.cmd(&["SENTINEL", "replicas", "m"]), Frame::Array(r) if r.len() == 1),
+    );
+    let port = free_port();
+    // A sentinel that isn't there comes first: the next one answers.
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy = start_proxy_config(&config(&[dead, sentinel.addr], port, "500ms"));
+    let admin = proxy.admin_addr().unwrap();
+    wait_until(Duration::from_secs(5), || {
+        http_get(admin, "/ready").0 == 200
+    });
+    let shown = http_get(admin, "/config").1;
+    assert!(
+        shown.contains(&format!("master = \"{}\"", a.addr)),
+        "{shown}"
+    );
+
+    let mut client = RespReader::connect(proxy.addr("svc").unwrap());
+    assert_eq!(client.call(&["SET", "before", "1"]), ok());
+    assert_eq!(a.cmd(&["GET", "before"]), bulk("1"));
+
+    // A forced failover: the old master stays up, as a replica. The proxy learns the new
+    // master from the sentinel within its refresh_interval; until then writes may fail
+    // (READONLY), never land anywhere else.
+    wait_until(Duration::from_secs(10), || {
+        matches!(b.cmd(&["GET", "before"]), Frame::Bulk(_))
+    });
+    assert_eq!(sentinel.cmd(&["SENTINEL", "FAILOVER", "m"]), ok());
+    wait_until(Duration::from_secs(20), || {
+        sentinel.master() == Some(b.addr)
+    });
+    // Within refresh_interval (500 ms) the proxy runs on the new master. (Writes in the
+    // meantime may still reach the old one before the sentinel demotes it, as they would
+    // from any client: Sentinel's own window.)
+    wait_until(Duration::from_secs(3), || {
+        http_get(admin, "/config")
+            .1
+            .contains(&format!("master = \"{}\"", b.addr))
+    });
+    // The same client connection: its next writes go to the new master.
+    assert_eq!(role(&b), "master");
+    for i in 0..20 {
+        assert_eq!(client.call(&["SET", &format!("k{i}"), "x"]), ok());
+    }
+    for i in 0..20 {
+        assert_eq!(b.cmd(&["GET", &format!("k{i}")]), bulk("x"));
+    }
+    wait_until(Duration::from_secs(5), || {
+        http_get(admin, "/ready").0 == 200
+    });
+    // The connections to the old master, now a replica, are closed.
+    let up = |node: SocketAddr| {
+        let line = format!(
+            "redis_intercept_upstream_connections_up{{upstream=\"main\",node=\"{node}\"}} "
+        );
+        http_get(admin, "/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix(&line).map(|v| v.trim().to_owned()))
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(5), || up(a.addr) == "0");
+    assert_eq!(up(b.addr), "2");
+
+    // The master is killed: the sentinel fails over to the old one, and the proxy follows.
+    let mut b = b;
+    // (The demoted master resyncs from the new one first: a full sync waits out Redis's
+    // 5 s repl-diskless-sync-delay.)
+    wait_until(Duration::from_secs(30), || {
+        matches!(a.cmd(&["GET", "k19"]), Frame::Bulk(_))
+    });
+    // With no periodic asking left, only the failed connections to the dead master make
+    // the proxy ask (at most once per redirect_refresh_interval, 1 s).
+    reload(&proxy, &config(&[dead, sentinel.addr], port, "1h"));
+    b.kill();
+    wait_until(Duration::from_secs(30), || {
+        sentinel.master() == Some(a.addr)
+    });
+    // Writes work again, on the same client connection.
+    let failed = write_until_ok(&mut client, "after-kill");
+    assert_eq!(role(&a), "master");
+    assert_eq!(a.cmd(&["GET", "after-kill"]), bulk("v"));
+    eprintln!("writes refused while the proxy caught up: {failed}");
+    assert_eq!(client.call(&["GET", "k7"]), bulk("x"));
+    proxy.shutdown();
+}
+
+#[test]
+fn a_sentinel_upstream_waits_for_its_sentinels_and_a_reload_can_add_one() {
+    let a = RedisServer::start();
+    let other = RedisServer::start();
+    // No sentinel yet: the proxy starts, says why it isn't ready, and refuses requests.
+    let sentinel_port = free_port();
+    let sentinel_addr = SocketAddr::from(([127, 0, 0, 1], sentinel_port));
+    let port = free_port();
+    let proxy = start_proxy_config(&config(&[sentinel_addr], port, "300ms"));
+    let admin = proxy.admin_addr().unwrap();
+    let (status, why) = http_get(admin, "/ready");
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("(master not known yet)"), "{why}");
+    let mut client = RespReader::connect(proxy.addr("svc").unwrap());
+    assert!(matches!(client.call(&["SET", "k", "v"]), Frame::Error(_)));
+    // The sentinel comes up: within a refresh the proxy has the master, for the same client.
+    let sentinel = RedisSentinel::start_on(sentinel_port, a.addr, 5000);
+    wait_until(Duration::from_secs(5), || {
+        http_get(admin, "/ready").0 == 200
+    });
+    assert_eq!(client.call(&["SET", "k", "v"]), ok());
+    assert_eq!(a.cmd(&["GET", "k"]), bulk("v"));
+    proxy.shutdown();
+
+    // A proxy on a plain standalone upstream; a reload turns the service to a sentinel
+    // upstream. Its master is asked during the reload, so the next command goes there.
+    let port = free_port();
+    let plain = format!(
+        "[proxy]\nworkers = 2\n\n[[upstream]]\nname = \"main\"\nmode = \"standalone\"\n\
+         nodes = [\"{}\"]\n\n[[service]]\nname = \"svc\"\nlisten = \"127.0.0.1:{port}\"\n\
+         upstream = \"main\"\n",
+        other.addr
+    );
+    let proxy = start_proxy_config(&plain);
+    let mut client = RespReader::connect(proxy.addr("svc").unwrap());
+    assert_eq!(client.call(&["SET", "where", "other"]), ok());
+    let with_sentinel =
+        config(&[sentinel.addr], port, "1h").replace("[admin]\nlisten = \"127.0.0.1:0\"\n\n", "");
+    reload(&proxy, &with_sentinel);
+    assert_eq!(client.call(&["SET", "where", "sentinel"]), ok());
+    assert_eq!(a.cmd(&["GET", "where"]), bulk("sentinel"));
+    assert_eq!(other.cmd(&["GET", "where"]), bulk("other"));
+    proxy.shutdown();
+}
