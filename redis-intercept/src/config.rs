@@ -190,6 +190,16 @@ pub struct UpstreamConfig {
     /// Sentinel: the name the sentinels monitor the master under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_name: Option<String>,
+    /// Sentinel: the ACL user the proxy authenticates to the sentinels as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel_username: Option<String>,
+    /// Sentinel: file holding the sentinels' own password (their `requirepass`), read at
+    /// each question.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel_password_file: Option<PathBuf>,
+    /// Sentinel: environment variable holding the sentinels' password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel_password_env: Option<String>,
     /// Sentinel: the master the sentinels reported, filled in by the proxy (shown at
     /// `/config`; a change gives the upstream new connections, as a reload does).
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
@@ -716,6 +726,31 @@ impl Config {
                 }
                 _ => {}
             }
+            let sentinel_keys = [
+                ("sentinel_username", u.sentinel_username.is_some()),
+                ("sentinel_password_file", u.sentinel_password_file.is_some()),
+                ("sentinel_password_env", u.sentinel_password_env.is_some()),
+            ];
+            for (key, set) in sentinel_keys {
+                if set && u.mode != Mode::Sentinel {
+                    err(at(key), "only a sentinel upstream has one");
+                }
+            }
+            if u.sentinel_password_file.is_some() && u.sentinel_password_env.is_some() {
+                err(
+                    at("sentinel_password_env"),
+                    "set sentinel_password_file or sentinel_password_env, not both",
+                );
+            }
+            if u.sentinel_username.is_some()
+                && u.sentinel_password_file.is_none()
+                && u.sentinel_password_env.is_none()
+            {
+                err(
+                    at("sentinel_username"),
+                    "needs sentinel_password_file or sentinel_password_env",
+                );
+            }
             if u.password_file.is_some() && u.password_env.is_some() {
                 err(
                     at("password_env"),
@@ -997,6 +1032,22 @@ mod tests {
         ));
         assert!(
             e.contains("upstream[0].master_name: only a sentinel upstream has one"),
+            "{e}"
+        );
+        let e = errors(&named.replace(
+            "master_name = \"cache\"",
+            "master_name = \"cache\"\nsentinel_username = \"u\"",
+        ));
+        assert!(
+            e.contains("upstream[0].sentinel_username: needs sentinel_password_file or sentinel_password_env"),
+            "{e}"
+        );
+        let e = errors(&MINIMAL.replace(
+            "mode = \"standalone\"",
+            "mode = \"standalone\"\nsentinel_password_env = \"X\"",
+        ));
+        assert!(
+            e.contains("upstream[0].sentinel_password_env: only a sentinel upstream has one"),
             "{e}"
         );
     }

@@ -282,6 +282,9 @@ struct Inner {
     retiring: Cell<bool>,
     /// Called when the connection fails, so a cluster pool can refresh its topology.
     on_failure: RefCell<Option<Rc<dyn Fn()>>>,
+    /// Called when a reply is a `-READONLY` error: the server was demoted to a replica (a
+    /// sentinel upstream asks its sentinels for the new master).
+    on_readonly: RefCell<Option<Rc<dyn Fn()>>>,
     /// One client's connection (a transaction, a blocking command): its server-side state
     /// dies with it, so it never reconnects.
     dedicated: bool,
@@ -322,6 +325,7 @@ impl SharedConn {
             wake_close: Signal::default(),
             retiring: Cell::new(false),
             on_failure: RefCell::new(None),
+            on_readonly: RefCell::new(None),
             dedicated,
         }))
     }
@@ -343,6 +347,11 @@ impl SharedConn {
     /// Calls `hook` whenever the connection fails or a connect attempt does.
     pub fn set_failure_hook(&self, hook: Rc<dyn Fn()>) {
         *self.0.on_failure.borrow_mut() = Some(hook);
+    }
+
+    /// Calls `hook` whenever a reply is a `-READONLY` error.
+    pub fn set_readonly_hook(&self, hook: Rc<dyn Fn()>) {
+        *self.0.on_readonly.borrow_mut() = Some(hook);
     }
 
     /// Whether the last connect attempt failed and the connection waits out its backoff:
@@ -704,6 +713,13 @@ impl SharedConn {
                     };
                     if let Some(now) = now {
                         latency.observe(now.saturating_duration_since(req.queued));
+                    }
+                    // The reply is at the front of `buf`.
+                    if buf.first() == Some(&b'-') && buf.starts_with(b"-READONLY") {
+                        let hook = inner.on_readonly.borrow().clone();
+                        if let Some(hook) = hook {
+                            hook();
+                        }
                     }
                     let before = buf.len();
                     if req.sink.deliver(req.token, Reply::InBuffer(buf, len)) {

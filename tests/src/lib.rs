@@ -414,6 +414,8 @@ pub struct RedisSentinel {
     dir: tempfile::TempDir,
     /// Where clients reach it.
     pub addr: SocketAddr,
+    /// The sentinel's own `requirepass`, if any.
+    password: Option<String>,
 }
 
 impl RedisSentinel {
@@ -425,6 +427,20 @@ impl RedisSentinel {
 
     /// Like [`RedisSentinel::start`], on `port` of 127.0.0.1.
     pub fn start_on(port: u16, master: SocketAddr, down_after_ms: u32) -> RedisSentinel {
+        Self::start_full(port, master, down_after_ms, None)
+    }
+
+    /// Like [`RedisSentinel::start`], with `requirepass password` on the sentinel itself.
+    pub fn start_with_password(master: SocketAddr, password: &str) -> RedisSentinel {
+        Self::start_full(free_port(), master, 5000, Some(password))
+    }
+
+    fn start_full(
+        port: u16,
+        master: SocketAddr,
+        down_after_ms: u32,
+        password: Option<&str>,
+    ) -> RedisSentinel {
         let dir = tempfile::Builder::new()
             .prefix("ri-sentinel-")
             .tempdir()
@@ -438,7 +454,8 @@ impl RedisSentinel {
                 "bind 127.0.0.1\nport {port}\ndir {dir}\nlogfile {dir}/sentinel.log\n\
                  sentinel monitor m {ip} {mport} 1\n\
                  sentinel down-after-milliseconds m {down_after_ms}\n\
-                 sentinel failover-timeout m 2000\n",
+                 sentinel failover-timeout m 2000\n{}",
+                password.map_or(String::new(), |p| format!("requirepass {p}\n")),
                 dir = dir.path().display()
             ),
         )
@@ -455,6 +472,7 @@ impl RedisSentinel {
             child,
             dir,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            password: password.map(str::to_owned),
         };
         wait_until(Duration::from_secs(10), || {
             TcpStream::connect(sentinel.addr).is_ok() && sentinel.master() == Some(master)
@@ -467,6 +485,10 @@ impl RedisSentinel {
         let stream = TcpStream::connect(self.addr).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         let mut stream = stream;
+        if let Some(p) = &self.password {
+            stream.write_all(&encode(&["AUTH", p])).ok()?;
+            read_frame(&mut stream);
+        }
         stream
             .write_all(&encode(&["SENTINEL", "get-master-addr-by-name", "m"]))
             .ok()?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use redis_intercept::resp::Frame;
 use redis_intercept_e2e::{
-    RedisSentinel, RedisServer, RespReader, bulk, free_port, http_get, ok, reload,
+    RedisSentinel, RedisServer, RespReader, bulk, free_port, http_get, is_err, ok, reload,
     start_proxy_config, wait_until,
 };
 
@@ -190,5 +190,82 @@ fn a_sentinel_upstream_waits_for_its_sentinels_and_a_reload_can_add_one() {
     assert_eq!(client.call(&["SET", "where", "sentinel"]), ok());
     assert_eq!(a.cmd(&["GET", "where"]), bulk("sentinel"));
     assert_eq!(other.cmd(&["GET", "where"]), bulk("other"));
+    proxy.shutdown();
+}
+
+/// Connections the sentinel has accepted, this one included (the proxy opens one per
+/// question; Sentinel has no per-command stats).
+fn connections(sentinel: &RedisSentinel) -> u64 {
+    let Frame::Bulk(info) = sentinel.cmd(&["INFO", "stats"]) else {
+        panic!("INFO stats")
+    };
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_connections_received")
+}
+
+#[test]
+fn a_readonly_reply_makes_the_proxy_ask_the_sentinels_at_once() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let sentinel = RedisSentinel::start(a.addr, 5000);
+    let port = free_port();
+    // No periodic asking: only the READONLY reply can make the proxy ask.
+    let proxy = start_proxy_config(&config(&[sentinel.addr], port, "1h"));
+    let mut client = RespReader::connect(proxy.addr("svc").unwrap());
+    assert_eq!(client.call(&["SET", "k", "v"]), ok());
+    let before = connections(&sentinel);
+    // Demoted behind the sentinel's back: the proxy's connections stay open.
+    assert_eq!(
+        a.cmd(&["REPLICAOF", "127.0.0.1", &b.addr.port().to_string()]),
+        ok()
+    );
+    let reply = client.call(&["SET", "k2", "v"]);
+    assert!(is_err(&reply, "READONLY"), "{reply:?}");
+    // Each look adds its own connection: more than that is the proxy asking.
+    let mut looks = 0;
+    wait_until(Duration::from_secs(5), || {
+        looks += 1;
+        connections(&sentinel) > before + looks
+    });
+    proxy.shutdown();
+}
+
+#[test]
+fn sentinels_with_a_password_are_asked_with_it() {
+    let a = RedisServer::start();
+    let sentinel = RedisSentinel::start_with_password(a.addr, "sentinel-secret");
+    let dir = redis_intercept_e2e::tempfile_dir();
+    let file = dir.path().join("sentinel-password");
+    std::fs::write(&file, "sentinel-secret\n").unwrap();
+    let port = free_port();
+    let text = config(&[sentinel.addr], port, "1h").replace(
+        "master_name = \"m\"\n",
+        &format!(
+            "master_name = \"m\"\nsentinel_password_file = \"{}\"\n",
+            file.display()
+        ),
+    );
+    let proxy = start_proxy_config(&text);
+    let admin = proxy.admin_addr().unwrap();
+    wait_until(Duration::from_secs(5), || {
+        http_get(admin, "/ready").0 == 200
+    });
+    let mut client = RespReader::connect(proxy.addr("svc").unwrap());
+    assert_eq!(client.call(&["SET", "k", "v"]), ok());
+    assert_eq!(a.cmd(&["GET", "k"]), bulk("v"));
+    // The file's path is shown, never its contents.
+    let shown = http_get(admin, "/config").1;
+    assert!(shown.contains("sentinel_password_file"), "{shown}");
+    assert!(!shown.contains("sentinel-secret"), "{shown}");
+    proxy.shutdown();
+
+    // Without the password the sentinel refuses, and the proxy says why it isn't ready.
+    let proxy = start_proxy_config(&config(&[sentinel.addr], free_port(), "1h"));
+    let (status, why) = http_get(proxy.admin_addr().unwrap(), "/ready");
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("(master not known yet)"), "{why}");
     proxy.shutdown();
 }

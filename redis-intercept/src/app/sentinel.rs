@@ -16,25 +16,35 @@ use tracing::{info, warn};
 use super::{Control, UpstreamSecrets, conn_settings, upstream_secrets};
 use crate::config::{Config, Mode, UpstreamConfig};
 use crate::resp::Limits;
-use crate::upstream::ConnSettings;
 use crate::upstream::sentinel::ask_master;
+use crate::upstream::{ConnSettings, PasswordSource, UpstreamAuth};
 
 /// Failure reports a worker may queue for the watcher; more are dropped (one is enough to
 /// make it ask).
 pub(super) const KICKS: usize = 64;
 
-/// How the sentinels of `up` are reached: the upstream's TLS and socket mark, no
-/// credentials.
+/// How the sentinels of `up` are reached: the upstream's TLS and socket mark, and the
+/// sentinels' own credentials (`sentinel_username`, `sentinel_password_file` or `_env`).
 fn settings(up: &UpstreamConfig, mark: Option<u32>) -> ConnSettings {
     let tls = upstream_secrets(up).ok().and_then(|s| s.tls);
+    let password = match (&up.sentinel_password_file, &up.sentinel_password_env) {
+        (Some(path), _) => Some(PasswordSource::File(path.clone())),
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(v) => Some(PasswordSource::Value(v)),
+            Err(_) => {
+                warn!(upstream = %up.name, "sentinel: environment variable {var} (sentinel_password_env) is not set; asking without a password");
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let auth = password.map(|password| UpstreamAuth {
+        username: up.sentinel_username.clone(),
+        password,
+    });
     ConnSettings {
         mark,
-        ..conn_settings(
-            up,
-            &UpstreamSecrets { auth: None, tls },
-            0,
-            Limits::default(),
-        )
+        ..conn_settings(up, &UpstreamSecrets { auth, tls }, 0, Limits::default())
     }
 }
 

@@ -9,15 +9,14 @@ use crate::resp::Frame;
 use crate::resp::encode_command;
 
 /// Asks the sentinels in order for the master monitored as `name`; the first answer wins.
-/// `settings` are the upstream's, used without credentials or a database (sentinels have
-/// their own). The error lists each sentinel's failure.
+/// `settings` say how to reach a sentinel (its credentials, TLS, mark); `READONLY` and a
+/// database are never sent. The error lists each sentinel's failure.
 pub async fn ask_master(
     sentinels: &[String],
     name: &str,
     settings: &ConnSettings,
 ) -> Result<String, String> {
     let settings = ConnSettings {
-        auth: None,
         readonly: false,
         db: 0,
         ..settings.clone()

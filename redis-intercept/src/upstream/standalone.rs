@@ -42,7 +42,8 @@ pub struct Standalone {
     dbs: RefCell<HashMap<u32, Db>>,
     /// Set at shutdown: connections made after it are closed at once.
     closed: Cell<bool>,
-    /// Called when a shared connection fails (a sentinel upstream asks its sentinels).
+    /// Called when a shared connection fails or gets a `-READONLY` reply (a sentinel
+    /// upstream asks its sentinels).
     on_failure: Option<Rc<dyn Fn()>>,
 }
 
@@ -50,7 +51,7 @@ impl Standalone {
     /// Starts database 0's shared connections to `addr` (tasks on the current `LocalSet`).
     /// `up` gives the counts: `connections_per_node`, `databases`, `max_idle_dedicated`.
     /// Without an address (a config with no node) there are no connections. `on_failure`
-    /// is called whenever a shared connection fails.
+    /// is called whenever a shared connection fails or gets a `-READONLY` reply.
     pub fn new(
         up: &UpstreamConfig,
         addr: &str,
@@ -105,6 +106,7 @@ impl Standalone {
         for c in &conns {
             if let Some(hook) = &self.on_failure {
                 c.set_failure_hook(Rc::clone(hook));
+                c.set_readonly_hook(Rc::clone(hook));
             }
             tokio::task::spawn_local(c.clone().run());
         }
