@@ -269,3 +269,35 @@ fn sentinels_with_a_password_are_asked_with_it() {
     assert!(why.contains("(master not known yet)"), "{why}");
     proxy.shutdown();
 }
+
+#[test]
+fn a_new_master_that_cannot_be_applied_yet_is_applied_once_it_can() {
+    let a = RedisServer::start();
+    let dir = redis_intercept_e2e::tempfile_dir();
+    let file = dir.path().join("client-passwords");
+    std::fs::write(&file, "pw\n").unwrap();
+    let sentinel_port = free_port();
+    let sentinel_addr = SocketAddr::from(([127, 0, 0, 1], sentinel_port));
+    let text = format!(
+        "{}\n[service.auth]\npassword_file = \"{}\"\n",
+        config(&[sentinel_addr], free_port(), "300ms"),
+        file.display()
+    );
+    let proxy = start_proxy_config(&text);
+    let admin = proxy.admin_addr().unwrap();
+    // Applying a master reads the client password file again: while it is missing, the
+    // master found is kept aside, not lost.
+    std::fs::remove_file(&file).unwrap();
+    let _sentinel = RedisSentinel::start_on(sentinel_port, a.addr, 5000);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(http_get(admin, "/ready").0, 503);
+    std::fs::write(&file, "pw\n").unwrap();
+    wait_until(Duration::from_secs(5), || {
+        http_get(admin, "/ready").0 == 200
+    });
+    let mut client = RespReader::connect(proxy.addr("svc").unwrap());
+    assert_eq!(client.call(&["AUTH", "pw"]), ok());
+    assert_eq!(client.call(&["SET", "k", "v"]), ok());
+    assert_eq!(a.cmd(&["GET", "k"]), bulk("v"));
+    proxy.shutdown();
+}

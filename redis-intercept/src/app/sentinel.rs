@@ -19,6 +19,10 @@ use crate::resp::Limits;
 use crate::upstream::sentinel::ask_master;
 use crate::upstream::{ConnSettings, PasswordSource, UpstreamAuth};
 
+/// The watcher wakes at least this often: a reload may have added a sentinel upstream, and
+/// a new master whose reload failed is tried again.
+const TICK: Duration = Duration::from_secs(1);
+
 /// Failure reports a worker may queue for the watcher; more are dropped (one is enough to
 /// make it ask).
 pub(super) const KICKS: usize = 64;
@@ -136,6 +140,8 @@ async fn watch_masters(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut due = Due::default();
+    // A new master that couldn't be applied yet (the reload failed): tried again each tick.
+    let mut pending = false;
     loop {
         let config = control.config();
         let ups: Vec<UpstreamConfig> = config
@@ -156,7 +162,7 @@ async fn watch_masters(
             .filter_map(|u| due.next.get(&u.name))
             .min()
             .copied()
-            .unwrap_or(now + Duration::from_secs(1));
+            .map_or(now + TICK, |due| due.min(now + TICK));
         let mut ask: Vec<&UpstreamConfig> = Vec::new();
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -190,11 +196,15 @@ async fn watch_masters(
                 }
             }
         }
-        if moved {
+        if moved || pending {
             match control.follow_masters() {
-                Ok(_) => info!("sentinel: clients move to the new master"),
+                Ok(_) => {
+                    pending = false;
+                    info!("sentinel: clients move to the new master");
+                }
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), "sentinel: applying the new master failed")
+                    pending = true;
+                    warn!(error = %format!("{e:#}"), "sentinel: applying the new master failed; trying again");
                 }
             }
         }
