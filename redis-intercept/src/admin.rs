@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::config::{Config, Mode};
@@ -34,7 +34,17 @@ pub struct AdminState {
     workers: usize,
     /// The eBPF programs, when interception is configured.
     pub intercept: Option<crate::app::InterceptSlot>,
+    /// Where `POST /reload` asks for a reload of the config file; set by `run` when the
+    /// proxy was started with one.
+    reloads: std::sync::OnceLock<mpsc::Sender<ReloadRequest>>,
 }
+
+/// A reload asked for over HTTP, and where its outcome goes: whether it was applied, and
+/// what to tell the caller.
+pub type ReloadRequest = oneshot::Sender<(bool, String)>;
+
+/// Reload requests that may wait at once; more get 503 (each reload waits for the last).
+const PENDING_RELOADS: usize = 4;
 
 /// What the running config needs up to be ready.
 struct Needs {
@@ -106,6 +116,41 @@ impl AdminState {
             needs: std::sync::RwLock::new(Needs::of(config, workers, clusters)),
             workers,
             intercept,
+            reloads: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Serves `POST /reload` from now on: each request is handed to the returned receiver,
+    /// whose owner reloads the config file and answers.
+    pub fn accept_reloads(&self) -> mpsc::Receiver<ReloadRequest> {
+        let (tx, rx) = mpsc::channel(PENDING_RELOADS);
+        // Called once, by `run`; a second call would leave the first receiver serving.
+        let _ = self.reloads.set(tx);
+        rx
+    }
+
+    /// Asks for a reload and waits for its outcome.
+    async fn reload(&self) -> (StatusCode, String) {
+        let Some(tx) = self.reloads.get() else {
+            return (
+                StatusCode::NOT_FOUND,
+                "nothing to reload: the proxy was started without --config\n".into(),
+            );
+        };
+        let (done, outcome) = oneshot::channel();
+        if tx.try_send(done).is_err() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many reloads waiting; try again\n".into(),
+            );
+        }
+        match outcome.await {
+            Ok((true, text)) => (StatusCode::OK, text),
+            Ok((false, text)) => (StatusCode::UNPROCESSABLE_ENTITY, text),
+            Err(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the proxy is shutting down\n".into(),
+            ),
         }
     }
 
@@ -432,6 +477,14 @@ async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watc
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = Arc::clone(&state);
                 async move {
+                    if req.method() == Method::POST && req.uri().path() == "/reload" {
+                        let (status, text) = state.reload().await;
+                        return Ok::<_, Infallible>(respond(
+                            status,
+                            "text/plain; charset=utf-8",
+                            text,
+                        ));
+                    }
                     if req.method() == Method::POST && req.uri().path() == "/cgroups" {
                         use http_body_util::BodyExt;
                         // Small bodies only: a command line.

@@ -476,6 +476,8 @@ pub fn run(config: &Config, path: Option<&std::path::Path>) -> Result<()> {
             .non_zero()
             .filter(|_| path.is_some());
         let mut files = path.map(|p| files::Watch::new(p, &proxy));
+        // POST /reload on the admin endpoint, when there is a file to reload.
+        let mut posted = path.map(|_| proxy.control.state.accept_reloads());
         let mut tick = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -487,6 +489,13 @@ pub fn run(config: &Config, path: Option<&std::path::Path>) -> Result<()> {
                     if let Some(f) = &mut files {
                         f.changed(&proxy);
                     }
+                }
+                Some(done) = async { posted.as_mut()?.recv().await }, if posted.is_some() => {
+                    let outcome = reload(&proxy, path);
+                    if let Some(f) = &mut files {
+                        f.changed(&proxy);
+                    }
+                    let _ = done.send(outcome);
                 }
                 _ = tick.tick(), if every.is_some() => {
                     if let Some(f) = &mut files
@@ -590,29 +599,40 @@ fn spawn_attacher(
         .context("spawn the intercept thread")
 }
 
-/// Handles SIGHUP: reads and checks the file again and applies it, or logs why not.
-fn reload(proxy: &Proxy, path: Option<&std::path::Path>) {
+/// Handles SIGHUP, a change the config watch saw, and `POST /reload`: reads and checks the
+/// file again and applies it, or logs why not. Returns whether it was applied, and the
+/// outcome in words (what `POST /reload` answers).
+fn reload(proxy: &Proxy, path: Option<&std::path::Path>) -> (bool, String) {
     let Some(path) = path else {
         warn!("SIGHUP: the proxy was started without --config; nothing to reload");
-        return;
+        return (false, "the proxy was started without --config\n".into());
     };
-    let applied = match Config::load(path) {
+    let (applied, text) = match Config::load(path) {
         Ok(config) => match proxy.reload(&config) {
             Ok(notes) => {
                 info!(file = %path.display(), "configuration reloaded");
+                let mut text = format!("reloaded {}\n", path.display());
                 for note in notes {
                     warn!("reload: {note}");
+                    text.push_str(&format!("note: {note}\n"));
                 }
-                true
+                (true, text)
             }
             Err(e) => {
-                error!(error = %format!("{e:#}"), "reload failed, keeping the running config");
-                false
+                let e = format!("{e:#}");
+                error!(error = %e, "reload failed, keeping the running config");
+                (
+                    false,
+                    format!("reload failed, keeping the running config: {e}\n"),
+                )
             }
         },
         Err(e) => {
             error!("reload failed, keeping the running config:\n{e}");
-            false
+            (
+                false,
+                format!("reload failed, keeping the running config:\n{e}\n"),
+            )
         }
     };
     let m = &proxy.metrics;
@@ -623,6 +643,7 @@ fn reload(proxy: &Proxy, path: Option<&std::path::Path>) {
         })
         .inc();
     m.config_last_reload_successful.set(i64::from(applied));
+    (applied, text)
 }
 
 /// The client credentials of every service, password files read now.

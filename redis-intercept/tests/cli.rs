@@ -441,3 +441,77 @@ fn sighup_reloads_client_passwords_and_keeps_running_on_a_bad_file() {
         "the proxy kept running"
     );
 }
+
+/// `POST path` to the admin endpoint `admin`: the status code and the body.
+fn post(admin: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn post_reload_applies_the_file_and_says_what_went_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("passwords");
+    std::fs::write(&secret, "pass\n").unwrap();
+    let addr = free_addr();
+    let admin = free_addr();
+    // No watch: only the POST reloads.
+    let text = auth_only_config(&addr, &secret, "0s").replace(
+        "[[upstream]]",
+        &format!("[admin]\nlisten = \"{admin}\"\n\n[[upstream]]"),
+    );
+    let path = dir.path().join("conf.toml");
+    std::fs::write(&path, &text).unwrap();
+    let _child = spawn_run(&path, &addr);
+    let mut client = LineClient::connect(&addr);
+    assert_eq!(client.send("AUTH pass\r\n"), "+OK");
+    std::fs::write(
+        &path,
+        format!("{text}\n[[service.fault]]\nkind = \"error\"\npercentage = 100.0\n"),
+    )
+    .unwrap();
+    let (status, body) = post(&admin, "/reload");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("reloaded "), "{body}");
+    // Applied when the answer came: the client's next command sees the fault.
+    assert_eq!(client.send("GET k\r\n"), "-ERR Fault Injected: Error");
+    // A broken file: the answer says where, the running config stays.
+    std::fs::write(&path, "[proxy]\nworkers = \"two\"\n").unwrap();
+    let (status, body) = post(&admin, "/reload");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("reload failed"), "{body}");
+    assert!(body.contains("proxy.workers"), "{body}");
+    assert!(body.contains("line 2"), "{body}");
+    assert_eq!(client.send("GET k\r\n"), "-ERR Fault Injected: Error");
+    assert_eq!(
+        metric(&admin, "config_reloads_total{result=\"failed\"}"),
+        "1"
+    );
+    // Only POST reloads.
+    let mut s = std::net::TcpStream::connect(&admin).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /reload HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+}
