@@ -187,18 +187,35 @@ impl Control {
             .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Sentinel upstreams the file adds: their masters are asked before clients go there.
-        let known = self
+        // A master stays known only for the sentinels and name it came from: a sentinel
+        // upstream the file adds, or whose nodes or master_name changed, is asked now,
+        // before clients go there.
+        let old = running.config.clone();
+        let keep = |name: &String| {
+            let same = |c: &Config| {
+                c.upstream(name)
+                    .filter(|u| u.mode == Mode::Sentinel)
+                    .map(|u| (u.nodes.clone(), u.master_name.clone()))
+            };
+            same(new).is_some() && same(new) == same(&old)
+        };
+        let mut masters = self
             .masters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let found = sentinel::first_masters(new, &known);
-        self.masters
+        masters.retain(|name, _| keep(name));
+        let found = sentinel::first_masters(new, &masters);
+        masters.extend(found.clone());
+        let notes = self.apply(&mut running, new, &masters)?;
+        // Applied: the same change to the map (the watcher may have written to it since).
+        let mut now = self
+            .masters
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend(found);
-        self.apply(&mut running, new)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        now.retain(|name, _| keep(name));
+        now.extend(found);
+        Ok(notes)
     }
 
     /// The configuration running now.
@@ -233,18 +250,22 @@ impl Control {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let config = running.config.clone();
-        self.apply(&mut running, &config)
+        let masters = self
+            .masters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        self.apply(&mut running, &config, &masters)
     }
 
-    /// [`Control::reload`] with its lock held.
-    fn apply(&self, running: &mut Arc<Reloaded>, new: &Config) -> Result<Vec<String>> {
-        let new = &with_masters(
-            new,
-            &self
-                .masters
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+    /// [`Control::reload`] with its lock held, with the sentinel upstreams' `masters`.
+    fn apply(
+        &self,
+        running: &mut Arc<Reloaded>,
+        new: &Config,
+        masters: &HashMap<String, String>,
+    ) -> Result<Vec<String>> {
+        let new = &with_masters(new, masters);
         let auths = client_auths(new)?;
         let old = &running.config;
         // What runs from now on: the same services and listeners, with every setting of the

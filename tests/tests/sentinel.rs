@@ -301,3 +301,23 @@ fn a_new_master_that_cannot_be_applied_yet_is_applied_once_it_can() {
     assert_eq!(a.cmd(&["GET", "k"]), bulk("v"));
     proxy.shutdown();
 }
+
+#[test]
+fn a_reload_that_points_an_upstream_at_other_sentinels_asks_them_at_once() {
+    let a1 = RedisServer::start();
+    let a2 = RedisServer::start();
+    let s1 = RedisSentinel::start(a1.addr, 5000);
+    let s2 = RedisSentinel::start(a2.addr, 5000);
+    let port = free_port();
+    let proxy = start_proxy_config(&config(&[s1.addr], port, "1h"));
+    let mut client = RespReader::connect(proxy.addr("svc").unwrap());
+    assert_eq!(client.call(&["SET", "k", "one"]), ok());
+    assert_eq!(a1.cmd(&["GET", "k"]), bulk("one"));
+    // Same upstream name and master_name, other sentinels (another deployment's): the
+    // master known from the first ones is not kept.
+    reload(&proxy, &config(&[s2.addr], port, "1h"));
+    assert_eq!(client.call(&["SET", "k", "two"]), ok());
+    assert_eq!(a2.cmd(&["GET", "k"]), bulk("two"));
+    assert_eq!(a1.cmd(&["GET", "k"]), bulk("one"));
+    proxy.shutdown();
+}
