@@ -156,14 +156,15 @@ fn a_sentinel_upstream_waits_for_its_sentinels_and_a_reload_can_add_one() {
     let sentinel_port = free_port();
     let sentinel_addr = SocketAddr::from(([127, 0, 0, 1], sentinel_port));
     let port = free_port();
-    let proxy = start_proxy_config(&config(&[sentinel_addr], port, "300ms"));
+    // A long refresh_interval: while no master is known, the sentinels are asked each second.
+    let proxy = start_proxy_config(&config(&[sentinel_addr], port, "1h"));
     let admin = proxy.admin_addr().unwrap();
     let (status, why) = http_get(admin, "/ready");
     assert_eq!(status, 503, "{why}");
     assert!(why.contains("(master not known yet)"), "{why}");
     let mut client = RespReader::connect(proxy.addr("svc").unwrap());
     assert!(matches!(client.call(&["SET", "k", "v"]), Frame::Error(_)));
-    // The sentinel comes up: within a refresh the proxy has the master, for the same client.
+    // The sentinel comes up: within a second the proxy has the master, for the same client.
     let sentinel = RedisSentinel::start_on(sentinel_port, a.addr, 5000);
     wait_until(Duration::from_secs(5), || {
         http_get(admin, "/ready").0 == 200

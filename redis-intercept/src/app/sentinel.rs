@@ -125,13 +125,15 @@ pub(super) fn spawn_watch(
         .context("spawn the sentinel thread")
 }
 
-/// When each sentinel upstream is asked next, and when it was last asked.
+/// When each sentinel upstream is asked next, when it was last asked, and what went wrong.
 #[derive(Default)]
 struct Due {
     /// Next periodic question, by upstream.
     next: HashMap<String, Instant>,
     /// Last question, by upstream (failure reports wait for `redirect_refresh_interval`).
     last: HashMap<String, Instant>,
+    /// The last failure, by upstream: logged when it changes, not at every question.
+    failing: HashMap<String, String>,
 }
 
 async fn watch_masters(
@@ -153,9 +155,13 @@ async fn watch_masters(
         let now = Instant::now();
         for up in &ups {
             // Known at start or by the reload that added it: asked again after an interval.
-            due.next
-                .entry(up.name.clone())
-                .or_insert(now + up.refresh_interval.0);
+            // Not known: asked every tick until a sentinel answers.
+            let next = if up.master.is_some() {
+                now + up.refresh_interval.0
+            } else {
+                now + TICK
+            };
+            due.next.entry(up.name.clone()).or_insert(next);
         }
         let wake = ups
             .iter()
@@ -186,13 +192,23 @@ async fn watch_masters(
         for up in ask {
             let now = Instant::now();
             due.last.insert(up.name.clone(), now);
-            due.next
-                .insert(up.name.clone(), now + up.refresh_interval.0);
             let name = up.master_name.as_deref().unwrap_or_default();
-            match ask_master(&up.nodes, name, &settings(up, mark(&config))).await {
-                Ok(addr) => moved |= control.set_master(&up.name, addr),
+            let answer = ask_master(&up.nodes, name, &settings(up, mark(&config))).await;
+            let found = answer.is_ok() || up.master.is_some();
+            let every = if found { up.refresh_interval.0 } else { TICK };
+            due.next.insert(up.name.clone(), now + every);
+            match answer {
+                Ok(addr) => {
+                    if due.failing.remove(&up.name).is_some() {
+                        info!(upstream = %up.name, "sentinel: the sentinels answer again");
+                    }
+                    moved |= control.set_master(&up.name, addr);
+                }
                 Err(e) => {
-                    warn!(upstream = %up.name, error = %e, "sentinel: no sentinel gave the master")
+                    if due.failing.get(&up.name) != Some(&e) {
+                        warn!(upstream = %up.name, error = %e, "sentinel: no sentinel gave the master");
+                        due.failing.insert(up.name.clone(), e);
+                    }
                 }
             }
         }
