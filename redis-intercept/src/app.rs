@@ -34,6 +34,7 @@ use crate::session::{
 };
 use crate::upstream::owned::{Owned, PoolLease};
 use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
+use crate::upstream::sentinel::View;
 use crate::upstream::standalone::Standalone;
 use crate::upstream::tls::{self, TlsSettings};
 use crate::upstream::{ConnSettings, PasswordSource, UpstreamAuth};
@@ -87,7 +88,7 @@ struct Control {
     intercept: Option<InterceptSlot>,
     /// The master each sentinel upstream's sentinels last reported, by upstream name:
     /// written into every config that runs (`UpstreamConfig::master`).
-    masters: std::sync::Mutex<HashMap<String, String>>,
+    masters: std::sync::Mutex<HashMap<String, View>>,
 }
 
 /// The loaded eBPF programs, shared with the admin endpoint; `None` once detached.
@@ -227,18 +228,26 @@ impl Control {
             .clone()
     }
 
-    /// Records `addr` as the master of the sentinel upstream `name`; true if it moved.
-    fn set_master(&self, name: &str, addr: String) -> bool {
+    /// Records what the sentinels of upstream `name` say; true if the master or the
+    /// replicas changed.
+    fn set_master(&self, name: &str, view: View) -> bool {
         let mut masters = self
             .masters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let old = masters.insert(name.to_owned(), addr.clone());
-        if old.as_ref() == Some(&addr) {
-            return false;
+        let old = masters.insert(name.to_owned(), view.clone());
+        match old {
+            Some(old) if old == view => false,
+            Some(old) if old.master == view.master => {
+                info!(upstream = %name, replicas = ?view.replicas, "sentinel: the replicas changed");
+                true
+            }
+            old => {
+                let from = old.map_or_else(|| "none".to_owned(), |o| o.master);
+                warn!(upstream = %name, %from, to = %view.master, "sentinel: the master moved");
+                true
+            }
         }
-        warn!(upstream = %name, from = old.as_deref().unwrap_or("none"), to = %addr, "sentinel: the master moved");
-        true
     }
 
     /// Runs the running configuration again with the masters known now: the sentinel
@@ -263,7 +272,7 @@ impl Control {
         &self,
         running: &mut Arc<Reloaded>,
         new: &Config,
-        masters: &HashMap<String, String>,
+        masters: &HashMap<String, View>,
     ) -> Result<Vec<String>> {
         let new = &with_masters(new, masters);
         let auths = client_auths(new)?;
@@ -853,13 +862,18 @@ pub fn start(config: &Config) -> Result<Proxy> {
     })
 }
 
-/// `config` with each sentinel upstream's `master` set from `masters` (unset: not known yet).
-fn with_masters(config: &Config, masters: &HashMap<String, String>) -> Config {
+/// `config` with each sentinel upstream's `master` and `replicas` set from `masters` (unset:
+/// not known yet).
+fn with_masters(config: &Config, masters: &HashMap<String, View>) -> Config {
     let mut config = config.clone();
     for up in &mut config.upstreams {
         up.master = match up.mode {
-            Mode::Sentinel => masters.get(&up.name).cloned(),
+            Mode::Sentinel => masters.get(&up.name).map(|v| v.master.clone()),
             Mode::Standalone | Mode::Cluster => None,
+        };
+        up.replicas = match (up.mode, masters.get(&up.name)) {
+            (Mode::Sentinel, Some(v)) => v.replicas.clone(),
+            _ => Vec::new(),
         };
     }
     config
@@ -1443,9 +1457,34 @@ impl Upstreams {
                     // Full: a report is already waiting, which is as good.
                     let _ = kicks.try_send(name.clone());
                 });
-                let server =
-                    Standalone::new(up, node, settings, Arc::clone(&self.metrics), Some(report));
+                let server = Standalone::new(
+                    up,
+                    node,
+                    settings.clone(),
+                    Arc::clone(&self.metrics),
+                    Some(Rc::clone(&report)),
+                );
                 self.owned.standalones.push(Rc::clone(&server));
+                if policy != crate::config::ReadPolicy::Master {
+                    // Reads may go to the replicas the sentinels list: connections of their
+                    // own, for this policy's users (a failed one makes the proxy ask too).
+                    let replicas: Vec<Rc<Standalone>> = up
+                        .replicas
+                        .iter()
+                        .map(|addr| {
+                            let replica = Standalone::new(
+                                up,
+                                addr,
+                                settings.clone(),
+                                Arc::clone(&self.metrics),
+                                Some(Rc::clone(&report)),
+                            );
+                            self.owned.standalones.push(Rc::clone(&replica));
+                            replica
+                        })
+                        .collect();
+                    server.set_reads(policy, replicas);
+                }
                 Backend::Standalone(server)
             }
             Mode::Cluster => {

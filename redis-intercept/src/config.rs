@@ -204,6 +204,10 @@ pub struct UpstreamConfig {
     /// `/config`; a change gives the upstream new connections, as a reload does).
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub master: Option<String>,
+    /// Sentinel: the master's replicas the sentinels reported as up and in sync, filled in by
+    /// the proxy; reads go there under a `read_policy` other than `master`.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
     /// ACL user the proxy authenticates as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
@@ -857,19 +861,20 @@ impl Config {
     pub fn unsupported_features(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (i, s) in self.services.iter().enumerate() {
+            // A standalone upstream has no replicas the proxy knows of.
             let upstream_mode = self.upstream(&s.upstream).map(|u| u.mode);
-            if s.read_policy != ReadPolicy::Master && upstream_mode != Some(Mode::Cluster) {
+            if s.read_policy != ReadPolicy::Master && upstream_mode == Some(Mode::Standalone) {
                 out.push(format!(
-                    "service[{i}].read_policy (only meaningful for a cluster upstream)"
+                    "service[{i}].read_policy (only meaningful for a cluster or sentinel upstream)"
                 ));
             }
             for (j, r) in s.routes.iter().enumerate() {
                 let mode = self.upstream(&r.upstream).map(|u| u.mode);
                 if r.read_policy.is_some_and(|p| p != ReadPolicy::Master)
-                    && mode != Some(Mode::Cluster)
+                    && mode == Some(Mode::Standalone)
                 {
                     out.push(format!(
-                        "service[{i}].route[{j}].read_policy (only meaningful for a cluster upstream)"
+                        "service[{i}].route[{j}].read_policy (only meaningful for a cluster or sentinel upstream)"
                     ));
                 }
             }
@@ -1080,7 +1085,9 @@ mod tests {
         let c = Config::parse(&text, "t").unwrap();
         assert_eq!(
             c.unsupported_features(),
-            ["service[0].route[0].read_policy (only meaningful for a cluster upstream)"]
+            [
+                "service[0].route[0].read_policy (only meaningful for a cluster or sentinel upstream)"
+            ]
         );
     }
 

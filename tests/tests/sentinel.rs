@@ -322,3 +322,81 @@ fn a_reload_that_points_an_upstream_at_other_sentinels_asks_them_at_once() {
     assert_eq!(a1.cmd(&["GET", "k"]), bulk("one"));
     proxy.shutdown();
 }
+
+/// How many GETs `server` has executed.
+fn gets(server: &RedisServer) -> u64 {
+    let Frame::Bulk(info) = server.cmd(&["INFO", "commandstats"]) else {
+        panic!("INFO commandstats")
+    };
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn reads_go_to_the_replicas_the_sentinels_list() {
+    let a = RedisServer::start();
+    let mut b = RedisServer::start_with(&["--replicaof", "127.0.0.1", &a.addr.port().to_string()]);
+    let sentinel = RedisSentinel::start(a.addr, 5000);
+    // Listed once the sentinel has seen the replica up and in sync.
+    wait_until(Duration::from_secs(20), || {
+        let Frame::Array(replicas) = sentinel.cmd(&["SENTINEL", "replicas", "m"]) else {
+            return false;
+        };
+        let text = format!("{replicas:?}");
+        replicas.len() == 1 && text.contains("\"ok\"") && !text.contains("disconnected")
+    });
+    let port = free_port();
+    let text = format!(
+        "{}read_policy = \"prefer_replica\"\n",
+        config(&[sentinel.addr], port, "300ms")
+    );
+    let proxy = start_proxy_config(&text);
+    let admin = proxy.admin_addr().unwrap();
+    let shown = http_get(admin, "/config").1;
+    assert!(
+        shown.contains(&format!("replicas = [\"{}\"]", b.addr)),
+        "{shown}"
+    );
+    let mut client = RespReader::connect(proxy.addr("svc").unwrap());
+    // Writes go to the master, reads to the replica.
+    assert_eq!(client.call(&["SET", "k", "v"]), ok());
+    wait_until(Duration::from_secs(5), || b.cmd(&["GET", "k"]) == bulk("v"));
+    let (on_a, on_b) = (gets(&a), gets(&b));
+    for _ in 0..10 {
+        assert_eq!(client.call(&["GET", "k"]), bulk("v"));
+    }
+    // (`gets` itself isn't a GET; the wait above sent GETs to b directly before counting.)
+    assert_eq!(gets(&b), on_b + 10);
+    assert_eq!(gets(&a), on_a);
+    // Writes still reach the master only.
+    assert_eq!(client.call(&["SET", "k", "w"]), ok());
+    assert_eq!(a.cmd(&["GET", "k"]), bulk("w"));
+    // `any` spreads reads over both (a reload changes the policy for the same client).
+    wait_until(Duration::from_secs(5), || b.cmd(&["GET", "k"]) == bulk("w"));
+    reload(&proxy, &text.replace("prefer_replica", "any"));
+    let (on_a, on_b) = (gets(&a), gets(&b));
+    for _ in 0..20 {
+        assert_eq!(client.call(&["GET", "k"]), bulk("w"));
+    }
+    let (more_a, more_b) = (gets(&a) - on_a, gets(&b) - on_b);
+    assert_eq!(more_a + more_b, 20);
+    assert!(
+        more_a >= 5 && more_b >= 5,
+        "{more_a} on the master, {more_b} on the replica"
+    );
+    reload(&proxy, &text);
+    // The replica dies: prefer_replica falls back to the master.
+    b.kill();
+    wait_until(Duration::from_secs(10), || {
+        client.call(&["GET", "k"]) == bulk("w")
+    });
+    let on_a = gets(&a);
+    for _ in 0..5 {
+        assert_eq!(client.call(&["GET", "k"]), bulk("w"));
+    }
+    assert_eq!(gets(&a), on_a + 5);
+    proxy.shutdown();
+}

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use super::{Control, UpstreamSecrets, conn_settings, upstream_secrets};
 use crate::config::{Config, Mode, UpstreamConfig};
 use crate::resp::Limits;
-use crate::upstream::sentinel::ask_master;
+use crate::upstream::sentinel::{View, ask};
 use crate::upstream::{ConnSettings, PasswordSource, UpstreamAuth};
 
 /// The watcher wakes at least this often: a reload may have added a sentinel upstream, and
@@ -67,8 +67,8 @@ fn mark(config: &Config) -> Option<u32> {
 /// be on a runtime.
 pub(super) fn first_masters(
     config: &Config,
-    known: &HashMap<String, String>,
-) -> HashMap<String, String> {
+    known: &HashMap<String, View>,
+) -> HashMap<String, View> {
     let ups: Vec<&UpstreamConfig> = config
         .upstreams
         .iter()
@@ -81,7 +81,7 @@ pub(super) fn first_masters(
 }
 
 /// [`first_masters`] on the calling thread.
-fn ask_all(config: &Config, ups: &[&UpstreamConfig]) -> HashMap<String, String> {
+fn ask_all(config: &Config, ups: &[&UpstreamConfig]) -> HashMap<String, View> {
     let mut out = HashMap::new();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -95,10 +95,10 @@ fn ask_all(config: &Config, ups: &[&UpstreamConfig]) -> HashMap<String, String> 
     };
     for up in ups {
         let name = up.master_name.as_deref().unwrap_or_default();
-        match runtime.block_on(ask_master(&up.nodes, name, &settings(up, mark(config)))) {
-            Ok(addr) => {
-                info!(upstream = %up.name, master = %addr, "sentinel: master found");
-                out.insert(up.name.clone(), addr);
+        match runtime.block_on(ask(&up.nodes, name, &settings(up, mark(config)))) {
+            Ok(view) => {
+                info!(upstream = %up.name, master = %view.master, replicas = ?view.replicas, "sentinel: master found");
+                out.insert(up.name.clone(), view);
             }
             Err(e) => {
                 warn!(upstream = %up.name, error = %e, "sentinel: no sentinel gave the master; will keep asking");
@@ -169,12 +169,12 @@ async fn watch_masters(
             .min()
             .copied()
             .map_or(now + TICK, |due| due.min(now + TICK));
-        let mut ask: Vec<&UpstreamConfig> = Vec::new();
+        let mut due_now: Vec<&UpstreamConfig> = Vec::new();
         tokio::select! {
             _ = shutdown.changed() => return,
             () = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
-                ask.extend(ups.iter().filter(|u| due.next.get(&u.name).is_some_and(|t| *t <= now)));
+                due_now.extend(ups.iter().filter(|u| due.next.get(&u.name).is_some_and(|t| *t <= now)));
             }
             kick = kicks.recv() => {
                 let Some(name) = kick else { return };
@@ -184,25 +184,25 @@ async fn watch_masters(
                         .get(&name)
                         .is_none_or(|t| t.elapsed() >= up.redirect_refresh_interval.0)
                 {
-                    ask.push(up);
+                    due_now.push(up);
                 }
             }
         }
         let mut moved = false;
-        for up in ask {
+        for up in due_now {
             let now = Instant::now();
             due.last.insert(up.name.clone(), now);
             let name = up.master_name.as_deref().unwrap_or_default();
-            let answer = ask_master(&up.nodes, name, &settings(up, mark(&config))).await;
+            let answer = ask(&up.nodes, name, &settings(up, mark(&config))).await;
             let found = answer.is_ok() || up.master.is_some();
             let every = if found { up.refresh_interval.0 } else { TICK };
             due.next.insert(up.name.clone(), now + every);
             match answer {
-                Ok(addr) => {
+                Ok(view) => {
                     if due.failing.remove(&up.name).is_some() {
                         info!(upstream = %up.name, "sentinel: the sentinels answer again");
                     }
-                    moved |= control.set_master(&up.name, addr);
+                    moved |= control.set_master(&up.name, view);
                 }
                 Err(e) => {
                     if due.failing.get(&up.name) != Some(&e) {

@@ -20,6 +20,7 @@ use super::cluster::{ClusterClient, ClusterShared, Merge, MergeKind, Positions};
 use super::{Backend, Dice};
 use crate::cluster::{Redirect, RedirectKind, Slot};
 use crate::command::{Command, flags};
+use crate::config::ReadPolicy;
 use crate::resp::{Limits, Request, RequestParser, encode_command};
 use crate::route::{self, Prefixes, SplitKind};
 use crate::upstream::dedicated::DedicatedPool;
@@ -64,6 +65,8 @@ enum Target {
         conn: SharedConn,
         /// Where its dedicated connections come from.
         pool: Rc<DedicatedPool>,
+        /// The replicas reads may go to (a sentinel upstream with a read policy).
+        reads: Option<ReadTargets>,
     },
     /// Its routing state on a cluster.
     Cluster(ClusterClient),
@@ -79,6 +82,7 @@ impl Target {
                     server: Rc::clone(server),
                     conn,
                     pool,
+                    reads: ReadTargets::new(server, 0, client),
                 },
                 None => Target::None,
             },
@@ -100,6 +104,11 @@ impl Target {
         deadline: Instant,
     ) -> Result<(), Bytes> {
         match self {
+            Target::Conn {
+                conn,
+                reads: Some(reads),
+                ..
+            } if route::is_read(cmd) => reads.pick(conn)?.send(req, sink, token, deadline),
             Target::Conn { conn, .. } => conn.send(req, sink, token, deadline),
             Target::Cluster(cluster) => cluster.forward(req, cmd, sink, token, deadline),
             Target::None => Err(error_reply("service has no upstream")),
@@ -133,17 +142,84 @@ impl Target {
     /// Moves a standalone target to database `db`'s connections (made now if this worker has
     /// none yet). Other targets stay as they are.
     fn select(&mut self, db: u32, client: u64) {
-        if let Target::Conn { server, conn, pool } = self
+        if let Target::Conn {
+            server,
+            conn,
+            pool,
+            reads,
+        } = self
             && let Some((c, p)) = pick(&server.db(db), client)
         {
             *conn = c;
             *pool = p;
+            *reads = ReadTargets::new(server, db, client);
         }
     }
 
     /// Whether this is a Redis Cluster (database 0 only).
     fn is_cluster(&self) -> bool {
         matches!(self, Target::Cluster(_))
+    }
+}
+
+/// Where one client's reads may go on a server with replicas.
+struct ReadTargets {
+    /// The read policy.
+    policy: ReadPolicy,
+    /// The client's shared connection to each replica, for its database.
+    replicas: Vec<SharedConn>,
+    /// Turns, so reads spread over the usable nodes.
+    roll: usize,
+}
+
+impl ReadTargets {
+    /// The replicas of `server` (if reads go there) for `client` in database `db`.
+    fn new(server: &Standalone, db: u32, client: u64) -> Option<ReadTargets> {
+        let reads = server.reads()?;
+        Some(ReadTargets {
+            policy: reads.policy,
+            replicas: reads
+                .replicas
+                .iter()
+                .filter_map(|r| pick(&r.db(db), client).map(|(c, _)| c))
+                .collect(),
+            roll: client as usize,
+        })
+    }
+
+    /// The connection a read goes to, by the policy (as `route::pick_node` for a cluster
+    /// shard): `master`'s or a replica's. A connection that is connecting counts as usable.
+    fn pick<'a>(&'a mut self, master: &'a SharedConn) -> Result<&'a SharedConn, Bytes> {
+        self.roll = self.roll.wrapping_add(1);
+        let usable = |c: &&SharedConn| !c.is_down();
+        let up = self.replicas.iter().filter(usable).count();
+        let nth_up = |n: usize| self.replicas.iter().filter(usable).nth(n);
+        let replica = (up > 0).then(|| nth_up(self.roll % up)).flatten();
+        let master_up = !master.is_down();
+        Ok(match self.policy {
+            ReadPolicy::Master => master,
+            ReadPolicy::PreferMaster if master_up => master,
+            ReadPolicy::PreferMaster | ReadPolicy::PreferReplica => replica.unwrap_or(master),
+            ReadPolicy::Replica => match replica {
+                Some(r) => r,
+                // None usable: one of them anyway, so the client gets that node's error.
+                None if !self.replicas.is_empty() => {
+                    &self.replicas[self.roll % self.replicas.len()]
+                }
+                None => {
+                    return Err(error_reply(
+                        "no replica is known (read_policy = \"replica\"): the sentinels list none that is up",
+                    ));
+                }
+            },
+            ReadPolicy::Any => {
+                let n = up + usize::from(master_up);
+                match self.roll % n.max(1) {
+                    i if i < up => nth_up(i).unwrap_or(master),
+                    _ => master,
+                }
+            }
+        })
     }
 }
 

@@ -1,5 +1,5 @@
-//! Asks Redis Sentinel where a master is (`SENTINEL get-master-addr-by-name`), for upstreams
-//! in sentinel mode.
+//! Asks Redis Sentinel where a master and its replicas are (`SENTINEL
+//! get-master-addr-by-name` and `SENTINEL replicas`), for upstreams in sentinel mode.
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -8,14 +8,23 @@ use super::{ConnSettings, open, read_replies};
 use crate::resp::Frame;
 use crate::resp::encode_command;
 
-/// Asks the sentinels in order for the master monitored as `name`; the first answer wins.
+/// What one sentinel says of a master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// The master, `host:port`.
+    pub master: String,
+    /// Its replicas that are up and in sync, `host:port`, in the sentinel's order.
+    pub replicas: Vec<String>,
+}
+
+/// Asks the sentinels in order about the master monitored as `name`; the first answer wins.
 /// `settings` say how to reach a sentinel (its credentials, TLS, mark); `READONLY` and a
 /// database are never sent. The error lists each sentinel's failure.
-pub async fn ask_master(
+pub async fn ask(
     sentinels: &[String],
     name: &str,
     settings: &ConnSettings,
-) -> Result<String, String> {
+) -> Result<View, String> {
     let settings = ConnSettings {
         readonly: false,
         db: 0,
@@ -38,32 +47,78 @@ pub async fn ask_master(
 }
 
 /// One sentinel's answer.
-async fn ask_one(sentinel: &str, name: &str, settings: &ConnSettings) -> Result<String, String> {
+async fn ask_one(sentinel: &str, name: &str, settings: &ConnSettings) -> Result<View, String> {
     let mut stream = open(sentinel, settings).await.map_err(|(_, e)| e)?;
     let mut out = BytesMut::new();
-    encode_command(
-        [
-            &b"SENTINEL"[..],
-            b"get-master-addr-by-name",
-            name.as_bytes(),
-        ]
-        .into_iter(),
-        &mut out,
-    );
+    for sub in [&b"get-master-addr-by-name"[..], b"replicas"] {
+        encode_command(
+            [&b"SENTINEL"[..], sub, name.as_bytes()].into_iter(),
+            &mut out,
+        );
+    }
     stream
         .write_all(&out)
         .await
         .map_err(|e| format!("write failed: {e}"))?;
-    let reply: Bytes = read_replies(&mut stream, 1, &settings.limits)
-        .await?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
-    let frame = match Frame::parse(&reply, &settings.limits) {
-        Ok(Some((frame, _))) => frame,
-        _ => return Err("malformed reply".to_owned()),
+    let replies = read_replies(&mut stream, 2, &settings.limits).await?;
+    let frames: Vec<Frame> = replies
+        .iter()
+        .map(
+            |reply: &Bytes| match Frame::parse(reply, &settings.limits) {
+                Ok(Some((frame, _))) => Ok(frame),
+                _ => Err("malformed reply".to_owned()),
+            },
+        )
+        .collect::<Result<_, _>>()?;
+    let [master, replicas] = frames.as_slice() else {
+        return Err("malformed reply".to_owned());
     };
-    master_addr(&frame, name)
+    Ok(View {
+        master: master_addr(master, name)?,
+        // A sentinel that can't list replicas still gives the master.
+        replicas: healthy_replicas(replicas),
+    })
+}
+
+/// `host:port`, with brackets around an IPv6 host.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The replicas in a `SENTINEL replicas` reply (one flat `[field, value, …]` array each)
+/// that are up and whose link to the master is ok.
+fn healthy_replicas(frame: &Frame) -> Vec<String> {
+    let Frame::Array(entries) = frame else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let Frame::Array(fields) = entry else {
+            continue;
+        };
+        let field = |name: &str| {
+            fields.chunks(2).find_map(|kv| match kv {
+                [Frame::Bulk(k), Frame::Bulk(v)] if k.as_ref() == name.as_bytes() => {
+                    std::str::from_utf8(v).ok()
+                }
+                _ => None,
+            })
+        };
+        let down = field("flags").is_none_or(|f| {
+            f.split(',')
+                .any(|flag| matches!(flag, "s_down" | "o_down" | "disconnected"))
+        });
+        let linked = field("master-link-status").is_none_or(|s| s == "ok");
+        let port = field("port").and_then(|p| p.parse().ok());
+        if let (Some(ip), Some(port), false, true) = (field("ip"), port, down, linked) {
+            out.push(host_port(ip, port));
+        }
+    }
+    out
 }
 
 /// The `host:port` in a `get-master-addr-by-name` reply (`[host, port]`; an IPv6 host gets
@@ -77,11 +132,7 @@ fn master_addr(frame: &Frame, name: &str) -> Result<String, String> {
                     .ok()
                     .and_then(|p| p.parse().ok())
                     .ok_or("port is not a number")?;
-                Ok(if host.contains(':') {
-                    format!("[{host}]:{port}")
-                } else {
-                    format!("{host}:{port}")
-                })
+                Ok(host_port(host, port))
             }
             _ => Err("reply is not [host, port]".to_owned()),
         },
@@ -99,6 +150,37 @@ mod tests {
 
     fn bulk(s: &str) -> Frame {
         Frame::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn replica(ip: &str, port: &str, flags: &str, link: &str) -> Frame {
+        Frame::Array(
+            [
+                ("name", "x"),
+                ("ip", ip),
+                ("port", port),
+                ("flags", flags),
+                ("master-link-status", link),
+            ]
+            .iter()
+            .flat_map(|(k, v)| [bulk(k), bulk(v)])
+            .collect(),
+        )
+    }
+
+    #[test]
+    fn keeps_the_replicas_that_are_up_and_in_sync() {
+        let reply = Frame::Array(vec![
+            replica("10.0.0.6", "6379", "slave", "ok"),
+            replica("10.0.0.7", "6379", "s_down,slave", "ok"),
+            replica("10.0.0.8", "6379", "slave,disconnected", "ok"),
+            replica("10.0.0.9", "6379", "slave", "err"),
+            replica("fd00::6", "6380", "slave", "ok"),
+        ]);
+        assert_eq!(
+            healthy_replicas(&reply),
+            vec!["10.0.0.6:6379".to_owned(), "[fd00::6]:6380".to_owned()]
+        );
+        assert!(healthy_replicas(&Frame::Error(Bytes::from_static(b"ERR"))).is_empty());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::dedicated::DedicatedPool;
 use super::{ConnSettings, SharedConn};
-use crate::config::UpstreamConfig;
+use crate::config::{ReadPolicy, UpstreamConfig};
 use crate::metrics::Metrics;
 
 /// One database's connections on this worker.
@@ -45,6 +45,18 @@ pub struct Standalone {
     /// Called when a shared connection fails or gets a `-READONLY` reply (a sentinel
     /// upstream asks its sentinels).
     on_failure: Option<Rc<dyn Fn()>>,
+    /// Where reads may go besides this server (a sentinel upstream's replicas under a read
+    /// policy other than `master`).
+    reads: RefCell<Option<Reads>>,
+}
+
+/// A server's replicas for reads, and the policy that picks between them and the server.
+#[derive(Clone)]
+pub struct Reads {
+    /// Envoy's read policy.
+    pub policy: ReadPolicy,
+    /// The replicas on this worker.
+    pub replicas: Vec<Rc<Standalone>>,
 }
 
 impl Standalone {
@@ -74,9 +86,20 @@ impl Standalone {
             dbs: RefCell::new(HashMap::new()),
             closed: Cell::new(false),
             on_failure,
+            reads: RefCell::new(None),
         });
         me.db(0);
         me
+    }
+
+    /// Lets reads go to `replicas` as `policy` says (the replicas are closed by their owner).
+    pub fn set_reads(&self, policy: ReadPolicy, replicas: Vec<Rc<Standalone>>) {
+        *self.reads.borrow_mut() = Some(Reads { policy, replicas });
+    }
+
+    /// Where reads may go besides this server, if anywhere.
+    pub fn reads(&self) -> Option<Reads> {
+        self.reads.borrow().clone()
     }
 
     /// The databases the server has, as configured.
