@@ -871,10 +871,12 @@ fn with_masters(config: &Config, masters: &HashMap<String, View>) -> Config {
             Mode::Sentinel => masters.get(&up.name).map(|v| v.master.clone()),
             Mode::Standalone | Mode::Cluster => None,
         };
-        up.replicas = match (up.mode, masters.get(&up.name)) {
-            (Mode::Sentinel, Some(v)) => v.replicas.clone(),
-            _ => Vec::new(),
-        };
+        if up.mode == Mode::Sentinel {
+            up.replicas = masters
+                .get(&up.name)
+                .map(|v| v.replicas.clone())
+                .unwrap_or_default();
+        }
     }
     config
 }
@@ -1423,6 +1425,38 @@ impl Upstreams {
         Ok((ctx, std::mem::take(&mut self.fresh)))
     }
 
+    /// Lets reads on `server` go to `up`'s replicas under `policy` (not `master`): each gets
+    /// connections of its own, owned by the generation being built. `report` is called when
+    /// one of them fails.
+    fn add_reads(
+        &mut self,
+        server: &Standalone,
+        up: &crate::config::UpstreamConfig,
+        policy: crate::config::ReadPolicy,
+        settings: &ConnSettings,
+        report: Option<Rc<dyn Fn()>>,
+    ) {
+        if policy == crate::config::ReadPolicy::Master {
+            return;
+        }
+        let replicas: Vec<Rc<Standalone>> = up
+            .replicas
+            .iter()
+            .map(|addr| {
+                let replica = Standalone::new(
+                    up,
+                    addr,
+                    settings.clone(),
+                    Arc::clone(&self.metrics),
+                    report.clone(),
+                );
+                self.owned.standalones.push(Rc::clone(&replica));
+                replica
+            })
+            .collect();
+        server.set_reads(policy, replicas);
+    }
+
     /// This worker's way to `up`: new shared connections for a standalone server (with
     /// `max_pending` bytes of queue each), or the cluster's pool.
     fn backend(
@@ -1443,8 +1477,10 @@ impl Upstreams {
                 // Config validation gives a standalone upstream exactly one node (without
                 // one, the server has no connections and requests get an error).
                 let node = up.nodes.first().map_or("", String::as_str);
-                let server = Standalone::new(up, node, settings, Arc::clone(&self.metrics), None);
+                let server =
+                    Standalone::new(up, node, settings.clone(), Arc::clone(&self.metrics), None);
                 self.owned.standalones.push(Rc::clone(&server));
+                self.add_reads(&server, up, policy, &settings, None);
                 Backend::Standalone(server)
             }
             Mode::Sentinel => {
@@ -1465,26 +1501,8 @@ impl Upstreams {
                     Some(Rc::clone(&report)),
                 );
                 self.owned.standalones.push(Rc::clone(&server));
-                if policy != crate::config::ReadPolicy::Master {
-                    // Reads may go to the replicas the sentinels list: connections of their
-                    // own, for this policy's users (a failed one makes the proxy ask too).
-                    let replicas: Vec<Rc<Standalone>> = up
-                        .replicas
-                        .iter()
-                        .map(|addr| {
-                            let replica = Standalone::new(
-                                up,
-                                addr,
-                                settings.clone(),
-                                Arc::clone(&self.metrics),
-                                Some(Rc::clone(&report)),
-                            );
-                            self.owned.standalones.push(Rc::clone(&replica));
-                            replica
-                        })
-                        .collect();
-                    server.set_reads(policy, replicas);
-                }
+                // A failed replica connection makes the proxy ask the sentinels too.
+                self.add_reads(&server, up, policy, &settings, Some(report));
                 Backend::Standalone(server)
             }
             Mode::Cluster => {

@@ -204,9 +204,11 @@ pub struct UpstreamConfig {
     /// `/config`; a change gives the upstream new connections, as a reload does).
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub master: Option<String>,
-    /// Sentinel: the master's replicas the sentinels reported as up and in sync, filled in by
-    /// the proxy; reads go there under a `read_policy` other than `master`.
-    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    /// The server's replicas, where reads go under a `read_policy` other than `master`.
+    /// Standalone: set in the file (`host:port`, e.g. a managed service's reader endpoint).
+    /// Sentinel: filled in by the proxy with the replicas the sentinels list as up and in
+    /// sync (the file may not set it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<String>,
     /// ACL user the proxy authenticates as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -720,6 +722,24 @@ impl Config {
             if u.mode == Mode::Standalone && u.nodes.len() > 1 {
                 err(at("nodes"), "a standalone upstream has exactly one node");
             }
+            for (j, replica) in u.replicas.iter().enumerate() {
+                if let Err(e) = split_host_port(replica) {
+                    err(format!("upstream[{i}].replicas[{j}]"), &e);
+                }
+            }
+            match u.mode {
+                Mode::Standalone => {}
+                Mode::Sentinel if !u.replicas.is_empty() => err(
+                    at("replicas"),
+                    "a sentinel upstream's replicas come from its sentinels",
+                ),
+                Mode::Sentinel => {}
+                Mode::Cluster if !u.replicas.is_empty() => err(
+                    at("replicas"),
+                    "a cluster upstream's replicas come from its topology",
+                ),
+                Mode::Cluster => {}
+            }
             match (u.mode, &u.master_name) {
                 (Mode::Sentinel, None) => err(at("master_name"), "a sentinel upstream needs one"),
                 (Mode::Sentinel, Some(n)) if n.is_empty() => {
@@ -861,20 +881,22 @@ impl Config {
     pub fn unsupported_features(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (i, s) in self.services.iter().enumerate() {
-            // A standalone upstream has no replicas the proxy knows of.
-            let upstream_mode = self.upstream(&s.upstream).map(|u| u.mode);
-            if s.read_policy != ReadPolicy::Master && upstream_mode == Some(Mode::Standalone) {
+            // A standalone upstream without `replicas` has nowhere else to read from.
+            let no_replicas = |name: &str| {
+                self.upstream(name)
+                    .is_some_and(|u| u.mode == Mode::Standalone && u.replicas.is_empty())
+            };
+            if s.read_policy != ReadPolicy::Master && no_replicas(&s.upstream) {
                 out.push(format!(
-                    "service[{i}].read_policy (only meaningful for a cluster or sentinel upstream)"
+                    "service[{i}].read_policy (only meaningful for a cluster, a sentinel upstream or one with replicas)"
                 ));
             }
             for (j, r) in s.routes.iter().enumerate() {
-                let mode = self.upstream(&r.upstream).map(|u| u.mode);
                 if r.read_policy.is_some_and(|p| p != ReadPolicy::Master)
-                    && mode == Some(Mode::Standalone)
+                    && no_replicas(&r.upstream)
                 {
                     out.push(format!(
-                        "service[{i}].route[{j}].read_policy (only meaningful for a cluster or sentinel upstream)"
+                        "service[{i}].route[{j}].read_policy (only meaningful for a cluster, a sentinel upstream or one with replicas)"
                     ));
                 }
             }
@@ -1055,6 +1077,27 @@ mod tests {
             e.contains("upstream[0].sentinel_password_env: only a sentinel upstream has one"),
             "{e}"
         );
+        let e = errors(&named.replace(
+            "master_name = \"cache\"",
+            "master_name = \"cache\"\nreplicas = [\"10.0.0.2:6379\"]",
+        ));
+        assert!(
+            e.contains(
+                "upstream[0].replicas: a sentinel upstream's replicas come from its sentinels"
+            ),
+            "{e}"
+        );
+        let e = errors(&MINIMAL.replace(
+            "mode = \"standalone\"",
+            "mode = \"standalone\"\nreplicas = [\"nope\"]",
+        ));
+        assert!(e.contains("upstream[0].replicas[0]"), "{e}");
+        let with_replica = MINIMAL.replace(
+            "mode = \"standalone\"",
+            "mode = \"standalone\"\nreplicas = [\"10.0.0.2:6379\"]",
+        );
+        let c = Config::parse(&with_replica, "test.toml").unwrap();
+        assert_eq!(c.upstreams[0].replicas, vec!["10.0.0.2:6379".to_owned()]);
     }
 
     #[test]
@@ -1086,7 +1129,7 @@ mod tests {
         assert_eq!(
             c.unsupported_features(),
             [
-                "service[0].route[0].read_policy (only meaningful for a cluster or sentinel upstream)"
+                "service[0].route[0].read_policy (only meaningful for a cluster, a sentinel upstream or one with replicas)"
             ]
         );
     }

@@ -111,7 +111,7 @@ fn check_warns_about_features_run_would_refuse() {
     ));
     assert!(ok);
     assert!(
-        err.contains("service[0].read_policy (only meaningful for a cluster or sentinel upstream) is not supported by this build"),
+        err.contains("service[0].read_policy (only meaningful for a cluster, a sentinel upstream or one with replicas) is not supported by this build"),
         "{err}"
     );
     assert!(!err.contains("s3cret"), "a password leaked: {err}");

@@ -172,6 +172,20 @@ impl RedisServer {
     pub fn cmd(&self, args: &[&str]) -> Frame {
         raw_command(self.addr, args)
     }
+
+    /// How many times the server has executed `command` (lower case, as `INFO
+    /// commandstats` names it), so a test can tell which server served its requests.
+    pub fn calls(&self, command: &str) -> u64 {
+        let Frame::Bulk(info) = self.cmd(&["INFO", "commandstats"]) else {
+            panic!("INFO commandstats")
+        };
+        let prefix = format!("cmdstat_{command}:calls=");
+        String::from_utf8_lossy(&info)
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for RedisServer {

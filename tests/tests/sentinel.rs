@@ -323,18 +323,6 @@ fn a_reload_that_points_an_upstream_at_other_sentinels_asks_them_at_once() {
     proxy.shutdown();
 }
 
-/// How many GETs `server` has executed.
-fn gets(server: &RedisServer) -> u64 {
-    let Frame::Bulk(info) = server.cmd(&["INFO", "commandstats"]) else {
-        panic!("INFO commandstats")
-    };
-    String::from_utf8_lossy(&info)
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn reads_go_to_the_replicas_the_sentinels_list() {
     let a = RedisServer::start();
@@ -364,24 +352,24 @@ fn reads_go_to_the_replicas_the_sentinels_list() {
     // Writes go to the master, reads to the replica.
     assert_eq!(client.call(&["SET", "k", "v"]), ok());
     wait_until(Duration::from_secs(5), || b.cmd(&["GET", "k"]) == bulk("v"));
-    let (on_a, on_b) = (gets(&a), gets(&b));
+    let (on_a, on_b) = (a.calls("get"), b.calls("get"));
     for _ in 0..10 {
         assert_eq!(client.call(&["GET", "k"]), bulk("v"));
     }
     // (`gets` itself isn't a GET; the wait above sent GETs to b directly before counting.)
-    assert_eq!(gets(&b), on_b + 10);
-    assert_eq!(gets(&a), on_a);
+    assert_eq!(b.calls("get"), on_b + 10);
+    assert_eq!(a.calls("get"), on_a);
     // Writes still reach the master only.
     assert_eq!(client.call(&["SET", "k", "w"]), ok());
     assert_eq!(a.cmd(&["GET", "k"]), bulk("w"));
     // `any` spreads reads over both (a reload changes the policy for the same client).
     wait_until(Duration::from_secs(5), || b.cmd(&["GET", "k"]) == bulk("w"));
     reload(&proxy, &text.replace("prefer_replica", "any"));
-    let (on_a, on_b) = (gets(&a), gets(&b));
+    let (on_a, on_b) = (a.calls("get"), b.calls("get"));
     for _ in 0..20 {
         assert_eq!(client.call(&["GET", "k"]), bulk("w"));
     }
-    let (more_a, more_b) = (gets(&a) - on_a, gets(&b) - on_b);
+    let (more_a, more_b) = (a.calls("get") - on_a, b.calls("get") - on_b);
     assert_eq!(more_a + more_b, 20);
     assert!(
         more_a >= 5 && more_b >= 5,
@@ -393,10 +381,10 @@ fn reads_go_to_the_replicas_the_sentinels_list() {
     wait_until(Duration::from_secs(10), || {
         client.call(&["GET", "k"]) == bulk("w")
     });
-    let on_a = gets(&a);
+    let on_a = a.calls("get");
     for _ in 0..5 {
         assert_eq!(client.call(&["GET", "k"]), bulk("w"));
     }
-    assert_eq!(gets(&a), on_a + 5);
+    assert_eq!(a.calls("get"), on_a + 5);
     proxy.shutdown();
 }

@@ -536,3 +536,35 @@ fn shutdown_delivers_owed_replies() {
     // The listener is gone after shutdown.
     assert!(TcpStream::connect(addr).is_err());
 }
+
+#[test]
+fn reads_go_to_the_configured_replicas_in_the_selected_database() {
+    let a = RedisServer::start();
+    let b = RedisServer::start_with(&["--replicaof", "127.0.0.1", &a.addr.port().to_string()]);
+    let proxy = redis_intercept_e2e::start_proxy_full(
+        a.addr,
+        "",
+        &format!("replicas = [\"{}\"]", b.addr),
+        "read_policy = \"replica\"",
+    );
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    assert_eq!(c.call(&["SET", "k0", "v0"]), Frame::Simple("OK".into()));
+    wait_until(Duration::from_secs(10), || {
+        b.cmd(&["GET", "k0"]) == bulk("v0")
+    });
+    let (on_a, on_b) = (a.calls("get"), b.calls("get"));
+    for _ in 0..5 {
+        assert_eq!(c.call(&["GET", "k0"]), bulk("v0"));
+    }
+    assert_eq!((a.calls("get"), b.calls("get")), (on_a, on_b + 5));
+    // Another database: its writes go to the master, its reads to the replica's same
+    // database (the replica's connections select it too).
+    assert_eq!(c.call(&["SELECT", "2"]), Frame::Simple("OK".into()));
+    assert_eq!(c.call(&["SET", "k", "v2"]), Frame::Simple("OK".into()));
+    wait_until(Duration::from_secs(5), || {
+        c.call(&["GET", "k"]) == bulk("v2")
+    });
+    assert_eq!(c.call(&["GET", "k0"]), Frame::NullBulk);
+    assert_eq!(a.calls("get"), on_a);
+    proxy.shutdown();
+}
