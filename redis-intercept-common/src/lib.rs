@@ -23,6 +23,11 @@ pub const GETPEERNAME4_PROGRAM: &str = "redis_intercept_getpeername4";
 /// The `cgroup/getpeername6` program.
 pub const GETPEERNAME6_PROGRAM: &str = "redis_intercept_getpeername6";
 
+/// The `sock_ops` program that pairs the two ends of a local connection to the proxy.
+pub const SOCKOPS_PROGRAM: &str = "redis_intercept_sockops";
+/// The `sk_msg` program that hands a paired socket's writes to its peer.
+pub const SKMSG_PROGRAM: &str = "redis_intercept_skmsg";
+
 /// Map names inside the eBPF object.
 pub const SERVICES_V4_MAP: &str = "RI_SERVICES_V4";
 /// IPv6 services.
@@ -36,10 +41,23 @@ pub const COUNTERS_MAP: &str = "RI_COUNTERS";
 /// Per-socket storage of [`OrigDst`], for getpeername.
 pub const ORIG_DST_MAP: &str = "RI_ORIG_DST";
 
+/// Proxy addresses ([`ProxyAddr`]) whose local connections are paired.
+pub const PROXY_ADDRS_MAP: &str = "RI_PROXY_ADDRS";
+/// Sockhash of paired sockets, keyed by [`SockPair`].
+pub const SOCK_PAIRS_MAP: &str = "RI_SOCK_PAIRS";
+/// LRU of [`SockPair`]s whose writes went through TCP once and so always will.
+pub const SOCK_UNPAIRED_MAP: &str = "RI_SOCK_UNPAIRED";
+
 /// Most services per address family.
 pub const MAX_SERVICES: u32 = 4096;
 /// Most explicit cgroup settings.
 pub const MAX_CGROUP_RULES: u32 = 16384;
+/// Most proxy addresses in [`PROXY_ADDRS_MAP`] (host and pod address of each service).
+pub const MAX_PROXY_ADDRS: u32 = 4 * MAX_SERVICES;
+/// Most sockets in [`SOCK_PAIRS_MAP`]: two per connection; beyond it connections use TCP.
+pub const MAX_SOCK_PAIRS: u32 = 1 << 18;
+/// Size of [`SOCK_UNPAIRED_MAP`].
+pub const MAX_SOCK_UNPAIRED: u32 = 1 << 16;
 /// Deepest cgroup level the policy walk looks at.
 pub const MAX_CGROUP_DEPTH: i32 = 32;
 
@@ -56,8 +74,14 @@ pub const COUNTER_SKIPPED_MARK: u32 = 1;
 pub const COUNTER_SKIPPED_POLICY: u32 = 2;
 /// Counter: connects to a VIP from another network namespace with no pod address configured.
 pub const COUNTER_SKIPPED_NO_POD_ADDRESS: u32 = 3;
+/// Counter: sockets added to the pairs map (each end of a connection counts once).
+pub const COUNTER_PAIRED: u32 = 4;
+/// Counter: writes handed straight to the peer socket.
+pub const COUNTER_SPLICED: u32 = 5;
+/// Counter: sockets whose writes went through TCP because the peer wasn't paired.
+pub const COUNTER_UNPAIRED: u32 = 6;
 /// Number of counters.
-pub const COUNTERS: u32 = 4;
+pub const COUNTERS: u32 = 7;
 
 /// Key of the IPv4 services map: a VIP and port as the kernel shows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +132,37 @@ pub struct Settings {
     pub pod_ip4: u32,
     /// Proxy address for pods, IPv6; all zero: don't redirect them.
     pub pod_ip6: [u32; 4],
+}
+
+/// Key of the proxy addresses map: an address and port the proxy accepts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct ProxyAddr {
+    /// The address as IPv6 words; IPv4 as `::ffff:a.b.c.d` ([`v4_mapped`]).
+    pub ip: [u32; 4],
+    /// The port in host order.
+    pub port: u32,
+}
+
+/// One end of a TCP connection, from its own point of view: the key of the pairs map. The
+/// peer of a socket is the same connection with local and remote swapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct SockPair {
+    /// Local address, IPv6 words (IPv4 mapped).
+    pub local_ip: [u32; 4],
+    /// Remote address, IPv6 words (IPv4 mapped).
+    pub remote_ip: [u32; 4],
+    /// Local port, host order.
+    pub local_port: u32,
+    /// Remote port, host order.
+    pub remote_port: u32,
+}
+
+/// The IPv6 words of `::ffff:a.b.c.d` for an IPv4 `user_ip4`-style word, so that an IPv4
+/// socket and a dual-stack socket on the same connection agree on its addresses.
+pub const fn v4_mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, ip4]
 }
 
 /// What a redirected socket originally dialled, for getpeername.
@@ -161,4 +216,8 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::OrigDst {}
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::ProxyAddr {}
+    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::SockPair {}
 }

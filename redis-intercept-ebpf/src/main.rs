@@ -2,23 +2,30 @@
 //! Redis VIP to the node's proxy, for the cgroups whose policy says so, and
 //! `getpeername4`/`getpeername6` make such sockets report the VIP they dialled.
 //!
+//! With `[intercept] accelerate`, `sockops` puts both ends of each local connection to a proxy
+//! address into a sockhash, and `skmsg` hands a paired socket's writes straight to its peer's
+//! receive queue, skipping the TCP/IP stack for the app-to-proxy hop.
+//!
 //! Every path that can't decide (no service, a failed lookup, a missing setting) returns 1
 //! with the address untouched: the hook fails open, so an application can always reach its
 //! VIP directly.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::bpf_sock_addr;
-use aya_ebpf::helpers::{
-    bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_getsockopt,
+use aya_ebpf::bindings::{
+    BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    bpf_sock_addr, sk_action::SK_PASS,
 };
-use aya_ebpf::btf_maps::{Array, HashMap, PerCpuArray, SkStorage};
-use aya_ebpf::macros::{btf_map, cgroup_sock_addr};
-use aya_ebpf::programs::SockAddrContext;
+use aya_ebpf::btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash};
+use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_getsockopt};
+use aya_ebpf::macros::{btf_map, cgroup_sock_addr, sk_msg, sock_ops};
+use aya_ebpf::programs::{SkMsgContext, SockAddrContext, SockOpsContext};
 use redis_intercept_common::{
-    COUNTER_REDIRECTED, COUNTER_SKIPPED_MARK, COUNTER_SKIPPED_NO_POD_ADDRESS,
-    COUNTER_SKIPPED_POLICY, COUNTERS, MAX_CGROUP_DEPTH, MAX_CGROUP_RULES, MAX_SERVICES, OrigDst, POLICY_ON, ServiceKeyV4, ServiceKeyV6, ServiceValue, Settings,
-    V4_MAPPED_WORD,
+    COUNTER_PAIRED, COUNTER_REDIRECTED, COUNTER_SKIPPED_MARK, COUNTER_SKIPPED_NO_POD_ADDRESS,
+    COUNTER_SKIPPED_POLICY, COUNTER_SPLICED, COUNTER_UNPAIRED, COUNTERS, MAX_CGROUP_DEPTH,
+    MAX_CGROUP_RULES, MAX_PROXY_ADDRS, MAX_SERVICES, MAX_SOCK_PAIRS, MAX_SOCK_UNPAIRED, OrigDst,
+    POLICY_ON, ProxyAddr, ServiceKeyV4, ServiceKeyV6, ServiceValue, Settings, SockPair,
+    V4_MAPPED_WORD, v4_mapped,
 };
 
 // All maps are BTF maps (the `.maps` section), which any current loader (aya, libbpf,
@@ -26,13 +33,11 @@ use redis_intercept_common::{
 
 /// VIP:port → proxy, IPv4.
 #[btf_map(name = "RI_SERVICES_V4")]
-static SERVICES_V4: HashMap<ServiceKeyV4, ServiceValue, { MAX_SERVICES as usize }> =
-    HashMap::new();
+static SERVICES_V4: HashMap<ServiceKeyV4, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
 
 /// VIP:port → proxy, IPv6.
 #[btf_map(name = "RI_SERVICES_V6")]
-static SERVICES_V6: HashMap<ServiceKeyV6, ServiceValue, { MAX_SERVICES as usize }> =
-    HashMap::new();
+static SERVICES_V6: HashMap<ServiceKeyV6, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
 
 /// Cgroup id (inode of the cgroup2 directory) → on/off.
 #[btf_map(name = "RI_CGROUP_POLICY")]
@@ -50,6 +55,19 @@ static COUNTERS_MAP: PerCpuArray<u64, { COUNTERS as usize }> = PerCpuArray::new(
 /// socket.
 #[btf_map(name = "RI_ORIG_DST")]
 static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
+
+/// Addresses the proxy accepts on: connections to them are paired.
+#[btf_map(name = "RI_PROXY_ADDRS")]
+static PROXY_ADDRS: HashMap<ProxyAddr, u32, { MAX_PROXY_ADDRS as usize }> = HashMap::new();
+
+/// Both ends of each local connection to the proxy, keyed by their own view of it.
+#[btf_map(name = "RI_SOCK_PAIRS")]
+static SOCK_PAIRS: SockHash<SockPair, { MAX_SOCK_PAIRS as usize }> = SockHash::new();
+
+/// Sockets that wrote through TCP once: they keep doing so, or the peer could read a later
+/// write (queued on its socket directly) before an earlier one (still in TCP).
+#[btf_map(name = "RI_SOCK_UNPAIRED")]
+static SOCK_UNPAIRED: LruHashMap<SockPair, u32, { MAX_SOCK_UNPAIRED as usize }> = LruHashMap::new();
 
 /// Returned by every program: let the call proceed.
 const PROCEED: i32 = 1;
@@ -271,6 +289,161 @@ pub fn redis_intercept_getpeername6(ctx: SockAddrContext) -> i32 {
         sa.user_port = orig.port;
     }
     PROCEED
+}
+
+const AF_INET: u32 = 2;
+
+/// A port as `remote_port` gives it (network order, in the high half of the word on
+/// little-endian kernels, the low half on some) in host order.
+fn remote_port(raw: u32) -> u32 {
+    let be = if raw > 0xffff { raw >> 16 } else { raw };
+    u32::from(u16::from_be(be as u16))
+}
+
+/// Reads a context field at once, at its fixed offset: the verifier refuses a load through a
+/// context pointer the compiler computed (for example one chosen by a branch).
+macro_rules! rd {
+    ($place:expr) => {
+        // SAFETY: a field of the context the kernel handed the program.
+        unsafe { core::ptr::read_volatile(&raw const $place) }
+    };
+}
+
+/// [`pick_addrs`] of a `bpf_sock_ops` or `sk_msg_md` (same field names), every field read
+/// word by word (the verifier refuses the arrays as a whole).
+macro_rules! addrs {
+    ($c:ident) => {
+        pick_addrs(
+            rd!($c.family),
+            [rd!($c.local_ip4), rd!($c.remote_ip4)],
+            [
+                rd!($c.local_ip6[0]),
+                rd!($c.local_ip6[1]),
+                rd!($c.local_ip6[2]),
+                rd!($c.local_ip6[3]),
+            ],
+            [
+                rd!($c.remote_ip6[0]),
+                rd!($c.remote_ip6[1]),
+                rd!($c.remote_ip6[2]),
+                rd!($c.remote_ip6[3]),
+            ],
+        )
+    };
+}
+
+/// The local and remote addresses as IPv6 words (IPv4 mapped), from a context's fields of
+/// both families.
+#[inline(always)]
+fn pick_addrs(
+    family: u32,
+    v4: [u32; 2],
+    local6: [u32; 4],
+    remote6: [u32; 4],
+) -> ([u32; 4], [u32; 4]) {
+    if family == AF_INET {
+        (v4_mapped(v4[0]), v4_mapped(v4[1]))
+    } else {
+        (local6, remote6)
+    }
+}
+
+/// Whether IPv6 words (IPv4 mapped) are a loopback address: 127.0.0.0/8 or ::1.
+fn is_loopback(ip: &[u32; 4]) -> bool {
+    if ip[0] != 0 || ip[1] != 0 {
+        return false;
+    }
+    (ip[2] == V4_MAPPED_WORD && ip[3].to_ne_bytes()[0] == 127)
+        || (ip[2] == 0 && ip[3] == u32::from_ne_bytes([0, 0, 0, 1]))
+}
+
+/// Pairs the two ends of a connection to a proxy address once established. A socket that
+/// already moved data through TCP (a fast-open SYN) is left out, so that no data of the
+/// connection can be overtaken.
+#[sock_ops]
+pub fn redis_intercept_sockops(ctx: SockOpsContext) -> u32 {
+    // SAFETY: the kernel gives a valid context for the program's run.
+    let ops = unsafe { &mut *ctx.ops };
+    let op = rd!(ops.op);
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return 0;
+    }
+    // Every field is read whatever the family, then values (not pointers) are picked: the
+    // verifier refuses a context pointer chosen by a branch.
+    let (local_ip, remote_ip) = addrs!(ops);
+    let mut key = SockPair {
+        local_ip,
+        remote_ip,
+        local_port: rd!(ops.local_port),
+        remote_port: remote_port(rd!(ops.remote_port)),
+    };
+    let (segs_out, segs_in) = (rd!(ops.data_segs_out), rd!(ops.data_segs_in));
+    let (proxy, moved) = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        let proxy = ProxyAddr {
+            ip: key.remote_ip,
+            port: key.remote_port,
+        };
+        (proxy, segs_out)
+    } else {
+        let proxy = ProxyAddr {
+            ip: key.local_ip,
+            port: key.local_port,
+        };
+        (proxy, segs_in)
+    };
+    // SAFETY: only the presence of the key is used.
+    if unsafe { PROXY_ADDRS.get(proxy) }.is_none() || moved != 0 {
+        return 0;
+    }
+    // The proxy runs in the host namespace: a socket elsewhere holding a proxy address is
+    // another server's, and another namespace's loopback is its own.
+    // SAFETY: the helper reads the context it is given; NULL asks for the initial netns.
+    let in_host = unsafe {
+        bpf_get_netns_cookie(ctx.ops.cast()) == bpf_get_netns_cookie(core::ptr::null_mut())
+    };
+    let passive = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    if !in_host && (passive || is_loopback(&proxy.ip)) {
+        return 0;
+    }
+    // A connection reusing an old one's addresses starts afresh.
+    let _ = SOCK_UNPAIRED.remove(key);
+    if SOCK_PAIRS.update(&mut key, ops, 0).is_ok() {
+        count(COUNTER_PAIRED);
+    }
+    0
+}
+
+/// Hands a paired socket's write to its peer's receive queue; when the peer isn't paired
+/// (not yet, or the map was full), the write and every later one go through TCP.
+#[sk_msg]
+pub fn redis_intercept_skmsg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the kernel gives a valid context for the program's run.
+    let md = unsafe { &*ctx.msg };
+    let (local_ip, remote_ip) = addrs!(md);
+    let (local_port, remote_port) = (rd!(md.local_port), remote_port(rd!(md.remote_port)));
+    let me = SockPair {
+        local_ip,
+        remote_ip,
+        local_port,
+        remote_port,
+    };
+    // SAFETY: only the presence of the key is used.
+    if unsafe { SOCK_UNPAIRED.get(me) }.is_some() {
+        return SK_PASS;
+    }
+    let mut peer = SockPair {
+        local_ip: remote_ip,
+        remote_ip: local_ip,
+        local_port: remote_port,
+        remote_port: local_port,
+    };
+    if SOCK_PAIRS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        count(COUNTER_SPLICED);
+    } else {
+        let _ = SOCK_UNPAIRED.insert(me, 1, 0);
+        count(COUNTER_UNPAIRED);
+    }
+    SK_PASS
 }
 
 #[cfg(not(test))]

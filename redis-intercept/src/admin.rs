@@ -183,17 +183,23 @@ impl AdminState {
         let Some(Ok(counters)) = guard.as_ref().map(|i| i.counters()) else {
             return;
         };
-        for (name, value) in [
+        let families = [&self.metrics.intercepted_connects; 4]
+            .into_iter()
+            .chain([&self.metrics.accelerated; 3]);
+        for ((name, value), family) in [
             "redirected",
             "skipped_mark",
             "skipped_policy",
             "skipped_no_pod_address",
+            "paired",
+            "spliced",
+            "unpaired",
         ]
         .into_iter()
         .zip(counters)
+        .zip(families)
         {
-            self.metrics
-                .intercepted_connects
+            family
                 .get_or_create(&crate::metrics::ResultLabels {
                     result: name.to_owned(),
                 })
@@ -232,6 +238,12 @@ impl AdminState {
                 "counters: redirected {} skipped_by_mark {} skipped_by_policy {} skipped_no_pod_address {}\n",
                 c[0], c[1], c[2], c[3]
             ));
+            if i.accelerates() {
+                out.push_str(&format!(
+                    "accelerate: paired sockets {} spliced writes {} unpaired sockets {}\n",
+                    c[4], c[5], c[6]
+                ));
+            }
         }
         out.push_str("PATH\tID\tSETTING\tEXISTS\n");
         for r in i.rules() {

@@ -140,13 +140,19 @@ impl Proxy {
     /// Stops accepting, lets clients receive the replies they are owed (up to the drain
     /// timeout), closes everything and waits for the workers.
     pub fn shutdown(self) {
-        // Detach first: new connects go straight to their VIPs while clients drain.
+        // Detach first: new connects go straight to their VIPs while clients drain. The maps
+        // stay until the clients are gone: an accelerated socket that leaves the pairs map
+        // loses the data queued on it.
+        let mut interceptor = None;
         if let Some(slot) = &self.control.intercept {
-            let taken = slot
+            interceptor = slot
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take();
-            if taken.is_some_and(|i| i.is_attached()) {
+            if let Some(i) = &mut interceptor
+                && i.is_attached()
+            {
+                i.detach();
                 info!("eBPF interception detached");
             }
         }
@@ -162,8 +168,17 @@ impl Proxy {
         if let Some(admin) = self.admin {
             admin.join();
         }
+        if interceptor.as_ref().is_some_and(Interceptor::accelerates) {
+            // Replies handed to applications' sockets are queued there until read; give
+            // them a moment before the pairs map, and those queues, go.
+            std::thread::sleep(ACCELERATED_GRACE);
+        }
+        drop(interceptor);
     }
 }
+
+/// How long a shutdown keeps the pairs map after the last client closed.
+const ACCELERATED_GRACE: Duration = Duration::from_millis(200);
 
 impl Control {
     /// Applies a new configuration without a restart, as far as it can be. For every
@@ -561,6 +576,7 @@ fn load_interceptor(
         rules: cgroup_rules(ic),
         pod_addresses: ic.pod_addresses.clone(),
         getpeername: ic.getpeername,
+        accelerate: ic.accelerate,
     })
     .context("intercept (needs root, or CAP_BPF, CAP_SYS_ADMIN and CAP_NET_ADMIN)")?;
     interceptor

@@ -146,6 +146,10 @@ pub struct InterceptConfig {
     /// Attach `getpeername` hooks so redirected sockets report the VIP (Linux 5.8+).
     #[serde(default = "yes")]
     pub getpeername: bool,
+    /// Pair both ends of each local connection to a service listener (sock_ops + sk_msg), so
+    /// that data between an application and the proxy skips the TCP/IP stack.
+    #[serde(default)]
+    pub accelerate: bool,
 }
 
 fn yes() -> bool {

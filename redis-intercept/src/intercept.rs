@@ -11,8 +11,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, SockHash};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps};
 use aya::util::KernelVersion;
 use redis_intercept_common as common;
 use tracing::{info, warn};
@@ -139,6 +139,8 @@ pub struct Plan {
     pub pod_addresses: Vec<IpAddr>,
     /// Attach the getpeername programs too.
     pub getpeername: bool,
+    /// Pair local connections to the proxy so their writes skip the TCP/IP stack.
+    pub accelerate: bool,
 }
 
 /// One explicit cgroup setting, as `cgroup list` shows it.
@@ -219,12 +221,12 @@ impl Interceptor {
             PROGRAMS.to_vec()
         };
         for name in names {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| InterceptError::Ebpf(format!("program {name} missing")))?
-                .try_into()
+            program::<CgroupSockAddr>(&mut ebpf, name)?
+                .load()
                 .map_err(|e| ebpf_err(name, e))?;
-            program.load().map_err(|e| ebpf_err(name, e))?;
+        }
+        if plan.accelerate {
+            load_accelerator(&mut ebpf)?;
         }
         let mut me = Interceptor {
             ebpf,
@@ -294,30 +296,68 @@ impl Interceptor {
         } else {
             PROGRAMS.to_vec()
         };
+        // A cgroup bpf_link is always multi-attach; Single is what the kernel accepts.
         for name in names {
-            let cgroup = File::open(&self.plan.attach).map_err(|e| InterceptError::Cgroup {
-                path: self.plan.attach.clone(),
-                why: e.to_string(),
-            })?;
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| InterceptError::Ebpf(format!("program {name} missing")))?
-                .try_into()
-                .map_err(|e| ebpf_err(name, e))?;
-            // A cgroup bpf_link is always multi-attach; Single is what the kernel accepts.
-            program
+            let cgroup = self.open_attach()?;
+            program::<CgroupSockAddr>(&mut self.ebpf, name)?
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(|e| ebpf_err(&format!("attach {name}"), e))?;
+        }
+        if self.plan.accelerate {
+            let cgroup = self.open_attach()?;
+            let name = common::SOCKOPS_PROGRAM;
+            program::<SockOps>(&mut self.ebpf, name)?
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|e| ebpf_err(&format!("attach {name}"), e))?;
+            self.warn_if_outside();
         }
         self.attached = true;
         info!(cgroup = %self.plan.attach.display(), "eBPF interception attached");
         Ok(())
     }
 
+    fn open_attach(&self) -> Result<File, InterceptError> {
+        File::open(&self.plan.attach).map_err(|e| InterceptError::Cgroup {
+            path: self.plan.attach.clone(),
+            why: e.to_string(),
+        })
+    }
+
+    /// Detaches the cgroup programs (connects go straight to their VIPs, new connections
+    /// aren't paired) but keeps the maps: a paired socket loses what is queued on it when it
+    /// leaves the pairs map, so connections already paired must end before this is dropped.
+    pub fn detach(&mut self) {
+        let mut names: Vec<&str> = PROGRAMS.to_vec();
+        if self.plan.getpeername {
+            names.extend(PEER_PROGRAMS);
+        }
+        for name in names {
+            let program: Option<&mut CgroupSockAddr> =
+                self.ebpf.program_mut(name).and_then(|p| p.try_into().ok());
+            if let Some(p) = program {
+                let _ = p.unload();
+            }
+        }
+        if self.plan.accelerate {
+            let program: Option<&mut SockOps> = self
+                .ebpf
+                .program_mut(common::SOCKOPS_PROGRAM)
+                .and_then(|p| p.try_into().ok());
+            if let Some(p) = program {
+                let _ = p.unload();
+            }
+        }
+        self.attached = false;
+    }
+
     /// Whether the programs are attached.
     pub fn is_attached(&self) -> bool {
         self.attached
+    }
+
+    /// Whether local connections to the proxy are paired (`accelerate`).
+    pub fn accelerates(&self) -> bool {
+        self.plan.accelerate
     }
 
     /// Replaces the VIPs in the services maps with `vips`.
@@ -343,16 +383,74 @@ impl Interceptor {
             self.insert_vip(v)?;
         }
         self.vips = vips.to_vec();
+        if self.plan.accelerate {
+            self.set_proxy_addrs()?;
+        }
         Ok(())
+    }
+
+    /// Writes the addresses redirected connects go to (each listener's host and pod address)
+    /// into the proxy addresses map, and removes the ones no VIP goes to any more.
+    fn set_proxy_addrs(&mut self) -> Result<(), InterceptError> {
+        let mut want = Vec::new();
+        for v in &self.vips {
+            let port = u32::from(v.listener.port());
+            let mut ips = vec![host_target(v.listener.ip())];
+            ips.extend(
+                self.plan
+                    .pod_addresses
+                    .iter()
+                    .filter(|ip| ip.is_ipv4() == v.listener.is_ipv4()),
+            );
+            for ip in ips {
+                want.push(common::ProxyAddr {
+                    ip: mapped_words(ip),
+                    port,
+                });
+            }
+        }
+        let mut map: HashMap<&mut MapData, common::ProxyAddr, u32> =
+            self.hash_map(common::PROXY_ADDRS_MAP)?;
+        let stale: Vec<common::ProxyAddr> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains(k))
+            .collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        for k in want {
+            map.insert(k, 1, 0)
+                .map_err(|e| ebpf_err("write the proxy addresses map", e))?;
+        }
+        Ok(())
+    }
+
+    /// Warns when this process runs outside the attach cgroup: the proxy's ends of connections
+    /// are then never paired, and every connection keeps using TCP.
+    fn warn_if_outside(&self) {
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            });
+        let Some(own) = own else {
+            return;
+        };
+        let own = self.mount.join(own.trim_start_matches('/'));
+        if !own.starts_with(&self.plan.attach) {
+            warn!(
+                proxy_cgroup = %own.display(),
+                attach = %self.plan.attach.display(),
+                "[intercept] accelerate: the proxy runs outside the attach cgroup, so its sockets can't be paired; connections use TCP"
+            );
+        }
     }
 
     fn insert_vip(&mut self, v: &Vip) -> Result<(), InterceptError> {
         let port = common::port_word(v.listener.port());
-        let host = match v.listener.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
+        let host = host_target(v.listener.ip());
         let value = common::ServiceValue {
             host_ip4: match host {
                 IpAddr::V4(ip) => common::ip4_word(ip.octets()),
@@ -532,7 +630,7 @@ impl Interceptor {
     }
 
     /// The counters, summed over CPUs: redirected, skipped by mark, skipped by policy,
-    /// skipped for want of a pod address.
+    /// skipped for want of a pod address, paired sockets, spliced writes, unpaired sockets.
     ///
     /// # Errors
     /// The counters map can't be read.
@@ -557,6 +655,58 @@ impl Interceptor {
     pub fn attach_point(&self) -> &Path {
         &self.plan.attach
     }
+}
+
+/// The program `name` of `ebpf`, as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, InterceptError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| InterceptError::Ebpf(format!("program {name} missing")))?
+        .try_into()
+        .map_err(|e| ebpf_err(name, e))
+}
+
+/// Where host processes' connects to a VIP of a listener on `ip` go: the listener's address,
+/// or loopback for a wildcard listener.
+fn host_target(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    }
+}
+
+/// An address as the pairing programs key it: IPv6 words, IPv4 mapped.
+fn mapped_words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => common::v4_mapped(common::ip4_word(v4.octets())),
+        IpAddr::V6(v6) => common::ip6_words(v6.octets()),
+    }
+}
+
+/// Loads the pairing programs and attaches `skmsg` to the pairs map (the `sockops` program
+/// attaches with the connect hooks).
+fn load_accelerator(ebpf: &mut Ebpf) -> Result<(), InterceptError> {
+    let fd = {
+        let map: SockHash<&MapData, common::SockPair> = SockHash::try_from(
+            ebpf.map(common::SOCK_PAIRS_MAP)
+                .ok_or_else(|| InterceptError::Ebpf("pairs map missing".to_owned()))?,
+        )
+        .map_err(|e| ebpf_err("pairs map", e))?;
+        map.fd().try_clone().map_err(|e| ebpf_err("pairs map", e))?
+    };
+    let name = common::SKMSG_PROGRAM;
+    let skmsg = program::<SkMsg>(ebpf, name)?;
+    skmsg.load().map_err(|e| ebpf_err(name, e))?;
+    skmsg
+        .attach(&fd)
+        .map_err(|e| ebpf_err(&format!("attach {name}"), e))?;
+    let name = common::SOCKOPS_PROGRAM;
+    program::<SockOps>(ebpf, name)?
+        .load()
+        .map_err(|e| ebpf_err(name, e))
 }
 
 /// Detaches programs of ours that the legacy attach call left on `cgroup` (they outlive the

@@ -102,6 +102,10 @@ struct RunArgs {
     /// intercepted; the programs attach there.
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Quick start: pair local connections to --listen so their data skips the TCP/IP
+    /// stack (`[intercept] accelerate`; the proxy must run inside --cgroup).
+    #[arg(long, requires = "cgroup")]
+    accelerate: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -191,8 +195,9 @@ fn quick_config(args: &RunArgs, listen: SocketAddr, upstream: &str) -> Result<Co
     // --vip/--cgroup: attach at that cgroup, on by default there (so only it is intercepted).
     let intercept = match &args.cgroup {
         Some(cgroup) => format!(
-            "[intercept]\ncgroup = {:?}\ndefault = \"on\"\n\n",
-            cgroup.display().to_string()
+            "[intercept]\ncgroup = {:?}\ndefault = \"on\"\naccelerate = {}\n\n",
+            cgroup.display().to_string(),
+            args.accelerate
         ),
         None => String::new(),
     };

@@ -122,6 +122,9 @@ pub struct Metrics {
     /// Connects to a VIP seen by the eBPF programs, by what happened (copied from their
     /// per-CPU counters when `/metrics` is read).
     pub intercepted_connects: Family<ResultLabels, Gauge<i64, AtomicI64>>,
+    /// With `[intercept] accelerate`: sockets paired, writes handed straight to the peer, and
+    /// sockets that fell back to TCP (copied from the programs' counters like the above).
+    pub accelerated: Family<ResultLabels, Gauge<i64, AtomicI64>>,
     /// Reloads of the config file (SIGHUP or a change seen), `applied` or `failed`: a bad
     /// ConfigMap edit is otherwise only a log line.
     pub config_reloads: Family<ResultLabels, Counter>,
@@ -167,6 +170,7 @@ impl Metrics {
             cluster_redirects: Family::default(),
             cluster_refreshes: Family::default(),
             intercepted_connects: Family::default(),
+            accelerated: Family::default(),
             config_reloads: Family::default(),
             config_last_reload_successful: Gauge::default(),
             route_generations: Family::default(),
@@ -259,6 +263,11 @@ impl Metrics {
             "intercepted_connects",
             "Connects to a VIP seen by the eBPF programs: redirected, or left alone and why",
             m.intercepted_connects.clone(),
+        );
+        registry.register(
+            "accelerated",
+            "With [intercept] accelerate: sockets paired, writes spliced to the peer socket, sockets unpaired (using TCP)",
+            m.accelerated.clone(),
         );
         registry.register(
             "config_reloads",
