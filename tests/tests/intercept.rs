@@ -509,3 +509,133 @@ fn stale_programs_left_by_the_legacy_attach_call_are_removed_at_start() {
         "the stale attachment was removed"
     );
 }
+
+/// Runs `ri-probe ADDR --check N` (in `cgroup` if given) and asserts every reply was right.
+fn check_in_order(cgroup: Option<&Path>, addr: &str, n: usize) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ri-probe"));
+    if let Some(cg) = cgroup {
+        c.arg("--cgroup").arg(cg);
+    }
+    let out = c
+        .args([addr, "--check", &n.to_string()])
+        .output()
+        .expect("run ri-probe");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checked="),
+        "ri-probe --check {addr}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The acceleration counters from `/cgroups`: (paired, spliced, unpaired).
+fn accel_counters(admin: SocketAddr) -> (u64, u64, u64) {
+    let (_, body) = http_get(admin, "/cgroups");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("accelerate:"))
+        .unwrap_or_else(|| panic!("no accelerate line in /cgroups: {body}"));
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (n[0], n[1], n[2])
+}
+
+#[test]
+fn accelerated_connections_are_spliced_in_order_and_unpaired_ones_use_tcp() {
+    let cg = TestCgroup::new("accel");
+    let proxy_cg = cg.child("proxy");
+    let client_cg = cg.child("client");
+    let backend = RedisServer::start();
+    let vip = SocketAddr::from(([127, 0, 100, 7], free_port()));
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("accel.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[proxy]\nworkers = 1\n\n[admin]\nlisten = \"{admin}\"\n\n[intercept]\ncgroup = \"{}\"\n\
+             default = \"on\"\naccelerate = true\n\n[[upstream]]\nname = \"main\"\n\
+             mode = \"standalone\"\nnodes = [\"{}\"]\n\n[[service]]\nname = \"svc\"\n\
+             listen = \"{listen}\"\nupstream = \"main\"\nvips = [\"{vip}\"]\n",
+            cg.path.display(),
+            backend.addr
+        ),
+    )
+    .unwrap();
+    // The proxy runs inside the attach cgroup, so its ends of connections are paired too.
+    let mut agent = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {} run --config {}",
+            proxy_cg.display(),
+            agent_bin().display(),
+            file.display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    assert_eq!(accel_counters(admin), (0, 0, 0));
+
+    // An intercepted client: both ends paired, replies in order over many writes of every
+    // size (values up to 70 KB, commands cut across 64 KiB writes).
+    let v = vip.to_string();
+    check_in_order(Some(&client_cg), &v, 2000);
+    let (paired, spliced, unpaired) = accel_counters(admin);
+    assert_eq!(paired, 2, "the client's socket and the proxy's");
+    assert!(spliced >= 100, "writes went socket to socket: {spliced}");
+    assert_eq!(unpaired, 0);
+    // Many clients at once.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec redis-benchmark -h {} -p {} -c 20 -n 20000 -P 8 \
+             -t set,get -q",
+            client_cg.display(),
+            vip.ip(),
+            vip.port()
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(accel_counters(admin).0 >= 42);
+    // A client outside the attach cgroup dialling the listener: only the proxy's end is
+    // paired, its first write finds no peer and the connection stays on TCP, correctly.
+    check_in_order(None, &listen.to_string(), 500);
+    let (_, spliced_before, _) = accel_counters(admin);
+    let (_, reply) = probe(None, &listen.to_string(), &["GET", "ri-none"]);
+    assert_eq!(reply, "$-1");
+    let (_, spliced_after, unpaired) = accel_counters(admin);
+    assert_eq!(unpaired, 2, "one per outside connection");
+    assert_eq!(spliced_after, spliced_before);
+    let (_, metrics) = http_get(admin, "/metrics");
+    assert!(
+        metrics.contains("redis_intercept_accelerated{result=\"unpaired\"} 2"),
+        "{metrics}"
+    );
+    // A graceful stop while a paired client pipelines and reads slowly (replies queue on its
+    // socket): it gets right replies until the proxy closes, never a reply that belongs to
+    // another request (as it would if the pairs map went before the proxy's last replies).
+    let client = Command::new(env!("CARGO_BIN_EXE_ri-probe"))
+        .arg("--cgroup")
+        .arg(&client_cg)
+        .args([v.as_str(), "--check", "20000", "--slow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && (text.contains("checked=") || text.contains("eof_after=")),
+        "{text}"
+    );
+    let _ = agent.wait();
+    wait_until(Duration::from_secs(5), || !our_programs_on(&cg.path));
+}

@@ -1,8 +1,9 @@
 //! A test client for interception: joins a cgroup, then either sends one Redis command to an
-//! address and prints the reply and the socket's peer address, or (with `--bench N`) times N
-//! connect+close pairs.
+//! address and prints the reply and the socket's peer address, (with `--bench N`) times N
+//! connect+close pairs, or (with `--check N`) pipelines N SETs of values from 1 byte to 70 KB
+//! and N GETs of them while reading, and checks every reply in order.
 //!
-//! Usage: `ri-probe [--cgroup DIR] ADDR (COMMAND… | --bench N)`. ADDR may be
+//! Usage: `ri-probe [--cgroup DIR] ADDR (COMMAND… | --bench N | --check N [--slow])`. ADDR may be
 //! `[::ffff:127.0.100.1]:6379` for a v4-mapped connect from an IPv6 socket.
 #![allow(
     clippy::unwrap_used,
@@ -10,7 +11,7 @@
     reason = "a test tool: failing loudly is the point"
 )]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,11 @@ fn main() {
         println!("ns_per_connect={ns}");
         return;
     }
+    if args.get(1).is_some_and(|a| a == "--check") {
+        let n: usize = args.get(2).expect("--check N").parse().expect("N");
+        check(addr, n, args.get(3).is_some_and(|a| a == "--slow"));
+        return;
+    }
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -66,4 +72,80 @@ fn main() {
     } else {
         println!("reply={}", line.trim_end());
     }
+}
+
+/// The value of key `i` in `--check`: sizes from 1 byte to 70 KB, contents that differ by key.
+fn value(i: usize) -> Vec<u8> {
+    let len = [1, 100, 5000, 70_000][i % 4] + i % 7;
+    (0..len).map(|j| b'a' + ((i + j) % 26) as u8).collect()
+}
+
+/// `--check N`: one connection; a thread writes N SETs then N GETs through a 64 KiB buffer
+/// (so commands straddle writes) while this one reads and checks each reply in order; `slow`
+/// pauses a millisecond every 50 replies, so that replies queue up on the socket.
+fn check(addr: SocketAddr, n: usize, slow: bool) {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let tag = std::process::id();
+    let writer = stream.try_clone().unwrap();
+    // A write error (the proxy closed) ends the writing; the reader reports where it ended.
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut out = BufWriter::with_capacity(64 * 1024, writer);
+        for i in 0..n {
+            let key = format!("ri-check:{tag}:{i}");
+            let v = value(i);
+            write!(
+                out,
+                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n",
+                key.len(),
+                v.len()
+            )?;
+            out.write_all(&v)?;
+            out.write_all(b"\r\n")?;
+        }
+        for i in 0..n {
+            let key = format!("ri-check:{tag}:{i}");
+            write!(out, "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len())?;
+        }
+        out.flush()
+    });
+    let mut reader = BufReader::with_capacity(64 * 1024, &stream);
+    let mut line = String::new();
+    // A connection closed early prints how many replies came, all of them right; a wrong
+    // reply panics.
+    for i in 0..2 * n {
+        if slow && i % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            println!("eof_after={i}");
+            return;
+        }
+        if i < n {
+            assert_eq!(line, "+OK\r\n", "reply {i} to SET");
+            continue;
+        }
+        let want = value(i - n);
+        assert_eq!(
+            line,
+            format!("${}\r\n", want.len()),
+            "header of GET {}",
+            i - n
+        );
+        let mut got = vec![0; want.len() + 2];
+        if reader.read_exact(&mut got).is_err() {
+            println!("eof_after={i}");
+            return;
+        }
+        assert!(
+            got[..want.len()] == want[..] && &got[want.len()..] == b"\r\n",
+            "value of GET {}",
+            i - n
+        );
+    }
+    let _ = sender.join();
+    println!("checked={n}");
 }
