@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// programs, with them (to a non-VIP address and to a VIP), in one run. Needs root.
     #[arg(long)]
     intercept: bool,
+    /// With `--cluster`: don't measure the proxy with `[intercept] accelerate` (which needs
+    /// root and the eBPF programs).
+    #[arg(long)]
+    no_accelerate: bool,
     /// With `--cluster`: also run this proxy binary (an older build, say) as a third target in
     /// the same rounds, to compare two builds on a noisy machine.
     #[arg(long, value_name = "PATH")]
@@ -115,7 +119,22 @@ fn benchmark(addr: SocketAddr, w: &Workload, requests: usize) -> Result<f64> {
 
 /// Like [`benchmark`] with extra redis-benchmark arguments (e.g. `-a password`).
 fn benchmark_with(addr: SocketAddr, w: &Workload, requests: usize, extra: &[&str]) -> Result<f64> {
-    let out = Command::new("redis-benchmark")
+    benchmark_in(None, addr, w, requests, extra)
+}
+
+/// Like [`benchmark_with`], with redis-benchmark inside `cgroup` if given.
+fn benchmark_in(
+    cgroup: Option<&Path>,
+    addr: SocketAddr,
+    w: &Workload,
+    requests: usize,
+    extra: &[&str],
+) -> Result<f64> {
+    let mut command = match cgroup {
+        Some(cg) => in_cgroup(cg, "redis-benchmark"),
+        None => Command::new("redis-benchmark"),
+    };
+    let out = command
         .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(extra)
         .args([
@@ -404,34 +423,161 @@ const CLUSTER_WORKLOADS: &[Workload] = &[
     },
 ];
 
-/// The cluster benchmark: each workload against the cluster directly and through the proxy
-/// (and through a `--baseline-bin` proxy, if given), in a rotating order, with the proxy's
-/// CPU per request. Ratios are medians of each round's ratio, so a machine that speeds up or
-/// slows down between rounds moves both sides of a ratio together.
+/// A proxy the cluster benchmark measures.
+struct ProxyTarget {
+    /// Column label.
+    name: &'static str,
+    /// The running proxy.
+    proxy: ProxyProcess,
+    /// Where redis-benchmark connects (the listener, or a VIP).
+    dial: SocketAddr,
+    /// The cgroup redis-benchmark runs in (to be intercepted), if any.
+    client_cgroup: Option<std::path::PathBuf>,
+}
+
+/// A bench cgroup with `proxy` and `client` children, removed on drop (after the processes
+/// in it are gone).
+struct BenchCgroup {
+    /// The attach point.
+    path: std::path::PathBuf,
+}
+
+impl BenchCgroup {
+    fn new() -> Result<BenchCgroup> {
+        let mount = redis_intercept::intercept::cgroup2_mount()?;
+        let path = mount.join(format!("ri-bench-{}", std::process::id()));
+        for child in ["proxy", "client"] {
+            std::fs::create_dir_all(path.join(child))
+                .with_context(|| format!("mkdir {}", path.display()))?;
+        }
+        Ok(BenchCgroup { path })
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        for child in ["proxy", "client", ""] {
+            let _ = std::fs::remove_dir(self.path.join(child));
+        }
+    }
+}
+
+/// Starts the proxy inside `cg/proxy`, intercepting `vip` for `cg` with `[intercept]
+/// accelerate`, and waits until a client in `cg/client` is served through the VIP.
+fn accelerated_proxy(
+    bin: &Path,
+    seeds: &str,
+    workers: &str,
+    cg: &BenchCgroup,
+    vip: SocketAddr,
+) -> Result<ProxyProcess> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], redis_intercept_e2e::free_port()));
+    let script = format!(
+        "echo $$ > {}/proxy/cgroup.procs && exec {} run --listen {addr} --upstream {seeds} \
+         --mode cluster --workers {workers} --vip {vip} --cgroup {} --accelerate",
+        cg.path.display(),
+        bin.display(),
+        cg.path.display()
+    );
+    let proxy = ProxyProcess::spawn_command(Command::new("sh").args(["-c", &script]), addr)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = in_cgroup(&cg.path.join("client"), "redis-cli")
+            .args([
+                "-h",
+                &vip.ip().to_string(),
+                "-p",
+                &vip.port().to_string(),
+                "ping",
+            ])
+            .output()
+            .context("run redis-cli")?;
+        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+            return Ok(proxy);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the accelerated proxy did not serve {vip} within 15s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A command that runs `program` inside `cgroup` (through `sh`, which joins it and execs).
+fn in_cgroup(cgroup: &Path, program: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.args([
+        "-c",
+        &format!("echo $$ > {}/cgroup.procs && exec \"$@\"", cgroup.display()),
+        "sh",
+        program,
+    ]);
+    c
+}
+
+/// The cluster benchmark: each workload against the cluster directly, through the proxy,
+/// through the proxy intercepted and accelerated (as root, when the eBPF programs are built
+/// in) and through a `--baseline-bin` proxy (if given), in a rotating order, with each
+/// proxy's CPU per request. Ratios are medians of each round's ratio, so a machine that
+/// speeds up or slows down between rounds moves both sides of a ratio together.
 fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
     let bin = build_proxy(root)?;
     say("starting a local Redis Cluster: 3 masters");
     let cluster = redis_intercept_e2e::RedisCluster::start(3, 0);
     let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let seeds = seeds.join(",");
     let workers = args.workers.to_string();
     let proxy_args = ["--mode", "cluster", "--workers", &workers];
-    let mut proxies = vec![ProxyProcess::start(&bin, &seeds.join(","), &proxy_args)?];
+    let plain = ProxyProcess::start(&bin, &seeds, &proxy_args)?;
+    let mut targets = vec![ProxyTarget {
+        name: "proxy",
+        dial: plain.addr,
+        proxy: plain,
+        client_cgroup: None,
+    }];
+    // Declared before the proxies in it, so it is removed after they stopped.
+    let cg = if args.no_accelerate {
+        None
+    } else {
+        match BenchCgroup::new() {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                say(&format!("not measuring the accelerated proxy: {e:#}"));
+                None
+            }
+        }
+    };
+    if let Some(cg) = &cg {
+        let vip = SocketAddr::from(([127, 0, 100, 9], redis_intercept_e2e::free_port()));
+        match accelerated_proxy(&bin, &seeds, &workers, cg, vip) {
+            Ok(proxy) => targets.push(ProxyTarget {
+                name: "accelerated",
+                proxy,
+                dial: vip,
+                client_cgroup: Some(cg.path.join("client")),
+            }),
+            Err(e) => say(&format!(
+                "not measuring the accelerated proxy (needs root and the eBPF programs): {e:#}"
+            )),
+        }
+    }
     if let Some(baseline) = &args.baseline_bin {
-        proxies.push(ProxyProcess::start(
-            baseline,
-            &seeds.join(","),
-            &proxy_args,
-        )?);
+        let proxy = ProxyProcess::start(baseline, &seeds, &proxy_args)?;
+        targets.push(ProxyTarget {
+            name: "baseline",
+            dial: proxy.addr,
+            proxy,
+            client_cgroup: None,
+        });
     }
     std::thread::sleep(Duration::from_millis(500));
     let node = cluster.nodes[0].addr;
     say(&format!(
-        "cluster (seed {node}) vs redis-intercept {}{} with {} ({} rounds of {} requests, -c 50 -r 100000 -d 64)",
-        proxies[0].addr,
-        proxies
-            .get(1)
-            .map(|b| format!(" and baseline {}", b.addr))
-            .unwrap_or_default(),
+        "cluster (seed {node}) vs {} with {} ({} rounds of {} requests, -c 50 -r 100000 -d 64)",
+        targets
+            .iter()
+            .map(|t| format!("{} at {}", t.name, t.dial))
+            .collect::<Vec<_>>()
+            .join(", "),
         workers_text(args.workers),
         args.rounds,
         args.requests
@@ -439,25 +585,25 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
     // redis-benchmark 7.0 with --cluster and no --threads rounds elapsed time up to 250ms.
     let direct_args = ["--cluster", "--threads", "1"];
     let n = CLUSTER_WORKLOADS.len();
-    let targets = 1 + proxies.len();
+    let count = 1 + targets.len();
     // rps[target][workload][round]; target 0 is the cluster itself.
-    let mut rps = vec![vec![Vec::new(); n]; targets];
+    let mut rps = vec![vec![Vec::new(); n]; count];
     // cpu[target][workload][round], like rps.
-    let mut cpu = vec![vec![Vec::new(); n]; targets];
+    let mut cpu = vec![vec![Vec::new(); n]; count];
     let redis: Vec<u32> = cluster.nodes.iter().filter_map(RedisServer::pid).collect();
     for round in 1..=args.rounds {
         for (i, w) in CLUSTER_WORKLOADS.iter().enumerate() {
             // Rotate which target goes first so drift on a shared machine hits all of them.
-            for k in 0..targets {
-                let t = (k + round + i) % targets;
+            for k in 0..count {
+                let t = (k + round + i) % count;
                 let (r, used) = if t == 0 {
                     measured(args.requests, None, &redis, || {
-                        benchmark_with(node, w, args.requests, &direct_args)
+                        benchmark_in(None, node, w, args.requests, &direct_args)
                     })?
                 } else {
-                    let p = &proxies[t - 1];
-                    measured(args.requests, Some(p.pid()), &redis, || {
-                        benchmark(p.addr, w, args.requests)
+                    let p = &targets[t - 1];
+                    measured(args.requests, Some(p.proxy.pid()), &redis, || {
+                        benchmark_in(p.client_cgroup.as_deref(), p.dial, w, args.requests, &[])
                     })?
                 };
                 rps[t][i].push(r);
@@ -467,46 +613,43 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
         say(&format!("round {round}/{} done", args.rounds));
     }
     println!();
-    print!(
-        "{:<13} {:>12} {:>12} {:>7} {:>8}  {:>16}",
-        "workload", "direct rps", "proxy rps", "ratio", "target", "proxy CPU s/Mreq"
-    );
-    if proxies.len() > 1 {
-        print!("  {:>14} {:>12}", "baseline ratio", "CPU s/Mreq");
+    print!("{:<13} {:>12} {:>8}", "workload", "direct rps", "target");
+    for t in &targets {
+        print!("  {:>18} {:>10}", format!("{} ratio", t.name), "CPU s/Mreq");
     }
     println!();
     for (i, w) in CLUSTER_WORKLOADS.iter().enumerate() {
-        let r = round_ratio(&rps[1][i], &rps[0][i]);
         print!(
-            "{:<13} {:>12.0} {:>12.0} {:>7.2} {:>7}{} {:>16.2}",
+            "{:<13} {:>12.0} {:>8}",
             w.name,
             median(&mut rps[0][i].clone()),
-            median(&mut rps[1][i].clone()),
-            r,
-            format!("≥{:.1}", w.target),
-            if r >= w.target { " " } else { "!" },
-            median_cpu(&cpu[1][i]).proxy
+            format!("≥{:.1}", w.target)
         );
-        if proxies.len() > 1 {
+        for t in 1..count {
+            let r = round_ratio(&rps[t][i], &rps[0][i]);
             print!(
-                "  {:>14.2} {:>12.2}",
-                round_ratio(&rps[2][i], &rps[0][i]),
-                median_cpu(&cpu[2][i]).proxy
+                "  {:>17.2}{} {:>10.2}",
+                r,
+                if r >= w.target { " " } else { "!" },
+                median_cpu(&cpu[t][i]).proxy
             );
         }
         println!();
     }
     println!(
-        "(ratio: median over rounds of proxy rps / direct rps in the same round; direct MSET puts \
-         its 10 keys in one slot with a hash tag; through the proxy they spread over every shard \
-         and are split and merged)"
+        "(ratio: median over rounds of proxy rps / direct rps in the same round; ! marks a \
+         ratio below target; direct MSET puts its 10 keys in one slot with a hash tag; through \
+         the proxy they spread over every shard and are split and merged; accelerated: \
+         redis-benchmark in a cgroup dials a VIP, intercepted, with [intercept] accelerate)"
     );
     let names: Vec<&str> = CLUSTER_WORKLOADS.iter().map(|w| w.name).collect();
-    print_cpu_budget(&names, &cpu[0], &cpu[1]);
-    if let Some(baseline) = cpu.get(2) {
-        println!("baseline build:");
-        print_cpu_budget(&names, &cpu[0], baseline);
+    for (t, target) in targets.iter().enumerate() {
+        println!();
+        println!("{}:", target.name);
+        print_cpu_budget(&names, &cpu[0], &cpu[t + 1]);
     }
+    drop(targets);
+    drop(cg);
     Ok(())
 }
 

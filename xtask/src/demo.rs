@@ -75,15 +75,22 @@ impl ProxyProcess {
     }
 
     fn spawn(bin: &Path, addr: SocketAddr, args: &[String]) -> Result<ProxyProcess> {
-        let child = Command::new(bin)
-            .args(args)
+        let mut command = Command::new(bin);
+        command.args(args);
+        Self::spawn_command(&mut command, addr)
+    }
+
+    /// Starts `command` (a proxy, or `sh -c "… exec proxy …"` so that the pid stays the
+    /// proxy's) that listens on `addr`, and waits until it accepts connections.
+    pub fn spawn_command(command: &mut Command, addr: SocketAddr) -> Result<ProxyProcess> {
+        let child = command
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
             .spawn()
-            .with_context(|| format!("start {}", bin.display()))?;
+            .with_context(|| format!("start {command:?}"))?;
         let proxy = ProxyProcess { child, addr };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
