@@ -238,13 +238,14 @@ struct Pod {
 }
 
 impl Pod {
-    fn new(host_ip: &str, pod_ip: &str) -> Pod {
+    /// A netns and veth pair named after this process and `tag` (one letter per test).
+    fn new(tag: char, host_ip: &str, pod_ip: &str) -> Pod {
         let id = std::process::id();
         let pod = Pod {
-            name: format!("ri-test-{id}"),
-            host_if: format!("rih{}", id % 100_000),
+            name: format!("ri-test-{id}-{tag}"),
+            host_if: format!("rih{}{tag}", id % 100_000),
         };
-        let pod_if = format!("rip{}", id % 100_000);
+        let pod_if = format!("rip{}{tag}", id % 100_000);
         let run = |args: &[&str]| {
             let out = Command::new("ip")
                 .args(args)
@@ -299,7 +300,7 @@ impl Drop for Pod {
 #[test]
 fn a_pod_in_its_own_netns_reaches_the_proxy_over_its_veth() {
     let cg = TestCgroup::new("pod");
-    let pod = Pod::new("169.254.77.1", "169.254.77.2");
+    let pod = Pod::new('a', "169.254.77.1", "169.254.77.2");
     let backend = RedisServer::start();
     backend.cmd(&["SET", "who", "backend"]);
     // The VIP: nothing listens on it in the pod's netns, so only a redirect can answer.
@@ -528,6 +529,27 @@ fn check_in_order(cgroup: Option<&Path>, addr: &str, n: usize) {
     );
 }
 
+/// Starts the agent binary inside `cgroup` with config `text` (the proxy's ends of
+/// connections are paired only when it runs inside the attach cgroup). The directory holds
+/// the file.
+fn agent_in(cgroup: &Path, text: &str) -> (std::process::Child, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, text).unwrap();
+    let agent = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {} run --config {}",
+            cgroup.display(),
+            agent_bin().display(),
+            file.display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (agent, dir)
+}
+
 /// The acceleration counters from `/cgroups`: (paired, spliced, unpaired).
 fn accel_counters(admin: SocketAddr) -> (u64, u64, u64) {
     let (_, body) = http_get(admin, "/cgroups");
@@ -551,11 +573,9 @@ fn accelerated_connections_are_spliced_in_order_and_unpaired_ones_use_tcp() {
     let vip = SocketAddr::from(([127, 0, 100, 7], free_port()));
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("accel.toml");
-    std::fs::write(
-        &file,
-        format!(
+    let (mut agent, _dir) = agent_in(
+        &proxy_cg,
+        &format!(
             "[proxy]\nworkers = 1\n\n[admin]\nlisten = \"{admin}\"\n\n[intercept]\ncgroup = \"{}\"\n\
              default = \"on\"\naccelerate = true\n\n[[upstream]]\nname = \"main\"\n\
              mode = \"standalone\"\nnodes = [\"{}\"]\n\n[[service]]\nname = \"svc\"\n\
@@ -563,20 +583,7 @@ fn accelerated_connections_are_spliced_in_order_and_unpaired_ones_use_tcp() {
             cg.path.display(),
             backend.addr
         ),
-    )
-    .unwrap();
-    // The proxy runs inside the attach cgroup, so its ends of connections are paired too.
-    let mut agent = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec {} run --config {}",
-            proxy_cg.display(),
-            agent_bin().display(),
-            file.display()
-        ))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    );
     wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
     assert_eq!(accel_counters(admin), (0, 0, 0));
 
@@ -638,4 +645,54 @@ fn accelerated_connections_are_spliced_in_order_and_unpaired_ones_use_tcp() {
     );
     let _ = agent.wait();
     wait_until(Duration::from_secs(5), || !our_programs_on(&cg.path));
+}
+
+#[test]
+fn a_pods_connection_is_paired_across_network_namespaces() {
+    let cg = TestCgroup::new("podaccel");
+    let proxy_cg = cg.child("proxy");
+    let pod = Pod::new('b', "169.254.78.1", "169.254.78.2");
+    let backend = RedisServer::start();
+    let vip = SocketAddr::from(([127, 0, 100, 8], free_port()));
+    let listen = format!("169.254.78.1:{}", free_port());
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (mut agent, _dir) = agent_in(
+        &proxy_cg,
+        &config(
+            backend.addr,
+            &[vip],
+            &listen,
+            &format!(
+                "cgroup = \"{}\"\ndefault = \"on\"\npod_addresses = [\"169.254.78.1\"]\n\
+                 accelerate = true",
+                cg.path.display()
+            ),
+        )
+        .replace("127.0.0.1:0", &admin.to_string()),
+    );
+    wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    // The pod's client dials the VIP in its netns; the proxy's end is in the host's.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} {} {vip} --check 2000",
+            cg.path.display(),
+            pod.name,
+            env!("CARGO_BIN_EXE_ri-probe"),
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("checked=2000"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (paired, spliced, unpaired) = accel_counters(admin);
+    assert_eq!((paired, unpaired), (2, 0));
+    assert!(spliced >= 100, "{spliced}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
 }
