@@ -570,7 +570,7 @@ fn accelerated_connections_are_spliced_in_order_and_unpaired_ones_use_tcp() {
     let proxy_cg = cg.child("proxy");
     let client_cg = cg.child("client");
     let backend = RedisServer::start();
-    let vip = SocketAddr::from(([127, 0, 100, 7], free_port()));
+    let vip = SocketAddr::from(([127, 0, 100, 10], free_port()));
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (mut agent, _dir) = agent_in(
@@ -653,7 +653,7 @@ fn a_pods_connection_is_paired_across_network_namespaces() {
     let proxy_cg = cg.child("proxy");
     let pod = Pod::new('b', "169.254.78.1", "169.254.78.2");
     let backend = RedisServer::start();
-    let vip = SocketAddr::from(([127, 0, 100, 8], free_port()));
+    let vip = SocketAddr::from(([127, 0, 100, 11], free_port()));
     let listen = format!("169.254.78.1:{}", free_port());
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (mut agent, _dir) = agent_in(
