@@ -609,6 +609,52 @@ fn accelerated_connections_are_spliced_in_order_and_unpaired_ones_use_tcp() {
         .unwrap();
     assert!(out.status.success());
     assert!(accel_counters(admin).0 >= 42);
+    // What waits or streams on a paired socket: a blocked BLPOP woken by another client, a
+    // subscriber's messages, a transaction, and a 6 MB value both ways.
+    // Each redis-cli is stopped after `secs` (a subscriber never ends by itself).
+    let cli = |secs: u32, args: &[&str], input: Option<&[u8]>| -> std::process::Child {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec timeout {secs} redis-cli -h {} -p {} \"$@\"",
+                client_cg.display(),
+                vip.ip(),
+                vip.port()
+            ))
+            .arg("sh")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(bytes) = input {
+            std::io::Write::write_all(&mut stdin, bytes).unwrap();
+        }
+        drop(stdin);
+        child
+    };
+    let text = |child: std::process::Child| {
+        String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+    };
+    let blpop = cli(10, &["BLPOP", "ri-q", "5"], None);
+    let sub = cli(2, &["SUBSCRIBE", "ri-ch"], None);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(text(cli(10, &["LPUSH", "ri-q", "hello"], None)).trim(), "1");
+    assert_eq!(text(blpop), "ri-q\nhello\n");
+    assert_eq!(text(cli(10, &["PUBLISH", "ri-ch", "m1"], None)).trim(), "1");
+    let tx = text(cli(10, &[], Some(b"MULTI\nINCR ri-n\nINCR ri-n\nEXEC\n")));
+    assert_eq!(tx, "OK\nQUEUED\nQUEUED\n1\n2\n");
+    let big: String = (0..6_000_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    assert_eq!(
+        text(cli(10, &["-x", "SET", "ri-big"], Some(big.as_bytes()))).trim(),
+        "OK"
+    );
+    assert_eq!(text(cli(10, &["GET", "ri-big"], None)).trim_end(), big);
+    let sub = text(sub);
+    assert!(sub.contains("message\nri-ch\nm1"), "{sub}");
     // A client outside the attach cgroup dialling the listener: only the proxy's end is
     // paired, its first write finds no peer and the connection stays on TCP, correctly.
     check_in_order(None, &listen.to_string(), 500);
