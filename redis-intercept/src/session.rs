@@ -406,6 +406,8 @@ enum Failure {
     Broken,
     /// Replies held for the client exceeded `max_client_buffer`.
     SlowReader,
+    /// The session ended for another reason; set by `Core::close`.
+    Closed,
 }
 
 /// Reply slots and output of one session, shared with the upstream connections that fill
@@ -459,6 +461,12 @@ struct Tracked {
 
 impl ReplySink for Core {
     fn deliver(&self, token: u64, reply: Reply<'_>) -> bool {
+        if self.failure.get().is_some() {
+            // The session is ending (or has ended, see `close`): nobody will read this, so
+            // it isn't kept. Without this, a client that left with many big requests in
+            // flight would have every reply piled up here until the last one arrived.
+            return false;
+        }
         let Some(index) = token.checked_sub(self.head.get()) else {
             return false;
         };
@@ -480,6 +488,13 @@ impl ReplySink for Core {
         let reply = reply.into_bytes();
         self.held.set(self.held.get() + reply.len());
         *slot = Some(reply);
+        if self.held.get() + self.out.borrow().len() > self.max_buffer.get() {
+            // Over the limit between two flushes (replies that wait for an earlier slot
+            // are never flushed): fail now rather than keep what won't be read.
+            drop(slots);
+            self.fail(Failure::SlowReader);
+            return true;
+        }
         let head_ready = slots.front().is_some_and(Option::is_some);
         head_ready && !self.flush_queued.replace(true)
     }
@@ -567,8 +582,31 @@ impl Core {
             *out = BytesMut::new();
         }
         if out.len() + self.held.get() > self.max_buffer.get() {
-            self.failure.set(Some(Failure::SlowReader));
+            drop(out);
+            self.fail(Failure::SlowReader);
         }
+    }
+
+    /// Records why the session must end and drops the replies held for it: they will never
+    /// be written, and replies still in flight are dropped as they arrive (`deliver`).
+    fn fail(&self, failure: Failure) {
+        if self.failure.get().is_none() {
+            self.failure.set(Some(failure));
+        }
+        self.slots.borrow_mut().clear();
+        self.held.set(0);
+        self.unfilled.set(0);
+        *self.out.borrow_mut() = BytesMut::new();
+        if let Some(t) = self.tracked.borrow_mut().as_mut() {
+            t.open.clear();
+        }
+    }
+
+    /// The session ended: closes the client socket (requests still in flight upstream must
+    /// not keep it open) and drops what is held for it.
+    fn close(&self) {
+        self.stream.borrow_mut().take();
+        self.fail(Failure::Closed);
     }
 
     /// Turns per-command statistics on (`Some`: the service's handles) or off.
@@ -882,7 +920,7 @@ pub async fn run(
     };
     session.release_at_end();
     sessions.live.borrow_mut().remove(&id);
-    session.core.stream.borrow_mut().take();
+    session.core.close();
     drop(stream);
     session.svc.metrics.connected.dec();
     session.svc.metrics.worker_connected.dec();
@@ -973,6 +1011,8 @@ impl Session {
             match core.failure.get() {
                 Some(Failure::SlowReader) => return End::SlowReader,
                 Some(Failure::Broken) => return End::Io("write failed".to_owned()),
+                // Only `close` sets it, after the session's last turn.
+                Some(Failure::Closed) => return End::Done,
                 None => {}
             }
             let outstanding = core.outstanding();

@@ -368,6 +368,65 @@ pub fn reload(proxy: &redis_intercept::app::Proxy, text: &str) -> Vec<String> {
         .unwrap()
 }
 
+/// The `redis-intercept` binary next to the running test's executable (`cargo build -p
+/// redis-intercept` builds it; `cargo xtask test` does).
+pub fn proxy_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(std::path::Path::parent).unwrap();
+    let bin = dir.join("redis-intercept");
+    assert!(bin.exists(), "{} not built", bin.display());
+    bin
+}
+
+/// The proxy binary as a process of its own (for what a test must measure per process, such
+/// as memory), killed when dropped.
+pub struct ProxyChild {
+    /// The process.
+    pub child: Child,
+    /// Holds the config file.
+    _dir: tempfile::TempDir,
+}
+
+impl ProxyChild {
+    /// Starts `redis-intercept run` with config `text`, and waits until `addr` answers PING.
+    pub fn start(text: &str, addr: SocketAddr) -> ProxyChild {
+        let dir = tempfile_dir();
+        let file = dir.path().join("proxy.toml");
+        std::fs::write(&file, text).unwrap();
+        let child = Command::new(proxy_bin())
+            .args(["run", "--config"])
+            .arg(&file)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let proxy = ProxyChild { child, _dir: dir };
+        wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(addr).is_ok_and(|s| {
+                let mut r = RespReader::new(s);
+                r.call(&["PING"]) == Frame::Simple(Bytes::from_static(b"PONG"))
+            })
+        });
+        proxy
+    }
+
+    /// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`, …).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+}
+
+impl Drop for ProxyChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Polls `f` every 20ms until it returns true; panics after `limit`.
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;

@@ -14,7 +14,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use redis_intercept_e2e::{
-    RedisServer, TestCgroup, free_port, http_get, our_programs_on, start_proxy_config, wait_until,
+    RedisServer, TestCgroup, free_port, http_get, our_programs_on, proxy_bin, start_proxy_config,
+    wait_until,
 };
 
 /// Runs `ri-probe` (in `cgroup` if given): returns (peer address, reply line).
@@ -39,15 +40,6 @@ fn probe(cgroup: Option<&Path>, addr: &str, cmd: &[&str]) -> (String, String) {
     (field("peer="), field("reply="))
 }
 
-/// The `redis-intercept` binary next to this test's executable.
-fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join("redis-intercept");
-    assert!(bin.exists(), "{} not built", bin.display());
-    bin
-}
-
 /// A backend holding who=backend, and a server on the VIP itself holding who=vip.
 fn servers(vip_ip: &str) -> (RedisServer, RedisServer) {
     let backend = RedisServer::start();
@@ -69,7 +61,7 @@ fn config(backend: SocketAddr, vips: &[SocketAddr], listen: &str, intercept: &st
 
 /// Runs `redis-intercept cgroup ARGS` against the proxy's admin endpoint.
 fn cgroup_cli(admin: SocketAddr, args: &[&str]) -> String {
-    let out = Command::new(agent_bin())
+    let out = Command::new(proxy_bin())
         .arg("cgroup")
         .args(args)
         .arg("--admin")
@@ -171,7 +163,7 @@ fn fail_open_on_kill_9_and_no_loop_when_the_upstream_is_the_vip() {
             "echo $$ > {cg}/cgroup.procs && exec {bin} run --workers 1 --listen {listen} \
              --upstream {vip} --vip {vip} --cgroup {cg}",
             cg = cg.path.display(),
-            bin = agent_bin().display(),
+            bin = proxy_bin().display(),
         ))
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -541,7 +533,7 @@ fn agent_in(cgroup: &Path, text: &str) -> (std::process::Child, tempfile::TempDi
         .arg(format!(
             "echo $$ > {}/cgroup.procs && exec {} run --config {}",
             cgroup.display(),
-            agent_bin().display(),
+            proxy_bin().display(),
             file.display()
         ))
         .stderr(std::process::Stdio::null())

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use redis::Commands;
 use redis_intercept::resp::Frame;
-use redis_intercept_e2e::{RedisServer, RespReader, redis_cli, start_proxy, wait_until};
+use redis_intercept_e2e::{
+    ProxyChild, RedisServer, RespReader, redis_cli, start_proxy, wait_until,
+};
 
 fn client(addr: std::net::SocketAddr) -> redis::Connection {
     redis::Client::open(format!("redis://{addr}/"))
@@ -405,6 +407,23 @@ fn malformed_input_closes_only_that_client() {
     proxy.shutdown();
 }
 
+/// Reads what the proxy sends until it closes the connection; returns the byte count.
+/// Panics if it is still open after 30 s without data.
+fn read_until_disconnected(slow: &mut TcpStream) -> usize {
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut sink = vec![0u8; 1 << 20];
+    let mut received = 0usize;
+    loop {
+        match slow.read(&mut sink) {
+            Ok(0) => return received,
+            Ok(n) => received += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return received,
+            Err(e) => panic!("the slow client was not disconnected: {e} after {received} bytes"),
+        }
+    }
+}
+
 #[test]
 fn slow_reader_is_disconnected_and_others_are_not_affected() {
     let server = RedisServer::start();
@@ -421,18 +440,7 @@ fn slow_reader_is_disconnected_and_others_are_not_affected() {
     // the 1 MiB limit, so the proxy must give up on this client.
     let _ = slow.write_all(&req);
     std::thread::sleep(Duration::from_secs(2));
-    slow.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut received = 0usize;
-    let mut sink = vec![0u8; 1 << 20];
-    loop {
-        match slow.read(&mut sink) {
-            Ok(0) => break,
-            Ok(n) => received += n,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("the slow client was not disconnected: {e} after {received} bytes"),
-        }
-    }
+    let received = read_until_disconnected(&mut slow);
     assert!(
         received < 500 * 100 * 1024,
         "the slow client got every reply ({received} bytes)"
@@ -440,6 +448,64 @@ fn slow_reader_is_disconnected_and_others_are_not_affected() {
     let v: Vec<u8> = good.get("blob").unwrap();
     assert_eq!(v.len(), 100 * 1024);
     proxy.shutdown();
+}
+
+/// Sends `n` pipelined `GET blob` and doesn't read.
+fn pipeline_gets(addr: std::net::SocketAddr, n: usize) -> TcpStream {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(&b"*2\r\n$3\r\nGET\r\n$4\r\nblob\r\n".repeat(n))
+        .unwrap();
+    c
+}
+
+#[test]
+fn replies_for_a_slow_or_departed_client_stay_within_max_client_buffer() {
+    // The proxy as a process of its own, so that its peak memory is its alone.
+    let server = RedisServer::start();
+    let mut blob = RespReader::connect(server.addr);
+    let value = "x".repeat(256 << 10);
+    assert_eq!(
+        blob.call(&["SET", "blob", &value]),
+        redis_intercept_e2e::ok()
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], redis_intercept_e2e::free_port()));
+    let proxy = ProxyChild::start(
+        &format!(
+            "[proxy]\nworkers = 1\n\n[[upstream]]\nname = \"main\"\nmode = \"standalone\"\n\
+             nodes = [\"{}\"]\n\n[[service]]\nname = \"svc\"\nlisten = \"{addr}\"\n\
+             upstream = \"main\"\nmax_client_buffer = \"1MiB\"\nop_timeout = \"60s\"\n",
+            server.addr
+        ),
+        addr,
+    );
+    let base = proxy.status_kib("VmRSS");
+    // 1000 replies of 256 KiB are owed to each of these clients (max_pipeline is 1024). The
+    // first never reads and is disconnected at 1 MiB; the second leaves at once. Redis sends
+    // every reply all the same, and the proxy must drop what nobody will read as it arrives.
+    let mut slow = pipeline_gets(addr, 1000);
+    std::thread::sleep(Duration::from_secs(1));
+    let received = read_until_disconnected(&mut slow);
+    assert!(received < 1000 << 18, "the slow client got every reply");
+    drop(pipeline_gets(addr, 1000));
+    // Both backlogs are through once a request behind them on a new connection is answered
+    // (one shared upstream connection, in order).
+    let mut after = RespReader::connect(addr);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(after.call(&["STRLEN", "blob"]), Frame::Integer(256 << 10));
+    let peak = proxy.status_kib("VmHWM");
+    let grown = peak.saturating_sub(base);
+    // 1 MiB of limit, a reply being read and a 64 KiB read chunk, plus allocator slack;
+    // keeping the replies would take 250 MiB per client.
+    assert!(
+        grown < 32 << 10,
+        "peak RSS grew by {} MiB (from {} MiB)",
+        grown >> 10,
+        base >> 10
+    );
+    // And it still serves big replies.
+    let mut good = client(addr);
+    let v: Vec<u8> = good.get("blob").unwrap();
+    assert_eq!(v.len(), 256 << 10);
 }
 
 #[test]
