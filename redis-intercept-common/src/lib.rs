@@ -47,6 +47,9 @@ pub const PROXY_ADDRS_MAP: &str = "RI_PROXY_ADDRS";
 pub const SOCK_PAIRS_MAP: &str = "RI_SOCK_PAIRS";
 /// LRU of [`SockPair`]s whose writes went through TCP once and so always will.
 pub const SOCK_UNPAIRED_MAP: &str = "RI_SOCK_UNPAIRED";
+/// Hash of each paired socket's kernel address by [`SockPair`], so that a writer can read its
+/// reader's unread bytes; entries are removed when the socket closes.
+pub const SOCK_ADDRS_MAP: &str = "RI_SOCK_ADDRS";
 
 /// Most services per address family.
 pub const MAX_SERVICES: u32 = 4096;
@@ -80,8 +83,11 @@ pub const COUNTER_PAIRED: u32 = 4;
 pub const COUNTER_SPLICED: u32 = 5;
 /// Counter: sockets whose writes went through TCP because the peer wasn't paired.
 pub const COUNTER_UNPAIRED: u32 = 6;
+/// Counter: sockets whose writes went through TCP because their reader held more than
+/// `backlog_limit` unread.
+pub const COUNTER_BACKLOGGED: u32 = 7;
 /// Number of counters.
-pub const COUNTERS: u32 = 7;
+pub const COUNTERS: u32 = 8;
 
 /// Key of the IPv4 services map: a VIP and port as the kernel shows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +138,12 @@ pub struct Settings {
     pub pod_ip4: u32,
     /// Proxy address for pods, IPv6; all zero: don't redirect them.
     pub pod_ip6: [u32; 4],
+    /// Byte offset of `sk_rmem_alloc` in the running kernel's `struct sock`, from its BTF; 0:
+    /// unknown, so a paired socket's backlog isn't checked.
+    pub rmem_offset: u32,
+    /// Bytes a paired socket may hold unread before writers to it go through TCP, whose
+    /// receive window then applies back pressure; 0: no limit.
+    pub backlog_limit: u32,
 }
 
 /// Key of the proxy addresses map: an address and port the proxy accepts on.

@@ -4,7 +4,8 @@
 //!
 //! With `[intercept] accelerate`, `sockops` puts both ends of each local connection to a proxy
 //! address into a sockhash, and `skmsg` hands a paired socket's writes straight to its peer's
-//! receive queue, skipping the TCP/IP stack for the app-to-proxy hop.
+//! receive queue, skipping the TCP/IP stack for the app-to-proxy hop, until the peer holds
+//! more than `backlog_limit` unread (then the writer uses TCP, for its flow control).
 //!
 //! Every path that can't decide (no service, a failed lookup, a missing setting) returns 1
 //! with the address untouched: the hook fails open, so an application can always reach its
@@ -13,19 +14,22 @@
 #![no_main]
 
 use aya_ebpf::bindings::{
-    BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-    bpf_sock_addr, sk_action::SK_PASS,
+    BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+    BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    BPF_TCP_CLOSE, bpf_sock_addr, sk_action::SK_PASS,
 };
 use aya_ebpf::btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash};
+use aya_ebpf::cty::c_void;
+use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_sock_ops_cb_flags_set};
 use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_getsockopt};
 use aya_ebpf::macros::{btf_map, cgroup_sock_addr, sk_msg, sock_ops};
 use aya_ebpf::programs::{SkMsgContext, SockAddrContext, SockOpsContext};
 use redis_intercept_common::{
-    COUNTER_PAIRED, COUNTER_REDIRECTED, COUNTER_SKIPPED_MARK, COUNTER_SKIPPED_NO_POD_ADDRESS,
-    COUNTER_SKIPPED_POLICY, COUNTER_SPLICED, COUNTER_UNPAIRED, COUNTERS, MAX_CGROUP_DEPTH,
-    MAX_CGROUP_RULES, MAX_PROXY_ADDRS, MAX_SERVICES, MAX_SOCK_PAIRS, MAX_SOCK_UNPAIRED, OrigDst,
-    POLICY_ON, ProxyAddr, ServiceKeyV4, ServiceKeyV6, ServiceValue, Settings, SockPair,
-    V4_MAPPED_WORD, v4_mapped,
+    COUNTER_BACKLOGGED, COUNTER_PAIRED, COUNTER_REDIRECTED, COUNTER_SKIPPED_MARK,
+    COUNTER_SKIPPED_NO_POD_ADDRESS, COUNTER_SKIPPED_POLICY, COUNTER_SPLICED, COUNTER_UNPAIRED,
+    COUNTERS, MAX_CGROUP_DEPTH, MAX_CGROUP_RULES, MAX_PROXY_ADDRS, MAX_SERVICES, MAX_SOCK_PAIRS,
+    MAX_SOCK_UNPAIRED, OrigDst, POLICY_ON, ProxyAddr, ServiceKeyV4, ServiceKeyV6, ServiceValue,
+    Settings, SockPair, V4_MAPPED_WORD, v4_mapped,
 };
 
 // All maps are BTF maps (the `.maps` section), which any current loader (aya, libbpf,
@@ -68,6 +72,16 @@ static SOCK_PAIRS: SockHash<SockPair, { MAX_SOCK_PAIRS as usize }> = SockHash::n
 /// write (queued on its socket directly) before an earlier one (still in TCP).
 #[btf_map(name = "RI_SOCK_UNPAIRED")]
 static SOCK_UNPAIRED: LruHashMap<SockPair, u32, { MAX_SOCK_UNPAIRED as usize }> = LruHashMap::new();
+
+/// Each paired socket's kernel address, so that a writer can check how much its reader holds
+/// unread. Not preallocated: entries come and go with the sockets.
+#[btf_map(name = "RI_SOCK_ADDRS")]
+static SOCK_ADDRS: HashMap<
+    SockPair,
+    u64,
+    { MAX_SOCK_PAIRS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Returned by every program: let the call proceed.
 const PROCEED: i32 = 1;
@@ -365,6 +379,21 @@ pub fn redis_intercept_sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: the kernel gives a valid context for the program's run.
     let ops = unsafe { &mut *ctx.ops };
     let op = rd!(ops.op);
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // `args[1]` is the new state for this callback.
+        if rd!(ops.__bindgen_anon_1.args[1]) == BPF_TCP_CLOSE {
+            let (local_ip, remote_ip) = addrs!(ops);
+            let key = SockPair {
+                local_ip,
+                remote_ip,
+                local_port: rd!(ops.local_port),
+                remote_port: remote_port(rd!(ops.remote_port)),
+            };
+            let _ = SOCK_ADDRS.remove(key);
+            let _ = SOCK_UNPAIRED.remove(key);
+        }
+        return 0;
+    }
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return 0;
     }
@@ -407,8 +436,18 @@ pub fn redis_intercept_sockops(ctx: SockOpsContext) -> u32 {
     }
     // A connection reusing an old one's addresses starts afresh.
     let _ = SOCK_UNPAIRED.remove(key);
-    if SOCK_PAIRS.update(&mut key, ops, 0).is_ok() {
+    // The context's socket, a full one in the established callbacks.
+    let sk = rd!(ops.__bindgen_anon_2.sk) as u64;
+    if SOCK_PAIRS.update(&mut key, &mut *ops, 0).is_ok() {
         count(COUNTER_PAIRED);
+        // The close callback removes the address again; without it (the flag refused) the
+        // entry isn't made, so no address outlives its socket.
+        // SAFETY: the helper takes the context it is given.
+        if sk != 0
+            && unsafe { bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) } == 0
+        {
+            let _ = SOCK_ADDRS.insert(key, sk, 0);
+        }
     }
     0
 }
@@ -437,6 +476,11 @@ pub fn redis_intercept_skmsg(ctx: SkMsgContext) -> u32 {
         local_port: remote_port,
         remote_port: local_port,
     };
+    if backlogged(&peer) {
+        let _ = SOCK_UNPAIRED.insert(me, 1, 0);
+        count(COUNTER_BACKLOGGED);
+        return SK_PASS;
+    }
     if SOCK_PAIRS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         count(COUNTER_SPLICED);
     } else {
@@ -444,6 +488,35 @@ pub fn redis_intercept_skmsg(ctx: SkMsgContext) -> u32 {
         count(COUNTER_UNPAIRED);
     }
     SK_PASS
+}
+
+/// Whether the socket at `peer` holds more unread bytes than `backlog_limit`. A redirected
+/// write is queued on the reader's socket whatever its receive buffer, so a reader that
+/// stops reading would otherwise take kernel memory without bound; through TCP its receive
+/// window holds the writer back instead.
+fn backlogged(peer: &SockPair) -> bool {
+    let Some(s) = settings() else {
+        return false;
+    };
+    if s.backlog_limit == 0 || s.rmem_offset == 0 {
+        return false;
+    }
+    // SAFETY: a plain value copied out of the map.
+    let Some(&addr) = (unsafe { SOCK_ADDRS.get(peer) }) else {
+        return false;
+    };
+    let mut rmem: i32 = 0;
+    // SAFETY: a fault-tolerant kernel read of 4 bytes. The address is a socket's (its entry
+    // goes when it closes; TCP sockets are freed by RCU, under which this runs) and the
+    // offset comes from the kernel's own BTF. A fault leaves `rmem` at 0.
+    let _ = unsafe {
+        bpf_probe_read_kernel(
+            core::ptr::from_mut(&mut rmem).cast(),
+            4,
+            addr.wrapping_add(u64::from(s.rmem_offset)) as *const c_void,
+        )
+    };
+    rmem > 0 && rmem.unsigned_abs() > s.backlog_limit
 }
 
 #[cfg(not(test))]

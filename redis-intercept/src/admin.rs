@@ -185,7 +185,7 @@ impl AdminState {
         };
         let families = [&self.metrics.intercepted_connects; 4]
             .into_iter()
-            .chain([&self.metrics.accelerated; 3]);
+            .chain([&self.metrics.accelerated; 4]);
         for ((name, value), family) in [
             "redirected",
             "skipped_mark",
@@ -194,6 +194,7 @@ impl AdminState {
             "paired",
             "spliced",
             "unpaired",
+            "backlogged",
         ]
         .into_iter()
         .zip(counters)
@@ -240,8 +241,8 @@ impl AdminState {
             ));
             if i.accelerates() {
                 out.push_str(&format!(
-                    "accelerate: paired sockets {} spliced writes {} unpaired sockets {}\n",
-                    c[4], c[5], c[6]
+                    "accelerate: paired sockets {} spliced writes {} unpaired sockets {} backlogged sockets {}\n",
+                    c[4], c[5], c[6], c[7]
                 ));
             }
         }

@@ -577,6 +577,8 @@ fn load_interceptor(
         pod_addresses: ic.pod_addresses.clone(),
         getpeername: ic.getpeername,
         accelerate: ic.accelerate,
+        // Checked below 4 GiB when the config was read.
+        backlog_limit: u32::try_from(ic.accelerate_backlog.0).unwrap_or(u32::MAX),
     })
     .context("intercept (needs root, or CAP_BPF, CAP_SYS_ADMIN and CAP_NET_ADMIN)")?;
     interceptor

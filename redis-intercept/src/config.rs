@@ -150,10 +150,20 @@ pub struct InterceptConfig {
     /// that data between an application and the proxy skips the TCP/IP stack.
     #[serde(default)]
     pub accelerate: bool,
+    /// With `accelerate`: unread bytes a paired socket may hold before writes to it go
+    /// through TCP, whose receive window then holds the writer back. A paired write skips the
+    /// receive buffer, so without a limit a client that stops reading could take kernel memory
+    /// until the node's TCP memory limit; `0` sets no limit.
+    #[serde(default = "default_accelerate_backlog")]
+    pub accelerate_backlog: ByteSize,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn default_accelerate_backlog() -> ByteSize {
+    ByteSize(4 << 20)
 }
 
 /// An on/off switch written as "on" or "off".
@@ -704,6 +714,14 @@ impl Config {
     fn problems(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
         let mut err = |path: String, msg: &str| p.push((path, msg.to_owned()));
+        if let Some(ic) = &self.intercept
+            && u32::try_from(ic.accelerate_backlog.0).is_err()
+        {
+            err(
+                "intercept.accelerate_backlog".into(),
+                "must be under 4GiB (the kernel's own count of a socket's bytes is 32-bit)",
+            );
+        }
         if self.services.is_empty() {
             err("service".into(), "at least one [[service]] is required");
         }
@@ -980,6 +998,20 @@ mod tests {
         assert_eq!(s.max_client_buffer.0, 64 << 20);
         assert_eq!(c.upstreams[0].connections_per_node, 1);
         assert!(c.unsupported_features().is_empty());
+    }
+
+    #[test]
+    fn accelerate_backlog_defaults_to_4_mib_and_stays_under_4_gib() {
+        let with = |line: &str| format!("[intercept]\naccelerate = true\n{line}\n{MINIMAL}");
+        let c = Config::parse(&with(""), "test.toml").unwrap();
+        assert_eq!(c.intercept.unwrap().accelerate_backlog.0, 4 << 20);
+        let c = Config::parse(&with("accelerate_backlog = \"0\""), "test.toml").unwrap();
+        assert_eq!(c.intercept.unwrap().accelerate_backlog.0, 0);
+        let e = errors(&with("accelerate_backlog = \"4GiB\""));
+        assert!(
+            e.contains("intercept.accelerate_backlog") && e.contains("under 4GiB"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps};
 use aya::util::KernelVersion;
 use redis_intercept_common as common;
+
+mod btf;
 use tracing::{info, warn};
 
 /// The eBPF object built by `build.rs` (empty when the toolchain was missing).
@@ -141,6 +143,8 @@ pub struct Plan {
     pub getpeername: bool,
     /// Pair local connections to the proxy so their writes skip the TCP/IP stack.
     pub accelerate: bool,
+    /// Unread bytes a paired socket may hold before writers to it use TCP; 0: no limit.
+    pub backlog_limit: u32,
 }
 
 /// One explicit cgroup setting, as `cgroup list` shows it.
@@ -170,6 +174,9 @@ pub struct Interceptor {
     vips: Vec<Vip>,
     /// Whether the programs are attached.
     attached: bool,
+    /// Offset of `sk_rmem_alloc` in `struct sock` from the kernel's BTF, for the backlog
+    /// check of `accelerate`; 0 when unknown (no check).
+    rmem_offset: u32,
 }
 
 const PROGRAMS: [&str; 2] = [common::CONNECT4_PROGRAM, common::CONNECT6_PROGRAM];
@@ -225,8 +232,18 @@ impl Interceptor {
                 .load()
                 .map_err(|e| ebpf_err(name, e))?;
         }
+        let mut rmem_offset = 0;
         if plan.accelerate {
             load_accelerator(&mut ebpf)?;
+            if plan.backlog_limit > 0 {
+                match btf::sock_rmem_offset() {
+                    Ok(offset) => rmem_offset = offset,
+                    Err(e) => warn!(
+                        error = %e,
+                        "[intercept] accelerate: the kernel's socket layout is unknown, so accelerate_backlog can't apply: a paired client that stops reading can hold kernel memory up to the node's TCP memory limit"
+                    ),
+                }
+            }
         }
         let mut me = Interceptor {
             ebpf,
@@ -235,6 +252,7 @@ impl Interceptor {
             rules: BTreeMap::new(),
             vips: Vec::new(),
             attached: false,
+            rmem_offset,
         };
         me.write_settings()?;
         // A cgroup that doesn't exist yet (a service not started) can't be set by id: say
@@ -265,6 +283,8 @@ impl Interceptor {
             proxy_mark: common::PROXY_SO_MARK,
             pod_ip4,
             pod_ip6,
+            rmem_offset: self.rmem_offset,
+            backlog_limit: self.plan.backlog_limit,
         };
         let mut map: Array<&mut MapData, common::Settings> = Array::try_from(
             self.ebpf
@@ -630,7 +650,8 @@ impl Interceptor {
     }
 
     /// The counters, summed over CPUs: redirected, skipped by mark, skipped by policy,
-    /// skipped for want of a pod address, paired sockets, spliced writes, unpaired sockets.
+    /// skipped for want of a pod address, paired sockets, spliced writes, unpaired sockets,
+    /// sockets sent through TCP because their reader was backlogged.
     ///
     /// # Errors
     /// The counters map can't be read.

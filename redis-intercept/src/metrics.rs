@@ -122,8 +122,9 @@ pub struct Metrics {
     /// Connects to a VIP seen by the eBPF programs, by what happened (copied from their
     /// per-CPU counters when `/metrics` is read).
     pub intercepted_connects: Family<ResultLabels, Gauge<i64, AtomicI64>>,
-    /// With `[intercept] accelerate`: sockets paired, writes handed straight to the peer, and
-    /// sockets that fell back to TCP (copied from the programs' counters like the above).
+    /// With `[intercept] accelerate`: sockets paired, writes handed straight to the peer,
+    /// sockets that fell back to TCP, and those sent to TCP by `accelerate_backlog` (copied
+    /// from the programs' counters like the above).
     pub accelerated: Family<ResultLabels, Gauge<i64, AtomicI64>>,
     /// Reloads of the config file (SIGHUP or a change seen), `applied` or `failed`: a bad
     /// ConfigMap edit is otherwise only a log line.
@@ -266,7 +267,7 @@ impl Metrics {
         );
         registry.register(
             "accelerated",
-            "With [intercept] accelerate: sockets paired, writes spliced to the peer socket, sockets unpaired (using TCP)",
+            "With [intercept] accelerate: sockets paired, writes spliced to the peer socket, sockets unpaired (using TCP), sockets sent through TCP because their reader held more than accelerate_backlog",
             m.accelerated.clone(),
         );
         registry.register(

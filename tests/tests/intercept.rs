@@ -59,22 +59,27 @@ fn config(backend: SocketAddr, vips: &[SocketAddr], listen: &str, intercept: &st
     )
 }
 
-/// Runs `redis-intercept cgroup ARGS` against the proxy's admin endpoint.
-fn cgroup_cli(admin: SocketAddr, args: &[&str]) -> String {
-    let out = Command::new(proxy_bin())
-        .arg("cgroup")
-        .args(args)
-        .arg("--admin")
-        .arg(admin.to_string())
-        .output()
-        .unwrap();
+/// Runs `command`, asserts it succeeded, and returns what it printed.
+fn stdout_of(command: &mut Command) -> String {
+    let out = command.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "cgroup {args:?}: {text}{}",
+        "{command:?}: {text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// Runs `redis-intercept cgroup ARGS` against the proxy's admin endpoint.
+fn cgroup_cli(admin: SocketAddr, args: &[&str]) -> String {
+    stdout_of(
+        Command::new(proxy_bin())
+            .arg("cgroup")
+            .args(args)
+            .arg("--admin")
+            .arg(admin.to_string()),
+    )
 }
 
 #[test]
@@ -521,10 +526,36 @@ fn check_in_order(cgroup: Option<&Path>, addr: &str, n: usize) {
     );
 }
 
+/// An agent process that is killed if a test fails before stopping it, so that no agent (and
+/// no attached program) outlives its test.
+struct Agent(std::process::Child);
+
+impl std::ops::Deref for Agent {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts the agent binary inside `cgroup` with config `text` (the proxy's ends of
 /// connections are paired only when it runs inside the attach cgroup). The directory holds
 /// the file.
-fn agent_in(cgroup: &Path, text: &str) -> (std::process::Child, tempfile::TempDir) {
+fn agent_in(cgroup: &Path, text: &str) -> (Agent, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("agent.toml");
     std::fs::write(&file, text).unwrap();
@@ -539,32 +570,65 @@ fn agent_in(cgroup: &Path, text: &str) -> (std::process::Child, tempfile::TempDi
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    (agent, dir)
+    (Agent(agent), dir)
 }
 
-/// The acceleration counters from `/cgroups`: (paired, spliced, unpaired).
-fn accel_counters(admin: SocketAddr) -> (u64, u64, u64) {
+/// The acceleration counters from `/cgroups`: paired, spliced, unpaired, backlogged.
+fn accel_line(admin: SocketAddr) -> Vec<u64> {
     let (_, body) = http_get(admin, "/cgroups");
     let line = body
         .lines()
         .find(|l| l.starts_with("accelerate:"))
         .unwrap_or_else(|| panic!("no accelerate line in /cgroups: {body}"));
-    let n: Vec<u64> = line
-        .split_whitespace()
+    line.split_whitespace()
         .filter_map(|w| w.parse().ok())
-        .collect();
+        .collect()
+}
+
+/// (paired, spliced, unpaired) from [`accel_line`].
+fn accel_counters(admin: SocketAddr) -> (u64, u64, u64) {
+    let n = accel_line(admin);
     (n[0], n[1], n[2])
+}
+
+/// What an acceleration test starts with: a test cgroup with `proxy` and `client` children,
+/// a backend, a VIP on 127.0.100.`octet`, and free ports for the listener and admin.
+struct Rig {
+    cg: TestCgroup,
+    proxy_cg: PathBuf,
+    client_cg: PathBuf,
+    backend: RedisServer,
+    vip: SocketAddr,
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Rig {
+    fn new(label: &str, octet: u8) -> Rig {
+        let cg = TestCgroup::new(label);
+        Rig {
+            proxy_cg: cg.child("proxy"),
+            client_cg: cg.child("client"),
+            cg,
+            backend: RedisServer::start(),
+            vip: SocketAddr::from(([127, 0, 100, octet], free_port())),
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+        }
+    }
 }
 
 #[test]
 fn accelerated_connections_are_spliced_in_order_and_unpaired_ones_use_tcp() {
-    let cg = TestCgroup::new("accel");
-    let proxy_cg = cg.child("proxy");
-    let client_cg = cg.child("client");
-    let backend = RedisServer::start();
-    let vip = SocketAddr::from(([127, 0, 100, 10], free_port()));
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let Rig {
+        cg,
+        proxy_cg,
+        client_cg,
+        backend,
+        vip,
+        listen,
+        admin,
+    } = Rig::new("accel", 10);
     let (mut agent, _dir) = agent_in(
         &proxy_cg,
         &format!(
@@ -683,6 +747,93 @@ fn accelerated_connections_are_spliced_in_order_and_unpaired_ones_use_tcp() {
     );
     let _ = agent.wait();
     wait_until(Duration::from_secs(5), || !our_programs_on(&cg.path));
+}
+
+/// Runs `ri-probe ARGS` in `cgroup`, asserts it succeeded, and returns what it printed.
+fn probe_in(cgroup: &Path, args: &[&str]) -> String {
+    stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_ri-probe"))
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(args),
+    )
+}
+
+/// The number after `name=` in ri-probe's output.
+fn field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}= in {text}"))
+}
+
+/// A paired client that pipelines 200 GETs of 1 MiB and reads nothing for two seconds: its
+/// socket holds little more than `accelerate_backlog` unread (a paired write skips the
+/// receive buffer, so without the limit all 200 MiB would be queued on it), the rest waits in
+/// the proxy under `max_client_buffer` as with TCP, and every reply then arrives whole and in
+/// order. Then the same for requests the proxy doesn't read.
+#[test]
+fn a_paired_client_that_stops_reading_holds_at_most_the_backlog_limit() {
+    let Rig {
+        cg,
+        proxy_cg,
+        client_cg,
+        backend,
+        vip,
+        listen,
+        admin,
+    } = Rig::new("backlog", 12);
+    let (mut agent, _dir) = agent_in(
+        &proxy_cg,
+        &config(
+            backend.addr,
+            &[vip],
+            &listen.to_string(),
+            &format!(
+                "cgroup = \"{}\"\ndefault = \"on\"\naccelerate = true\n\
+                 accelerate_backlog = \"1MiB\"",
+                cg.path.display()
+            ),
+        )
+        .replace("127.0.0.1:0", &admin.to_string())
+        .replace(
+            "upstream = \"main\"\n",
+            "upstream = \"main\"\nmax_client_buffer = \"512MiB\"\nmax_pipeline = 16\n",
+        ),
+    );
+    wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    let v = vip.to_string();
+    let text = probe_in(&client_cg, &[&v, "--backlog", "200"]);
+    assert!(text.contains("checked=200"), "{text}");
+    let peak = field(&text, "unread_peak");
+    // The limit, plus the one write that crossed it and what TCP then let through.
+    assert!(
+        peak < 16 << 20,
+        "the client's socket held {peak} bytes unread"
+    );
+    let n = accel_line(admin);
+    assert_eq!(n[0], 2, "both ends were paired");
+    assert!(n[1] > 0, "some writes were spliced");
+    assert_eq!(n[3], 1, "the proxy's end went to TCP: {n:?}");
+    let (_, metrics) = http_get(admin, "/metrics");
+    assert!(
+        metrics.contains("redis_intercept_accelerated{result=\"backlogged\"} 1"),
+        "{metrics}"
+    );
+    // The other way: the proxy reads nothing more from a client while its BLPOP blocks and 16
+    // requests are in flight (`max_pipeline`), so the client's writes fill the proxy's socket
+    // up to the limit, then go through TCP and stop. Without the limit the kernel took 1.6 GB
+    // in these two seconds.
+    let accepted = field(&probe_in(&client_cg, &[&v, "--flood"]), "accepted");
+    assert!(
+        accepted < 64 << 20,
+        "a client wrote {accepted} bytes unread"
+    );
+    assert_eq!(accel_line(admin)[3], 2, "the client's end went to TCP");
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
 }
 
 #[test]

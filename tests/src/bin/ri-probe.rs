@@ -1,9 +1,14 @@
 //! A test client for interception: joins a cgroup, then either sends one Redis command to an
 //! address and prints the reply and the socket's peer address, (with `--bench N`) times N
 //! connect+close pairs, or (with `--check N`) pipelines N SETs of values from 1 byte to 70 KB
-//! and N GETs of them while reading, and checks every reply in order.
+//! and N GETs of them while reading, and checks every reply in order, or (with `--backlog N`)
+//! pipelines N GETs of a 1 MiB value, reads nothing for two seconds while it watches how much
+//! its socket holds unread, then reads and checks every reply, or (with `--flood`) sends a
+//! `BLPOP` that blocks for three seconds and then 1 MiB SETs for two, without waiting, and
+//! prints how much the kernel took.
 //!
-//! Usage: `ri-probe [--cgroup DIR] ADDR (COMMAND… | --bench N | --check N [--slow])`. ADDR may be
+//! Usage: `ri-probe [--cgroup DIR] ADDR (COMMAND… | --bench N | --check N [--slow] |
+//! --backlog N | --flood)`. ADDR may be
 //! `[::ffff:127.0.100.1]:6379` for a v4-mapped connect from an IPv6 socket.
 #![allow(
     clippy::unwrap_used,
@@ -48,6 +53,15 @@ fn main() {
     if args.get(1).is_some_and(|a| a == "--check") {
         let n: usize = args.get(2).expect("--check N").parse().expect("N");
         check(addr, n, args.get(3).is_some_and(|a| a == "--slow"));
+        return;
+    }
+    if args.get(1).is_some_and(|a| a == "--flood") {
+        flood(addr);
+        return;
+    }
+    if args.get(1).is_some_and(|a| a == "--backlog") {
+        let n: usize = args.get(2).expect("--backlog N").parse().expect("N");
+        backlog(addr, n);
         return;
     }
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
@@ -148,4 +162,103 @@ fn check(addr: SocketAddr, n: usize, slow: bool) {
     }
     let _ = sender.join();
     println!("checked={n}");
+}
+
+/// Bytes `stream`'s socket holds unread as the kernel counts them (`ss`'s `skmem` `r`), which
+/// includes what a paired writer queued on it directly.
+fn unread(stream: &TcpStream) -> u64 {
+    let port = stream.local_addr().unwrap().port();
+    let out = std::process::Command::new("ss")
+        .args(["-tmnH", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text
+        .find("skmem:(r")
+        .unwrap_or_else(|| panic!("no skmem in ss output: {text}"));
+    text[at + 8..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad skmem in ss output: {text}"))
+}
+
+/// `--backlog N`: sets one 1 MiB value, pipelines N GETs of it and reads nothing for two
+/// seconds, printing the most its socket held unread meanwhile (`unread_peak=`), then reads
+/// and checks every reply (`checked=N`).
+fn backlog(addr: SocketAddr, n: usize) {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let key = format!("ri-backlog:{}", std::process::id());
+    let value: Vec<u8> = (0..1usize << 20).map(|j| b'a' + (j % 23) as u8).collect();
+    let mut set = format!(
+        "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n",
+        key.len(),
+        value.len()
+    )
+    .into_bytes();
+    set.extend_from_slice(&value);
+    set.extend_from_slice(b"\r\n");
+    (&stream).write_all(&set).unwrap();
+    let mut reader = BufReader::with_capacity(1 << 20, &stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "+OK\r\n");
+    let get = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+    (&stream).write_all(get.repeat(n).as_bytes()).unwrap();
+    let mut peak = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(unread(&stream));
+    }
+    println!("unread_peak={peak}");
+    let header = format!("${}\r\n", value.len());
+    let mut got = vec![0; value.len() + 2];
+    for i in 0..n {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            println!("eof_after={i}");
+            return;
+        }
+        assert_eq!(line, header, "header of GET {i}");
+        reader.read_exact(&mut got).unwrap();
+        assert!(
+            got[..value.len()] == value[..] && &got[value.len()..] == b"\r\n",
+            "value of GET {i}"
+        );
+    }
+    println!("checked={n}");
+}
+
+/// `--flood`: a `BLPOP` that blocks for three seconds (the proxy holds the client's later
+/// commands behind it), then 1 MiB SETs written without blocking for two seconds; prints the
+/// bytes the kernel accepted (`accepted=`), which only back pressure from the proxy's socket
+/// bounds.
+fn flood(addr: SocketAddr) {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream
+        .write_all(b"*3\r\n$5\r\nBLPOP\r\n$11\r\nri-no-such-\r\n$1\r\n3\r\n")
+        .unwrap();
+    let value = vec![b'f'; 1 << 20];
+    let mut set = format!("*3\r\n$3\r\nSET\r\n$8\r\nri-flood\r\n${}\r\n", value.len()).into_bytes();
+    set.extend_from_slice(&value);
+    set.extend_from_slice(b"\r\n");
+    stream.set_nonblocking(true).unwrap();
+    let (mut accepted, mut at) = (0usize, 0usize);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        match stream.write(&set[at..]) {
+            Ok(n) => {
+                accepted += n;
+                at = (at + n) % set.len();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    println!("accepted={accepted}");
 }
