@@ -45,8 +45,8 @@ pub const ORIG_DST_MAP: &str = "RI_ORIG_DST";
 pub const PROXY_ADDRS_MAP: &str = "RI_PROXY_ADDRS";
 /// Sockhash of paired sockets, keyed by [`SockPair`].
 pub const SOCK_PAIRS_MAP: &str = "RI_SOCK_PAIRS";
-/// LRU of [`SockPair`]s whose writes went through TCP once and so always will.
-pub const SOCK_UNPAIRED_MAP: &str = "RI_SOCK_UNPAIRED";
+/// Socket storage marking sockets whose writes went through TCP once and so always will.
+pub const SOCK_TCP_MAP: &str = "RI_SOCK_TCP";
 /// Hash of each paired socket's kernel address by [`SockPair`], so that a writer can read its
 /// reader's unread bytes; entries are removed when the socket closes.
 pub const SOCK_ADDRS_MAP: &str = "RI_SOCK_ADDRS";
@@ -59,8 +59,6 @@ pub const MAX_CGROUP_RULES: u32 = 16384;
 pub const MAX_PROXY_ADDRS: u32 = 4 * MAX_SERVICES;
 /// Most sockets in [`SOCK_PAIRS_MAP`]: two per connection; beyond it connections use TCP.
 pub const MAX_SOCK_PAIRS: u32 = 1 << 18;
-/// Size of [`SOCK_UNPAIRED_MAP`].
-pub const MAX_SOCK_UNPAIRED: u32 = 1 << 16;
 /// Deepest cgroup level the policy walk looks at.
 pub const MAX_CGROUP_DEPTH: i32 = 32;
 

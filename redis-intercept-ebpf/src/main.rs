@@ -14,13 +14,15 @@
 #![no_main]
 
 use aya_ebpf::bindings::{
-    BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-    BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-    BPF_TCP_CLOSE, bpf_sock_addr, sk_action::SK_PASS,
+    BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE,
+    BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+    BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_addr, sk_action::SK_PASS,
 };
-use aya_ebpf::btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash};
+use aya_ebpf::btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockHash};
 use aya_ebpf::cty::c_void;
-use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_sock_ops_cb_flags_set};
+use aya_ebpf::helpers::generated::{
+    bpf_probe_read_kernel, bpf_sk_storage_get, bpf_sock_ops_cb_flags_set,
+};
 use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_getsockopt};
 use aya_ebpf::macros::{btf_map, cgroup_sock_addr, sk_msg, sock_ops};
 use aya_ebpf::programs::{SkMsgContext, SockAddrContext, SockOpsContext};
@@ -28,8 +30,8 @@ use redis_intercept_common::{
     COUNTER_BACKLOGGED, COUNTER_PAIRED, COUNTER_REDIRECTED, COUNTER_SKIPPED_MARK,
     COUNTER_SKIPPED_NO_POD_ADDRESS, COUNTER_SKIPPED_POLICY, COUNTER_SPLICED, COUNTER_UNPAIRED,
     COUNTERS, MAX_CGROUP_DEPTH, MAX_CGROUP_RULES, MAX_PROXY_ADDRS, MAX_SERVICES, MAX_SOCK_PAIRS,
-    MAX_SOCK_UNPAIRED, OrigDst, POLICY_ON, ProxyAddr, ServiceKeyV4, ServiceKeyV6, ServiceValue,
-    Settings, SockPair, V4_MAPPED_WORD, v4_mapped,
+    OrigDst, POLICY_ON, ProxyAddr, ServiceKeyV4, ServiceKeyV6, ServiceValue, Settings, SockPair,
+    V4_MAPPED_WORD, v4_mapped,
 };
 
 // All maps are BTF maps (the `.maps` section), which any current loader (aya, libbpf,
@@ -68,10 +70,11 @@ static PROXY_ADDRS: HashMap<ProxyAddr, u32, { MAX_PROXY_ADDRS as usize }> = Hash
 #[btf_map(name = "RI_SOCK_PAIRS")]
 static SOCK_PAIRS: SockHash<SockPair, { MAX_SOCK_PAIRS as usize }> = SockHash::new();
 
-/// Sockets that wrote through TCP once: they keep doing so, or the peer could read a later
-/// write (queued on its socket directly) before an earlier one (still in TCP).
-#[btf_map(name = "RI_SOCK_UNPAIRED")]
-static SOCK_UNPAIRED: LruHashMap<SockPair, u32, { MAX_SOCK_UNPAIRED as usize }> = LruHashMap::new();
+/// Marks a socket that wrote through TCP once: it keeps doing so, or the peer could read a
+/// later write (queued on its socket directly) before an earlier one (still in TCP). Storage
+/// of the socket itself, so the mark can't be evicted and goes with the socket.
+#[btf_map(name = "RI_SOCK_TCP")]
+static SOCK_TCP: SkStorage<u32> = SkStorage::new();
 
 /// Each paired socket's kernel address, so that a writer can check how much its reader holds
 /// unread. Not preallocated: entries come and go with the sockets.
@@ -390,7 +393,6 @@ pub fn redis_intercept_sockops(ctx: SockOpsContext) -> u32 {
                 remote_port: remote_port(rd!(ops.remote_port)),
             };
             let _ = SOCK_ADDRS.remove(key);
-            let _ = SOCK_UNPAIRED.remove(key);
         }
         return 0;
     }
@@ -434,8 +436,6 @@ pub fn redis_intercept_sockops(ctx: SockOpsContext) -> u32 {
     if !in_host && (passive || is_loopback(&proxy.ip)) {
         return 0;
     }
-    // A connection reusing an old one's addresses starts afresh.
-    let _ = SOCK_UNPAIRED.remove(key);
     // The context's socket, a full one in the established callbacks.
     let sk = rd!(ops.__bindgen_anon_2.sk) as u64;
     if SOCK_PAIRS.update(&mut key, &mut *ops, 0).is_ok() {
@@ -453,23 +453,30 @@ pub fn redis_intercept_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 /// Hands a paired socket's write to its peer's receive queue; when the peer isn't paired
-/// (not yet, or the map was full), the write and every later one go through TCP.
+/// (not yet, or the map was full) or holds more than `backlog_limit` unread, the write and
+/// every later one go through TCP.
 #[sk_msg]
 pub fn redis_intercept_skmsg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the kernel gives a valid context for the program's run.
     let md = unsafe { &*ctx.msg };
     let (local_ip, remote_ip) = addrs!(md);
     let (local_port, remote_port) = (rd!(md.local_port), remote_port(rd!(md.remote_port)));
-    let me = SockPair {
-        local_ip,
-        remote_ip,
-        local_port,
-        remote_port,
-    };
-    // SAFETY: only the presence of the key is used.
-    if unsafe { SOCK_UNPAIRED.get(me) }.is_some() {
+    let sk = rd!(md.__bindgen_anon_3.sk).cast::<c_void>();
+    let tcp = core::ptr::from_ref(&SOCK_TCP).cast_mut().cast::<c_void>();
+    // SAFETY: the helper takes the storage map and the context's own socket; without the
+    // create flag it only looks.
+    if !unsafe { bpf_sk_storage_get(tcp, sk, core::ptr::null_mut(), 0) }.is_null() {
         return SK_PASS;
     }
+    // SAFETY: as above; the create flag makes a zeroed value, which marks the socket.
+    let to_tcp = || unsafe {
+        bpf_sk_storage_get(
+            tcp,
+            sk,
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    };
     let mut peer = SockPair {
         local_ip: remote_ip,
         remote_ip: local_ip,
@@ -477,14 +484,14 @@ pub fn redis_intercept_skmsg(ctx: SkMsgContext) -> u32 {
         remote_port: local_port,
     };
     if backlogged(&peer) {
-        let _ = SOCK_UNPAIRED.insert(me, 1, 0);
+        to_tcp();
         count(COUNTER_BACKLOGGED);
         return SK_PASS;
     }
     if SOCK_PAIRS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         count(COUNTER_SPLICED);
     } else {
-        let _ = SOCK_UNPAIRED.insert(me, 1, 0);
+        to_tcp();
         count(COUNTER_UNPAIRED);
     }
     SK_PASS
