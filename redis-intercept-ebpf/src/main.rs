@@ -441,11 +441,11 @@ pub fn redis_intercept_sockops(ctx: SockOpsContext) -> u32 {
     if SOCK_PAIRS.update(&mut key, &mut *ops, 0).is_ok() {
         count(COUNTER_PAIRED);
         // The close callback removes the address again; without it (the flag refused) the
-        // entry isn't made, so no address outlives its socket.
+        // entry isn't made, so no address outlives its socket. The helper replaces the
+        // socket's flags, so those other programs set are kept.
+        let flags = rd!(ops.bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG;
         // SAFETY: the helper takes the context it is given.
-        if sk != 0
-            && unsafe { bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) } == 0
-        {
+        if sk != 0 && unsafe { bpf_sock_ops_cb_flags_set(ops, flags as i32) } == 0 {
             let _ = SOCK_ADDRS.insert(key, sk, 0);
         }
     }
