@@ -15,9 +15,9 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps};
 use aya::util::KernelVersion;
 use redis_intercept_common as common;
+use tracing::{info, warn};
 
 mod btf;
-use tracing::{info, warn};
 
 /// The eBPF object built by `build.rs` (empty when the toolchain was missing).
 static OBJECT: &[u8] =
