@@ -768,7 +768,7 @@ fn field(text: &str, name: &str) -> u64 {
 }
 
 /// A paired client that pipelines 200 GETs of 1 MiB and reads nothing for two seconds: its
-/// socket holds little more than `accelerate_backlog` unread (a paired write skips the
+/// socket holds little more than `accelerate_backlog` (4 MiB) unread (a paired write skips the
 /// receive buffer, so without the limit all 200 MiB would be queued on it), the rest waits in
 /// the proxy under `max_client_buffer` as with TCP, and every reply then arrives whole and in
 /// order. Then the same for requests the proxy doesn't read.
@@ -789,9 +789,9 @@ fn a_paired_client_that_stops_reading_holds_at_most_the_backlog_limit() {
             backend.addr,
             &[vip],
             &listen.to_string(),
+            // accelerate_backlog is the default, 4 MiB.
             &format!(
-                "cgroup = \"{}\"\ndefault = \"on\"\naccelerate = true\n\
-                 accelerate_backlog = \"1MiB\"",
+                "cgroup = \"{}\"\ndefault = \"on\"\naccelerate = true",
                 cg.path.display()
             ),
         )
@@ -814,10 +814,13 @@ fn a_paired_client_that_stops_reading_holds_at_most_the_backlog_limit() {
     let n = accel_line(admin);
     assert_eq!(n[0], 2, "both ends were paired");
     assert!(n[1] > 0, "some writes were spliced");
-    assert_eq!(n[3], 1, "the proxy's end went to TCP: {n:?}");
+    assert!(n[3] >= 1, "the proxy's end went to TCP: {n:?}");
     let (_, metrics) = http_get(admin, "/metrics");
     assert!(
-        metrics.contains("redis_intercept_accelerated{result=\"backlogged\"} 1"),
+        metrics.contains(&format!(
+            "redis_intercept_accelerated{{result=\"backlogged\"}} {}",
+            n[3]
+        )),
         "{metrics}"
     );
     // The other way: the proxy reads nothing more from a client while its BLPOP blocks and 16
@@ -829,7 +832,7 @@ fn a_paired_client_that_stops_reading_holds_at_most_the_backlog_limit() {
         accepted < 64 << 20,
         "a client wrote {accepted} bytes unread"
     );
-    assert_eq!(accel_line(admin)[3], 2, "the client's end went to TCP");
+    assert!(accel_line(admin)[3] > n[3], "the client's end went to TCP");
     let _ = Command::new("kill")
         .args(["-TERM", &agent.id().to_string()])
         .status();
