@@ -132,12 +132,49 @@ fn main() -> ExitCode {
 }
 
 fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(QuietUnsupportedMaps)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
+}
+
+/// Drops aya's warning that a map "is of type BPF_MAP_TYPE_SK_STORAGE which is currently
+/// unsupported in Aya, use `allow_unsupported_maps()`": we load with
+/// `allow_unsupported_maps()` on purpose (only the programs use those maps), so at every
+/// start it told an operator to do what is already done.
+struct QuietUnsupportedMaps;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QuietUnsupportedMaps {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        /// Whether the event's message is the one to drop.
+        struct Unsupported(bool);
+        impl tracing::field::Visit for Unsupported {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 |= format!("{value:?}").contains("unsupported in Aya");
+                }
+            }
+        }
+        // aya logs through the `log` crate; tracing-log gives such events the target "log".
+        // Checking that and the level first keeps the message formatting off every other
+        // event (access logs among them).
+        let meta = event.metadata();
+        if meta.target() != "log" || *meta.level() != tracing::Level::WARN {
+            return true;
+        }
+        let mut seen = Unsupported(false);
+        event.record(&mut seen);
+        !seen.0
+    }
 }
 
 fn check(path: &std::path::Path) -> Result<()> {

@@ -159,21 +159,31 @@ fn fail_open_on_kill_9_and_no_loop_when_the_upstream_is_the_vip() {
     let (_backend, vip_server) = servers("127.0.100.2");
     let vip = vip_server.addr;
     let listen = format!("127.0.0.1:{}", free_port());
+    let log = tempfile::NamedTempFile::new().unwrap();
     // The agent runs inside the intercepted cgroup and its upstream is the VIP itself: only
     // its socket mark keeps it from being sent to itself. Started with the command-line
-    // shorthand (--vip, --cgroup).
-    let mut agent = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "echo $$ > {cg}/cgroup.procs && exec {bin} run --workers 1 --listen {listen} \
+    // shorthand (--vip, --cgroup). Killed on drop if an assertion fails first.
+    let mut agent = Agent(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {cg}/cgroup.procs && exec {bin} run --workers 1 --listen {listen} \
              --upstream {vip} --vip {vip} --cgroup {cg}",
-            cg = cg.path.display(),
-            bin = proxy_bin().display(),
-        ))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+                cg = cg.path.display(),
+                bin = proxy_bin().display(),
+            ))
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap(),
+    );
     wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    // Its start-up log has no warning from aya about the socket-storage maps, which it loads
+    // on purpose.
+    let text = || std::fs::read_to_string(log.path()).unwrap();
+    wait_until(Duration::from_secs(5), || {
+        text().contains("eBPF interception attached")
+    });
+    assert!(!text().contains("unsupported in Aya"), "{}", text());
     let v = vip.to_string();
     // Through the proxy (which refuses CLIENT INFO in its own words), and no loop: the
     // proxy's upstream connection to the VIP reached the VIP's server.
