@@ -38,8 +38,9 @@ pub struct BenchArgs {
     #[arg(long)]
     policy: bool,
     /// Instead: a local 3-master Redis Cluster, directly (`redis-benchmark --cluster
-    /// --threads 1`) against through the proxy, plus MSET of 10 keys spread over every shard
-    /// through the proxy against direct MSET of 10 keys in one slot.
+    /// --threads 1`) against through the proxy; SET and GET `-P 16` once more with one
+    /// redis-benchmark per master (keys tagged for it) on both sides; and MSET of 10 keys
+    /// spread over every shard through the proxy against direct MSET of 10 keys in one slot.
     #[arg(long)]
     cluster: bool,
     /// Instead: connect()+close() latency from a process in a cgroup, without the eBPF
@@ -67,6 +68,11 @@ struct Workload {
     pipeline: usize,
     /// Target ratio proxy/direct from the issue.
     target: f64,
+    /// Cluster only: one redis-benchmark per master, each with keys under a hash tag that
+    /// master owns, run at once, so every pipeline stays on one shard through the proxy as
+    /// well as directly (direct `redis-benchmark --cluster` tags its keys per node; through
+    /// the proxy plain random keys spread each batch over every shard).
+    per_shard: bool,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -75,24 +81,28 @@ const WORKLOADS: &[Workload] = &[
         test: "set",
         pipeline: 1,
         target: 0.9,
+        per_shard: false,
     },
     Workload {
         name: "GET",
         test: "get",
         pipeline: 1,
         target: 0.9,
+        per_shard: false,
     },
     Workload {
         name: "SET -P 16",
         test: "set",
         pipeline: 16,
         target: 0.7,
+        per_shard: false,
     },
     Workload {
         name: "GET -P 16",
         test: "get",
         pipeline: 16,
         target: 0.7,
+        per_shard: false,
     },
 ];
 
@@ -177,6 +187,87 @@ fn benchmark_in(
         }
     }
     bail!("redis-benchmark printed no {} result:\n{text}", w.test)
+}
+
+/// One shard of a per-shard run: where its redis-benchmark connects, and a hash tag whose
+/// slot the shard's master owns.
+struct Shard {
+    /// The master itself (direct) or the proxy (through it).
+    dial: SocketAddr,
+    /// Goes between braces in every key, so all of this client's keys land on one master.
+    tag: String,
+}
+
+/// For each master of the cluster that `node` belongs to, the shortest decimal hash tag it
+/// owns, as redis-benchmark's own cluster mode tags keys per node.
+fn shard_tags(node: &RedisServer) -> Result<Vec<(SocketAddr, String)>> {
+    use redis_intercept::cluster::{Slot, SlotMap};
+    let map = SlotMap::from_cluster_slots(&node.cmd(&["CLUSTER", "SLOTS"]), "127.0.0.1")
+        .map_err(|e| anyhow::anyhow!("CLUSTER SLOTS: {e}"))?;
+    map.serving_masters()
+        .into_iter()
+        .map(|master| {
+            let tag = (0..100_000u32)
+                .map(|n| n.to_string())
+                .find(|tag| map.master(Slot::for_key(tag.as_bytes())) == Some(master))
+                .with_context(|| format!("no hash tag for {master}"))?;
+            Ok((master.parse().context("a master's address")?, tag))
+        })
+        .collect()
+}
+
+/// Runs one redis-benchmark per shard at once (inside `cgroup` if given), 50 clients and
+/// `requests` requests in all, each client's keys under its shard's tag; returns requests
+/// per second over the wall time of the slowest.
+fn benchmark_shards(
+    cgroup: Option<&Path>,
+    shards: &[Shard],
+    w: &Workload,
+    requests: usize,
+) -> Result<f64> {
+    const CLIENTS: usize = 50;
+    let n = shards.len();
+    let value = "v".repeat(64);
+    let started = std::time::Instant::now();
+    let mut children = Vec::with_capacity(n);
+    for (i, shard) in shards.iter().enumerate() {
+        let mut command = match cgroup {
+            Some(cg) => in_cgroup(cg, "redis-benchmark"),
+            None => Command::new("redis-benchmark"),
+        };
+        let key = format!("key:{{{}}}:__rand_int__", shard.tag);
+        let mut custom = vec![w.test, key.as_str()];
+        if w.test == "set" {
+            custom.push(&value);
+        }
+        command
+            .args(["-h", &shard.dial.ip().to_string()])
+            .args(["-p", &shard.dial.port().to_string()])
+            .args(["-n", &(requests / n).to_string()])
+            .args([
+                "-c",
+                &(CLIENTS / n + usize::from(i < CLIENTS % n)).to_string(),
+            ])
+            .args(["-r", "100000", "-P", &w.pipeline.to_string(), "-q"])
+            .args(&custom)
+            .stdout(std::process::Stdio::null())
+            // It warns that the proxy refuses CONFIG GET; kept for the error below.
+            .stderr(std::process::Stdio::piped());
+        children.push(command.spawn().context("run redis-benchmark")?);
+    }
+    for child in children {
+        let out = child
+            .wait_with_output()
+            .context("wait for redis-benchmark")?;
+        if !out.status.success() {
+            bail!(
+                "redis-benchmark failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok((requests / n * n) as f64 / started.elapsed().as_secs_f64())
 }
 
 /// utime + stime of a process, in seconds.
@@ -328,7 +419,7 @@ fn print_cpu_budget(workloads: &[(&str, f64)], direct: &[Vec<Cpu>], proxied: &[V
          machine: all CPUs from /proc/stat)"
     );
     println!(
-        "{:<13} {:>6} {:>6} {:>6} {:>7} | {:>6} {:>11} {:>6} {:>7} {:>7} | {:>7} {:>7} | {:>7}",
+        "{:<14} {:>6} {:>6} {:>6} {:>7} | {:>6} {:>11} {:>6} {:>7} {:>7} | {:>7} {:>7} | {:>7}",
         "workload",
         "client",
         "Redis",
@@ -347,7 +438,7 @@ fn print_cpu_budget(workloads: &[(&str, f64)], direct: &[Vec<Cpu>], proxied: &[V
         let d = median_cpu(&direct[i]);
         let p = median_cpu(&proxied[i]);
         println!(
-            "{:<13} {:>6.2} {:>6.2} {:>6.2} {:>7.2} | {:>6.2} {:>11} {:>6.2} {:>7.2} {:>7.2} | {:>7.2} {:>7.2} | {:>7.2}",
+            "{:<14} {:>6.2} {:>6.2} {:>6.2} {:>7.2} | {:>6.2} {:>11} {:>6.2} {:>7.2} {:>7.2} | {:>7.2} {:>7.2} | {:>7.2}",
             name,
             d.client,
             d.redis,
@@ -490,18 +581,35 @@ const CLUSTER_WORKLOADS: &[Workload] = &[
         test: "set",
         pipeline: 16,
         target: 0.8,
+        per_shard: false,
     },
     Workload {
         name: "GET -P 16",
         test: "get",
         pipeline: 16,
         target: 0.8,
+        per_shard: false,
+    },
+    Workload {
+        name: "SET -P16 shard",
+        test: "set",
+        pipeline: 16,
+        target: 0.8,
+        per_shard: true,
+    },
+    Workload {
+        name: "GET -P16 shard",
+        test: "get",
+        pipeline: 16,
+        target: 0.8,
+        per_shard: true,
     },
     Workload {
         name: "MSET 10 keys",
         test: "mset",
         pipeline: 1,
         target: 0.5,
+        per_shard: false,
     },
 ];
 
@@ -673,20 +781,40 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
     // cpu[target][workload][round], like rps.
     let mut cpu = vec![vec![Vec::new(); n]; count];
     let redis: Vec<u32> = cluster.nodes.iter().filter_map(RedisServer::pid).collect();
+    let tags = shard_tags(&cluster.nodes[0])?;
+    // Per-shard runs: each master directly (target 0), or each target's proxy.
+    let shards: Vec<Vec<Shard>> = std::iter::once(None)
+        .chain(targets.iter().map(|t| Some(t.dial)))
+        .map(|dial| {
+            tags.iter()
+                .map(|(master, tag)| Shard {
+                    dial: dial.unwrap_or(*master),
+                    tag: tag.clone(),
+                })
+                .collect()
+        })
+        .collect();
     for round in 1..=args.rounds {
         for (i, w) in CLUSTER_WORKLOADS.iter().enumerate() {
             let requests = w.requests(args.requests);
             // Rotate which target goes first so drift on a shared machine hits all of them.
             for k in 0..count {
                 let t = (k + round + i) % count;
-                let (r, used) = if t == 0 {
+                let cgroup = t
+                    .checked_sub(1)
+                    .and_then(|p| targets[p].client_cgroup.as_deref());
+                let proxy = t.checked_sub(1).map(|p| targets[p].proxy.pid());
+                let (r, used) = if w.per_shard {
+                    measured(requests, proxy, &redis, || {
+                        benchmark_shards(cgroup, &shards[t], w, requests)
+                    })?
+                } else if t == 0 {
                     measured(requests, None, &redis, || {
                         benchmark_in(None, node, w, requests, &direct_args)
                     })?
                 } else {
-                    let p = &targets[t - 1];
-                    measured(requests, Some(p.proxy.pid()), &redis, || {
-                        benchmark_in(p.client_cgroup.as_deref(), p.dial, w, requests, &[])
+                    measured(requests, proxy, &redis, || {
+                        benchmark_in(cgroup, targets[t - 1].dial, w, requests, &[])
                     })?
                 };
                 rps[t][i].push(r);
@@ -696,14 +824,14 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
         say(&format!("round {round}/{} done", args.rounds));
     }
     println!();
-    print!("{:<13} {:>12} {:>8}", "workload", "direct rps", "target");
+    print!("{:<14} {:>12} {:>8}", "workload", "direct rps", "target");
     for t in &targets {
         print!("  {:>18} {:>10}", format!("{} ratio", t.name), "CPU s/Mreq");
     }
     println!();
     for (i, w) in CLUSTER_WORKLOADS.iter().enumerate() {
         print!(
-            "{:<13} {:>12.0} {:>8}",
+            "{:<14} {:>12.0} {:>8}",
             w.name,
             median(&mut rps[0][i].clone()),
             format!("≥{:.1}", w.target)
@@ -721,9 +849,13 @@ fn cluster(root: &Path, args: &BenchArgs) -> Result<()> {
     }
     println!(
         "(ratio: median over rounds of proxy rps / direct rps in the same round; ! marks a \
-         ratio below target; direct MSET puts its 10 keys in one slot with a hash tag; through \
-         the proxy they spread over every shard and are split and merged; accelerated: \
-         redis-benchmark in a cgroup dials a VIP, intercepted, with [intercept] accelerate)"
+         ratio below target; direct redis-benchmark --cluster tags each client's keys for one \
+         node, so a direct -P 16 batch stays on one shard while through the proxy it spreads \
+         over all of them; shard: one redis-benchmark per master at once, each with keys \
+         tagged for that master, directly and through the proxy, the same workload on both \
+         sides; direct MSET puts its 10 keys in one slot with a hash tag; through the proxy \
+         they spread over every shard and are split and merged; accelerated: redis-benchmark \
+         in a cgroup dials a VIP, intercepted, with [intercept] accelerate)"
     );
     let names: Vec<(&str, f64)> = CLUSTER_WORKLOADS
         .iter()
