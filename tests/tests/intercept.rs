@@ -536,8 +536,8 @@ fn check_in_order(cgroup: Option<&Path>, addr: &str, n: usize) {
     );
 }
 
-/// An agent process that is killed if a test fails before stopping it, so that no agent (and
-/// no attached program) outlives its test.
+/// An agent process (or another server a test started) that is killed if a test fails before
+/// stopping it, so that no agent (and no attached program) outlives its test.
 struct Agent(std::process::Child);
 
 impl std::ops::Deref for Agent {
@@ -893,6 +893,101 @@ fn a_pods_connection_is_paired_across_network_namespaces() {
     let (paired, spliced, unpaired) = accel_counters(admin);
     assert_eq!((paired, unpaired), (2, 0));
     assert!(spliced >= 100, "{spliced}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
+}
+
+/// A pod's own loopback is its own: a client in a pod netns (inside the attach cgroup) that
+/// dials 127.0.0.1 on the proxy's listening port reaches a server on the pod's loopback, and
+/// its socket is not put in the sockhash, where its key could match a host connection to the
+/// proxy's listener. A host client on the same address is paired, as the control.
+#[test]
+fn a_pods_own_loopback_on_the_proxys_port_is_not_paired() {
+    let Rig {
+        cg,
+        proxy_cg,
+        client_cg,
+        backend,
+        vip,
+        listen,
+        admin,
+    } = Rig::new("podlo", 13);
+    backend.cmd(&["SET", "who", "backend"]);
+    let pod = Pod::new('c', "169.254.79.1", "169.254.79.2");
+    let port = listen.port().to_string();
+    let _pod_server = Agent(
+        Command::new("ip")
+            .args(["netns", "exec", &pod.name, "redis-server", "--port", &port])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let in_pod = |args: &[&str]| {
+        stdout_of(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "echo $$ > {}/cgroup.procs && exec ip netns exec {} \"$@\"",
+                    client_cg.display(),
+                    pod.name
+                ))
+                .arg("sh")
+                .args(args),
+        )
+    };
+    wait_until(Duration::from_secs(10), || {
+        Command::new("ip")
+            .args(["netns", "exec", &pod.name, "redis-cli", "-p", &port, "SET"])
+            .args(["who", "pod"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "OK")
+    });
+    let (mut agent, _dir) = agent_in(
+        &proxy_cg,
+        &config(
+            backend.addr,
+            &[vip],
+            &listen.to_string(),
+            &format!(
+                "cgroup = \"{}\"\ndefault = \"on\"\naccelerate = true",
+                cg.path.display()
+            ),
+        )
+        .replace("127.0.0.1:0", &admin.to_string()),
+    );
+    wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
+    // The control: from the host's netns, the listener is the proxy, and both ends pair.
+    let (_, reply) = probe(Some(&client_cg), &listen.to_string(), &["GET", "who"]);
+    assert_eq!(reply, "backend");
+    wait_until(Duration::from_secs(5), || accel_counters(admin).0 == 2);
+    // In the pod, the same address is the pod's own server, and nothing more is paired.
+    let text = in_pod(&[
+        env!("CARGO_BIN_EXE_ri-probe"),
+        &listen.to_string(),
+        "GET",
+        "who",
+    ]);
+    assert!(text.contains("reply=pod"), "{text}");
+    let text = in_pod(&[
+        env!("CARGO_BIN_EXE_ri-probe"),
+        &listen.to_string(),
+        "--check",
+        "200",
+    ]);
+    assert!(text.contains("checked=200"), "{text}");
+    assert_eq!(
+        accel_counters(admin).0,
+        2,
+        "a pod loopback socket was paired"
+    );
+    assert_eq!(
+        accel_counters(admin).2,
+        0,
+        "a pod loopback socket went to the sockhash"
+    );
     let _ = Command::new("kill")
         .args(["-TERM", &agent.id().to_string()])
         .status();
