@@ -626,30 +626,38 @@ impl Rig {
             admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
         }
     }
+
+    /// The agent's config: one service on `listen` for `vip`, interception of `cg` on by
+    /// default with `accelerate`, and the admin endpoint on `admin`.
+    fn config(&self) -> String {
+        config(
+            self.backend.addr,
+            &[self.vip],
+            &self.listen.to_string(),
+            &format!(
+                "cgroup = \"{}\"\ndefault = \"on\"\naccelerate = true",
+                self.cg.path.display()
+            ),
+        )
+        .replace("127.0.0.1:0", &self.admin.to_string())
+    }
 }
 
 #[test]
 fn accelerated_connections_are_spliced_in_order_and_unpaired_ones_use_tcp() {
+    let rig = Rig::new("accel", 10);
+    let agent_config = rig.config();
+    // Bound before the agent, so that it is killed before the cgroups are removed.
     let Rig {
         cg,
         proxy_cg,
         client_cg,
-        backend,
+        backend: _,
         vip,
         listen,
         admin,
-    } = Rig::new("accel", 10);
-    let (mut agent, _dir) = agent_in(
-        &proxy_cg,
-        &format!(
-            "[proxy]\nworkers = 1\n\n[admin]\nlisten = \"{admin}\"\n\n[intercept]\ncgroup = \"{}\"\n\
-             default = \"on\"\naccelerate = true\n\n[[upstream]]\nname = \"main\"\n\
-             mode = \"standalone\"\nnodes = [\"{}\"]\n\n[[service]]\nname = \"svc\"\n\
-             listen = \"{listen}\"\nupstream = \"main\"\nvips = [\"{vip}\"]\n",
-            cg.path.display(),
-            backend.addr
-        ),
-    );
+    } = rig;
+    let (mut agent, _dir) = agent_in(&proxy_cg, &agent_config);
     wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
     assert_eq!(accel_counters(admin), (0, 0, 0));
 
@@ -784,33 +792,22 @@ fn field(text: &str, name: &str) -> u64 {
 /// order. Then the same for requests the proxy doesn't read.
 #[test]
 fn a_paired_client_that_stops_reading_holds_at_most_the_backlog_limit() {
+    let rig = Rig::new("backlog", 12);
+    // accelerate_backlog is the default, 4 MiB.
+    let agent_config = rig.config().replace(
+        "upstream = \"main\"\n",
+        "upstream = \"main\"\nmax_client_buffer = \"512MiB\"\nmax_pipeline = 16\n",
+    );
     let Rig {
         cg,
         proxy_cg,
         client_cg,
-        backend,
+        backend: _,
         vip,
-        listen,
+        listen: _,
         admin,
-    } = Rig::new("backlog", 12);
-    let (mut agent, _dir) = agent_in(
-        &proxy_cg,
-        &config(
-            backend.addr,
-            &[vip],
-            &listen.to_string(),
-            // accelerate_backlog is the default, 4 MiB.
-            &format!(
-                "cgroup = \"{}\"\ndefault = \"on\"\naccelerate = true",
-                cg.path.display()
-            ),
-        )
-        .replace("127.0.0.1:0", &admin.to_string())
-        .replace(
-            "upstream = \"main\"\n",
-            "upstream = \"main\"\nmax_client_buffer = \"512MiB\"\nmax_pipeline = 16\n",
-        ),
-    );
+    } = rig;
+    let (mut agent, _dir) = agent_in(&proxy_cg, &agent_config);
     wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
     let v = vip.to_string();
     let text = probe_in(&client_cg, &[&v, "--backlog", "200"]);
@@ -905,15 +902,17 @@ fn a_pods_connection_is_paired_across_network_namespaces() {
 /// proxy's listener. A host client on the same address is paired, as the control.
 #[test]
 fn a_pods_own_loopback_on_the_proxys_port_is_not_paired() {
+    let rig = Rig::new("podlo", 13);
+    let agent_config = rig.config();
     let Rig {
         cg,
         proxy_cg,
         client_cg,
         backend,
-        vip,
+        vip: _,
         listen,
         admin,
-    } = Rig::new("podlo", 13);
+    } = rig;
     backend.cmd(&["SET", "who", "backend"]);
     let pod = Pod::new('c', "169.254.79.1", "169.254.79.2");
     let port = listen.port().to_string();
@@ -945,19 +944,7 @@ fn a_pods_own_loopback_on_the_proxys_port_is_not_paired() {
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "OK")
     });
-    let (mut agent, _dir) = agent_in(
-        &proxy_cg,
-        &config(
-            backend.addr,
-            &[vip],
-            &listen.to_string(),
-            &format!(
-                "cgroup = \"{}\"\ndefault = \"on\"\naccelerate = true",
-                cg.path.display()
-            ),
-        )
-        .replace("127.0.0.1:0", &admin.to_string()),
-    );
+    let (mut agent, _dir) = agent_in(&proxy_cg, &agent_config);
     wait_until(Duration::from_secs(10), || our_programs_on(&cg.path));
     // The control: from the host's netns, the listener is the proxy, and both ends pair.
     let (_, reply) = probe(Some(&client_cg), &listen.to_string(), &["GET", "who"]);
