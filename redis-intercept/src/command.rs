@@ -178,10 +178,41 @@ impl CommandInfo {
         }
     }
 
+    /// Why Redis refuses `req` before running it or queueing it in a transaction: a wrong
+    /// number of arguments, in Redis's words (`COMMAND INFO` names a subcommand
+    /// `container|sub`, and so does Redis's error).
+    pub fn arity_error(&self, req: &Request<'_>) -> Option<String> {
+        (!self.arity_ok(req.len()))
+            .then(|| format!("wrong number of arguments for '{}' command", self.name))
+    }
+
+    /// Why Redis refuses `req` when it runs it: argument rules beyond the arity that the
+    /// proxy must check itself because it splits the command (MSET's key/value pairs). Inside
+    /// MULTI Redis queues such a command and reports this error in EXEC's reply, so callers
+    /// check it only for commands about to run.
+    pub fn run_error(&self, req: &Request<'_>) -> Option<String> {
+        let paired = matches!(self.name, "mset" | "msetnx");
+        (paired && req.len().is_multiple_of(2))
+            .then(|| format!("wrong number of arguments for '{}' command", self.name))
+    }
+
     /// Indexes of the key arguments of `req`, per the key specs, in the order Redis lists them.
     /// Specs with unknown begin or find rules are skipped; commands that rely on them get a
     /// handler of their own.
+    ///
+    /// A spec whose keys fall outside the arguments (a `numkeys` larger than what follows, or
+    /// zero) makes the whole request keyless, as in Redis: its cluster routing then finds no
+    /// keys, and the command's own error (`Number of keys can't be greater than number of
+    /// args`, `syntax error`) comes from whichever node runs it.
     pub fn key_indexes(&self, req: &Request<'_>, out: &mut Vec<usize>) {
+        let start = out.len();
+        if !self.push_key_indexes(req, out) {
+            out.truncate(start);
+        }
+    }
+
+    /// [`CommandInfo::key_indexes`]; `false` when a spec is out of bounds.
+    fn push_key_indexes(&self, req: &Request<'_>, out: &mut Vec<usize>) -> bool {
         let argc = req.len();
         for spec in self.key_specs {
             let first = match spec.begin {
@@ -222,7 +253,7 @@ impl CommandInfo {
                         .and_then(|a| std::str::from_utf8(a).ok())
                         .and_then(|a| a.parse::<i64>().ok())
                         .filter(|&n| n >= 0);
-                    let Some(count) = count else { continue };
+                    let Some(count) = count else { return false };
                     let start = first + usize::from(first_key);
                     (
                         start,
@@ -232,12 +263,18 @@ impl CommandInfo {
                 }
                 FindKeys::Unknown => continue,
             };
+            // Redis's bounds check (`getKeysUsingKeySpecs`): out of bounds is a syntax error
+            // the command reports, and there are no keys.
+            if last >= argc as i64 || last < first as i64 || first >= argc {
+                return false;
+            }
             let mut i = first;
-            while step > 0 && (i as i64) <= last && i < argc {
+            while step > 0 && (i as i64) <= last {
                 out.push(i);
                 i += step;
             }
         }
+        true
     }
 }
 
@@ -428,17 +465,23 @@ mod tests {
     use super::*;
     use crate::resp::{Limits, RequestParser};
 
-    fn keys_of(line: &str) -> Vec<String> {
+    /// Parses `line` as an inline command and hands it to `f`.
+    fn with_request<R>(line: &str, f: impl FnOnce(&Request<'_>) -> R) -> R {
         let input = format!("{line}\r\n");
         let mut p = RequestParser::new(Limits::default());
         let n = p.parse(input.as_bytes()).unwrap().unwrap();
-        let req = p.request(&input.as_bytes()[..n]);
-        let cmd = lookup(&req).unwrap();
-        let mut idx = Vec::new();
-        cmd.info.key_indexes(&req, &mut idx);
-        idx.iter()
-            .map(|&i| String::from_utf8(req.arg(i).unwrap().to_vec()).unwrap())
-            .collect()
+        f(&p.request(&input.as_bytes()[..n]))
+    }
+
+    fn keys_of(line: &str) -> Vec<String> {
+        with_request(line, |req| {
+            let cmd = lookup(req).unwrap();
+            let mut idx = Vec::new();
+            cmd.info.key_indexes(req, &mut idx);
+            idx.iter()
+                .map(|&i| String::from_utf8(req.arg(i).unwrap().to_vec()).unwrap())
+                .collect()
+        })
     }
 
     #[test]
@@ -483,6 +526,45 @@ mod tests {
         assert_eq!(h("monitor"), Handling::Unsupported);
         assert_eq!(h("config|set"), Handling::Unsupported);
         assert!(by_name("client|setinfo").is_some());
+    }
+
+    fn errors_of(line: &str) -> (Option<String>, Option<String>) {
+        with_request(line, |req| {
+            let info = lookup(req).unwrap().info;
+            (info.arity_error(req), info.run_error(req))
+        })
+    }
+
+    #[test]
+    fn out_of_bounds_key_specs_mean_no_keys_as_in_redis() {
+        // numkeys larger than what follows, zero, negative or not a number.
+        assert_eq!(keys_of("EVAL s 3 a b"), Vec::<String>::new());
+        assert_eq!(keys_of("EVAL s 0"), Vec::<String>::new());
+        assert_eq!(keys_of("EVAL s -1 a"), Vec::<String>::new());
+        assert_eq!(keys_of("EVAL s x a"), Vec::<String>::new());
+        assert_eq!(keys_of("ZUNIONSTORE dst 3 a b"), Vec::<String>::new());
+        assert_eq!(keys_of("ZUNIONSTORE dst 0 a"), Vec::<String>::new());
+        assert_eq!(keys_of("SINTERCARD 2 a"), Vec::<String>::new());
+        // An odd list of streams: Redis finds no keys either.
+        assert_eq!(keys_of("XREAD STREAMS a"), Vec::<String>::new());
+        assert_eq!(keys_of("XREAD COUNT 1 STREAMS"), Vec::<String>::new());
+        // In bounds, the keys as before.
+        assert_eq!(keys_of("EVAL s 2 a b"), ["a", "b"]);
+        assert_eq!(keys_of("ZUNIONSTORE dst 1 a"), ["dst", "a"]);
+    }
+
+    #[test]
+    fn arity_and_pairing_errors_use_redis_words() {
+        let wrong = |name: &str| Some(format!("wrong number of arguments for '{name}' command"));
+        assert_eq!(errors_of("GET"), (wrong("get"), None));
+        assert_eq!(errors_of("GET a b"), (wrong("get"), None));
+        assert_eq!(errors_of("CONFIG GET"), (wrong("config|get"), None));
+        assert_eq!(errors_of("MSET a"), (wrong("mset"), wrong("mset")));
+        // The corruption case: three arguments pass the arity, not the pairing.
+        assert_eq!(errors_of("MSET a b c"), (None, wrong("mset")));
+        assert_eq!(errors_of("MSETNX a b c"), (None, wrong("msetnx")));
+        assert_eq!(errors_of("MSET a b c d"), (None, None));
+        assert_eq!(errors_of("MGET a b c"), (None, None));
     }
 
     #[test]

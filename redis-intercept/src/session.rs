@@ -1211,6 +1211,15 @@ impl Session {
                         // Looked up once for faults, dispatch and mirrors.
                         let cmd = command::lookup(&req);
                         let tracked = self.core.track(cmd, now);
+                        // Before routing, splitting, mirroring or queueing, as Redis checks
+                        // before running or queueing: a split MSET must never run a half.
+                        if let Some(refusal) = self.refusal(&req, cmd) {
+                            self.commands += 1;
+                            self.core.push_ready(error_reply(&refusal));
+                            self.core.untrack_unused(tracked);
+                            input.consume(n);
+                            continue;
+                        }
                         let step = self.stateful(&req, cmd, deadline);
                         if matches!(step, stateful::Step::Wait | stateful::Step::Subscribe) {
                             // Offered again once the replies owed on shared connections
@@ -1300,10 +1309,9 @@ fn dispatch(
                 let _ = core.deliver(token, reply.into());
             }
         }
-        Some((Handling::Local(local), info)) => {
-            let reply = if !info.arity_ok(req.len()) {
-                wrong_arity(req)
-            } else if local == Local::Select {
+        Some((Handling::Local(local), _)) => {
+            // Arity was checked when the request was read (`Session::refusal`).
+            let reply = if local == Local::Select {
                 select(req, forwarder)
             } else {
                 if local == Local::Reset {
@@ -1351,9 +1359,9 @@ fn display_name(name: &str) -> String {
     name.replace('|', " ").to_uppercase()
 }
 
-fn wrong_arity(req: &Request<'_>) -> Bytes {
-    let name = String::from_utf8_lossy(req.arg(0).unwrap_or_default()).to_lowercase();
-    error_reply(&format!("wrong number of arguments for '{name}' command"))
+/// PING's own rule beyond its arity: at most one message.
+fn wrong_ping_arity() -> Bytes {
+    error_reply("wrong number of arguments for 'ping' command")
 }
 
 /// Encodes a bulk string reply.
@@ -1375,7 +1383,7 @@ fn local_reply(
     use crate::resp::Frame;
     let arg = |i| req.arg(i).unwrap_or_default();
     match local {
-        Local::Ping if req.len() > 2 => wrong_arity(req),
+        Local::Ping if req.len() > 2 => wrong_ping_arity(),
         Local::Ping if req.len() == 1 => Bytes::from_static(b"+PONG\r\n"),
         Local::Ping | Local::Echo => bulk(arg(1)),
         Local::Quit => {

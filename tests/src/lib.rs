@@ -255,12 +255,27 @@ impl RespReader {
 
     /// Reads the next reply.
     pub fn read(&mut self) -> Frame {
+        self.read_both().0
+    }
+
+    /// Reads the next reply as the bytes that came over the wire, for byte-for-byte
+    /// comparisons.
+    pub fn read_raw(&mut self) -> Bytes {
+        self.read_both().1
+    }
+
+    /// Sends one command and returns its reply's bytes.
+    pub fn call_raw(&mut self, args: &[&str]) -> Bytes {
+        self.send(&encode(args));
+        self.read_raw()
+    }
+
+    fn read_both(&mut self) -> (Frame, Bytes) {
         let mut chunk = [0u8; 64 * 1024];
         loop {
             let bytes = Bytes::copy_from_slice(&self.buf);
             if let Some((frame, len)) = Frame::parse(&bytes, &Limits::default()).unwrap() {
-                let _ = self.buf.split_to(len);
-                return frame;
+                return (frame, self.buf.split_to(len).freeze());
             }
             let n = self.stream.read(&mut chunk).unwrap();
             assert!(n > 0, "connection closed before a full reply");

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use super::{Core, Session, forward, routing, wrong_arity};
+use super::{Core, Session, forward, routing};
 use crate::command::{Command, Handling, Local};
 use crate::resp::{Request, RequestParser};
 use crate::upstream::{ConnSettings, Reply, ReplySink, error_reply};
@@ -46,6 +46,9 @@ pub(super) struct Stateful {
     /// The proxy refused a command inside the transaction, so EXEC must fail as Redis's
     /// does after a queueing error.
     dirty: bool,
+    /// EXEC itself was refused (a wrong number of arguments): Redis then ends the
+    /// transaction with `EXECABORT Transaction discarded because of: <the error>`.
+    exec_refused: Option<String>,
     /// MULTI and the commands after it, encoded (already answered), while no key has picked
     /// the transaction's node.
     held: Vec<Bytes>,
@@ -187,6 +190,31 @@ impl Session {
         self.forwarder.unpin(clean);
     }
 
+    /// Redis's error for a request it would refuse before running it: a wrong number of
+    /// arguments always, and argument pairing outside a transaction (inside one, Redis queues
+    /// the command and its error is part of EXEC's reply). A refusal inside MULTI makes EXEC
+    /// fail with `EXECABORT`, as in Redis. Subscribed clients never get here.
+    pub(super) fn refusal(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Option<String> {
+        let info = cmd?.info;
+        if let Some(e) = info.arity_error(req) {
+            if !self.stateful.multi {
+                return Some(e);
+            }
+            if txn_kind(cmd) == Some(Txn::Exec) {
+                // Redis aborts the transaction on the spot: EXEC goes on as after a queueing
+                // error, with this reason.
+                self.stateful.exec_refused = Some(e);
+                return None;
+            }
+            self.stateful.dirty = true;
+            return Some(e);
+        }
+        if self.stateful.multi {
+            return None;
+        }
+        info.run_error(req)
+    }
+
     /// Handles `req` if it is a transaction or blocking command, or if the client is in a
     /// transaction or pinned.
     pub(super) fn stateful(
@@ -225,15 +253,15 @@ impl Session {
         if !self.forwarder.is_pinned() && self.stateful.held.is_empty() {
             match txn {
                 // Redis's own answers for a client with no transaction or WATCH.
-                Some(Txn::Exec) if arity_ok(cmd, req) => {
+                Some(Txn::Exec) => {
                     self.core.push_ready(error_reply("EXEC without MULTI"));
                     return Step::Done;
                 }
-                Some(Txn::Discard) if arity_ok(cmd, req) => {
+                Some(Txn::Discard) => {
                     self.core.push_ready(error_reply("DISCARD without MULTI"));
                     return Step::Done;
                 }
-                Some(Txn::Unwatch) if arity_ok(cmd, req) => {
+                Some(Txn::Unwatch) => {
                     self.core.push_ready(Bytes::from_static(b"+OK\r\n"));
                     return Step::Done;
                 }
@@ -241,7 +269,7 @@ impl Session {
                 _ if blocking => {}
                 _ => return Step::Normal,
             }
-            if let Some(step) = self.not_yet(req, cmd) {
+            if let Some(step) = self.not_yet() {
                 return step;
             }
             return self.start(req, cmd, txn, deadline);
@@ -253,13 +281,9 @@ impl Session {
         Step::Done
     }
 
-    /// Before a command moves the client off the shared connections: a wrong arity is
-    /// answered here, and while replies are owed the session waits (the ordering barrier).
-    fn not_yet(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Option<Step> {
-        if !arity_ok(cmd, req) {
-            self.core.push_ready(wrong_arity(req));
-            return Some(Step::Done);
-        }
+    /// Before a command moves the client off the shared connections: while replies are owed
+    /// the session waits (the ordering barrier). Its arity was checked when it was read.
+    fn not_yet(&mut self) -> Option<Step> {
         if self.core.unfilled.get() > 0 {
             self.stateful.barrier = true;
             return Some(Step::Wait);
@@ -270,7 +294,7 @@ impl Session {
     /// A (un)subscribe command from a client with no other state: the session becomes a
     /// pipe once the replies it owes are written.
     fn subscribe(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Step {
-        if let Some(step) = self.not_yet(req, cmd) {
+        if let Some(step) = self.not_yet() {
             return step;
         }
         let sharded = cmd.is_some_and(|c| matches!(c.info.name, "ssubscribe" | "sunsubscribe"));
@@ -499,13 +523,19 @@ impl Session {
                 let dirty = std::mem::take(&mut st.dirty);
                 st.multi = false;
                 st.watching = false;
-                if dirty && txn == Some(Txn::Exec) {
+                let refused = st.exec_refused.take();
+                if (dirty || refused.is_some()) && txn == Some(Txn::Exec) {
                     // Redis discards a transaction with a queueing error; the proxy's own
                     // refusals count as such errors.
                     self.send_discard(deadline);
-                    self.core.push_ready(Bytes::from_static(
-                        b"-EXECABORT Transaction discarded because of previous errors.\r\n",
-                    ));
+                    self.core.push_ready(match refused {
+                        Some(why) => Bytes::from(format!(
+                            "-EXECABORT Transaction discarded because of: {why}\r\n"
+                        )),
+                        None => Bytes::from_static(
+                            b"-EXECABORT Transaction discarded because of previous errors.\r\n",
+                        ),
+                    });
                     return;
                 }
             }
@@ -599,11 +629,6 @@ impl Session {
             let _ = self.core.deliver(token, reply.into());
         }
     }
-}
-
-/// Whether `req` has an acceptable number of arguments (unknown commands: Redis decides).
-fn arity_ok(cmd: Option<Command>, req: &Request<'_>) -> bool {
-    cmd.is_none_or(|c| c.info.arity_ok(req.len()))
 }
 
 /// Commands the proxy answers itself or refuses, which can't be queued in a transaction on
