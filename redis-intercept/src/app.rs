@@ -9,7 +9,7 @@ mod files;
 mod live;
 mod sentinel;
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -28,16 +28,14 @@ use crate::config::{Config, Mode};
 use crate::intercept::{self, Interceptor};
 use crate::metrics::Metrics;
 use crate::resp::Limits;
-use crate::session::{
-    self, Backend, ClientAuth, ClientGuard, Discard, Mirror, RouteCtx, ServiceCtx, Sessions,
-    SharedAuth,
+use crate::service::{
+    Discard, ServiceCtx, Shared, SharedAuth, UpstreamSecrets, Upstreams, client_auths,
+    upstream_secrets,
 };
-use crate::upstream::owned::{Owned, PoolLease};
-use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
+use crate::session::{self, ClientGuard, Sessions};
+use crate::upstream::owned::Owned;
+use crate::upstream::pool::ClusterStatus;
 use crate::upstream::sentinel::View;
-use crate::upstream::standalone::Standalone;
-use crate::upstream::tls::{self, TlsSettings};
-use crate::upstream::{ConnSettings, PasswordSource, UpstreamAuth};
 
 /// A bound service listener.
 #[derive(Debug, Clone)]
@@ -694,28 +692,6 @@ fn reload(proxy: &Proxy, path: Option<&std::path::Path>) -> (bool, String) {
     (applied, text)
 }
 
-/// The client credentials of every service, password files read now.
-fn client_auths(config: &Config) -> Result<Vec<Option<ClientAuth>>> {
-    config
-        .services
-        .iter()
-        .map(|s| {
-            s.auth
-                .as_ref()
-                .map(|a| {
-                    let passwords = a
-                        .load_passwords()
-                        .map_err(|e| anyhow::anyhow!("service {:?}: auth: {e}", s.name))?;
-                    Ok(ClientAuth {
-                        username: a.username.clone().unwrap_or_else(|| "default".to_owned()),
-                        passwords: passwords.into_iter().map(String::into_bytes).collect(),
-                    })
-                })
-                .transpose()
-        })
-        .collect()
-}
-
 /// Binds every listener, then starts the workers. Errors (a port in use, a bad address)
 /// surface here, before anything is served.
 ///
@@ -1065,7 +1041,7 @@ impl WorkerPlan {
             .zip(client_auths)
         {
             let shared = Shared {
-                policy: Rc::new(RefCell::new(Rc::new(live::policy(svc)))),
+                policy: Rc::new(RefCell::new(Rc::new(crate::service::policy(svc)))),
                 metrics: metrics.service(&svc.name, index),
                 auth: client_auth,
                 newest: Rc::default(),
@@ -1251,7 +1227,7 @@ async fn serve_added(
             continue;
         };
         let shared = Shared {
-            policy: Rc::new(RefCell::new(Rc::new(live::policy(svc)))),
+            policy: Rc::new(RefCell::new(Rc::new(crate::service::policy(svc)))),
             metrics: ups.metrics.service(&svc.name, ups.worker),
             auth: Arc::clone(&added.auth),
             newest: Rc::default(),
@@ -1304,30 +1280,6 @@ struct AddedService {
     auth: SharedAuth,
 }
 
-/// What every generation of a service's routes shares: the settings and credentials a
-/// reload changes in place, and the metric handles.
-struct Shared {
-    /// The service's [`session::Policy`].
-    policy: Rc<RefCell<Rc<session::Policy>>>,
-    /// The service's metric handles.
-    metrics: crate::metrics::ServiceMetrics,
-    /// Client-facing credentials.
-    auth: SharedAuth,
-    /// The newest generation.
-    newest: Rc<RefCell<std::rc::Weak<ServiceCtx>>>,
-}
-
-impl Shared {
-    fn of(ctx: &ServiceCtx) -> Shared {
-        Shared {
-            policy: Rc::clone(&ctx.policy),
-            metrics: ctx.metrics.clone(),
-            auth: Arc::clone(&ctx.auth),
-            newest: Rc::clone(&ctx.newest),
-        }
-    }
-}
-
 /// The running config a reload hands to the workers, with what its upstreams need.
 struct Reloaded {
     /// The configuration now running.
@@ -1349,333 +1301,12 @@ struct Reloaded {
     done: Option<std::sync::mpsc::Sender<()>>,
 }
 
-/// A worker's upstreams: standalone connections are made for each use, cluster pools are
-/// shared by everything that uses the same cluster the same way.
-struct Upstreams {
-    /// The worker's number.
-    worker: usize,
-    /// Credentials and TLS of each upstream, by name.
-    auths: HashMap<String, UpstreamSecrets>,
-    /// Reply limits.
-    limits: Limits,
-    /// The process's metrics.
-    metrics: Arc<Metrics>,
-    /// Cluster pools by (upstream, whether replicas serve reads), while some generation of
-    /// some service's routes uses them.
-    pools: HashMap<(String, bool), std::rc::Weak<PoolLease>>,
-    /// Where workers publish their view of each cluster.
-    cluster_status: HashMap<String, Arc<ClusterStatus>>,
-    /// Socket mark of upstream connections.
-    mark: Option<u32>,
-    /// Where a failed connection to a sentinel upstream's master is reported, so the
-    /// sentinels are asked at once.
-    kicks: tokio::sync::mpsc::Sender<String>,
-    /// The sink that swallows mirror replies.
-    discard: Rc<dyn crate::upstream::ReplySink>,
-    /// What the service being built opens or shares.
-    owned: Owned,
-    /// Cluster pools made for the service being built.
-    fresh: Vec<Rc<ClusterPool>>,
-}
-
-impl Upstreams {
-    /// A generation of `svc`'s routes, and the cluster pools made for it (which have yet
-    /// to discover their topology).
-    fn service(
-        &mut self,
-        config: &Config,
-        svc: &crate::config::ServiceConfig,
-        shared: &Shared,
-    ) -> Result<(ServiceCtx, Vec<Rc<ClusterPool>>)> {
-        self.owned = Owned::default();
-        self.fresh.clear();
-        let Some(up) = config.upstream(&svc.upstream) else {
-            bail!(
-                "service {:?}: unknown upstream {:?}",
-                svc.name,
-                svc.upstream
-            );
-        };
-        let mut routes = vec![RouteCtx {
-            remove_prefix: false,
-            backend: self.backend(up, svc.read_policy, up.max_pending_bytes.0, Duration::ZERO),
-            mirrors: self.mirrors(config, &svc.name, &svc.mirrors)?,
-        }];
-        for r in &svc.routes {
-            let Some(target) = config.upstream(&r.upstream) else {
-                bail!(
-                    "service {:?}: unknown route upstream {:?}",
-                    svc.name,
-                    r.upstream
-                );
-            };
-            routes.push(RouteCtx {
-                remove_prefix: r.remove_prefix,
-                backend: self.backend(
-                    target,
-                    r.read_policy.unwrap_or(svc.read_policy),
-                    target.max_pending_bytes.0,
-                    Duration::ZERO,
-                ),
-                mirrors: self.mirrors(config, &svc.name, &r.mirrors)?,
-            });
-        }
-        let prefixes = crate::route::Prefixes::new(
-            &svc.routes
-                .iter()
-                .map(|r| (r.prefix.as_bytes().to_vec(), r.case_insensitive))
-                .collect::<Vec<_>>(),
-        );
-        // Counted down when the generation is dropped.
-        shared.metrics.generations.inc();
-        let ctx = ServiceCtx {
-            name: svc.name.clone(),
-            routes,
-            prefixes,
-            policy: Rc::clone(&shared.policy),
-            limits: self.limits,
-            metrics: shared.metrics.clone(),
-            auth: Arc::clone(&shared.auth),
-            discard: Rc::clone(&self.discard),
-            newest: Rc::clone(&shared.newest),
-            owned: std::mem::take(&mut self.owned),
-        };
-        Ok((ctx, std::mem::take(&mut self.fresh)))
-    }
-
-    /// Lets reads on `server` go to `up`'s replicas under `policy` (not `master`): each gets
-    /// connections of its own, owned by the generation being built. `report` is called when
-    /// one of them fails.
-    fn add_reads(
-        &mut self,
-        server: &Standalone,
-        up: &crate::config::UpstreamConfig,
-        policy: crate::config::ReadPolicy,
-        settings: &ConnSettings,
-        report: Option<Rc<dyn Fn()>>,
-    ) {
-        if policy == crate::config::ReadPolicy::Master {
-            return;
-        }
-        let replicas: Vec<Rc<Standalone>> = up
-            .replicas
-            .iter()
-            .map(|addr| {
-                let replica = Standalone::new(
-                    up,
-                    addr,
-                    settings.clone(),
-                    Arc::clone(&self.metrics),
-                    report.clone(),
-                );
-                self.owned.standalones.push(Rc::clone(&replica));
-                replica
-            })
-            .collect();
-        server.set_reads(policy, replicas);
-    }
-
-    /// This worker's way to `up`: new shared connections for a standalone server (with
-    /// `max_pending` bytes of queue each), or the cluster's pool.
-    fn backend(
-        &mut self,
-        up: &crate::config::UpstreamConfig,
-        policy: crate::config::ReadPolicy,
-        max_pending: usize,
-        write_delay: Duration,
-    ) -> Backend {
-        let secrets = self.auths.get(&up.name).cloned().unwrap_or_default();
-        let settings = ConnSettings {
-            write_delay,
-            mark: self.mark,
-            ..conn_settings(up, &secrets, max_pending, self.limits)
-        };
-        match up.mode {
-            Mode::Standalone => {
-                // Config validation gives a standalone upstream exactly one node (without
-                // one, the server has no connections and requests get an error).
-                let node = up.nodes.first().map_or("", String::as_str);
-                let server =
-                    Standalone::new(up, node, settings.clone(), Arc::clone(&self.metrics), None);
-                self.owned.standalones.push(Rc::clone(&server));
-                self.add_reads(&server, up, policy, &settings, None);
-                Backend::Standalone(server)
-            }
-            Mode::Sentinel => {
-                // The master the sentinels gave (none yet: no connections, and requests get
-                // an error until the watcher finds one).
-                let node = up.master.as_deref().unwrap_or_default();
-                let kicks = self.kicks.clone();
-                let name = up.name.clone();
-                let report: Rc<dyn Fn()> = Rc::new(move || {
-                    // Full: a report is already waiting, which is as good.
-                    let _ = kicks.try_send(name.clone());
-                });
-                let server = Standalone::new(
-                    up,
-                    node,
-                    settings.clone(),
-                    Arc::clone(&self.metrics),
-                    Some(Rc::clone(&report)),
-                );
-                self.owned.standalones.push(Rc::clone(&server));
-                // A failed replica connection makes the proxy ask the sentinels too.
-                self.add_reads(&server, up, policy, &settings, Some(report));
-                Backend::Standalone(server)
-            }
-            Mode::Cluster => {
-                let readonly = policy != crate::config::ReadPolicy::Master;
-                let key = (up.name.clone(), readonly);
-                let lease = match self.pools.get(&key).and_then(std::rc::Weak::upgrade) {
-                    Some(lease) => lease,
-                    None => {
-                        let worker = self.worker;
-                        let status = self.cluster_status.get(&up.name).cloned();
-                        let pool = ClusterPool::new(
-                            PoolSettings {
-                                name: up.name.clone(),
-                                seeds: up.nodes.clone(),
-                                conn: ConnSettings {
-                                    readonly,
-                                    ..settings
-                                },
-                                per_node: up.connections_per_node,
-                                refresh_interval: up.refresh_interval.0,
-                                refresh_threshold: up.redirect_refresh_threshold,
-                                refresh_min_interval: up.redirect_refresh_interval.0,
-                                worker,
-                                max_idle_dedicated: up.max_idle_dedicated,
-                            },
-                            Arc::clone(&self.metrics),
-                            status.unwrap_or_else(|| ClusterStatus::new(worker + 1)),
-                        );
-                        tokio::task::spawn_local(Rc::clone(&pool).run());
-                        self.fresh.push(Rc::clone(&pool));
-                        let lease = Rc::new(PoolLease(pool));
-                        self.pools.insert(key, Rc::downgrade(&lease));
-                        lease
-                    }
-                };
-                let pool = Rc::clone(&lease.0);
-                if !self.owned.pools.iter().any(|l| Rc::ptr_eq(l, &lease)) {
-                    self.owned.pools.push(lease);
-                }
-                Backend::Cluster(pool, policy)
-            }
-        }
-    }
-
-    /// The mirrors of a service or route.
-    fn mirrors(
-        &mut self,
-        config: &Config,
-        service: &str,
-        list: &[crate::config::MirrorConfig],
-    ) -> Result<Vec<Mirror>> {
-        let mut mirrors = Vec::new();
-        for m in list {
-            let Some(target) = config.upstream(&m.upstream) else {
-                bail!(
-                    "service {service:?}: unknown mirror upstream {:?}",
-                    m.upstream
-                );
-            };
-            let (sent, dropped) = self.metrics.mirror(service, &target.name);
-            mirrors.push(Mirror {
-                backend: self.backend(
-                    target,
-                    crate::config::ReadPolicy::Master,
-                    m.max_queue.0,
-                    m.batch_delay.0,
-                ),
-                per_10000: Cell::new(live::percent_to_per_10000(m.percentage)),
-                exclude_reads: Cell::new(m.exclude_reads),
-                batch_delay: m.batch_delay.0,
-                sent,
-                dropped,
-            });
-        }
-        Ok(mirrors)
-    }
-}
-
-/// How the connections of `up` behave.
-fn conn_settings(
-    up: &crate::config::UpstreamConfig,
-    secrets: &UpstreamSecrets,
-    max_pending_bytes: usize,
-    limits: Limits,
-) -> ConnSettings {
-    ConnSettings {
-        auth: secrets.auth.clone(),
-        tls: secrets.tls.clone(),
-        write_delay: Duration::ZERO,
-        mark: None,
-        connect_timeout: up.connect_timeout.0,
-        backoff_max: up.reconnect_backoff_max.0,
-        max_pending_bytes,
-        limits,
-        readonly: false,
-        db: 0,
-    }
-}
-
 /// Longest a worker waits for a cluster's first topology before it accepts clients anyway
 /// (or, after a reload, sends clients there anyway).
 const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(5);
 
 /// Longest a reload waits for every worker to apply it.
 const RELOAD_WAIT: Duration = Duration::from_secs(10);
-
-/// What an upstream's connections need from files and the environment, read at start so a
-/// missing one fails start-up.
-#[derive(Clone, Default)]
-struct UpstreamSecrets {
-    /// AUTH credentials.
-    auth: Option<UpstreamAuth>,
-    /// TLS client configuration.
-    tls: Option<TlsSettings>,
-}
-
-/// Reads the credentials and TLS files of `up`.
-fn upstream_secrets(up: &crate::config::UpstreamConfig) -> Result<UpstreamSecrets> {
-    let tls = up
-        .tls
-        .as_ref()
-        .map(|t| {
-            tls::settings(&tls::TlsOptions {
-                ca_file: t.ca_file.as_deref(),
-                server_name: t.server_name.as_deref(),
-                client_cert_file: t.client_cert_file.as_deref(),
-                client_key_file: t.client_key_file.as_deref(),
-                insecure_skip_verify: t.insecure_skip_verify,
-            })
-            .map_err(|e| anyhow::anyhow!("upstream {:?}: {e}", up.name))
-        })
-        .transpose()?;
-    Ok(UpstreamSecrets {
-        auth: upstream_auth(up)?,
-        tls,
-    })
-}
-
-/// The credentials of an upstream, with `password_env` read now (it can't appear later).
-fn upstream_auth(up: &crate::config::UpstreamConfig) -> Result<Option<UpstreamAuth>> {
-    let password = match (&up.password_file, &up.password_env) {
-        (Some(path), _) => PasswordSource::File(path.clone()),
-        (None, Some(var)) => PasswordSource::Value(std::env::var(var).with_context(|| {
-            format!(
-                "upstream {:?}: environment variable {var} (password_env) is not set",
-                up.name
-            )
-        })?),
-        (None, None) => return Ok(None),
-    };
-    Ok(Some(UpstreamAuth {
-        username: up.username.clone(),
-        password,
-    }))
-}
 
 /// Every service a worker serves: its newest generation, in config order (`None` once a
 /// reload removed it).

@@ -23,6 +23,7 @@ pub mod intercept;
 pub mod metrics;
 pub mod resp;
 pub mod route;
+pub mod service;
 pub mod session;
 pub mod signal;
 pub mod upstream;

@@ -5,51 +5,8 @@
 
 use std::rc::Rc;
 
-use crate::config::{
-    Config, FaultConfig, FaultKind, LegacyAuth, MirrorConfig, RouteConfig, ServiceConfig,
-};
-use crate::session::{Fault, FaultAction, Policy, ServiceCtx};
-
-/// The runtime form of a service's reloadable settings.
-pub(super) fn policy(svc: &ServiceConfig) -> Policy {
-    Policy {
-        op_timeout: svc.op_timeout.0,
-        idle_timeout: svc.idle_timeout.non_zero(),
-        max_client_buffer: svc.max_client_buffer.0,
-        max_pipeline: svc.max_pipeline,
-        max_clients: svc.max_clients,
-        legacy_auth_reject: svc.legacy_auth == LegacyAuth::Reject,
-        command_stats: svc.command_stats,
-        faults: svc.faults.iter().map(fault).collect(),
-    }
-}
-
-/// The runtime form of a fault rule.
-fn fault(f: &FaultConfig) -> Fault {
-    let action = match f.kind {
-        FaultKind::Error => {
-            let message = f.message.as_deref().unwrap_or("ERR Fault Injected: Error");
-            // One line: a CR or LF would break the reply framing.
-            let message: String = message
-                .chars()
-                .filter(|c| *c != '\r' && *c != '\n')
-                .collect();
-            FaultAction::Error(bytes::Bytes::from(format!("-{message}\r\n")))
-        }
-        FaultKind::Delay => FaultAction::Delay(f.delay.map(|d| d.0).unwrap_or_default()),
-    };
-    Fault {
-        action,
-        per_10000: percent_to_per_10000(f.percentage),
-        commands: f.commands.iter().map(|c| c.as_bytes().to_vec()).collect(),
-        key_prefix: f.key_prefix.as_ref().map(|p| p.as_bytes().to_vec()),
-    }
-}
-
-/// A percentage (0 to 100, validated by the config) in hundredths of a percent.
-pub(super) fn percent_to_per_10000(percentage: f64) -> u32 {
-    (percentage * 100.0).round().clamp(0.0, 10_000.0) as u32
-}
+use crate::config::{Config, MirrorConfig, RouteConfig, ServiceConfig};
+use crate::service::{ServiceCtx, percent_to_per_10000, policy};
 
 /// Copies into `running` (a service as it runs) every setting of `new` (the same service
 /// in the reloaded file) that a reload applies in place. Whatever still differs afterwards
@@ -386,23 +343,5 @@ upstream = "copy"
         ));
         assert_eq!(changed_upstreams(&old, &timeout), ["copy"]);
         assert_eq!(changed_upstreams(&old, &old), Vec::<String>::new());
-    }
-
-    #[test]
-    fn fault_rules_become_runtime_faults() {
-        let text = format!(
-            "{BASE}\n[[service.fault]]\nkind = \"error\"\npercentage = 12.5\ncommands = [\"GET\"]\n\
-             message = \"ERR boom\\r\\nx\"\n\n[[service.fault]]\nkind = \"delay\"\npercentage = 100.0\n\
-             delay = \"20ms\"\nkey_prefix = \"slow:\"\n"
-        );
-        let p = policy(&parse(&text).services[0]);
-        assert_eq!(p.faults.len(), 2);
-        assert_eq!(p.faults[0].per_10000, 1250);
-        assert_eq!(p.faults[0].commands, [b"GET".to_vec()]);
-        assert!(
-            matches!(&p.faults[0].action, FaultAction::Error(e) if e.as_ref() == b"-ERR boomx\r\n")
-        );
-        assert!(matches!(p.faults[1].action, FaultAction::Delay(d) if d.as_millis() == 20));
-        assert_eq!(p.faults[1].key_prefix.as_deref(), Some(&b"slow:"[..]));
     }
 }

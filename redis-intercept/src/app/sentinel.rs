@@ -13,9 +13,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::{Control, UpstreamSecrets, conn_settings, upstream_secrets};
+use super::Control;
 use crate::config::{Config, Mode, UpstreamConfig};
 use crate::resp::Limits;
+use crate::service::{UpstreamSecrets, conn_settings, upstream_secrets};
 use crate::upstream::sentinel::{View, ask};
 use crate::upstream::{ConnSettings, PasswordSource, UpstreamAuth};
 

@@ -10,49 +10,22 @@
 //! dedicated connection (to the node of its first key on a cluster), and everything it sends
 //! goes there, unsplit and unmirrored, until the session gives the connection back.
 
-use std::cell::Cell;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
+use super::Dice;
 use super::cluster::{ClusterClient, ClusterShared, Merge, MergeKind, Positions};
-use super::{Backend, Dice};
 use crate::cluster::{Redirect, RedirectKind, Slot};
 use crate::command::{Command, flags};
 use crate::config::ReadPolicy;
 use crate::resp::{Limits, Request, RequestParser, encode_command};
 use crate::route::{self, Prefixes, SplitKind};
+use crate::service::{Backend, RouteCtx};
 use crate::upstream::dedicated::DedicatedPool;
 use crate::upstream::standalone::{Db, Standalone};
 use crate::upstream::{ConnSettings, ReplySink, SharedConn, error_reply};
-
-/// A traffic mirror of a route, on one worker.
-pub struct Mirror {
-    /// The mirror upstream on this worker.
-    pub backend: Backend,
-    /// Chance per request in hundredths of a percent (0 to 10000); a reload may change it.
-    pub per_10000: Cell<u32>,
-    /// Copy only commands Redis flags `write`; a reload may change it.
-    pub exclude_reads: Cell<bool>,
-    /// How long a copy may wait in the queue before it is written (`batch_delay`); added to
-    /// its deadline, so a long delay doesn't time copies out while they wait.
-    pub batch_delay: std::time::Duration,
-    /// Copies handed to the mirror.
-    pub sent: prometheus_client::metrics::counter::Counter,
-    /// Copies dropped: the mirror's queue was full or the mirror was down.
-    pub dropped: prometheus_client::metrics::counter::Counter,
-}
-
-/// One route of a service on one worker: index 0 is the catch-all (the service's upstream).
-pub struct RouteCtx {
-    /// Cut the route's prefix from keys before sending.
-    pub remove_prefix: bool,
-    /// The route's upstream.
-    pub backend: Backend,
-    /// The route's mirrors.
-    pub mirrors: Vec<Mirror>,
-}
 
 /// How one client reaches one upstream.
 enum Target {
