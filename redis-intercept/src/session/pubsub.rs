@@ -26,7 +26,8 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{End, InputBuf, MAX_QUERY_BUFFER, Session, read_input};
+use super::input::{InputBuf, MAX_QUERY_BUFFER, read_input};
+use super::{End, Session};
 use crate::cluster::Slot;
 use crate::command;
 use crate::resp::{ReplyScanner, Request, RequestParser, encode_command};

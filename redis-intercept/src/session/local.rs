@@ -1,0 +1,272 @@
+//! Commands the proxy answers itself, as Redis would for one connection: PING, ECHO, QUIT, SELECT, CLIENT ID/GETNAME/SETNAME/SETINFO, RESET and HELLO.
+
+use bytes::{Bytes, BytesMut};
+
+use super::auth::{auth, auth_required, check_credentials};
+use super::{ClientState, forward};
+use crate::command::Local;
+use crate::resp::Request;
+use crate::service::ServiceCtx;
+use crate::upstream::error_reply;
+
+/// `SELECT db`: the client's standalone upstreams move to that database's connections.
+pub(super) fn select(req: &Request<'_>, forwarder: &mut forward::Forwarder) -> Bytes {
+    let db = std::str::from_utf8(req.arg(1).unwrap_or_default())
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok());
+    match db.map(|db| forwarder.select(db)) {
+        Some(Ok(())) => Bytes::from_static(OK),
+        Some(Err(reply)) => reply,
+        None => error_reply("value is not an integer or out of range"),
+    }
+}
+
+/// `config|set` → `CONFIG SET`.
+pub(super) fn display_name(name: &str) -> String {
+    name.replace('|', " ").to_uppercase()
+}
+
+/// PING's own rule beyond its arity: at most one message.
+pub(super) fn wrong_ping_arity() -> Bytes {
+    error_reply("wrong number of arguments for 'ping' command")
+}
+
+/// Encodes a bulk string reply.
+pub(super) fn bulk(data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + 16);
+    crate::resp::Frame::Bulk(Bytes::copy_from_slice(data)).encode(&mut out);
+    out.freeze()
+}
+
+pub(super) const OK: &[u8] = b"+OK\r\n";
+
+/// Answers a command the proxy handles itself. Arity was checked by the caller.
+pub(super) fn local_reply(
+    local: Local,
+    req: &Request<'_>,
+    state: &mut ClientState,
+    svc: &ServiceCtx,
+) -> Bytes {
+    use crate::resp::Frame;
+    let arg = |i| req.arg(i).unwrap_or_default();
+    match local {
+        Local::Ping if req.len() > 2 => wrong_ping_arity(),
+        Local::Ping if req.len() == 1 => Bytes::from_static(b"+PONG\r\n"),
+        Local::Ping | Local::Echo => bulk(arg(1)),
+        Local::Quit => {
+            state.closing = true;
+            Bytes::from_static(OK)
+        }
+        // Answered by `select`, which moves the client's connections.
+        Local::Select => Bytes::from_static(OK),
+        Local::Auth => auth(req, state, svc),
+        Local::ClientId => Frame::Integer(state.id as i64).to_bytes(),
+        Local::ClientGetName => match &state.name {
+            Some(name) => bulk(name),
+            None => Bytes::from_static(b"$-1\r\n"),
+        },
+        Local::ClientSetName => match set_name(state, arg(2)) {
+            Ok(()) => Bytes::from_static(OK),
+            Err(e) => e,
+        },
+        Local::ClientSetInfo => Bytes::from_static(OK),
+        Local::Reset => {
+            state.name = None;
+            state.authenticated = !auth_required(svc);
+            Bytes::from_static(b"+RESET\r\n")
+        }
+        Local::Hello => hello(req, state, svc),
+    }
+}
+
+/// CLIENT SETNAME's rule: printable ASCII without spaces; empty clears the name.
+pub(super) fn set_name(state: &mut ClientState, name: &[u8]) -> Result<(), Bytes> {
+    state.name = valid_name(name)?;
+    Ok(())
+}
+
+/// The name a client asked for, as kept (`None`: cleared), or Redis's error.
+fn valid_name(name: &[u8]) -> Result<Option<Bytes>, Bytes> {
+    if name.iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
+        return Err(error_reply(
+            "Client names cannot contain spaces, newlines or special characters.",
+        ));
+    }
+    Ok((!name.is_empty()).then(|| Bytes::copy_from_slice(name)))
+}
+
+/// What `HELLO [protover [AUTH user pass] [SETNAME name]]` asks for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct HelloArgs<'r> {
+    /// AUTH's user and password.
+    pub(super) credentials: Option<(&'r [u8], &'r [u8])>,
+    /// SETNAME's name.
+    pub(super) name: Option<&'r [u8]>,
+}
+
+/// Parses HELLO's arguments, with Redis's errors for a protocol version it can't switch to
+/// (RESP2 only for now) and for unknown options.
+pub(super) fn hello_args<'r>(req: &'r Request<'_>) -> Result<HelloArgs<'r>, Bytes> {
+    if let Some(ver) = req.arg(1) {
+        match std::str::from_utf8(ver)
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+        {
+            Some(2) => {}
+            Some(3) => {
+                return Err(Bytes::from_static(
+                    b"-NOPROTO sorry, this protocol version is not supported.\r\n",
+                ));
+            }
+            Some(_) => {
+                return Err(Bytes::from_static(
+                    b"-NOPROTO unsupported protocol version\r\n",
+                ));
+            }
+            None => {
+                return Err(error_reply(
+                    "Protocol version is not an integer or out of range",
+                ));
+            }
+        }
+    }
+    let mut args = HelloArgs::default();
+    let mut i = 2;
+    while let Some(opt) = req.arg(i) {
+        if opt.eq_ignore_ascii_case(b"AUTH") && req.len() > i + 2 {
+            args.credentials = Some((
+                req.arg(i + 1).unwrap_or_default(),
+                req.arg(i + 2).unwrap_or_default(),
+            ));
+            i += 3;
+        } else if opt.eq_ignore_ascii_case(b"SETNAME") && req.len() > i + 1 {
+            args.name = req.arg(i + 1);
+            i += 2;
+        } else {
+            return Err(error_reply(&format!(
+                "Syntax error in HELLO option '{}'",
+                String::from_utf8_lossy(opt)
+            )));
+        }
+    }
+    Ok(args)
+}
+
+/// HELLO: authenticates and names the client as asked, then describes the server.
+pub(super) fn hello(req: &Request<'_>, state: &mut ClientState, svc: &ServiceCtx) -> Bytes {
+    use crate::resp::Frame;
+    let HelloArgs { credentials, name } = match hello_args(req) {
+        Ok(args) => args,
+        Err(e) => return e,
+    };
+    if let Some((user, pass)) = credentials
+        && let Err(e) = check_credentials(Some(user), pass, state, svc)
+    {
+        return e;
+    }
+    if !state.authenticated {
+        return Bytes::from_static(
+            b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n",
+        );
+    }
+    if let Some(name) = name
+        && let Err(e) = set_name(state, name)
+    {
+        return e;
+    }
+    let s = |t: &'static str| Frame::Bulk(Bytes::from_static(t.as_bytes()));
+    Frame::Array(vec![
+        s("server"),
+        s("redis"),
+        s("version"),
+        s("7.0.0"),
+        s("proto"),
+        Frame::Integer(2),
+        s("id"),
+        Frame::Integer(state.id as i64),
+        s("mode"),
+        s("standalone"),
+        s("role"),
+        s("master"),
+        s("modules"),
+        Frame::Array(vec![]),
+        s("proxy"),
+        Frame::Bulk(Bytes::from(format!(
+            "redis-intercept {}",
+            env!("CARGO_PKG_VERSION")
+        ))),
+    ])
+    .to_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resp::{Limits, RequestParser};
+
+    fn with_request(line: &str, f: impl FnOnce(&Request<'_>)) {
+        let input = format!("{line}\r\n");
+        let mut p = RequestParser::new(Limits::default());
+        let n = p.parse(input.as_bytes()).unwrap().unwrap();
+        f(&p.request(&input.as_bytes()[..n]));
+    }
+
+    #[test]
+    fn hello_options_parse_as_in_redis() {
+        with_request("HELLO", |r| {
+            assert_eq!(hello_args(r), Ok(HelloArgs::default()))
+        });
+        with_request("HELLO 2 AUTH u p SETNAME n", |r| {
+            assert_eq!(
+                hello_args(r),
+                Ok(HelloArgs {
+                    credentials: Some((&b"u"[..], &b"p"[..])),
+                    name: Some(&b"n"[..]),
+                })
+            );
+        });
+        with_request("HELLO 2 setname n auth u p", |r| {
+            let args = hello_args(r).unwrap();
+            assert_eq!(args.credentials, Some((&b"u"[..], &b"p"[..])));
+        });
+        with_request("HELLO 2 AUTH u", |r| {
+            assert_eq!(
+                hello_args(r),
+                Err(error_reply("Syntax error in HELLO option 'AUTH'"))
+            );
+        });
+        with_request("HELLO x", |r| {
+            assert_eq!(
+                hello_args(r),
+                Err(error_reply(
+                    "Protocol version is not an integer or out of range"
+                ))
+            );
+        });
+        with_request("HELLO 4", |r| {
+            assert_eq!(
+                hello_args(r),
+                Err(Bytes::from_static(
+                    b"-NOPROTO unsupported protocol version\r\n"
+                ))
+            );
+        });
+    }
+
+    #[test]
+    fn client_names_follow_redis_rules() {
+        assert_eq!(
+            valid_name(b"worker-1"),
+            Ok(Some(Bytes::from_static(b"worker-1")))
+        );
+        assert_eq!(valid_name(b""), Ok(None));
+        assert!(valid_name(b"a b").is_err());
+        assert!(valid_name(b"a\nb").is_err());
+    }
+
+    #[test]
+    fn display_names_of_subcommands() {
+        assert_eq!(display_name("config|set"), "CONFIG SET");
+        assert_eq!(display_name("get"), "GET");
+    }
+}
