@@ -1,6 +1,7 @@
 //! The local admin HTTP endpoint: `/metrics` (Prometheus), `/ready`, `/config` (secrets
 //! redacted), `/topology` (each worker's view of each cluster), `/cgroups` (interception
-//! settings: GET lists them, POST `enable|disable|clear PATH` changes one). It runs on its own thread and runtime, away from the data path, and should only
+//! settings: GET lists them, POST `enable|disable|clear PATH` changes one). It runs on its own
+//! thread and runtime, away from the data path, and should only
 //! listen on loopback.
 
 use std::collections::HashMap;

@@ -1,4 +1,6 @@
-//! Fault injection for one client: picks the rule that hits a request (by command, key prefix and chance) and applies it: an error reply in its slot, or a delay that holds the client's later commands behind it.
+//! Fault injection for one client: picks the rule that hits a request (by command, key prefix
+//! and chance) and applies it: an error reply in its slot, or a delay that holds the client's
+//! later commands behind it.
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;

@@ -1,4 +1,5 @@
-//! A client's unparsed input: a buffer that grows while reads fill it, up to the query buffer limit, and shrinks again when the client goes idle.
+//! A client's unparsed input: a buffer that grows while reads fill it, up to the query buffer
+//! limit, and shrinks again when the client goes idle.
 
 use std::io::Read;
 

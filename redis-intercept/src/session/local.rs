@@ -1,4 +1,5 @@
-//! Commands the proxy answers itself, as Redis would for one connection: PING, ECHO, QUIT, SELECT, CLIENT ID/GETNAME/SETNAME/SETINFO, RESET and HELLO.
+//! Commands the proxy answers itself, as Redis would for one connection: PING, ECHO, QUIT,
+//! SELECT, CLIENT ID/GETNAME/SETNAME/SETINFO, RESET and HELLO.
 
 use bytes::{Bytes, BytesMut};
 

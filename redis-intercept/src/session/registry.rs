@@ -1,4 +1,5 @@
-//! The sessions of one worker and the counts across workers: client ids, the per-service client limit, and the registry that shutdown and reload reach every session through.
+//! The sessions of one worker and the counts across workers: client ids, the per-service client
+//! limit, and the registry that shutdown and reload reach every session through.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -1,4 +1,6 @@
-//! Reply slots and output of one session: each request takes a numbered slot, replies fill slots as they arrive from any upstream connection, and the filled prefix is written to the client in one system call.
+//! Reply slots and output of one session: each request takes a numbered slot, replies fill
+//! slots as they arrive from any upstream connection, and the filled prefix is written to the
+//! client in one system call.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
