@@ -34,7 +34,7 @@ pub struct AdminState {
     /// How many workers run.
     workers: usize,
     /// The eBPF programs, when interception is configured.
-    pub intercept: Option<crate::app::InterceptSlot>,
+    pub intercept: Option<crate::intercept::InterceptSlot>,
     /// Where `POST /reload` asks for a reload of the config file; set by `run` when the
     /// proxy was started with one.
     reloads: std::sync::OnceLock<mpsc::Sender<ReloadRequest>>,
@@ -109,7 +109,7 @@ impl AdminState {
         workers: usize,
         metrics: Arc<Metrics>,
         clusters: HashMap<String, Arc<ClusterStatus>>,
-        intercept: Option<crate::app::InterceptSlot>,
+        intercept: Option<crate::intercept::InterceptSlot>,
     ) -> AdminState {
         AdminState {
             metrics,

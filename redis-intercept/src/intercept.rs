@@ -789,6 +789,9 @@ fn stale_entries(json: &str) -> Vec<(u64, String, String)> {
     out
 }
 
+/// The loaded eBPF programs, shared with the admin endpoint; `None` once detached.
+pub type InterceptSlot = std::sync::Arc<std::sync::Mutex<Option<Interceptor>>>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
