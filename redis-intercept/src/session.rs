@@ -26,9 +26,11 @@ mod faults;
 mod forward;
 mod input;
 mod local;
+mod merge;
 mod pubsub;
 mod registry;
 mod replies;
+mod scan;
 mod stateful;
 
 pub use registry::{ClientGuard, Sessions, next_client_id};

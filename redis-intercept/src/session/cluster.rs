@@ -4,29 +4,24 @@
 //!
 //! Every forwarded request keeps its encoded bytes in a [`Follow`] sink, so a `MOVED`, `ASK`,
 //! `TRYAGAIN` or `CLUSTERDOWN` reply is answered by re-sending, never passed to the client,
-//! at most [`MAX_HOPS`] times and never past the request's deadline. Merged replies are the
+//! at most [`crate::cluster::MAX_HOPS`] times and never past the request's deadline. Merged replies are the
 //! only ones the proxy re-encodes.
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use crate::cluster::{Redirect, RedirectKind, ScanCursor, Slot, SlotMap};
+use super::merge::{Merge, MergeKind, Positions, info_sections};
+use super::scan::ScanSink;
+use crate::cluster::{Decision, RedirectKind, ScanCursor, Slot, SlotMap, decide};
 use crate::command::Command;
 use crate::config::{ReadPolicy, split_host_port};
-use crate::resp::{Frame, Limits, Request, encode_command};
+use crate::resp::{Request, encode_command};
 use crate::route::{self, CROSSSLOT, Keyless, Plan, SplitKind};
 use crate::upstream::pool::ClusterPool;
 use crate::upstream::{Reply, ReplySink, SharedConn, error_reply};
-
-/// Most redirects and retries one request follows before the client gets an error.
-pub const MAX_HOPS: u8 = 5;
-
-/// First wait before re-sending after `TRYAGAIN` or `CLUSTERDOWN`; doubles per retry.
-const RETRY_START: Duration = Duration::from_millis(20);
 
 /// Size of the blocks request copies are cut from: small, so a request that waits long
 /// (a blocked command) pins little memory.
@@ -506,8 +501,8 @@ impl Follow {
         result
     }
 
-    /// Handles a redirect or retry reply; `None` when the request went out again, otherwise
-    /// the reply to pass on.
+    /// Handles a redirect or retry reply as [`decide`] says; `None` when the request went
+    /// out again, otherwise the reply to pass on.
     fn redirect(&self, reply: Bytes) -> Option<Bytes> {
         let hops = self.hops.get();
         let pool = &self.shared.pool;
@@ -518,45 +513,41 @@ impl Follow {
             .and_then(|c| split_host_port(c.addr()).ok())
             .map(|(h, _)| h)
             .unwrap_or_default();
-        if let Some(r) = Redirect::parse(&reply, &host) {
-            if hops >= MAX_HOPS || Instant::now() >= self.deadline {
-                return Some(too_many(&reply));
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match decide(&reply, &host, hops, left) {
+            Decision::PassOn => Some(reply),
+            Decision::GiveUp(error) => Some(error),
+            Decision::Follow(r) => {
+                self.hops.set(hops + 1);
+                let conn = match pool.conn(&r.addr, self.shared.client) {
+                    Ok(c) => c,
+                    Err(e) => return Some(e),
+                };
+                let asking = r.kind == RedirectKind::Ask;
+                if asking {
+                    pool.note_ask();
+                } else {
+                    pool.note_moved(r.slot, &r.addr);
+                }
+                self.resend(conn, asking).err()
             }
-            self.hops.set(hops + 1);
-            let conn = match pool.conn(&r.addr, self.shared.client) {
-                Ok(c) => c,
-                Err(e) => return Some(e),
-            };
-            let asking = r.kind == RedirectKind::Ask;
-            if asking {
-                pool.note_ask();
-            } else {
-                pool.note_moved(r.slot, &r.addr);
+            Decision::RetryAfter(wait) => {
+                self.hops.set(hops + 1);
+                pool.note_retry();
+                let me = self.me.upgrade()?;
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(wait).await;
+                    let target = me.retry_target();
+                    let result = target.and_then(|conn| me.resend(conn, false));
+                    if let Err(e) = result
+                        && me.parent.deliver(me.token, e.into())
+                    {
+                        me.parent.flush();
+                    }
+                });
+                None
             }
-            return self.resend(conn, asking).err();
         }
-        let retry = reply.starts_with(b"-TRYAGAIN") || reply.starts_with(b"-CLUSTERDOWN");
-        if !retry {
-            return Some(reply);
-        }
-        let wait = RETRY_START * (1 << hops);
-        if hops >= MAX_HOPS || Instant::now() + wait >= self.deadline {
-            return Some(reply);
-        }
-        self.hops.set(hops + 1);
-        pool.note_retry();
-        let me = self.me.upgrade()?;
-        tokio::task::spawn_local(async move {
-            tokio::time::sleep(wait).await;
-            let target = me.retry_target();
-            let result = target.and_then(|conn| me.resend(conn, false));
-            if let Err(e) = result
-                && me.parent.deliver(me.token, e.into())
-            {
-                me.parent.flush();
-            }
-        });
-        None
     }
 
     /// Where a retried request goes: the slot's master now, or (keyless) where it went.
@@ -579,15 +570,6 @@ impl Follow {
     }
 }
 
-/// The error for a request that was redirected too often.
-fn too_many(last: &[u8]) -> Bytes {
-    let last = String::from_utf8_lossy(last);
-    error_reply(&format!(
-        "too many cluster redirects for one request (last: {})",
-        last.trim_start_matches('-').trim_end()
-    ))
-}
-
 impl ReplySink for Follow {
     fn deliver(&self, _token: u64, reply: Reply<'_>) -> bool {
         if reply.as_slice().first() == Some(&b'-') {
@@ -597,334 +579,6 @@ impl ReplySink for Follow {
             }
         }
         self.parent.deliver(self.token, reply)
-    }
-
-    fn flush(&self) {
-        self.parent.flush();
-    }
-
-    fn expects_more(&self) -> bool {
-        self.parent.expects_more()
-    }
-}
-
-/// Which INFO sections a client asked for (only these three are served on a cluster).
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct InfoSections {
-    server: bool,
-    cluster: bool,
-    keyspace: bool,
-}
-
-fn info_sections(req: &Request<'_>) -> InfoSections {
-    if req.len() == 1 {
-        return InfoSections {
-            server: true,
-            cluster: true,
-            keyspace: true,
-        };
-    }
-    let mut s = InfoSections::default();
-    for arg in req.args().skip(1) {
-        let arg = arg.to_ascii_lowercase();
-        match arg.as_slice() {
-            b"default" | b"all" | b"everything" => {
-                s = InfoSections {
-                    server: true,
-                    cluster: true,
-                    keyspace: true,
-                };
-            }
-            b"server" => s.server = true,
-            b"cluster" => s.cluster = true,
-            b"keyspace" => s.keyspace = true,
-            _ => {}
-        }
-    }
-    s
-}
-
-/// Where the values of MGET's parts go in the merged reply.
-#[derive(Default)]
-pub(super) struct Positions {
-    /// Value positions of every part's keys, part after part.
-    at: Vec<usize>,
-    /// Where each part's positions end in `at`.
-    ends: Vec<usize>,
-    /// Keys in the client's MGET.
-    total: usize,
-}
-
-impl Positions {
-    /// From each part's key argument indexes (MGET's key argument k is value k-1).
-    pub(super) fn new<P, K>(parts: P, total: usize) -> Positions
-    where
-        P: Iterator<Item = K>,
-        K: Iterator<Item = usize>,
-    {
-        let mut p = Positions {
-            total,
-            ..Positions::default()
-        };
-        for keys in parts {
-            p.at.extend(keys.map(|k| k.saturating_sub(1)));
-            p.ends.push(p.at.len());
-        }
-        p
-    }
-
-    /// Part `i`'s value positions.
-    fn of(&self, i: usize) -> &[usize] {
-        let start = if i == 0 {
-            0
-        } else {
-            self.ends.get(i - 1).copied().unwrap_or(self.at.len())
-        };
-        let end = self.ends.get(i).copied().unwrap_or(self.at.len());
-        self.at.get(start..end).unwrap_or_default()
-    }
-}
-
-/// How part replies are combined.
-pub(super) enum MergeKind {
-    /// A split multi-key command; for MGET, where each part's values go.
-    Split(SplitKind, Positions),
-    /// A keyless command sent to every master.
-    All(Keyless),
-    /// INFO: the sections, the map for the cluster section, and the upstream name.
-    Info(InfoSections, Rc<SlotMap>, String),
-}
-
-/// Collects the replies of a split or broadcast request and gives the parent one reply.
-pub(super) struct Merge {
-    /// Who gets the merged reply.
-    parent: Rc<dyn ReplySink>,
-    /// The parent's token for it.
-    token: u64,
-    /// How to combine.
-    kind: MergeKind,
-    /// Part replies by part number.
-    parts: RefCell<Vec<Option<Bytes>>>,
-    /// Parts still missing.
-    remaining: Cell<usize>,
-}
-
-impl Merge {
-    pub(super) fn new(
-        parent: Rc<dyn ReplySink>,
-        token: u64,
-        kind: MergeKind,
-        parts: usize,
-    ) -> Rc<Merge> {
-        Rc::new(Merge {
-            parent,
-            token,
-            kind,
-            parts: RefCell::new(vec![None; parts]),
-            remaining: Cell::new(parts),
-        })
-    }
-
-    /// Builds the merged reply and hands it to the parent.
-    fn finish(&self) -> bool {
-        let parts: Vec<Bytes> = self.parts.borrow_mut().drain(..).flatten().collect();
-        let reply = merge(&self.kind, &parts).unwrap_or_else(|e| e);
-        self.parent.deliver(self.token, reply.into())
-    }
-}
-
-impl ReplySink for Merge {
-    fn deliver(&self, token: u64, reply: Reply<'_>) -> bool {
-        {
-            let mut parts = self.parts.borrow_mut();
-            let Some(slot) = parts.get_mut(token as usize) else {
-                return false;
-            };
-            if slot.is_some() {
-                return false;
-            }
-            *slot = Some(reply.into_bytes());
-        }
-        let left = self.remaining.get().saturating_sub(1);
-        self.remaining.set(left);
-        left == 0 && self.finish()
-    }
-
-    fn flush(&self) {
-        self.parent.flush();
-    }
-
-    fn expects_more(&self) -> bool {
-        self.parent.expects_more()
-    }
-}
-
-/// Parses one part reply.
-fn frame(reply: &Bytes) -> Result<Frame, Bytes> {
-    match Frame::parse(reply, &Limits::default()) {
-        Ok(Some((f, _))) => Ok(f),
-        _ => Err(error_reply("unexpected reply from a cluster node")),
-    }
-}
-
-/// Combines part replies (all present, in part order). `Err` carries the reply to give
-/// instead: the first part's error, or a malformed part.
-fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
-    if let Some(err) = parts.iter().find(|p| p.first() == Some(&b'-')) {
-        return Err(err.clone());
-    }
-    let sum = |parts: &[Bytes]| -> Result<Bytes, Bytes> {
-        let mut total: i64 = 0;
-        for p in parts {
-            match frame(p)? {
-                Frame::Integer(n) => total = total.saturating_add(n),
-                _ => return Err(error_reply("unexpected reply from a cluster node")),
-            }
-        }
-        Ok(Frame::Integer(total).to_bytes())
-    };
-    match kind {
-        MergeKind::Split(SplitKind::Values, positions) => {
-            let mut values = vec![Frame::NullBulk; positions.total];
-            for (i, p) in parts.iter().enumerate() {
-                let Frame::Array(items) = frame(p)? else {
-                    return Err(error_reply("unexpected reply from a cluster node"));
-                };
-                for (item, &at) in items.into_iter().zip(positions.of(i)) {
-                    if let Some(v) = values.get_mut(at) {
-                        *v = item;
-                    }
-                }
-            }
-            Ok(Frame::Array(values).to_bytes())
-        }
-        MergeKind::Split(SplitKind::AllOk, ..) | MergeKind::All(Keyless::AllOk) => {
-            Ok(Bytes::from_static(b"+OK\r\n"))
-        }
-        MergeKind::Split(SplitKind::Sum, ..) | MergeKind::All(Keyless::Sum) => sum(parts),
-        MergeKind::All(Keyless::Concat) => {
-            let mut all = Vec::new();
-            for p in parts {
-                match frame(p)? {
-                    Frame::Array(items) | Frame::Set(items) => all.extend(items),
-                    _ => return Err(error_reply("unexpected reply from a cluster node")),
-                }
-            }
-            Ok(Frame::Array(all).to_bytes())
-        }
-        MergeKind::All(_) => parts
-            .first()
-            .cloned()
-            .ok_or_else(|| error_reply("no master answered")),
-        MergeKind::Info(sections, map, name) => Ok(info(*sections, map, name, parts)),
-    }
-}
-
-/// INFO for a client of a cluster: the proxy's server section, the cluster as the proxy sees
-/// it, and the masters' keyspace added up.
-fn info(sections: InfoSections, map: &SlotMap, upstream: &str, parts: &[Bytes]) -> Bytes {
-    let mut text = String::new();
-    if sections.server {
-        text.push_str(&format!(
-            "# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\nproxy:redis-intercept {}\r\nprocess_id:{}\r\n\r\n",
-            env!("CARGO_PKG_VERSION"),
-            std::process::id()
-        ));
-    }
-    if sections.cluster {
-        text.push_str(&format!(
-            "# Cluster\r\ncluster_enabled:0\r\nupstream:{upstream}\r\nupstream_cluster_state:{}\r\nupstream_cluster_slots_covered:{}\r\nupstream_cluster_masters:{}\r\n\r\n",
-            if map.is_complete() { "ok" } else { "fail" },
-            map.covered(),
-            map.serving_masters().len()
-        ));
-    }
-    if sections.keyspace {
-        // db -> (keys, expires, avg_ttl × expires)
-        let mut dbs: std::collections::BTreeMap<String, (u64, u64, u128)> = Default::default();
-        for p in parts {
-            let Ok(Frame::Bulk(body) | Frame::Verbatim(body)) = frame(p) else {
-                continue;
-            };
-            for line in String::from_utf8_lossy(&body).lines() {
-                let Some((db, fields)) = line.split_once(':') else {
-                    continue;
-                };
-                if !db.starts_with("db") {
-                    continue;
-                }
-                let mut keys = 0;
-                let mut expires = 0;
-                let mut ttl: u64 = 0;
-                for kv in fields.split(',') {
-                    match kv.split_once('=') {
-                        Some(("keys", v)) => keys = v.parse().unwrap_or(0),
-                        Some(("expires", v)) => expires = v.parse().unwrap_or(0),
-                        Some(("avg_ttl", v)) => ttl = v.parse().unwrap_or(0),
-                        _ => {}
-                    }
-                }
-                let e = dbs.entry(db.to_owned()).or_default();
-                e.0 += keys;
-                e.1 += expires;
-                e.2 += u128::from(ttl) * u128::from(expires);
-            }
-        }
-        text.push_str("# Keyspace\r\n");
-        for (db, (keys, expires, ttl)) in dbs {
-            let avg = if expires == 0 {
-                0
-            } else {
-                ttl / u128::from(expires)
-            };
-            text.push_str(&format!(
-                "{db}:keys={keys},expires={expires},avg_ttl={avg}\r\n"
-            ));
-        }
-    }
-    Frame::Bulk(Bytes::from(text)).to_bytes()
-}
-
-/// Rewrites a master's SCAN reply with the cluster-wide cursor.
-struct ScanSink {
-    /// Who gets the reply.
-    parent: Rc<dyn ReplySink>,
-    /// The parent's token.
-    token: u64,
-    /// The map the step was planned with.
-    map: Rc<SlotMap>,
-    /// The shard scanned.
-    shard: usize,
-}
-
-impl ReplySink for ScanSink {
-    fn deliver(&self, _token: u64, reply: Reply<'_>) -> bool {
-        let reply = reply.into_bytes();
-        let rewritten = (|| {
-            if reply.first() == Some(&b'-') {
-                return Ok(reply.clone());
-            }
-            let Frame::Array(mut items) = frame(&reply)? else {
-                return Err(error_reply("unexpected SCAN reply from a cluster node"));
-            };
-            let node_next = match items.first() {
-                Some(Frame::Bulk(c)) => std::str::from_utf8(c)
-                    .ok()
-                    .and_then(|c| c.parse::<u64>().ok()),
-                _ => None,
-            }
-            .ok_or_else(|| error_reply("unexpected SCAN reply from a cluster node"))?;
-            let next = self
-                .map
-                .scan_next(self.shard, node_next)
-                .ok_or_else(|| error_reply("a node's SCAN cursor is too large for the proxy"))?;
-            if let Some(c) = items.first_mut() {
-                *c = Frame::Bulk(Bytes::from(next.to_string()));
-            }
-            Ok(Frame::Array(items).to_bytes())
-        })();
-        self.parent
-            .deliver(self.token, rewritten.unwrap_or_else(|e: Bytes| e).into())
     }
 
     fn flush(&self) {

@@ -16,7 +16,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use super::Dice;
-use super::cluster::{ClusterClient, ClusterShared, Merge, MergeKind, Positions};
+use super::cluster::{ClusterClient, ClusterShared};
+use super::merge::{Merge, MergeKind, Positions};
 use crate::cluster::{Redirect, RedirectKind, Slot};
 use crate::command::{Command, flags};
 use crate::config::ReadPolicy;

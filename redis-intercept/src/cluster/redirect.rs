@@ -1,0 +1,179 @@
+//! `MOVED` and `ASK` redirects, as a node sends them.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Slot, join_host_port};
+
+/// Which kind of redirect a node sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedirectKind {
+    /// The slot moved for good: update the map and resend.
+    Moved,
+    /// The slot is being migrated: resend once to the target after `ASKING`.
+    Ask,
+}
+
+/// A `-MOVED slot host:port` or `-ASK slot host:port` error reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// Moved or ask.
+    pub kind: RedirectKind,
+    /// The slot concerned.
+    pub slot: Slot,
+    /// Where to go (`host:port`; an empty host means the node that answered).
+    pub addr: String,
+}
+
+impl Redirect {
+    /// Parses a redirect from an error reply's bytes (with or without the leading `-` and
+    /// trailing CRLF); `None` for any other reply.
+    pub fn parse(reply: &[u8], answering_host: &str) -> Option<Redirect> {
+        let reply = reply.strip_prefix(b"-").unwrap_or(reply);
+        let reply = reply.strip_suffix(b"\r\n").unwrap_or(reply);
+        let text = std::str::from_utf8(reply).ok()?;
+        let mut words = text.split(' ');
+        let kind = match words.next()? {
+            "MOVED" => RedirectKind::Moved,
+            "ASK" => RedirectKind::Ask,
+            _ => return None,
+        };
+        let slot = Slot::new(words.next()?.parse().ok()?)?;
+        let target = words.next()?;
+        if words.next().is_some() {
+            return None;
+        }
+        let (host, port) = target.rsplit_once(':')?;
+        let port: u16 = port.parse().ok()?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let host = if host.is_empty() {
+            answering_host
+        } else {
+            host
+        };
+        Some(Redirect {
+            kind,
+            slot,
+            addr: join_host_port(host, port),
+        })
+    }
+}
+
+/// Most redirects and retries one request follows before the client gets an error.
+pub const MAX_HOPS: u8 = 5;
+
+/// First wait before re-sending after `TRYAGAIN` or `CLUSTERDOWN`; doubles per retry.
+pub const RETRY_START: Duration = Duration::from_millis(20);
+
+/// What to do with a node's error reply to a forwarded request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Send the request again where the redirect points (after `ASKING` for an ask).
+    Follow(Redirect),
+    /// Send the request again to the slot's master after this wait (`TRYAGAIN`,
+    /// `CLUSTERDOWN`: a failover or migration is under way).
+    RetryAfter(Duration),
+    /// Give the client this error instead: the request was redirected too often.
+    GiveUp(Bytes),
+    /// Give the client the reply as it is.
+    PassOn,
+}
+
+/// Decides what a node's error `reply` means for a request that has followed `hops`
+/// redirects and retries and has `left` until its deadline. `answering_host` fills a
+/// redirect that names no host. Pure: the caller does the sending and the waiting.
+pub fn decide(reply: &[u8], answering_host: &str, hops: u8, left: Duration) -> Decision {
+    if let Some(r) = Redirect::parse(reply, answering_host) {
+        if hops >= MAX_HOPS || left.is_zero() {
+            return Decision::GiveUp(too_many(reply));
+        }
+        return Decision::Follow(r);
+    }
+    let retry = reply.starts_with(b"-TRYAGAIN") || reply.starts_with(b"-CLUSTERDOWN");
+    if !retry {
+        return Decision::PassOn;
+    }
+    let wait = RETRY_START * (1 << hops.min(16));
+    if hops >= MAX_HOPS || wait >= left {
+        return Decision::PassOn;
+    }
+    Decision::RetryAfter(wait)
+}
+
+/// The error for a request that was redirected too often.
+fn too_many(last: &[u8]) -> Bytes {
+    let last = String::from_utf8_lossy(last);
+    Bytes::from(format!(
+        "-ERR too many cluster redirects for one request (last: {})\r\n",
+        last.trim_start_matches('-').trim_end()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOVED: &[u8] = b"-MOVED 3999 127.0.0.1:7001\r\n";
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn redirects_are_followed_until_the_hop_limit_or_the_deadline() {
+        let Decision::Follow(r) = decide(MOVED, "127.0.0.1", 0, SECOND) else {
+            panic!("MOVED not followed");
+        };
+        assert_eq!(
+            (r.kind, r.addr.as_str()),
+            (RedirectKind::Moved, "127.0.0.1:7001")
+        );
+        let ask = decide(b"-ASK 3999 :7002\r\n", "10.0.0.9", 1, SECOND);
+        assert!(
+            matches!(ask, Decision::Follow(r) if r.kind == RedirectKind::Ask && r.addr == "10.0.0.9:7002")
+        );
+        let limit = Decision::GiveUp(Bytes::from_static(
+            b"-ERR too many cluster redirects for one request (last: MOVED 3999 127.0.0.1:7001)\r\n",
+        ));
+        assert_eq!(decide(MOVED, "h", MAX_HOPS, SECOND), limit);
+        assert_eq!(decide(MOVED, "h", 0, Duration::ZERO), limit);
+    }
+
+    #[test]
+    fn retries_back_off_and_stop_before_the_deadline() {
+        let down = b"-CLUSTERDOWN The cluster is down\r\n";
+        assert_eq!(
+            decide(down, "h", 0, SECOND),
+            Decision::RetryAfter(RETRY_START)
+        );
+        assert_eq!(
+            decide(
+                b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+                "h",
+                2,
+                SECOND
+            ),
+            Decision::RetryAfter(RETRY_START * 4)
+        );
+        // The wait would end past the deadline: the client gets the reply now.
+        assert_eq!(
+            decide(down, "h", 3, Duration::from_millis(150)),
+            Decision::PassOn
+        );
+    }
+
+    #[test]
+    fn other_errors_pass_on() {
+        assert_eq!(
+            decide(
+                b"-ERR wrong number of arguments for 'get' command\r\n",
+                "h",
+                0,
+                SECOND
+            ),
+            Decision::PassOn
+        );
+        assert_eq!(
+            decide(b"-MOVED nonsense\r\n", "h", 0, SECOND),
+            Decision::PassOn
+        );
+    }
+}

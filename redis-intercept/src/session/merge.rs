@@ -1,0 +1,402 @@
+//! Merging the replies of a command that went to several nodes into the one reply Redis
+//! would send: MGET values back in key order, sums (DEL, EXISTS, DBSIZE), all-OK writes,
+//! concatenated KEYS, and INFO for a cluster. The merge itself is pure and unit-tested; [`Merge`]
+//! is the sink that collects the parts.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use crate::cluster::SlotMap;
+use crate::resp::{Frame, Limits, Request};
+use crate::route::{Keyless, SplitKind};
+use crate::upstream::{Reply, ReplySink, error_reply};
+
+/// Which INFO sections a client asked for (only these three are served on a cluster).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct InfoSections {
+    /// `server`: the proxy's identity.
+    pub(super) server: bool,
+    /// `cluster`: the cluster as the proxy sees it.
+    pub(super) cluster: bool,
+    /// `keyspace`: the masters' keyspace added up.
+    pub(super) keyspace: bool,
+}
+
+/// The sections an `INFO [section …]` request asks for.
+pub(super) fn info_sections(req: &Request<'_>) -> InfoSections {
+    if req.len() == 1 {
+        return InfoSections {
+            server: true,
+            cluster: true,
+            keyspace: true,
+        };
+    }
+    let mut s = InfoSections::default();
+    for arg in req.args().skip(1) {
+        let arg = arg.to_ascii_lowercase();
+        match arg.as_slice() {
+            b"default" | b"all" | b"everything" => {
+                s = InfoSections {
+                    server: true,
+                    cluster: true,
+                    keyspace: true,
+                };
+            }
+            b"server" => s.server = true,
+            b"cluster" => s.cluster = true,
+            b"keyspace" => s.keyspace = true,
+            _ => {}
+        }
+    }
+    s
+}
+
+/// Where the values of MGET's parts go in the merged reply.
+#[derive(Default)]
+pub(super) struct Positions {
+    /// Value positions of every part's keys, part after part.
+    pub(super) at: Vec<usize>,
+    /// Where each part's positions end in `at`.
+    pub(super) ends: Vec<usize>,
+    /// Keys in the client's MGET.
+    pub(super) total: usize,
+}
+
+impl Positions {
+    /// From each part's key argument indexes (MGET's key argument k is value k-1).
+    pub(super) fn new<P, K>(parts: P, total: usize) -> Positions
+    where
+        P: Iterator<Item = K>,
+        K: Iterator<Item = usize>,
+    {
+        let mut p = Positions {
+            total,
+            ..Positions::default()
+        };
+        for keys in parts {
+            p.at.extend(keys.map(|k| k.saturating_sub(1)));
+            p.ends.push(p.at.len());
+        }
+        p
+    }
+
+    /// Part `i`'s value positions.
+    pub(super) fn of(&self, i: usize) -> &[usize] {
+        let start = if i == 0 {
+            0
+        } else {
+            self.ends.get(i - 1).copied().unwrap_or(self.at.len())
+        };
+        let end = self.ends.get(i).copied().unwrap_or(self.at.len());
+        self.at.get(start..end).unwrap_or_default()
+    }
+}
+
+/// How part replies are combined.
+pub(super) enum MergeKind {
+    /// A split multi-key command; for MGET, where each part's values go.
+    Split(SplitKind, Positions),
+    /// A keyless command sent to every master.
+    All(Keyless),
+    /// INFO: the sections, the map for the cluster section, and the upstream name.
+    Info(InfoSections, Rc<SlotMap>, String),
+}
+
+/// Collects the replies of a split or broadcast request and gives the parent one reply.
+pub(super) struct Merge {
+    /// Who gets the merged reply.
+    pub(super) parent: Rc<dyn ReplySink>,
+    /// The parent's token for it.
+    pub(super) token: u64,
+    /// How to combine.
+    pub(super) kind: MergeKind,
+    /// Part replies by part number.
+    pub(super) parts: RefCell<Vec<Option<Bytes>>>,
+    /// Parts still missing.
+    pub(super) remaining: Cell<usize>,
+}
+
+impl Merge {
+    /// A merge of `parts` replies, for `parent`'s slot `token`.
+    pub(super) fn new(
+        parent: Rc<dyn ReplySink>,
+        token: u64,
+        kind: MergeKind,
+        parts: usize,
+    ) -> Rc<Merge> {
+        Rc::new(Merge {
+            parent,
+            token,
+            kind,
+            parts: RefCell::new(vec![None; parts]),
+            remaining: Cell::new(parts),
+        })
+    }
+
+    /// Builds the merged reply and hands it to the parent.
+    pub(super) fn finish(&self) -> bool {
+        let parts: Vec<Bytes> = self.parts.borrow_mut().drain(..).flatten().collect();
+        let reply = merge(&self.kind, &parts).unwrap_or_else(|e| e);
+        self.parent.deliver(self.token, reply.into())
+    }
+}
+
+impl ReplySink for Merge {
+    fn deliver(&self, token: u64, reply: Reply<'_>) -> bool {
+        {
+            let mut parts = self.parts.borrow_mut();
+            let Some(slot) = parts.get_mut(token as usize) else {
+                return false;
+            };
+            if slot.is_some() {
+                return false;
+            }
+            *slot = Some(reply.into_bytes());
+        }
+        let left = self.remaining.get().saturating_sub(1);
+        self.remaining.set(left);
+        left == 0 && self.finish()
+    }
+
+    fn flush(&self) {
+        self.parent.flush();
+    }
+
+    fn expects_more(&self) -> bool {
+        self.parent.expects_more()
+    }
+}
+
+/// Parses one part reply.
+pub(super) fn frame(reply: &Bytes) -> Result<Frame, Bytes> {
+    match Frame::parse(reply, &Limits::default()) {
+        Ok(Some((f, _))) => Ok(f),
+        _ => Err(error_reply("unexpected reply from a cluster node")),
+    }
+}
+
+/// Combines part replies (all present, in part order). `Err` carries the reply to give
+/// instead: the first part's error, or a malformed part.
+pub(super) fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
+    if let Some(err) = parts.iter().find(|p| p.first() == Some(&b'-')) {
+        return Err(err.clone());
+    }
+    let sum = |parts: &[Bytes]| -> Result<Bytes, Bytes> {
+        let mut total: i64 = 0;
+        for p in parts {
+            match frame(p)? {
+                Frame::Integer(n) => total = total.saturating_add(n),
+                _ => return Err(error_reply("unexpected reply from a cluster node")),
+            }
+        }
+        Ok(Frame::Integer(total).to_bytes())
+    };
+    match kind {
+        MergeKind::Split(SplitKind::Values, positions) => {
+            let mut values = vec![Frame::NullBulk; positions.total];
+            for (i, p) in parts.iter().enumerate() {
+                let Frame::Array(items) = frame(p)? else {
+                    return Err(error_reply("unexpected reply from a cluster node"));
+                };
+                for (item, &at) in items.into_iter().zip(positions.of(i)) {
+                    if let Some(v) = values.get_mut(at) {
+                        *v = item;
+                    }
+                }
+            }
+            Ok(Frame::Array(values).to_bytes())
+        }
+        MergeKind::Split(SplitKind::AllOk, ..) | MergeKind::All(Keyless::AllOk) => {
+            Ok(Bytes::from_static(b"+OK\r\n"))
+        }
+        MergeKind::Split(SplitKind::Sum, ..) | MergeKind::All(Keyless::Sum) => sum(parts),
+        MergeKind::All(Keyless::Concat) => {
+            let mut all = Vec::new();
+            for p in parts {
+                match frame(p)? {
+                    Frame::Array(items) | Frame::Set(items) => all.extend(items),
+                    _ => return Err(error_reply("unexpected reply from a cluster node")),
+                }
+            }
+            Ok(Frame::Array(all).to_bytes())
+        }
+        MergeKind::All(_) => parts
+            .first()
+            .cloned()
+            .ok_or_else(|| error_reply("no master answered")),
+        MergeKind::Info(sections, map, name) => Ok(info(*sections, map, name, parts)),
+    }
+}
+
+/// INFO for a client of a cluster: the proxy's server section, the cluster as the proxy sees
+/// it, and the masters' keyspace added up.
+pub(super) fn info(
+    sections: InfoSections,
+    map: &SlotMap,
+    upstream: &str,
+    parts: &[Bytes],
+) -> Bytes {
+    let mut text = String::new();
+    if sections.server {
+        text.push_str(&format!(
+            "# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\nproxy:redis-intercept {}\r\nprocess_id:{}\r\n\r\n",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
+        ));
+    }
+    if sections.cluster {
+        text.push_str(&format!(
+            "# Cluster\r\ncluster_enabled:0\r\nupstream:{upstream}\r\nupstream_cluster_state:{}\r\nupstream_cluster_slots_covered:{}\r\nupstream_cluster_masters:{}\r\n\r\n",
+            if map.is_complete() { "ok" } else { "fail" },
+            map.covered(),
+            map.serving_masters().len()
+        ));
+    }
+    if sections.keyspace {
+        // db -> (keys, expires, avg_ttl × expires)
+        let mut dbs: std::collections::BTreeMap<String, (u64, u64, u128)> = Default::default();
+        for p in parts {
+            let Ok(Frame::Bulk(body) | Frame::Verbatim(body)) = frame(p) else {
+                continue;
+            };
+            for line in String::from_utf8_lossy(&body).lines() {
+                let Some((db, fields)) = line.split_once(':') else {
+                    continue;
+                };
+                if !db.starts_with("db") {
+                    continue;
+                }
+                let mut keys = 0;
+                let mut expires = 0;
+                let mut ttl: u64 = 0;
+                for kv in fields.split(',') {
+                    match kv.split_once('=') {
+                        Some(("keys", v)) => keys = v.parse().unwrap_or(0),
+                        Some(("expires", v)) => expires = v.parse().unwrap_or(0),
+                        Some(("avg_ttl", v)) => ttl = v.parse().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+                let e = dbs.entry(db.to_owned()).or_default();
+                e.0 += keys;
+                e.1 += expires;
+                e.2 += u128::from(ttl) * u128::from(expires);
+            }
+        }
+        text.push_str("# Keyspace\r\n");
+        for (db, (keys, expires, ttl)) in dbs {
+            let avg = if expires == 0 {
+                0
+            } else {
+                ttl / u128::from(expires)
+            };
+            text.push_str(&format!(
+                "{db}:keys={keys},expires={expires},avg_ttl={avg}\r\n"
+            ));
+        }
+    }
+    Frame::Bulk(Bytes::from(text)).to_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resp::RequestParser;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn mget_values_go_back_to_key_order() {
+        // MGET a b c d: part 0 holds keys 2 and 4, part 1 keys 1 and 3 (argument indexes).
+        let positions = Positions::new(
+            [vec![2, 4], vec![1, 3]].into_iter().map(|v| v.into_iter()),
+            4,
+        );
+        let kind = MergeKind::Split(SplitKind::Values, positions);
+        let parts = [
+            b("*2\r\n$1\r\nB\r\n$-1\r\n"),
+            b("*2\r\n$1\r\nA\r\n$1\r\nC\r\n"),
+        ];
+        assert_eq!(
+            merge(&kind, &parts),
+            Ok(b("*4\r\n$1\r\nA\r\n$1\r\nB\r\n$1\r\nC\r\n$-1\r\n"))
+        );
+    }
+
+    #[test]
+    fn sums_all_ok_and_concatenation() {
+        let sum = MergeKind::Split(SplitKind::Sum, Positions::default());
+        assert_eq!(merge(&sum, &[b(":2\r\n"), b(":3\r\n")]), Ok(b(":5\r\n")));
+        let ok = MergeKind::All(Keyless::AllOk);
+        assert_eq!(merge(&ok, &[b("+OK\r\n"), b("+OK\r\n")]), Ok(b("+OK\r\n")));
+        let keys = MergeKind::All(Keyless::Concat);
+        assert_eq!(
+            merge(
+                &keys,
+                &[b("*1\r\n$1\r\na\r\n"), b("*0\r\n"), b("*1\r\n$1\r\nb\r\n")]
+            ),
+            Ok(b("*2\r\n$1\r\na\r\n$1\r\nb\r\n"))
+        );
+        let dbsize = MergeKind::All(Keyless::Sum);
+        assert_eq!(merge(&dbsize, &[b(":7\r\n")]), Ok(b(":7\r\n")));
+    }
+
+    #[test]
+    fn the_first_error_wins_and_odd_replies_are_refused() {
+        let sum = MergeKind::Split(SplitKind::Sum, Positions::default());
+        assert_eq!(
+            merge(&sum, &[b(":1\r\n"), b("-ERR one\r\n"), b("-ERR two\r\n")]),
+            Err(b("-ERR one\r\n"))
+        );
+        assert_eq!(
+            merge(&sum, &[b("+OK\r\n")]),
+            Err(error_reply("unexpected reply from a cluster node"))
+        );
+    }
+
+    #[test]
+    fn info_adds_up_the_keyspace() {
+        let sections = InfoSections {
+            keyspace: true,
+            ..InfoSections::default()
+        };
+        let part = |t: &str| {
+            let mut out = bytes::BytesMut::new();
+            Frame::Bulk(b(t)).encode(&mut out);
+            out.freeze()
+        };
+        let parts = [
+            part("# Keyspace\r\ndb0:keys=3,expires=1,avg_ttl=100\r\n"),
+            part(
+                "# Keyspace\r\ndb0:keys=2,expires=1,avg_ttl=300\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n",
+            ),
+        ];
+        let reply = info(sections, &SlotMap::empty(), "main", &parts);
+        assert_eq!(
+            reply,
+            part(
+                "# Keyspace\r\ndb0:keys=5,expires=2,avg_ttl=200\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n"
+            )
+        );
+    }
+
+    #[test]
+    fn info_sections_follow_the_arguments() {
+        let sections = |line: &str| {
+            let input = format!("{line}\r\n");
+            let mut p = RequestParser::new(Limits::default());
+            let n = p.parse(input.as_bytes()).unwrap().unwrap();
+            let s = info_sections(&p.request(&input.as_bytes()[..n]));
+            (s.server, s.cluster, s.keyspace)
+        };
+        assert_eq!(sections("INFO"), (true, true, true));
+        assert_eq!(sections("INFO keyspace"), (false, false, true));
+        assert_eq!(sections("INFO SERVER cluster"), (true, true, false));
+        assert_eq!(sections("INFO everything"), (true, true, true));
+        assert_eq!(sections("INFO memory"), (false, false, false));
+    }
+}
