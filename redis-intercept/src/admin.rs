@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use crate::config::{Config, Mode};
 use crate::metrics::{Metrics, NodeLabels};
-use crate::upstream::pool::ClusterStatus;
+use crate::upstream::cluster_nodes::ClusterStatus;
 
 /// What the admin handlers read.
 pub struct AdminState {

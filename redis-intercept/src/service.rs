@@ -19,8 +19,8 @@ pub use build::{
 use crate::config::ReadPolicy;
 use crate::metrics::ServiceMetrics;
 use crate::resp::Limits;
+use crate::upstream::cluster_nodes::ClusterNodes;
 use crate::upstream::owned::Owned;
-use crate::upstream::pool::ClusterPool;
 use crate::upstream::standalone::Standalone;
 use crate::upstream::{Reply, ReplySink};
 
@@ -30,7 +30,7 @@ pub enum Backend {
     /// connections it lends to one client at a time, per database.
     Standalone(Rc<Standalone>),
     /// A Redis Cluster: this worker's pool of its nodes, and where reads may go.
-    Cluster(Rc<ClusterPool>, ReadPolicy),
+    Cluster(Rc<ClusterNodes>, ReadPolicy),
 }
 
 /// Everything a session needs from its service, shared by the sessions of one worker.

@@ -21,7 +21,7 @@ use crate::admin::AdminState;
 use crate::config::{Config, Mode};
 use crate::intercept::InterceptSlot;
 use crate::service::{ClientAuth, SharedAuth, UpstreamSecrets, client_auths, upstream_secrets};
-use crate::upstream::pool::ClusterStatus;
+use crate::upstream::cluster_nodes::ClusterStatus;
 use crate::upstream::sentinel::View;
 
 /// The running configuration and what a reload changes.

@@ -20,8 +20,8 @@ use crate::metrics::Metrics;
 use crate::resp::Limits;
 use crate::service::{Discard, ServiceCtx, Shared, SharedAuth, UpstreamSecrets, Upstreams};
 use crate::session::{self, ClientGuard, Sessions};
+use crate::upstream::cluster_nodes::ClusterStatus;
 use crate::upstream::owned::Owned;
-use crate::upstream::pool::ClusterStatus;
 
 /// What one worker thread needs to start.
 pub(super) struct WorkerPlan {

@@ -16,8 +16,8 @@ use super::{
 use crate::config::{Config, FaultConfig, FaultKind, LegacyAuth, Mode, ServiceConfig};
 use crate::metrics::Metrics;
 use crate::resp::Limits;
-use crate::upstream::owned::{Owned, PoolLease};
-use crate::upstream::pool::{ClusterPool, ClusterStatus, PoolSettings};
+use crate::upstream::cluster_nodes::{ClusterNodes, ClusterSettings, ClusterStatus};
+use crate::upstream::owned::{NodesLease, Owned};
 use crate::upstream::standalone::Standalone;
 use crate::upstream::tls::{self, TlsSettings};
 use crate::upstream::{ConnSettings, PasswordSource, UpstreamAuth};
@@ -59,7 +59,7 @@ pub struct Upstreams {
     pub metrics: Arc<Metrics>,
     /// Cluster pools by (upstream, whether replicas serve reads), while some generation of
     /// some service's routes uses them.
-    pub pools: HashMap<(String, bool), std::rc::Weak<PoolLease>>,
+    pub pools: HashMap<(String, bool), std::rc::Weak<NodesLease>>,
     /// Where workers publish their view of each cluster.
     pub cluster_status: HashMap<String, Arc<ClusterStatus>>,
     /// Socket mark of upstream connections.
@@ -72,7 +72,7 @@ pub struct Upstreams {
     /// What the service being built opens or shares.
     pub owned: Owned,
     /// Cluster pools made for the service being built.
-    pub fresh: Vec<Rc<ClusterPool>>,
+    pub fresh: Vec<Rc<ClusterNodes>>,
 }
 
 impl Upstreams {
@@ -83,7 +83,7 @@ impl Upstreams {
         config: &Config,
         svc: &crate::config::ServiceConfig,
         shared: &Shared,
-    ) -> Result<(ServiceCtx, Vec<Rc<ClusterPool>>)> {
+    ) -> Result<(ServiceCtx, Vec<Rc<ClusterNodes>>)> {
         self.owned = Owned::default();
         self.fresh.clear();
         let Some(up) = config.upstream(&svc.upstream) else {
@@ -228,8 +228,8 @@ impl Upstreams {
                     None => {
                         let worker = self.worker;
                         let status = self.cluster_status.get(&up.name).cloned();
-                        let pool = ClusterPool::new(
-                            PoolSettings {
+                        let pool = ClusterNodes::new(
+                            ClusterSettings {
                                 name: up.name.clone(),
                                 seeds: up.nodes.clone(),
                                 conn: ConnSettings {
@@ -248,7 +248,7 @@ impl Upstreams {
                         );
                         tokio::task::spawn_local(Rc::clone(&pool).run());
                         self.fresh.push(Rc::clone(&pool));
-                        let lease = Rc::new(PoolLease(pool));
+                        let lease = Rc::new(NodesLease(pool));
                         self.pools.insert(key, Rc::downgrade(&lease));
                         lease
                     }

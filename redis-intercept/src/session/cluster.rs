@@ -20,7 +20,7 @@ use crate::command::Command;
 use crate::config::{ReadPolicy, split_host_port};
 use crate::resp::{Request, encode_command};
 use crate::route::{self, CROSSSLOT, Keyless, Plan, SplitKind};
-use crate::upstream::pool::ClusterPool;
+use crate::upstream::cluster_nodes::ClusterNodes;
 use crate::upstream::{Reply, ReplySink, SharedConn, error_reply};
 
 /// Size of the blocks request copies are cut from: small, so a request that waits long
@@ -71,7 +71,7 @@ const NOT_SERVED: &[u8] = b"-CLUSTERDOWN Hash slot not served\r\n";
 /// What every request of one client on one cluster upstream shares.
 pub struct ClusterShared {
     /// The upstream's connections and slot map on this worker.
-    pub pool: Rc<ClusterPool>,
+    pub pool: Rc<ClusterNodes>,
     /// Where reads may go.
     pub policy: ReadPolicy,
     /// The client's id: picks its connection of each node.
@@ -152,7 +152,7 @@ impl ClusterClient {
     }
 
     /// The cluster's pool on this worker.
-    pub fn pool(&self) -> &Rc<ClusterPool> {
+    pub fn pool(&self) -> &Rc<ClusterNodes> {
         &self.shared.pool
     }
 

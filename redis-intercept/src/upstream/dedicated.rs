@@ -21,7 +21,7 @@ pub struct DedicatedPool {
     /// Clean connections waiting for their next client, by node address.
     idle: RefCell<HashMap<String, Vec<SharedConn>>>,
     /// Every connection lent out or idle, so shutdown can close them all.
-    all: RefCell<Vec<Weak<super::Inner>>>,
+    all: RefCell<Vec<Weak<super::conn::Inner>>>,
     /// Set at shutdown: nothing more is lent or kept.
     closed: Cell<bool>,
     /// Idle connections kept per node (`max_idle_dedicated`); more are closed when given back.

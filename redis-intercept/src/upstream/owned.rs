@@ -3,14 +3,14 @@
 
 use std::rc::Rc;
 
-use super::pool::ClusterPool;
+use super::cluster_nodes::ClusterNodes;
 use super::standalone::Standalone;
 
 /// A worker's cluster pool as the route generations that use it hold it. Generations of
 /// several services share one pool; the pool closes when the last of them is dropped.
-pub struct PoolLease(pub Rc<ClusterPool>);
+pub struct NodesLease(pub Rc<ClusterNodes>);
 
-impl Drop for PoolLease {
+impl Drop for NodesLease {
     fn drop(&mut self) {
         self.0.close();
     }
@@ -22,7 +22,7 @@ pub struct Owned {
     /// Standalone servers, each made for this generation alone.
     pub standalones: Vec<Rc<Standalone>>,
     /// Cluster pools, shared with other generations that route to the same cluster.
-    pub pools: Vec<Rc<PoolLease>>,
+    pub pools: Vec<Rc<NodesLease>>,
 }
 
 impl Owned {

@@ -76,7 +76,7 @@ impl ClusterStatus {
 }
 
 /// Everything a pool needs that comes from the config.
-pub struct PoolSettings {
+pub struct ClusterSettings {
     /// Upstream name.
     pub name: String,
     /// Seed nodes from the config, tried when no known node answers.
@@ -98,9 +98,9 @@ pub struct PoolSettings {
 }
 
 /// A cluster upstream's connections and slot map on one worker.
-pub struct ClusterPool {
+pub struct ClusterNodes {
     /// Settings from the config.
-    settings: PoolSettings,
+    settings: ClusterSettings,
     /// The current slot map, replaced whole by refreshes and patched by MOVED.
     map: RefCell<Rc<SlotMap>>,
     /// Shared connections by node address.
@@ -130,18 +130,18 @@ pub struct ClusterPool {
     refresh_ok: Counter,
     refresh_failed: Counter,
     /// A handle to this pool, for connection failure hooks.
-    me: Weak<ClusterPool>,
+    me: Weak<ClusterNodes>,
     /// Connections lent to one client at a time (transactions, blocking commands).
     dedicated: Rc<DedicatedPool>,
 }
 
-impl ClusterPool {
-    /// A pool with no map yet; [`ClusterPool::run`] discovers the topology.
+impl ClusterNodes {
+    /// A pool with no map yet; [`ClusterNodes::run`] discovers the topology.
     pub fn new(
-        settings: PoolSettings,
+        settings: ClusterSettings,
         metrics: Arc<Metrics>,
         status: Arc<ClusterStatus>,
-    ) -> Rc<ClusterPool> {
+    ) -> Rc<ClusterNodes> {
         let counter = |family, kind| Metrics::cluster(family, &settings.name, kind);
         let moved = counter(&metrics.cluster_redirects, "moved");
         let ask = counter(&metrics.cluster_redirects, "ask");
@@ -154,7 +154,7 @@ impl ClusterPool {
             settings.max_idle_dedicated,
             Arc::clone(&metrics),
         );
-        Rc::new_cyclic(|me| ClusterPool {
+        Rc::new_cyclic(|me| ClusterNodes {
             dedicated,
             trigger: RefCell::new(RefreshTrigger::new(
                 settings.refresh_threshold,
@@ -202,11 +202,11 @@ impl ClusterPool {
         Ok(conns[(client as usize) % conns.len()].clone())
     }
 
-    /// Like [`ClusterPool::conn`] for the master `addr` of shard `shard` of the current map,
+    /// Like [`ClusterNodes::conn`] for the master `addr` of shard `shard` of the current map,
     /// through a per-shard cache.
     ///
     /// # Errors
-    /// As [`ClusterPool::conn`].
+    /// As [`ClusterNodes::conn`].
     pub fn master_conn(&self, shard: usize, addr: &str, client: u64) -> Result<SharedConn, Bytes> {
         let pick = |conns: &Rc<[SharedConn]>| conns[(client as usize) % conns.len()].clone();
         if let Some(Some(conns)) = self.by_shard.borrow().get(shard)
@@ -323,7 +323,7 @@ impl ClusterPool {
     /// that gets a plain connection of its own (pub/sub).
     ///
     /// # Errors
-    /// As [`ClusterPool::dedicated`].
+    /// As [`ClusterNodes::dedicated`].
     pub fn plain_target(&self, slot: Option<Slot>) -> Result<(String, ConnSettings), Bytes> {
         Ok((self.master_of(slot)?, self.dedicated.settings().clone()))
     }
@@ -393,7 +393,7 @@ impl ClusterPool {
         self.status.publish(self.settings.worker, view(&new));
     }
 
-    /// Keeps the topology current until [`ClusterPool::close`].
+    /// Keeps the topology current until [`ClusterNodes::close`].
     pub async fn run(self: Rc<Self>) {
         let mut disco: Option<(String, Stream)> = None;
         let mut retry = DISCOVERY_RETRY;

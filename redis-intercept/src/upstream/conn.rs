@@ -1,0 +1,291 @@
+//! A shared pipelined connection as its users see it: requests queued with their reply
+//! sinks, in FIFO order, whatever state the connection is in.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
+
+use super::driver::BATCH_BYTES;
+use super::{ConnSettings, ReplySink, error_reply};
+use crate::metrics::NodeMetrics;
+use crate::resp::Request;
+use crate::signal::Signal;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    /// A connect attempt is under way; requests queue and go out once it succeeds.
+    Connecting,
+    /// Connected; requests go out as soon as the socket takes them.
+    Up,
+    /// The last attempt failed; requests are refused at once until the backoff ends.
+    Down,
+}
+
+/// A request written (or about to be written) whose reply hasn't come back yet.
+pub(super) struct InFlight {
+    /// Who gets the reply.
+    pub(super) sink: Rc<dyn ReplySink>,
+    /// The sink's identifier for the request.
+    pub(super) token: u64,
+    /// When the client stops waiting.
+    pub(super) deadline: Instant,
+    /// When its write batch began to gather (for the latency histogram).
+    pub(super) queued: Instant,
+}
+
+/// A shared pipelined connection to one node. Cloning gives another handle to the same
+/// connection.
+#[derive(Clone)]
+pub struct SharedConn(pub(super) Rc<Inner>);
+
+pub(super) struct Inner {
+    /// `host:port` as configured, for connecting and for messages.
+    pub(super) addr: String,
+    /// Behaviour settings.
+    pub(super) settings: ConnSettings,
+    /// This node's metrics.
+    pub(super) metrics: NodeMetrics,
+    /// Current life-cycle state.
+    pub(super) state: Cell<State>,
+    /// Error reply given to requests while the connection is down.
+    pub(super) down_reply: RefCell<Bytes>,
+    /// Request bytes not yet handed to the socket.
+    pub(super) out: RefCell<BytesMut>,
+    /// Requests awaiting replies, in the order they were queued (and written).
+    pub(super) inflight: RefCell<VecDeque<InFlight>>,
+    /// When the bytes in `out` began to gather: one clock read per write batch, shared by
+    /// its requests.
+    pub(super) batch_at: Cell<Instant>,
+    /// Wakes the writer when `out` gains bytes.
+    pub(super) wake_writer: Signal,
+    /// Wakes the timeout watcher when `inflight` stops being empty.
+    pub(super) wake_timer: Signal,
+    /// Set when the worker shuts down; the task then ends.
+    pub(super) closed: Cell<bool>,
+    /// Wakes the task out of a backoff sleep on shutdown.
+    pub(super) wake_close: Signal,
+    /// Close as soon as nothing is waiting (the node left the cluster).
+    pub(super) retiring: Cell<bool>,
+    /// Called when the connection fails, so a cluster pool can refresh its topology.
+    pub(super) on_failure: RefCell<Option<Rc<dyn Fn()>>>,
+    /// Called when a reply is a `-READONLY` error: the server was demoted to a replica (a
+    /// sentinel upstream asks its sentinels for the new master).
+    pub(super) on_readonly: RefCell<Option<Rc<dyn Fn()>>>,
+    /// One client's connection (a transaction, a blocking command): its server-side state
+    /// dies with it, so it never reconnects.
+    pub(super) dedicated: bool,
+}
+
+impl SharedConn {
+    /// A connection to `addr`, not started yet: call [`SharedConn::run`] on a task.
+    pub fn new(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> SharedConn {
+        Self::build(addr, settings, metrics, false)
+    }
+
+    /// A dedicated connection to `addr`: like [`SharedConn::new`], but once it fails it fails
+    /// every later request instead of reconnecting.
+    pub fn new_dedicated(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> SharedConn {
+        Self::build(addr, settings, metrics, true)
+    }
+
+    pub(super) fn build(
+        addr: String,
+        settings: ConnSettings,
+        metrics: NodeMetrics,
+        dedicated: bool,
+    ) -> SharedConn {
+        SharedConn(Rc::new(Inner {
+            down_reply: RefCell::new(error_reply(&format!(
+                "upstream {addr} is not connected yet"
+            ))),
+            addr,
+            settings,
+            metrics,
+            state: Cell::new(State::Connecting),
+            out: RefCell::new(BytesMut::new()),
+            inflight: RefCell::new(VecDeque::new()),
+            batch_at: Cell::new(Instant::now()),
+            wake_writer: Signal::default(),
+            wake_timer: Signal::default(),
+            closed: Cell::new(false),
+            wake_close: Signal::default(),
+            retiring: Cell::new(false),
+            on_failure: RefCell::new(None),
+            on_readonly: RefCell::new(None),
+            dedicated,
+        }))
+    }
+
+    /// Whether the connection is up with nothing queued or waiting, so it can be lent again.
+    pub fn is_idle(&self) -> bool {
+        let inner = &*self.0;
+        inner.state.get() == State::Up
+            && !inner.closed.get()
+            && inner.inflight.borrow().is_empty()
+            && inner.out.borrow().is_empty()
+    }
+
+    /// Whether [`SharedConn::close`] was called or a dedicated connection failed.
+    pub fn is_closed(&self) -> bool {
+        self.0.closed.get()
+    }
+
+    /// Calls `hook` whenever the connection fails or a connect attempt does.
+    pub fn set_failure_hook(&self, hook: Rc<dyn Fn()>) {
+        *self.0.on_failure.borrow_mut() = Some(hook);
+    }
+
+    /// Calls `hook` whenever a reply is a `-READONLY` error.
+    pub fn set_readonly_hook(&self, hook: Rc<dyn Fn()>) {
+        *self.0.on_readonly.borrow_mut() = Some(hook);
+    }
+
+    /// Whether the last connect attempt failed and the connection waits out its backoff:
+    /// requests sent now fail at once.
+    pub fn is_down(&self) -> bool {
+        self.0.state.get() == State::Down || self.0.closed.get()
+    }
+
+    /// Closes the connection once the requests already sent have their replies, for a node
+    /// that left the topology. Requests may still be sent until then.
+    pub fn retire(&self) {
+        self.0.retiring.set(true);
+        self.0.wake_timer.notify();
+        if self.0.inflight.borrow().is_empty() {
+            self.close();
+        }
+    }
+
+    /// Sends `ASKING` and then `resp` (an encoded command) back to back, as a redirect during
+    /// slot migration requires: nothing else can come between them on the connection. The
+    /// `ASKING` reply goes to `discard`.
+    ///
+    /// # Errors
+    /// As [`SharedConn::send`].
+    pub fn send_asking(
+        &self,
+        resp: &[u8],
+        discard: Rc<dyn ReplySink>,
+        sink: Rc<dyn ReplySink>,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<(), Bytes> {
+        self.enqueue(
+            |out| {
+                out.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
+                out.extend_from_slice(resp);
+            },
+            sink,
+            token,
+            deadline,
+        )?;
+        // The ASKING reply comes first: its entry goes in front of the command's.
+        let mut inflight = self.0.inflight.borrow_mut();
+        if let Some(cmd) = inflight.pop_back() {
+            inflight.push_back(InFlight {
+                sink: discard,
+                token: 0,
+                deadline,
+                queued: cmd.queued,
+            });
+            inflight.push_back(cmd);
+        }
+        Ok(())
+    }
+
+    /// The node this connection goes to.
+    pub fn addr(&self) -> &str {
+        &self.0.addr
+    }
+
+    /// Whether the connection is up right now.
+    pub fn is_up(&self) -> bool {
+        self.0.state.get() == State::Up
+    }
+
+    /// Queues `req`; its reply goes to `sink` with `token`. If the reply hasn't come by
+    /// `deadline`, the connection is reset and every waiting request gets an error.
+    ///
+    /// # Errors
+    /// The error reply to give the client at once: the upstream is down, or its queue is full.
+    pub fn send(
+        &self,
+        req: &Request<'_>,
+        sink: Rc<dyn ReplySink>,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<(), Bytes> {
+        self.enqueue(|out| req.write_resp(out), sink, token, deadline)
+    }
+
+    /// Like [`SharedConn::send`] for a command already encoded as RESP (e.g. one held back by
+    /// a delay fault).
+    ///
+    /// # Errors
+    /// As [`SharedConn::send`].
+    pub fn send_encoded(
+        &self,
+        resp: &[u8],
+        sink: Rc<dyn ReplySink>,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<(), Bytes> {
+        self.enqueue(|out| out.extend_from_slice(resp), sink, token, deadline)
+    }
+
+    pub(super) fn enqueue(
+        &self,
+        write: impl FnOnce(&mut BytesMut),
+        sink: Rc<dyn ReplySink>,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<(), Bytes> {
+        let inner = &self.0;
+        if inner.state.get() == State::Down || inner.closed.get() {
+            return Err(inner.down_reply.borrow().clone());
+        }
+        let mut out = inner.out.borrow_mut();
+        if out.len() >= inner.settings.max_pending_bytes {
+            return Err(error_reply(&format!(
+                "upstream {} has too many requests queued",
+                inner.addr
+            )));
+        }
+        let before = out.len();
+        if before == 0 {
+            inner.batch_at.set(Instant::now());
+        }
+        write(&mut out);
+        // A delayed writer also wants to know when a batch's worth is queued.
+        let wake = before == 0
+            || (!inner.settings.write_delay.is_zero()
+                && before < BATCH_BYTES
+                && out.len() >= BATCH_BYTES);
+        drop(out);
+        let mut inflight = inner.inflight.borrow_mut();
+        if inflight.is_empty() {
+            inner.wake_timer.notify();
+        }
+        inflight.push_back(InFlight {
+            sink,
+            token,
+            deadline,
+            queued: inner.batch_at.get(),
+        });
+        if wake {
+            inner.wake_writer.notify();
+        }
+        Ok(())
+    }
+
+    /// Stops the connection: the task ends and waiting requests get an error.
+    pub fn close(&self) {
+        self.0.closed.set(true);
+        self.0.wake_close.notify();
+        self.0.wake_writer.notify();
+    }
+}

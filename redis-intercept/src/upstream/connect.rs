@@ -1,0 +1,199 @@
+//! Opening a connection to a node: TCP (marked, so the connect hook skips it), TLS, and the
+//! handshake (AUTH, READONLY, SELECT) with the node's answers read back.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::tls::{Stream, TlsSettings};
+use crate::resp::{Limits, ReplyScanner, encode_command};
+
+/// Where the upstream password comes from.
+#[derive(Clone)]
+pub enum PasswordSource {
+    /// A file, read at every connect so a rotated Kubernetes Secret is picked up.
+    File(PathBuf),
+    /// A value read once at start (from an environment variable).
+    Value(String),
+}
+
+impl PasswordSource {
+    fn read(&self) -> Result<String, String> {
+        match self {
+            PasswordSource::File(path) => std::fs::read_to_string(path)
+                .map(|p| p.trim_end_matches(['\r', '\n']).to_owned())
+                .map_err(|e| format!("cannot read password_file {}: {e}", path.display())),
+            PasswordSource::Value(v) => Ok(v.clone()),
+        }
+    }
+}
+
+/// Credentials every connection sends (`AUTH [username] password`) before carrying traffic.
+#[derive(Clone)]
+pub struct UpstreamAuth {
+    /// ACL user; `None` authenticates the default user.
+    pub username: Option<String>,
+    /// The password.
+    pub password: PasswordSource,
+}
+
+impl std::fmt::Debug for UpstreamAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password, even in debug output.
+        f.debug_struct("UpstreamAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// How one connection behaves; shared by all connections of an upstream.
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    /// Credentials sent after connecting.
+    pub auth: Option<UpstreamAuth>,
+    /// Longest time one connect attempt may take.
+    pub connect_timeout: Duration,
+    /// Longest wait between reconnect attempts.
+    pub backoff_max: Duration,
+    /// Most request bytes queued before new requests are refused.
+    pub max_pending_bytes: usize,
+    /// Limits applied to replies.
+    pub limits: Limits,
+    /// Send `READONLY` after connecting, so a cluster replica serves reads.
+    pub readonly: bool,
+    /// TLS to the node; `None`: plain TCP.
+    pub tls: Option<TlsSettings>,
+    /// Let requests gather this long before writing them (mirrors, whose replies nobody
+    /// waits for); zero writes at once, as the request path must.
+    pub write_delay: Duration,
+    /// `SO_MARK` for the socket (with interception: the connect hook skips marked sockets).
+    pub mark: Option<u32>,
+    /// The database selected after connecting (standalone servers; 0 sends nothing).
+    pub db: u32,
+}
+
+/// A TCP connection to `addr` (resolved if it is a name), marked with `mark` before the
+/// connect so the connect hook sees the mark.
+async fn connect_tcp(addr: &str, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = None;
+    for sa in tokio::net::lookup_host(addr).await? {
+        let socket = if sa.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket2::SockRef::from(&socket)
+            .set_mark(mark)
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot set SO_MARK for interception (needs CAP_NET_ADMIN): {e}"),
+                )
+            })?;
+        match socket.connect(sa).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolved to nothing"))))
+}
+
+/// Connects to `addr` (TCP, then TLS if configured, then AUTH/READONLY). The error says
+/// whether authentication was what failed.
+pub(crate) async fn open(addr: &str, settings: &ConnSettings) -> Result<Stream, (bool, String)> {
+    let tcp = connect_tcp(addr, settings.mark)
+        .await
+        .map_err(|e| (false, e.to_string()))?;
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(upstream = %addr, error = %e, "set_nodelay failed");
+    }
+    let host = crate::config::split_host_port(addr)
+        .map(|(h, _)| h)
+        .unwrap_or_default();
+    let mut stream = Stream::establish(tcp, settings.tls.as_ref(), &host)
+        .await
+        .map_err(|e| (false, e))?;
+    if settings.auth.is_some() || settings.readonly || settings.db != 0 {
+        handshake(&mut stream, settings)
+            .await
+            .map_err(|e| (true, e))?;
+    }
+    Ok(stream)
+}
+
+/// Sends `AUTH [username] password` (if configured), `READONLY` (if asked) and `SELECT db`
+/// (if not 0) and reads the answers. The error text returned is the server's (it never contains the password).
+pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    settings: &ConnSettings,
+) -> Result<(), String> {
+    let mut out = BytesMut::new();
+    let mut expected = 0;
+    if let Some(auth) = &settings.auth {
+        let password = auth.password.read()?;
+        let mut args: Vec<&[u8]> = vec![b"AUTH"];
+        if let Some(user) = &auth.username {
+            args.push(user.as_bytes());
+        }
+        args.push(password.as_bytes());
+        encode_command(args.into_iter(), &mut out);
+        expected += 1;
+    }
+    if settings.readonly {
+        encode_command([&b"READONLY"[..]].into_iter(), &mut out);
+        expected += 1;
+    }
+    if settings.db != 0 {
+        let db = settings.db.to_string();
+        encode_command([&b"SELECT"[..], db.as_bytes()].into_iter(), &mut out);
+        expected += 1;
+    }
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| format!("write failed: {e}"))?;
+    for reply in read_replies(stream, expected, &settings.limits).await? {
+        if !reply.starts_with(b"+") {
+            let text = String::from_utf8_lossy(&reply);
+            return Err(text.trim_start_matches('-').trim_end().to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// Reads `n` replies from a connection that carries nothing else (handshakes and topology
+/// queries). The caller sent exactly `n` commands, so nothing follows the last reply.
+pub(crate) async fn read_replies<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    n: usize,
+    limits: &Limits,
+) -> Result<Vec<Bytes>, String> {
+    let mut buf = BytesMut::with_capacity(512);
+    let mut scanner = ReplyScanner::default();
+    let mut replies = Vec::with_capacity(n);
+    while replies.len() < n {
+        match scanner.scan(&buf, limits) {
+            Ok(Some(len)) => {
+                replies.push(buf.split_to(len).freeze());
+                scanner.reset();
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("protocol error: {e}")),
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) => return Err("closed by the server".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read failed: {e}")),
+        }
+    }
+    Ok(replies)
+}

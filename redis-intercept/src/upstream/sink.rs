@@ -1,0 +1,61 @@
+//! Where replies go: the sink a request names when it is sent, and the reply as it arrives.
+
+use bytes::{Bytes, BytesMut};
+
+/// Receives the reply to a request. Implemented by client sessions; the upstream side only
+/// knows the token it was given.
+///
+/// Replies arrive in batches (everything one upstream read produced). A sink that returns true
+/// from `deliver` gets one `flush` call after the batch, so it can write all of a client's
+/// replies from that batch in one system call.
+pub trait ReplySink {
+    /// Hands over the reply (or an error reply the proxy made) for request `token`. Returns
+    /// true if the sink wants [`ReplySink::flush`] at the end of the current batch (at most
+    /// once per batch).
+    fn deliver(&self, token: u64, reply: Reply<'_>) -> bool;
+    /// Called after a batch for every sink whose `deliver` asked for it.
+    fn flush(&self);
+    /// Whether replies are still owed to this sink after the ones delivered so far. Such a
+    /// sink's flush waits until the other connections that became readable at the same time
+    /// have delivered too, so a client whose pipeline spans several nodes gets one write, not
+    /// one per node.
+    fn expects_more(&self) -> bool {
+        false
+    }
+}
+
+/// A reply handed to a [`ReplySink`]. Most sinks copy the reply into a client's output at
+/// once, so it stays in the connection's read buffer until then: cutting a `Bytes` out of the
+/// buffer for every reply costs an atomic reference count each way (7% of the proxy's CPU
+/// with `-P 16`).
+pub enum Reply<'a> {
+    /// The first `len` bytes of a connection's read buffer.
+    InBuffer(&'a mut BytesMut, usize),
+    /// A reply the proxy holds: one it made, or one already cut out of a buffer.
+    Held(Bytes),
+}
+
+impl Reply<'_> {
+    /// The reply's RESP bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Reply::InBuffer(buf, len) => buf.get(..*len).unwrap_or(buf),
+            Reply::Held(b) => b,
+        }
+    }
+
+    /// The reply as `Bytes`, for a sink that keeps it (cut out of the read buffer, which the
+    /// connection sees and does not skip it again).
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Reply::InBuffer(buf, len) => buf.split_to(len.min(buf.len())).freeze(),
+            Reply::Held(b) => b,
+        }
+    }
+}
+
+impl From<Bytes> for Reply<'_> {
+    fn from(b: Bytes) -> Self {
+        Reply::Held(b)
+    }
+}
