@@ -216,18 +216,18 @@ pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 mod pod {
     // SAFETY (for each impl): the types are `#[repr(C)]`, made only of `u32` fields (no
     // padding, every bit pattern valid), as `aya::Pod` requires.
-    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::ServiceKeyV4 {}
-    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::ServiceKeyV6 {}
-    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::ServiceValue {}
-    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::Settings {}
-    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::OrigDst {}
-    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::ProxyAddr {}
-    #[allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     unsafe impl aya::Pod for super::SockPair {}
 }

@@ -168,6 +168,21 @@ impl Prefixes {
         0
     }
 
+    /// The key arguments `keys` of `req` grouped by route, routes in order of first key
+    /// and each route's keys in request order: the parts of a multi-key command whose keys
+    /// fall under several routes.
+    pub fn group_keys(&self, req: &Request<'_>, keys: &[usize]) -> Vec<(usize, Vec<usize>)> {
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for &k in keys {
+            let r = self.route_of(req.arg(k).unwrap_or_default());
+            match groups.iter_mut().find(|(g, _)| *g == r) {
+                Some((_, idx)) => idx.push(k),
+                None => groups.push((r, vec![k])),
+            }
+        }
+        groups
+    }
+
     /// Length of route `route`'s prefix (0 for the catch-all).
     pub fn prefix_len(&self, route: usize) -> usize {
         self.entries
@@ -300,6 +315,20 @@ mod tests {
         assert_eq!(p.prefix_len(2), 9);
         assert_eq!(p.prefix_len(0), 0);
         assert!(Prefixes::new(&[]).is_empty());
+    }
+
+    #[test]
+    fn multi_key_commands_group_by_route_in_key_order() {
+        let p = Prefixes::new(&[(b"a:".to_vec(), false), (b"b:".to_vec(), false)]);
+        let input =
+            b"*6\r\n$4\r\nMGET\r\n$3\r\nb:1\r\n$1\r\nx\r\n$3\r\na:1\r\n$3\r\nb:2\r\n$1\r\ny\r\n";
+        let mut parser = crate::resp::RequestParser::new(crate::resp::Limits::default());
+        let n = parser.parse(input).unwrap().unwrap();
+        let req = parser.request(&input[..n]);
+        assert_eq!(
+            p.group_keys(&req, &[1, 2, 3, 4, 5]),
+            [(2, vec![1, 4]), (0, vec![2, 5]), (1, vec![3])]
+        );
     }
 
     #[test]

@@ -27,11 +27,13 @@ mod forward;
 mod input;
 mod local;
 mod merge;
+mod mirror;
 mod pubsub;
 mod registry;
 mod replies;
 mod scan;
 mod stateful;
+mod target;
 
 pub use registry::{ClientGuard, Sessions, next_client_id};
 
@@ -547,7 +549,7 @@ fn routing(svc: &ServiceCtx) -> forward::Routing<'_> {
 }
 
 /// Handles one command: a local reply, a refusal, or a hand-off to the upstream.
-#[allow(
+#[expect(
     clippy::too_many_arguments,
     reason = "the session's parts, borrowed separately"
 )]

@@ -1,9 +1,5 @@
 //! The `redis-intercept` binary's command line: `check`, `--help`, and refusals.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
 
 use std::process::Command;
 

@@ -4,7 +4,7 @@
 //!
 //! Panics are the error handling here: this is test support, and a panic with the server log
 //! is the most useful failure.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test support code")]
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test support code")]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

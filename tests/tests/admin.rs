@@ -1,9 +1,4 @@
 //! End-to-end: the admin endpoint reports readiness, metrics and the config of a running proxy.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use std::time::Duration;
 

@@ -2,11 +2,6 @@
 //! directly and through the proxy (a standalone server behind, and a cluster behind), give the
 //! same reply bytes and leave the same data. The chaos run's `MSET a b c` wrote `c = ""` across
 //! slots; Redis refuses it and writes nothing.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use bytes::Bytes;
 use redis_intercept::cluster::Slot;

@@ -1,10 +1,6 @@
 //! End-to-end: client-facing auth answered by the proxy, and upstream auth with the real
 //! credentials, against real redis-server processes.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -1,9 +1,4 @@
 //! End-to-end: slot and topology logic against a real Redis Cluster.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use redis_intercept::cluster::{Slot, SlotMap};
 use redis_intercept::resp::Frame;

@@ -1,9 +1,5 @@
 //! End-to-end: clients that speak plain Redis use a real Redis Cluster through the proxy.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
 
 use std::collections::HashSet;
 use std::time::Duration;

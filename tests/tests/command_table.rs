@@ -1,9 +1,4 @@
 //! The generated command table matches what a live redis-server reports in `COMMAND`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use redis_intercept::command::{self, BeginSearch, CommandInfo, FindKeys, flags};
 use redis_intercept::resp::Frame;

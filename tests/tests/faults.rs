@@ -1,9 +1,4 @@
 //! End-to-end: fault injection (`[[service.fault]]`) against a real redis-server.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! are served by the proxy; the same clients outside reach the VIP's own server. VIPs are
 //! loopback addresses (127.0.100.x, ::1) or live in a network namespace the test makes; the
 //! programs attach only to the test's own cgroup.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "tests panic on failure"

@@ -1,10 +1,5 @@
 //! End-to-end: traffic mirroring to a second upstream, which must never slow or fail the
 //! primary path.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};

@@ -1,10 +1,5 @@
 //! A reload changes faults, mirror rates, timeouts, client limits and routes for clients that are
 //! already connected, on every worker, and names what only a restart applies.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use std::time::{Duration, Instant};
 

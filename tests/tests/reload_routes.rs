@@ -2,11 +2,6 @@
 //! builds new routes on every worker: connected clients move to them between commands
 //! (transactions, WATCH and blocked commands finish where they began), and the connections
 //! nobody uses any more are closed.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use std::time::Duration;
 

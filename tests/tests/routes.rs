@@ -1,11 +1,6 @@
 //! End-to-end: key-prefix routes (the seed's `cluster` prefix to a cluster, everything else
 //! to a single server), prefix removal, multi-key commands across routes, per-route read
 //! policy and mirrors, and mirroring to a cluster.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use std::time::Duration;
 

@@ -1,10 +1,5 @@
 //! SELECT on a standalone upstream: each client works in its own database, through shared,
 //! dedicated and mirror connections of that database, without moving anyone else.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use std::time::Duration;
 

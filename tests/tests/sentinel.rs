@@ -1,10 +1,6 @@
 //! End-to-end: a sentinel upstream follows its master through a forced failover and through
 //! the master being killed, with clients that stay connected to the proxy.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
+#![expect(clippy::expect_used, reason = "tests panic on failure")]
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,9 +1,5 @@
 //! End-to-end: the proxy in front of a real standalone redis-server, driven by real clients.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -1,10 +1,6 @@
 //! End-to-end: transactions and blocking commands through the proxy, on connections of their
 //! own, in front of a real redis-server and a real Redis Cluster.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};

@@ -1,10 +1,5 @@
 //! End-to-end: upstream TLS against a real redis-server with TLS on (Debian's build links
 //! OpenSSL), with a throwaway CA the test makes.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic on failure"
-)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -239,7 +239,7 @@ impl ClusterClient {
     }
 
     /// Splits a multi-slot MGET/MSET/DEL/… into one command per slot and merges the replies.
-    #[allow(
+    #[expect(
         clippy::too_many_arguments,
         reason = "one call site; a struct adds nothing"
     )]

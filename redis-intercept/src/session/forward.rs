@@ -16,197 +16,16 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use super::Dice;
-use super::cluster::{ClusterClient, ClusterShared};
 use super::merge::{Merge, MergeKind, Positions};
+use super::mirror::mirror;
+use super::target::Target;
 use crate::cluster::{Redirect, RedirectKind, Slot};
-use crate::command::{Command, flags};
-use crate::config::ReadPolicy;
+use crate::command::Command;
 use crate::resp::{Limits, Request, RequestParser, encode_command};
 use crate::route::{self, Prefixes, SplitKind};
-use crate::service::{Backend, RouteCtx};
+use crate::service::RouteCtx;
 use crate::upstream::dedicated::DedicatedPool;
-use crate::upstream::standalone::{Db, Standalone};
 use crate::upstream::{ConnSettings, ReplySink, SharedConn, error_reply};
-
-/// How one client reaches one upstream.
-enum Target {
-    /// A standalone server: the client's shared connection and the dedicated connections
-    /// for its selected database.
-    Conn {
-        /// The server's connections on this worker, per database.
-        server: Rc<Standalone>,
-        /// The shared connection this client uses.
-        conn: SharedConn,
-        /// Where its dedicated connections come from.
-        pool: Rc<DedicatedPool>,
-        /// The replicas reads may go to (a sentinel upstream with a read policy).
-        reads: Option<ReadTargets>,
-    },
-    /// Its routing state on a cluster.
-    Cluster(ClusterClient),
-    /// An upstream with no connection (never configured so; answers with an error).
-    None,
-}
-
-impl Target {
-    fn new(backend: &Backend, client: u64, discard: &Rc<dyn ReplySink>) -> Target {
-        match backend {
-            Backend::Standalone(server) => match pick(&server.db(0), client) {
-                Some((conn, pool)) => Target::Conn {
-                    server: Rc::clone(server),
-                    conn,
-                    pool,
-                    reads: ReadTargets::new(server, 0, client),
-                },
-                None => Target::None,
-            },
-            Backend::Cluster(pool, policy) => Target::Cluster(ClusterClient::new(ClusterShared {
-                pool: Rc::clone(pool),
-                policy: *policy,
-                client,
-                discard: Rc::clone(discard),
-            })),
-        }
-    }
-
-    fn forward(
-        &mut self,
-        req: &Request<'_>,
-        cmd: Option<Command>,
-        sink: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
-    ) -> Result<(), Bytes> {
-        match self {
-            Target::Conn {
-                conn,
-                reads: Some(reads),
-                ..
-            } if route::is_read(cmd) => reads.pick(conn)?.send(req, sink, token, deadline),
-            Target::Conn { conn, .. } => conn.send(req, sink, token, deadline),
-            Target::Cluster(cluster) => cluster.forward(req, cmd, sink, token, deadline),
-            Target::None => Err(error_reply("service has no upstream")),
-        }
-    }
-
-    /// A connection for this client alone to the node that serves `key` (as sent, prefix
-    /// cut), or to the server or any master when there is no key.
-    fn dedicated(&self, key: Option<&[u8]>) -> Result<(SharedConn, Rc<DedicatedPool>), Bytes> {
-        match self {
-            Target::Conn { conn, pool, .. } => Ok((pool.take(conn.addr()), Rc::clone(pool))),
-            Target::Cluster(cluster) => cluster.pool().dedicated(key.map(Slot::for_key)),
-            Target::None => Err(error_reply("service has no upstream")),
-        }
-    }
-
-    /// Where a client's plain connection of its own goes (pub/sub): the server, the master of
-    /// `channel`'s slot (sharded pub/sub), or any master.
-    fn plain_target(&self, channel: Option<&[u8]>) -> Result<(String, ConnSettings), Bytes> {
-        match self {
-            Target::Conn { conn, pool, .. } => {
-                Ok((conn.addr().to_owned(), pool.settings().clone()))
-            }
-            Target::Cluster(cluster) => cluster.pool().plain_target(channel.map(Slot::for_key)),
-            Target::None => Err(error_reply("service has no upstream")),
-        }
-    }
-}
-
-impl Target {
-    /// Moves a standalone target to database `db`'s connections (made now if this worker has
-    /// none yet). Other targets stay as they are.
-    fn select(&mut self, db: u32, client: u64) {
-        if let Target::Conn {
-            server,
-            conn,
-            pool,
-            reads,
-        } = self
-            && let Some((c, p)) = pick(&server.db(db), client)
-        {
-            *conn = c;
-            *pool = p;
-            *reads = ReadTargets::new(server, db, client);
-        }
-    }
-
-    /// Whether this is a Redis Cluster (database 0 only).
-    fn is_cluster(&self) -> bool {
-        matches!(self, Target::Cluster(_))
-    }
-}
-
-/// Where one client's reads may go on a server with replicas.
-struct ReadTargets {
-    /// The read policy.
-    policy: ReadPolicy,
-    /// The client's shared connection to each replica, for its database.
-    replicas: Vec<SharedConn>,
-    /// Turns, so reads spread over the usable nodes.
-    roll: usize,
-}
-
-impl ReadTargets {
-    /// The replicas of `server` (if reads go there) for `client` in database `db`.
-    fn new(server: &Standalone, db: u32, client: u64) -> Option<ReadTargets> {
-        let reads = server.reads()?;
-        Some(ReadTargets {
-            policy: reads.policy,
-            replicas: reads
-                .replicas
-                .iter()
-                .filter_map(|r| pick(&r.db(db), client).map(|(c, _)| c))
-                .collect(),
-            roll: client as usize,
-        })
-    }
-
-    /// The connection a read goes to, by the policy (as `route::pick_node` for a cluster
-    /// shard): `master`'s or a replica's. A connection that is connecting counts as usable.
-    fn pick<'a>(&'a mut self, master: &'a SharedConn) -> Result<&'a SharedConn, Bytes> {
-        self.roll = self.roll.wrapping_add(1);
-        let usable = |c: &&SharedConn| !c.is_down();
-        let up = self.replicas.iter().filter(usable).count();
-        let nth_up = |n: usize| self.replicas.iter().filter(usable).nth(n);
-        let replica = (up > 0).then(|| nth_up(self.roll % up)).flatten();
-        let master_up = !master.is_down();
-        Ok(match self.policy {
-            ReadPolicy::Master => master,
-            ReadPolicy::PreferMaster if master_up => master,
-            ReadPolicy::PreferMaster | ReadPolicy::PreferReplica => replica.unwrap_or(master),
-            ReadPolicy::Replica => match replica {
-                Some(r) => r,
-                // None usable: one of them anyway, so the client gets that node's error.
-                None if !self.replicas.is_empty() => {
-                    &self.replicas[self.roll % self.replicas.len()]
-                }
-                None => {
-                    return Err(error_reply(
-                        "no replica is known (read_policy = \"replica\"): the sentinels list none that is up",
-                    ));
-                }
-            },
-            ReadPolicy::Any => {
-                let n = up + usize::from(master_up);
-                match self.roll % n.max(1) {
-                    i if i < up => nth_up(i).unwrap_or(master),
-                    _ => master,
-                }
-            }
-        })
-    }
-}
-
-/// The shared connection of `db` that `client` uses, and the database's dedicated pool.
-fn pick(db: &Db, client: u64) -> Option<(SharedConn, Rc<DedicatedPool>)> {
-    let n = db.conns.len();
-    (n > 0).then(|| {
-        (
-            db.conns[(client as usize) % n].clone(),
-            Rc::clone(&db.dedicated),
-        )
-    })
-}
 
 /// A connection lent to one client (a transaction, a blocking command), on one route.
 struct Pinned {
@@ -599,14 +418,7 @@ impl Forwarder {
                 String::from_utf8_lossy(name).to_uppercase()
             )));
         };
-        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-        for &k in keys {
-            let r = cx.svc.prefixes.route_of(req.arg(k).unwrap_or_default());
-            match groups.iter_mut().find(|(g, _)| *g == r) {
-                Some((_, idx)) => idx.push(k),
-                None => groups.push((r, vec![k])),
-            }
-        }
+        let groups = cx.svc.prefixes.group_keys(req, keys);
         let positions = match kind {
             SplitKind::Values => Positions::new(
                 groups.iter().map(|(_, idx)| idx.iter().copied()),
@@ -760,42 +572,4 @@ fn other_db_on_cluster(db: u32) -> Bytes {
     error_reply(&format!(
         "database {db} is selected, and this key's route leads to a Redis Cluster, which has database 0 only"
     ))
-}
-
-/// Copies a forwarded request to a route's mirrors. A mirror that can't take it (queue full,
-/// down) drops it and counts: the client never waits for a mirror. A cluster mirror splits
-/// multi-key commands like any cluster request.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the forward's parts, borrowed separately"
-)]
-fn mirror(
-    req: &Request<'_>,
-    cmd: Option<Command>,
-    route: &RouteCtx,
-    targets: &mut [Target],
-    db: u32,
-    discard: &Rc<dyn ReplySink>,
-    dice: &mut Dice,
-    deadline: Instant,
-) {
-    let is_write = cmd.is_some_and(|c| c.info.has(flags::WRITE));
-    for (m, target) in route.mirrors.iter().zip(targets.iter_mut()) {
-        if m.exclude_reads.get() && !is_write {
-            continue;
-        }
-        let per_10000 = m.per_10000.get();
-        if per_10000 < 10_000 && dice.below(10_000) >= per_10000 {
-            continue;
-        }
-        if db != 0 && target.is_cluster() {
-            // A cluster has database 0 only: a copy there would land in the wrong keyspace.
-            m.dropped.inc();
-            continue;
-        }
-        match target.forward(req, cmd, Rc::clone(discard), 0, deadline + m.batch_delay) {
-            Ok(()) => m.sent.inc(),
-            Err(_) => m.dropped.inc(),
-        };
-    }
 }

@@ -131,8 +131,6 @@ impl DedicatedPool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests panic on failure")]
-
     use std::time::Duration;
 
     use super::*;

@@ -10,7 +10,7 @@
 //! Usage: `ri-probe [--cgroup DIR] ADDR (COMMAND… | --bench N | --check N [--slow] |
 //! --backlog N | --flood)`. ADDR may be
 //! `[::ffff:127.0.100.1]:6379` for a v4-mapped connect from an IPv6 socket.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "a test tool: failing loudly is the point"
