@@ -214,20 +214,27 @@ pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (for each impl): the types are `#[repr(C)]`, made only of `u32` fields (no
-    // padding, every bit pattern valid), as `aya::Pod` requires.
+    // Each type below is `#[repr(C)]` and made only of `u32` fields: no padding, and every bit
+    // pattern is valid, as `aya::Pod` requires.
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    // SAFETY: `ServiceKeyV4` is `#[repr(C)]` with `u32` fields only (see above).
     unsafe impl aya::Pod for super::ServiceKeyV4 {}
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    // SAFETY: `ServiceKeyV6` is `#[repr(C)]` with `u32` fields only (see above).
     unsafe impl aya::Pod for super::ServiceKeyV6 {}
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    // SAFETY: `ServiceValue` is `#[repr(C)]` with `u32` fields only (see above).
     unsafe impl aya::Pod for super::ServiceValue {}
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    // SAFETY: `Settings` is `#[repr(C)]` with `u32` fields only (see above).
     unsafe impl aya::Pod for super::Settings {}
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    // SAFETY: `OrigDst` is `#[repr(C)]` with `u32` fields only (see above).
     unsafe impl aya::Pod for super::OrigDst {}
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    // SAFETY: `ProxyAddr` is `#[repr(C)]` with `u32` fields only (see above).
     unsafe impl aya::Pod for super::ProxyAddr {}
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    // SAFETY: `SockPair` is `#[repr(C)]` with `u32` fields only (see above).
     unsafe impl aya::Pod for super::SockPair {}
 }

@@ -187,6 +187,8 @@ fn redirect_v4(ctx: &SockAddrContext, ip: u32, port: u32) -> Option<(u32, u32)> 
 
 #[cgroup_sock_addr(connect4)]
 pub fn redis_intercept_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid, exclusive `bpf_sock_addr` for the
+    // length of this run; the verifier checks every field access.
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
         return PROCEED;
@@ -211,6 +213,8 @@ pub fn redis_intercept_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn redis_intercept_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid, exclusive `bpf_sock_addr` for the
+    // length of this run; the verifier checks every field access.
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
         return PROCEED;
@@ -281,6 +285,8 @@ pub fn redis_intercept_getpeername4(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = orig_dst(&ctx)
         && orig.family == 4
     {
+        // SAFETY: the kernel hands the program a valid, exclusive `bpf_sock_addr` for the
+        // length of this run; the verifier checks every field access.
         let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
         sa.user_ip4 = orig.ip4;
         sa.user_port = orig.port;
@@ -291,6 +297,8 @@ pub fn redis_intercept_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn redis_intercept_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = orig_dst(&ctx) {
+        // SAFETY: the kernel hands the program a valid, exclusive `bpf_sock_addr` for the
+        // length of this run; the verifier checks every field access.
         let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
         if orig.family == 4 {
             sa.user_ip6[0] = 0;
@@ -532,6 +540,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// SAFETY: the kernel reads the license from this section by name; nothing else uses the
+// symbol, so keeping its name unmangled can't clash.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

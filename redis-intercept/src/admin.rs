@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::config::{Config, Mode};
+use crate::locks::{LockRecovered, RwLockRecovered};
 use crate::metrics::{Metrics, NodeLabels};
 use crate::upstream::cluster_nodes::ClusterStatus;
 
@@ -158,29 +159,18 @@ impl AdminState {
     /// Shows `config` at `/config`, and checks what it needs at `/ready`, from now on (after
     /// a reload). `clusters` are the statuses its workers publish to.
     pub fn set_running(&self, config: &Config, clusters: HashMap<String, Arc<ClusterStatus>>) {
-        *self
-            .config_toml
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = redacted_toml(config);
-        *self
-            .needs
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Needs::of(config, self.workers, clusters);
+        *self.config_toml.write_recovered() = redacted_toml(config);
+        *self.needs.write_recovered() = Needs::of(config, self.workers, clusters);
     }
 
     fn needs(&self) -> std::sync::RwLockReadGuard<'_, Needs> {
-        self.needs
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.needs.read_recovered()
     }
 
     /// Copies the eBPF counters into the metrics about to be served.
     fn copy_intercept_counters(&self) {
         let Some(slot) = &self.intercept else { return };
-        let guard = slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = slot.locked();
         let Some(Ok(counters)) = guard.as_ref().map(|i| i.counters()) else {
             return;
         };
@@ -217,9 +207,7 @@ impl AdminState {
                 "interception is not configured ([intercept] is absent)\n".into(),
             );
         };
-        let guard = slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = slot.locked();
         let Some(i) = guard.as_ref() else {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -286,9 +274,7 @@ impl AdminState {
                 );
             }
         };
-        let mut guard = slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = slot.locked();
         let Some(i) = guard.as_mut() else {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -315,10 +301,7 @@ impl AdminState {
         missing: &mut Vec<String>,
     ) {
         let want = needs.expected.get(name).copied().unwrap_or(1);
-        let workers = status
-            .workers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let workers = status.workers.locked();
         let mut masters = std::collections::BTreeSet::new();
         for (i, view) in workers.iter().enumerate() {
             match view {
@@ -356,10 +339,7 @@ impl AdminState {
         let mut names: Vec<&String> = needs.clusters.keys().collect();
         names.sort();
         for name in names {
-            let workers = needs.clusters[name]
-                .workers
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let workers = needs.clusters[name].workers.locked();
             for (i, view) in workers.iter().enumerate() {
                 match view {
                     None => out.push_str(&format!("{name} worker {i}: not discovered yet\n")),
@@ -564,8 +544,7 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
         }
         "/config" => respond(StatusCode::OK, "application/toml; charset=utf-8", state
             .config_toml
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .read_recovered()
             .clone()),
         "/" => respond(
             StatusCode::OK,

@@ -36,6 +36,7 @@ use tracing::{error, info};
 use crate::admin::{Admin, AdminState};
 use crate::config::Config;
 use crate::intercept::Interceptor;
+use crate::locks::LockRecovered;
 use crate::metrics::Metrics;
 use crate::service::{SharedAuth, client_auths, upstream_secrets};
 
@@ -78,11 +79,7 @@ impl Proxy {
     /// The files besides the config that a reload reads and a config watch looks at: the
     /// running services' client `password_file`s and the upstreams' TLS files.
     pub fn watched_files(&self) -> Vec<PathBuf> {
-        let running = self
-            .control
-            .running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let running = self.control.running.locked();
         let config = &running.config;
         let mut out: Vec<PathBuf> = config
             .services
@@ -97,8 +94,7 @@ impl Proxy {
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
         self.control
             .services
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .locked()
             .iter()
             .find(|s| s.name == name)
             .map(|s| s.addr)
@@ -117,10 +113,7 @@ impl Proxy {
         // loses the data queued on it.
         let mut interceptor = None;
         if let Some(slot) = &self.control.intercept {
-            interceptor = slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
+            interceptor = slot.locked().take();
             if let Some(i) = &mut interceptor
                 && i.is_attached()
             {

@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod intercept;
+pub mod locks;
 pub mod metrics;
 pub mod resp;
 pub mod route;

@@ -15,6 +15,7 @@ use crate::admin::AdminState;
 use crate::config::Config;
 use crate::intercept::InterceptSlot;
 use crate::intercept::{self, Interceptor};
+use crate::locks::LockRecovered;
 
 /// Loads the eBPF programs for `[intercept]` with the services' VIPs.
 pub(super) fn load_interceptor(
@@ -81,7 +82,7 @@ pub(super) fn spawn_attacher(
             while !*shutdown.borrow() {
                 match state.ready() {
                     Ok(()) => {
-                        let mut guard = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let mut guard = slot.locked();
                         if let Some(i) = guard.as_mut()
                             && let Err(e) = i.attach()
                         {

@@ -20,6 +20,7 @@ use super::{BoundService, Proxy, files, live, sentinel};
 use crate::admin::AdminState;
 use crate::config::{Config, Mode};
 use crate::intercept::InterceptSlot;
+use crate::locks::{LockRecovered, RwLockRecovered};
 use crate::service::{ClientAuth, SharedAuth, UpstreamSecrets, client_auths, upstream_secrets};
 use crate::upstream::cluster_nodes::ClusterStatus;
 use crate::upstream::sentinel::View;
@@ -68,10 +69,7 @@ impl Control {
     /// A password or TLS file that can't be read, a new service's port that can't be bound,
     /// or VIPs the eBPF map refuses; nothing changes then.
     pub fn reload(&self, new: &Config) -> Result<Vec<String>> {
-        let mut running = self
-            .running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut running = self.running.locked();
         // A master stays known only for the sentinels and name it came from: a sentinel
         // upstream the file adds, or whose nodes or master_name changed, is asked now,
         // before clients go there.
@@ -84,20 +82,13 @@ impl Control {
             };
             same(new).is_some() && same(new) == same(&old)
         };
-        let mut masters = self
-            .masters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let mut masters = self.masters.locked().clone();
         masters.retain(|name, _| keep(name));
         let found = sentinel::first_masters(new, &masters);
         masters.extend(found.clone());
         let notes = self.apply(&mut running, new, &masters)?;
         // Applied: the same change to the map (the watcher may have written to it since).
-        let mut now = self
-            .masters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut now = self.masters.locked();
         now.retain(|name, _| keep(name));
         now.extend(found);
         Ok(notes)
@@ -105,20 +96,13 @@ impl Control {
 
     /// The configuration running now.
     pub(super) fn config(&self) -> Config {
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .config
-            .clone()
+        self.running.locked().config.clone()
     }
 
     /// Records what the sentinels of upstream `name` say; true if the master or the
     /// replicas changed.
     pub(super) fn set_master(&self, name: &str, view: View) -> bool {
-        let mut masters = self
-            .masters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut masters = self.masters.locked();
         let old = masters.insert(name.to_owned(), view.clone());
         match old {
             Some(old) if old == view => false,
@@ -138,16 +122,9 @@ impl Control {
     /// upstreams whose master moved get new connections, nothing else changes. (Under the
     /// reload lock, so a file reload can't come between reading the config and applying it.)
     pub(super) fn follow_masters(&self) -> Result<Vec<String>> {
-        let mut running = self
-            .running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut running = self.running.locked();
         let config = running.config.clone();
-        let masters = self
-            .masters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let masters = self.masters.locked().clone();
         self.apply(&mut running, &config, &masters)
     }
 
@@ -275,7 +252,7 @@ impl Control {
         removed: &[String],
         added: &[AddedService],
     ) -> Result<Vec<String>> {
-        let mut services = lock(&self.services);
+        let mut services = self.services.locked();
         let mut bound: Vec<BoundService> = services
             .iter()
             .filter(|s| !removed.contains(&s.name))
@@ -286,7 +263,7 @@ impl Control {
             addr: a.addr,
         }));
         if let Some(slot) = &self.intercept
-            && let Some(interceptor) = lock(slot).as_mut()
+            && let Some(interceptor) = slot.locked().as_mut()
         {
             interceptor
                 .set_vips(&vips(new, &bound))
@@ -299,7 +276,7 @@ impl Control {
         drop(services);
         let mut notes = Vec::new();
         if let (Some(slot), Some(ic)) = (&self.intercept, &new.intercept)
-            && let Some(interceptor) = lock(slot).as_mut()
+            && let Some(interceptor) = slot.locked().as_mut()
         {
             notes.extend(
                 interceptor
@@ -319,16 +296,14 @@ impl Control {
         auths: &[Option<ClientAuth>],
         added: &[AddedService],
     ) {
-        let mut slots = lock(&self.client_auths);
+        let mut slots = self.client_auths.locked();
         let mut kept = Vec::new();
         for (slot, svc) in slots.iter().zip(&old.services) {
             let Some(j) = new.services.iter().position(|s| s.name == svc.name) else {
                 continue;
             };
             if let Some(auth) = auths.get(j) {
-                *slot
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = auth.clone();
+                *slot.write_recovered() = auth.clone();
             }
             kept.push(Arc::clone(slot));
         }
@@ -432,12 +407,6 @@ fn diff_services(old: &Config, new: &Config) -> ServiceDiff {
         removed,
         added,
     }
-}
-
-/// Locks `m`, taking the data of a poisoned lock as it is: every value guarded here is whole
-/// at every await and panic point.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Handles SIGHUP, a change the config watch saw, and `POST /reload`: reads and checks the

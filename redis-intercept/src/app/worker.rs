@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use super::live;
 use super::reload::Reloaded;
 use crate::config::Config;
+use crate::locks::LockRecovered;
 use crate::metrics::Metrics;
 use crate::resp::Limits;
 use crate::service::{Discard, ServiceCtx, Shared, SharedAuth, UpstreamSecrets, Upstreams};
@@ -280,8 +281,7 @@ pub(super) async fn serve_added(
         };
         let listener = added
             .listeners
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .locked()
             .get_mut(ups.worker)
             .and_then(Option::take);
         let Some(listener) = listener.map(tokio::net::TcpListener::from_std) else {

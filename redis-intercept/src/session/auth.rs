@@ -5,16 +5,14 @@ use bytes::Bytes;
 
 use super::ClientState;
 use super::local::OK;
+use crate::locks::RwLockRecovered;
 use crate::resp::Request;
 use crate::service::{ClientAuth, ServiceCtx};
 use crate::upstream::error_reply;
 
 /// Whether a service asks clients for credentials now.
 pub(super) fn auth_required(svc: &ServiceCtx) -> bool {
-    svc.auth
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .is_some()
+    svc.auth.read_recovered().is_some()
 }
 
 /// Redis's reply to wrong credentials.
@@ -52,10 +50,7 @@ pub(super) fn check_credentials(
     state: &mut ClientState,
     svc: &ServiceCtx,
 ) -> Result<(), Bytes> {
-    let auth = svc
-        .auth
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let auth = svc.auth.read_recovered();
     let required = auth.is_some();
     verify(user, pass, auth.as_ref(), svc.policy().legacy_auth_reject)?;
     if required {

@@ -25,6 +25,7 @@ use super::tls::Stream;
 use super::{ConnSettings, SharedConn, open, read_replies};
 use crate::cluster::{RefreshTrigger, Shard, Slot, SlotMap, TopologyError};
 use crate::config::split_host_port;
+use crate::locks::LockRecovered;
 use crate::metrics::Metrics;
 use crate::resp::{Frame, encode_command};
 use crate::signal::Signal;
@@ -65,10 +66,7 @@ impl ClusterStatus {
     fn publish(&self, worker: usize, view: TopologyView) {
         // A poisoned lock only means another worker panicked while publishing; the data is a
         // plain snapshot, still fine to overwrite.
-        let mut workers = self
-            .workers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut workers = self.workers.locked();
         if let Some(w) = workers.get_mut(worker) {
             *w = Some(view);
         }
