@@ -407,6 +407,25 @@ impl Metrics {
     }
 }
 
+/// A gauge counted up for as long as the guard lives, so every path that ends what it counts
+/// (an error, an early return, a panic) counts it down.
+#[must_use = "the gauge goes down again when the guard is dropped"]
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    /// Counts `gauge` up now, and down when the guard is dropped.
+    pub fn new(gauge: &Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Pre-resolved metric handles of one service on one worker (cheap to clone: each is an
 /// `Arc` or an `Rc`).
 #[derive(Clone)]

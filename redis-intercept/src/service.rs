@@ -17,6 +17,7 @@ pub use build::{
 };
 
 use crate::config::ReadPolicy;
+use crate::metrics::GaugeGuard;
 use crate::metrics::ServiceMetrics;
 use crate::resp::Limits;
 use crate::upstream::cluster_nodes::ClusterNodes;
@@ -61,12 +62,8 @@ pub struct ServiceCtx {
     pub newest: Rc<RefCell<Weak<ServiceCtx>>>,
     /// The upstream connections this generation opened, closed when it is dropped.
     pub owned: Owned,
-}
-
-impl Drop for ServiceCtx {
-    fn drop(&mut self) {
-        self.metrics.generations.dec();
-    }
+    /// Counts this generation in the service's `generations` gauge while it lives.
+    pub generation: GaugeGuard,
 }
 
 impl ServiceCtx {

@@ -44,6 +44,7 @@ use local::{display_name, local_reply, select};
 use replies::{Core, Failure};
 
 use crate::command::{self, Command, Handling, Local, flags};
+use crate::metrics::GaugeGuard;
 use crate::resp::{Request, RequestParser};
 use crate::service::ServiceCtx;
 use crate::signal::Signal;
@@ -161,8 +162,10 @@ pub async fn run(
         .live
         .borrow_mut()
         .insert(id, (Rc::clone(&svc.policy), Rc::clone(&core)));
-    svc.metrics.connected.inc();
-    svc.metrics.worker_connected.inc();
+    let connected = (
+        GaugeGuard::new(&svc.metrics.connected),
+        GaugeGuard::new(&svc.metrics.worker_connected),
+    );
     let mut session = Session {
         core,
         parser: RequestParser::new(svc.limits),
@@ -198,8 +201,7 @@ pub async fn run(
     sessions.live.borrow_mut().remove(&id);
     session.core.close();
     drop(stream);
-    session.svc.metrics.connected.dec();
-    session.svc.metrics.worker_connected.dec();
+    drop(connected);
     session.svc.metrics.closed(end.reason());
     if matches!(end, End::SlowReader) {
         warn!(service = %session.svc.name, client = id, ?peer, "client disconnected: replies exceeded max_client_buffer (slow reader)");

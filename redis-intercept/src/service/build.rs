@@ -14,6 +14,7 @@ use super::{
     Backend, ClientAuth, Fault, FaultAction, Mirror, Policy, RouteCtx, ServiceCtx, SharedAuth,
 };
 use crate::config::{Config, FaultConfig, FaultKind, LegacyAuth, Mode, ServiceConfig};
+use crate::metrics::GaugeGuard;
 use crate::metrics::Metrics;
 use crate::resp::Limits;
 use crate::upstream::cluster_nodes::{ClusterNodes, ClusterSettings, ClusterStatus};
@@ -123,8 +124,6 @@ impl Upstreams {
                 .map(|r| (r.prefix.as_bytes().to_vec(), r.case_insensitive))
                 .collect::<Vec<_>>(),
         );
-        // Counted down when the generation is dropped.
-        shared.metrics.generations.inc();
         let ctx = ServiceCtx {
             name: svc.name.clone(),
             routes,
@@ -136,6 +135,7 @@ impl Upstreams {
             discard: Rc::clone(&self.discard),
             newest: Rc::clone(&shared.newest),
             owned: std::mem::take(&mut self.owned),
+            generation: GaugeGuard::new(&shared.metrics.generations),
         };
         Ok((ctx, std::mem::take(&mut self.fresh)))
     }

@@ -30,6 +30,7 @@ use super::input::{InputBuf, MAX_QUERY_BUFFER, read_input};
 use super::{End, Session};
 use crate::cluster::Slot;
 use crate::command;
+use crate::metrics::GaugeGuard;
 use crate::resp::{ReplyScanner, Request, RequestParser, encode_command};
 use crate::upstream::tls::Stream;
 use crate::upstream::{ConnSettings, error_reply};
@@ -153,9 +154,9 @@ struct Pipe {
     check: Check,
     /// Which node is read first next time, so one busy node can't starve the others.
     turn: usize,
-    /// The client counts in the subscribed-clients gauge: it has a subscription on some
-    /// node, as the nodes' last confirmations say.
-    counted: bool,
+    /// The client counts in the subscribed-clients gauge while this is set: it has a
+    /// subscription on some node, as the nodes' last confirmations say.
+    counted: Option<GaugeGuard>,
 }
 
 /// Opens a pub/sub connection to `addr`; the error reply if it fails.
@@ -228,12 +229,10 @@ impl Session {
             to_client: BytesMut::new(),
             check: Check::None,
             turn: 0,
-            counted: false,
+            counted: None,
         };
         let piped = self.pipe(client, input, &mut pipe).await;
-        if pipe.counted {
-            self.svc.metrics.subscribed.dec();
-        }
+        pipe.counted = None;
         if matches!(piped, Piped::Back) && !pipe.to_client.is_empty() {
             // Messages that came before the answer go out ahead of the next replies.
             self.core.push_ready(pipe.to_client.split().freeze());
@@ -423,13 +422,8 @@ impl Session {
     /// that unsubscribed from everything stops counting at once, not at its next command.
     fn count_subscribed(&self, pipe: &mut Pipe) {
         let subscribed = pipe.nodes.iter().any(|n| n.shards + n.channels > 0);
-        if subscribed != pipe.counted {
-            pipe.counted = subscribed;
-            if subscribed {
-                self.svc.metrics.subscribed.inc();
-            } else {
-                self.svc.metrics.subscribed.dec();
-            }
+        if subscribed != pipe.counted.is_some() {
+            pipe.counted = subscribed.then(|| GaugeGuard::new(&self.svc.metrics.subscribed));
         }
     }
 

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use super::conn::{InFlight, State};
 use super::tls::Stream;
 use super::{Reply, ReplySink, SharedConn, error_reply, open};
+use crate::metrics::GaugeGuard;
 use crate::metrics::LatencyBatch;
 use crate::resp::ReplyScanner;
 
@@ -56,10 +57,10 @@ impl SharedConn {
                         info!(upstream = %inner.addr, "connected");
                     }
                     inner.state.set(State::Up);
-                    inner.metrics.up.inc();
+                    let up = GaugeGuard::new(&inner.metrics.up);
                     backoff = BACKOFF_START;
                     let reason = self.serve(stream).await;
-                    inner.metrics.up.dec();
+                    drop(up);
                     // A connection that worked gets one immediate retry before backoff.
                     reconnect_now = true;
                     reason
