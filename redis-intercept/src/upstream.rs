@@ -16,6 +16,7 @@ mod conn;
 mod connect;
 pub mod dedicated;
 mod driver;
+mod error;
 pub mod owned;
 pub mod sentinel;
 mod sink;
@@ -27,6 +28,7 @@ use bytes::Bytes;
 pub use conn::SharedConn;
 pub use connect::{ConnSettings, PasswordSource, UpstreamAuth};
 pub(crate) use connect::{open, read_replies};
+pub use error::UpstreamError;
 pub use sink::{Reply, ReplySink};
 
 /// A RESP error reply `-ERR <message>\r\n`.

@@ -32,6 +32,7 @@ use crate::cluster::Slot;
 use crate::command;
 use crate::metrics::GaugeGuard;
 use crate::resp::{ReplyScanner, Request, RequestParser, encode_command};
+use crate::upstream::UpstreamError;
 use crate::upstream::tls::Stream;
 use crate::upstream::{ConnSettings, error_reply};
 
@@ -161,17 +162,26 @@ struct Pipe {
 
 /// Opens a pub/sub connection to `addr`; the error reply if it fails.
 async fn open_node(addr: &str, settings: &ConnSettings) -> Result<Stream, Bytes> {
-    let why = match tokio::time::timeout(
+    let e = match tokio::time::timeout(
         settings.connect_timeout,
         crate::upstream::open(addr, settings),
     )
     .await
     {
         Ok(Ok(stream)) => return Ok(stream),
-        Ok(Err((_, why))) => why,
-        Err(_) => "connect timed out".to_owned(),
+        Ok(Err(UpstreamError::Connect { reason, .. } | UpstreamError::Auth { reason, .. })) => {
+            UpstreamError::Connect {
+                addr: addr.to_owned(),
+                reason,
+            }
+        }
+        Ok(Err(other)) => other,
+        Err(_) => UpstreamError::Connect {
+            addr: addr.to_owned(),
+            reason: "connect timed out".to_owned(),
+        },
     };
-    Err(error_reply(&format!("upstream {addr} unavailable: {why}")))
+    Err(e.reply())
 }
 
 /// Which count a subscription confirmation carries.

@@ -491,12 +491,12 @@ impl ClusterNodes {
         tokio::time::timeout(settings.connect_timeout, open(addr, &settings))
             .await
             .map_err(|_| format!("connect timed out after {:?}", settings.connect_timeout))?
-            .map_err(|(auth, e)| {
-                if auth {
-                    format!("authentication failed: {e}")
-                } else {
-                    e
+            .map_err(|e| match e {
+                super::UpstreamError::Auth { reason, .. } => {
+                    format!("authentication failed: {reason}")
                 }
+                super::UpstreamError::Connect { reason, .. } => reason,
+                other => other.to_string(),
             })
     }
 

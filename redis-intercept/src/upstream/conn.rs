@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use super::driver::BATCH_BYTES;
-use super::{ConnSettings, ReplySink, error_reply};
+use super::{ConnSettings, ReplySink, UpstreamError};
 use crate::metrics::NodeMetrics;
 use crate::resp::Request;
 use crate::signal::Signal;
@@ -52,7 +52,7 @@ pub(super) struct Inner {
     /// Current life-cycle state.
     pub(super) state: Cell<State>,
     /// Error reply given to requests while the connection is down.
-    pub(super) down_reply: RefCell<Bytes>,
+    pub(super) down: RefCell<UpstreamError>,
     /// Request bytes not yet handed to the socket.
     pub(super) out: RefCell<BytesMut>,
     /// Requests awaiting replies, in the order they were queued (and written).
@@ -99,9 +99,7 @@ impl SharedConn {
         dedicated: bool,
     ) -> SharedConn {
         SharedConn(Rc::new(Inner {
-            down_reply: RefCell::new(error_reply(&format!(
-                "upstream {addr} is not connected yet"
-            ))),
+            down: RefCell::new(UpstreamError::NotYet { addr: addr.clone() }),
             addr,
             settings,
             metrics,
@@ -246,14 +244,14 @@ impl SharedConn {
     ) -> Result<(), Bytes> {
         let inner = &self.0;
         if inner.state.get() == State::Down || inner.closed.get() {
-            return Err(inner.down_reply.borrow().clone());
+            return Err(inner.down.borrow().reply());
         }
         let mut out = inner.out.borrow_mut();
         if out.len() >= inner.settings.max_pending_bytes {
-            return Err(error_reply(&format!(
-                "upstream {} has too many requests queued",
-                inner.addr
-            )));
+            return Err(UpstreamError::QueueFull {
+                addr: inner.addr.clone(),
+            }
+            .reply());
         }
         let before = out.len();
         if before == 0 {

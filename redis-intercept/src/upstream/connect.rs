@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::UpstreamError;
 use super::tls::{Stream, TlsSettings};
 use crate::resp::{Limits, ReplyScanner, encode_command};
 
@@ -106,12 +107,15 @@ async fn connect_tcp(addr: &str, mark: Option<u32>) -> std::io::Result<TcpStream
     Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolved to nothing"))))
 }
 
-/// Connects to `addr` (TCP, then TLS if configured, then AUTH/READONLY). The error says
-/// whether authentication was what failed.
-pub(crate) async fn open(addr: &str, settings: &ConnSettings) -> Result<Stream, (bool, String)> {
+/// Connects to `addr` (TCP, then TLS if configured, then AUTH/READONLY/SELECT).
+pub(crate) async fn open(addr: &str, settings: &ConnSettings) -> Result<Stream, UpstreamError> {
+    let failed = |reason: String| UpstreamError::Connect {
+        addr: addr.to_owned(),
+        reason,
+    };
     let tcp = connect_tcp(addr, settings.mark)
         .await
-        .map_err(|e| (false, e.to_string()))?;
+        .map_err(|e| failed(e.to_string()))?;
     if let Err(e) = tcp.set_nodelay(true) {
         debug!(upstream = %addr, error = %e, "set_nodelay failed");
     }
@@ -120,11 +124,14 @@ pub(crate) async fn open(addr: &str, settings: &ConnSettings) -> Result<Stream, 
         .unwrap_or_default();
     let mut stream = Stream::establish(tcp, settings.tls.as_ref(), &host)
         .await
-        .map_err(|e| (false, e))?;
+        .map_err(failed)?;
     if settings.auth.is_some() || settings.readonly || settings.db != 0 {
         handshake(&mut stream, settings)
             .await
-            .map_err(|e| (true, e))?;
+            .map_err(|reason| UpstreamError::Auth {
+                addr: addr.to_owned(),
+                reason,
+            })?;
     }
     Ok(stream)
 }

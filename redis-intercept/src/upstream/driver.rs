@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::conn::{InFlight, State};
 use super::tls::Stream;
-use super::{Reply, ReplySink, SharedConn, error_reply, open};
+use super::{Reply, ReplySink, SharedConn, UpstreamError, open};
 use crate::metrics::GaugeGuard;
 use crate::metrics::LatencyBatch;
 use crate::resp::ReplyScanner;
@@ -48,8 +48,7 @@ impl SharedConn {
                 open(&inner.addr, &inner.settings),
             )
             .await;
-            let mut auth_failed = false;
-            let reason = match attempt {
+            let error = match attempt {
                 Ok(Ok(stream)) => {
                     if inner.dedicated {
                         debug!(upstream = %inner.addr, "dedicated connection up");
@@ -63,27 +62,28 @@ impl SharedConn {
                     drop(up);
                     // A connection that worked gets one immediate retry before backoff.
                     reconnect_now = true;
-                    reason
-                }
-                Ok(Err((auth, e))) => {
-                    reconnect_now = false;
-                    auth_failed = auth;
-                    if auth {
-                        format!("authentication failed: {e}")
-                    } else {
-                        e
+                    UpstreamError::Lost {
+                        addr: inner.addr.clone(),
+                        reason,
                     }
+                }
+                Ok(Err(e)) => {
+                    reconnect_now = false;
+                    e
                 }
                 Err(_) => {
                     reconnect_now = false;
-                    format!(
-                        "connect timed out after {:?}",
-                        inner.settings.connect_timeout
-                    )
+                    UpstreamError::Connect {
+                        addr: inner.addr.clone(),
+                        reason: format!(
+                            "connect timed out after {:?}",
+                            inner.settings.connect_timeout
+                        ),
+                    }
                 }
             };
             if inner.closed.get() {
-                self.fail_all(&error_reply("proxy is shutting down"));
+                self.fail_all(&UpstreamError::ShuttingDown.reply());
                 break;
             }
             inner.metrics.failures.inc();
@@ -91,13 +91,15 @@ impl SharedConn {
             if let Some(hook) = hook {
                 hook();
             }
-            let reply = if auth_failed {
-                error_reply(&format!("upstream {reason} ({})", inner.addr))
-            } else {
-                error_reply(&format!("upstream {} unavailable: {reason}", inner.addr))
+            let reason = match &error {
+                UpstreamError::Auth { reason, .. } => format!("authentication failed: {reason}"),
+                UpstreamError::Connect { reason, .. } | UpstreamError::Lost { reason, .. } => {
+                    reason.clone()
+                }
+                other => other.to_string(),
             };
-            self.fail_all(&reply);
-            *inner.down_reply.borrow_mut() = reply;
+            self.fail_all(&error.reply());
+            *inner.down.borrow_mut() = error;
             if inner.dedicated {
                 // The transaction or blocked command it carried is gone on the server too;
                 // a new connection would run the client's next commands outside of it.
@@ -119,7 +121,7 @@ impl SharedConn {
             backoff = (backoff * 2).min(inner.settings.backoff_max.max(BACKOFF_START));
         }
         inner.state.set(State::Down);
-        self.fail_all(&error_reply("proxy is shutting down"));
+        self.fail_all(&UpstreamError::ShuttingDown.reply());
     }
 
     /// Serves one established connection until it fails; returns why it ended.
@@ -351,10 +353,12 @@ impl SharedConn {
         };
         if reason.starts_with("a request timed out") {
             inner.metrics.timeouts.inc();
-            self.fail_all(&error_reply(&format!(
-                "operation timed out waiting for upstream {}",
-                inner.addr
-            )));
+            self.fail_all(
+                &UpstreamError::Timeout {
+                    addr: inner.addr.clone(),
+                }
+                .reply(),
+            );
         }
         reason
     }

@@ -4,6 +4,7 @@
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 
+use super::UpstreamError;
 use super::{ConnSettings, open, read_replies};
 use crate::resp::Frame;
 use crate::resp::encode_command;
@@ -48,7 +49,10 @@ pub async fn ask(
 
 /// One sentinel's answer.
 async fn ask_one(sentinel: &str, name: &str, settings: &ConnSettings) -> Result<View, String> {
-    let mut stream = open(sentinel, settings).await.map_err(|(_, e)| e)?;
+    let mut stream = open(sentinel, settings).await.map_err(|e| match e {
+        UpstreamError::Connect { reason, .. } => reason,
+        other => other.to_string(),
+    })?;
     let mut out = BytesMut::new();
     for sub in [&b"get-master-addr-by-name"[..], b"replicas"] {
         encode_command(
