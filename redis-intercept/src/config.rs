@@ -21,7 +21,7 @@ pub use service::{
     AuthConfig, FaultConfig, FaultKind, LegacyAuth, MirrorConfig, ReadPolicy, RouteConfig,
     ServiceConfig,
 };
-pub use units::{ByteSize, Dur, parse_duration, parse_size, split_host_port};
+pub use units::{ByteSize, Dur, NodeAddr, parse_duration, parse_size, split_host_port};
 pub use upstream::{Mode, TlsConfig, UpstreamConfig};
 
 /// Every problem found in one configuration file.

@@ -134,3 +134,69 @@ pub fn split_host_port(node: &str) -> Result<(String, u16), String> {
         .ok_or_else(|| format!("{node:?} has no valid port"))?;
     Ok((host.to_owned(), port))
 }
+
+/// A node's address as written (`host:port`, IPv6 hosts in brackets), with its host split
+/// out once, where the address is first read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeAddr {
+    /// `host:port` as written.
+    text: String,
+    /// The host, brackets removed (TLS server names and redirects that name no host use it).
+    host: String,
+}
+
+impl NodeAddr {
+    /// Parses `host:port`.
+    ///
+    /// # Errors
+    /// Why `text` is not `host:port` (see [`split_host_port`]).
+    pub fn parse(text: &str) -> Result<NodeAddr, String> {
+        let (host, _) = split_host_port(text)?;
+        Ok(NodeAddr {
+            text: text.to_owned(),
+            host,
+        })
+    }
+
+    /// An address that didn't parse, kept as written with no host (connecting to it fails
+    /// with the resolver's words).
+    pub fn unparsed(text: String) -> NodeAddr {
+        NodeAddr {
+            text,
+            host: String::new(),
+        }
+    }
+
+    /// `host:port` as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The host.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+}
+
+impl std::fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_addresses_keep_their_text_and_split_the_host_once() {
+        let v4 = NodeAddr::parse("10.0.0.5:6379").unwrap();
+        assert_eq!((v4.as_str(), v4.host()), ("10.0.0.5:6379", "10.0.0.5"));
+        let v6 = NodeAddr::parse("[::1]:7000").unwrap();
+        assert_eq!((v6.as_str(), v6.host()), ("[::1]:7000", "::1"));
+        assert_eq!(v6.to_string(), "[::1]:7000");
+        assert!(NodeAddr::parse("redis").is_err());
+        assert!(NodeAddr::parse(":6379").is_err());
+        assert_eq!(NodeAddr::unparsed("x".into()).host(), "");
+    }
+}

@@ -17,7 +17,7 @@ use super::merge::{Merge, MergeKind, Positions, info_sections};
 use super::scan::ScanSink;
 use crate::cluster::{Decision, RedirectKind, ScanCursor, Slot, SlotMap, decide};
 use crate::command::Command;
-use crate::config::{ReadPolicy, split_host_port};
+use crate::config::ReadPolicy;
 use crate::resp::{Request, encode_command};
 use crate::route::{self, CROSSSLOT, Keyless, Plan, SplitKind};
 use crate::upstream::cluster_nodes::ClusterNodes;
@@ -510,8 +510,7 @@ impl Follow {
             .sent_to
             .borrow()
             .as_ref()
-            .and_then(|c| split_host_port(c.addr()).ok())
-            .map(|(h, _)| h)
+            .map(|c| c.host().to_owned())
             .unwrap_or_default();
         let left = self.deadline.saturating_duration_since(Instant::now());
         match decide(&reply, &host, hops, left) {

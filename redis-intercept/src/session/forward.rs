@@ -271,10 +271,7 @@ impl Forwarder {
         let Some(p) = &self.pinned else {
             return false;
         };
-        let host = crate::config::split_host_port(p.conn.addr())
-            .map(|(h, _)| h)
-            .unwrap_or_default();
-        let redirect = match Redirect::parse(reply, &host) {
+        let redirect = match Redirect::parse(reply, p.conn.host()) {
             Some(r) if p.cluster && r.kind == RedirectKind::Moved => r,
             _ => return false,
         };

@@ -30,6 +30,7 @@ use super::input::{InputBuf, MAX_QUERY_BUFFER, read_input};
 use super::{End, Session};
 use crate::cluster::Slot;
 use crate::command;
+use crate::config::NodeAddr;
 use crate::metrics::GaugeGuard;
 use crate::resp::{ReplyScanner, Request, RequestParser, encode_command};
 use crate::upstream::UpstreamError;
@@ -162,9 +163,10 @@ struct Pipe {
 
 /// Opens a pub/sub connection to `addr`; the error reply if it fails.
 async fn open_node(addr: &str, settings: &ConnSettings) -> Result<Stream, Bytes> {
+    let node = NodeAddr::parse(addr).map_err(|e| error_reply(&e))?;
     let e = match tokio::time::timeout(
         settings.connect_timeout,
-        crate::upstream::open(addr, settings),
+        crate::upstream::open(&node, settings),
     )
     .await
     {

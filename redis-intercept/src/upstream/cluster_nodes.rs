@@ -24,7 +24,7 @@ use super::dedicated::DedicatedPool;
 use super::tls::Stream;
 use super::{ConnSettings, SharedConn, open, read_replies};
 use crate::cluster::{RefreshTrigger, Shard, Slot, SlotMap, TopologyError};
-use crate::config::split_host_port;
+use crate::config::NodeAddr;
 use crate::locks::LockRecovered;
 use crate::metrics::Metrics;
 use crate::resp::{Frame, encode_command};
@@ -459,9 +459,16 @@ impl ClusterNodes {
         candidates.retain(|c| seen.insert(c.clone()));
         let mut errors = Vec::new();
         for addr in candidates {
+            let node = match NodeAddr::parse(&addr) {
+                Ok(node) => node,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
             let stream = match disco.take() {
                 Some((a, s)) if a == addr => Ok(s),
-                _ => self.connect(&addr).await,
+                _ => self.connect(&node).await,
             };
             let mut stream = match stream {
                 Ok(s) => s,
@@ -470,7 +477,7 @@ impl ClusterNodes {
                     continue;
                 }
             };
-            match self.query(&mut stream, &addr).await {
+            match self.query(&mut stream, &node).await {
                 Ok(map) if map.covered() > 0 => {
                     *disco = Some((addr, stream));
                     return Ok(map);
@@ -483,7 +490,7 @@ impl ClusterNodes {
     }
 
     /// A dedicated discovery connection to `addr` (TLS and AUTH as configured).
-    async fn connect(&self, addr: &str) -> Result<Stream, String> {
+    async fn connect(&self, addr: &NodeAddr) -> Result<Stream, String> {
         let settings = ConnSettings {
             readonly: false,
             ..self.settings.conn.clone()
@@ -501,15 +508,15 @@ impl ClusterNodes {
     }
 
     /// `CLUSTER SHARDS` (Redis 7), or `CLUSTER SLOTS` where that is unknown.
-    async fn query(&self, stream: &mut Stream, addr: &str) -> Result<SlotMap, String> {
-        let host = split_host_port(addr).map(|(h, _)| h).unwrap_or_default();
+    async fn query(&self, stream: &mut Stream, addr: &NodeAddr) -> Result<SlotMap, String> {
+        let host = addr.host();
         let shards = self.cluster_command(stream, b"SHARDS").await?;
-        match SlotMap::from_cluster_shards(&shards, &host) {
+        match SlotMap::from_cluster_shards(&shards, host) {
             Ok(map) => Ok(map),
             Err(TopologyError::NodeError(e)) if e.contains("nknown") => {
-                debug!(node = addr, "CLUSTER SHARDS unknown; using CLUSTER SLOTS");
+                debug!(node = %addr, "CLUSTER SHARDS unknown; using CLUSTER SLOTS");
                 let slots = self.cluster_command(stream, b"SLOTS").await?;
-                SlotMap::from_cluster_slots(&slots, &host).map_err(|e| e.to_string())
+                SlotMap::from_cluster_slots(&slots, host).map_err(|e| e.to_string())
             }
             Err(e) => Err(e.to_string()),
         }

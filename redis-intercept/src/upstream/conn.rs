@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::driver::BATCH_BYTES;
 use super::{ConnSettings, ReplySink, UpstreamError};
+use crate::config::NodeAddr;
 use crate::metrics::NodeMetrics;
 use crate::resp::Request;
 use crate::signal::Signal;
@@ -44,7 +45,7 @@ pub struct SharedConn(pub(super) Rc<Inner>);
 
 pub(super) struct Inner {
     /// `host:port` as configured, for connecting and for messages.
-    pub(super) addr: String,
+    pub(super) addr: NodeAddr,
     /// Behaviour settings.
     pub(super) settings: ConnSettings,
     /// This node's metrics.
@@ -100,7 +101,9 @@ impl SharedConn {
     ) -> SharedConn {
         SharedConn(Rc::new(Inner {
             down: RefCell::new(UpstreamError::NotYet { addr: addr.clone() }),
-            addr,
+            // Addresses come from the config or a node's topology or redirect, all parsed
+            // before; a bad one fails its connects with the parse error.
+            addr: NodeAddr::parse(&addr).unwrap_or_else(|_| NodeAddr::unparsed(addr)),
             settings,
             metrics,
             state: Cell::new(State::Connecting),
@@ -197,7 +200,12 @@ impl SharedConn {
 
     /// The node this connection goes to.
     pub fn addr(&self) -> &str {
-        &self.0.addr
+        self.0.addr.as_str()
+    }
+
+    /// The host of the node's address, for redirects that name no host.
+    pub fn host(&self) -> &str {
+        self.0.addr.host()
     }
 
     /// Whether the connection is up right now.
@@ -249,7 +257,7 @@ impl SharedConn {
         let mut out = inner.out.borrow_mut();
         if out.len() >= inner.settings.max_pending_bytes {
             return Err(UpstreamError::QueueFull {
-                addr: inner.addr.clone(),
+                addr: inner.addr.to_string(),
             }
             .reply());
         }

@@ -11,6 +11,7 @@ use tracing::debug;
 
 use super::UpstreamError;
 use super::tls::{Stream, TlsSettings};
+use crate::config::NodeAddr;
 use crate::resp::{Limits, ReplyScanner, encode_command};
 
 /// Where the upstream password comes from.
@@ -108,28 +109,28 @@ async fn connect_tcp(addr: &str, mark: Option<u32>) -> std::io::Result<TcpStream
 }
 
 /// Connects to `addr` (TCP, then TLS if configured, then AUTH/READONLY/SELECT).
-pub(crate) async fn open(addr: &str, settings: &ConnSettings) -> Result<Stream, UpstreamError> {
+pub(crate) async fn open(
+    addr: &NodeAddr,
+    settings: &ConnSettings,
+) -> Result<Stream, UpstreamError> {
     let failed = |reason: String| UpstreamError::Connect {
-        addr: addr.to_owned(),
+        addr: addr.to_string(),
         reason,
     };
-    let tcp = connect_tcp(addr, settings.mark)
+    let tcp = connect_tcp(addr.as_str(), settings.mark)
         .await
         .map_err(|e| failed(e.to_string()))?;
     if let Err(e) = tcp.set_nodelay(true) {
         debug!(upstream = %addr, error = %e, "set_nodelay failed");
     }
-    let host = crate::config::split_host_port(addr)
-        .map(|(h, _)| h)
-        .unwrap_or_default();
-    let mut stream = Stream::establish(tcp, settings.tls.as_ref(), &host)
+    let mut stream = Stream::establish(tcp, settings.tls.as_ref(), addr.host())
         .await
         .map_err(failed)?;
     if settings.auth.is_some() || settings.readonly || settings.db != 0 {
         handshake(&mut stream, settings)
             .await
             .map_err(|reason| UpstreamError::Auth {
-                addr: addr.to_owned(),
+                addr: addr.to_string(),
                 reason,
             })?;
     }

@@ -63,7 +63,7 @@ impl SharedConn {
                     // A connection that worked gets one immediate retry before backoff.
                     reconnect_now = true;
                     UpstreamError::Lost {
-                        addr: inner.addr.clone(),
+                        addr: inner.addr.to_string(),
                         reason,
                     }
                 }
@@ -74,7 +74,7 @@ impl SharedConn {
                 Err(_) => {
                     reconnect_now = false;
                     UpstreamError::Connect {
-                        addr: inner.addr.clone(),
+                        addr: inner.addr.to_string(),
                         reason: format!(
                             "connect timed out after {:?}",
                             inner.settings.connect_timeout
@@ -355,7 +355,7 @@ impl SharedConn {
             inner.metrics.timeouts.inc();
             self.fail_all(
                 &UpstreamError::Timeout {
-                    addr: inner.addr.clone(),
+                    addr: inner.addr.to_string(),
                 }
                 .reply(),
             );

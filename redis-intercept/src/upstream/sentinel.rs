@@ -6,6 +6,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::UpstreamError;
 use super::{ConnSettings, open, read_replies};
+use crate::config::NodeAddr;
 use crate::resp::Frame;
 use crate::resp::encode_command;
 
@@ -49,7 +50,8 @@ pub async fn ask(
 
 /// One sentinel's answer.
 async fn ask_one(sentinel: &str, name: &str, settings: &ConnSettings) -> Result<View, String> {
-    let mut stream = open(sentinel, settings).await.map_err(|e| match e {
+    let sentinel = NodeAddr::parse(sentinel)?;
+    let mut stream = open(&sentinel, settings).await.map_err(|e| match e {
         UpstreamError::Connect { reason, .. } => reason,
         other => other.to_string(),
     })?;
