@@ -48,7 +48,7 @@ use crate::metrics::GaugeGuard;
 use crate::resp::{Request, RequestParser};
 use crate::service::ServiceCtx;
 use crate::signal::Signal;
-use crate::upstream::{ReplySink, error_reply};
+use crate::upstream::{ReplySink, ReplyTo, error_reply};
 
 /// Per-connection client state that local commands read and change.
 struct ClientState {
@@ -430,11 +430,14 @@ impl Session {
                 let routing = routing(&self.svc);
                 let mut cx = forward::Ctx {
                     svc: &routing,
-                    deadline,
                     dice: &mut self.dice,
                 };
-                self.forwarder
-                    .forward(&mut cx, &req, command::lookup(&req), sink, d.token)
+                self.forwarder.forward(
+                    &mut cx,
+                    &req,
+                    command::lookup(&req),
+                    ReplyTo::new(sink, d.token, deadline),
+                )
             }
             _ => Err(error_reply("internal error: delayed request lost")),
         };
@@ -578,10 +581,9 @@ fn dispatch(
             let routing = routing(svc);
             let mut cx = forward::Ctx {
                 svc: &routing,
-                deadline,
                 dice,
             };
-            let sent = forwarder.forward(&mut cx, req, cmd, sink, token);
+            let sent = forwarder.forward(&mut cx, req, cmd, ReplyTo::new(sink, token, deadline));
             if let Err(reply) = sent {
                 // The session writes its output right after dispatching; no flush needed.
                 let _ = core.deliver(token, reply.into());

@@ -29,7 +29,7 @@ pub use conn::SharedConn;
 pub use connect::{ConnSettings, PasswordSource, UpstreamAuth};
 pub(crate) use connect::{open, read_replies};
 pub use error::UpstreamError;
-pub use sink::{Reply, ReplySink};
+pub use sink::{Reply, ReplySink, ReplyTo};
 
 /// A RESP error reply `-ERR <message>\r\n`.
 pub fn error_reply(message: &str) -> Bytes {

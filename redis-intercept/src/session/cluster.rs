@@ -21,7 +21,7 @@ use crate::config::ReadPolicy;
 use crate::resp::{Request, encode_command};
 use crate::route::{self, CROSSSLOT, Keyless, Plan, SplitKind};
 use crate::upstream::cluster_nodes::ClusterNodes;
-use crate::upstream::{Reply, ReplySink, SharedConn, error_reply};
+use crate::upstream::{Reply, ReplySink, ReplyTo, SharedConn, error_reply};
 
 /// Size of the blocks request copies are cut from: small, so a request that waits long
 /// (a blocked command) pins little memory.
@@ -170,9 +170,7 @@ impl ClusterClient {
         &mut self,
         req: &Request<'_>,
         cmd: Option<Command>,
-        parent: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
         let read = route::is_read(cmd);
         let mut keys = std::mem::take(&mut self.keys);
@@ -181,26 +179,16 @@ impl ClusterClient {
         match plan {
             Plan::Slot(slot) => {
                 let request = self.encode(req);
-                self.send_slot(request, slot, read, parent, token, deadline)
+                self.send_slot(request, slot, read, to)
             }
             Plan::CrossSlot => Err(Bytes::from_static(CROSSSLOT)),
-            Plan::Split(kind, parts) => {
-                self.split(req, kind, &parts, read, parent, token, deadline)
-            }
-            Plan::Keyless(k) => self.keyless(req, k, parent, token, deadline),
+            Plan::Split(kind, parts) => self.split(req, kind, &parts, read, to),
+            Plan::Keyless(k) => self.keyless(req, k, to),
         }
     }
 
     /// Sends an encoded single-slot request to the node the read policy picks.
-    fn send_slot(
-        &self,
-        request: Kept,
-        slot: Slot,
-        read: bool,
-        parent: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
-    ) -> Result<(), Bytes> {
+    fn send_slot(&self, request: Kept, slot: Slot, read: bool, to: ReplyTo) -> Result<(), Bytes> {
         let pool = &self.shared.pool;
         let map = pool.map();
         let Some(index) = map.shard_index(slot) else {
@@ -227,31 +215,17 @@ impl ClusterClient {
         } else {
             pool.conn(node, self.shared.client)?
         };
-        Follow::send(
-            &self.shared,
-            &conn,
-            request,
-            Some(slot),
-            parent,
-            token,
-            deadline,
-        )
+        Follow::send(&self.shared, &conn, request, Some(slot), to)
     }
 
     /// Splits a multi-slot MGET/MSET/DEL/… into one command per slot and merges the replies.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site; a struct adds nothing"
-    )]
     fn split(
         &self,
         req: &Request<'_>,
         kind: SplitKind,
         parts: &[(Slot, usize)],
         read: bool,
-        parent: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
         let name = req.arg(0).unwrap_or_default();
         let positions = match kind {
@@ -262,7 +236,8 @@ impl ClusterClient {
             _ => Positions::default(),
         };
         let count = route::slot_groups(parts).count();
-        let merge = Merge::new(parent, token, MergeKind::Split(kind, positions), count);
+        let _deadline = to.deadline;
+        let merge = Merge::new(to.sink, to.token, MergeKind::Split(kind, positions), count);
         let sink: Rc<dyn ReplySink> = merge.clone();
         // Every part is encoded into one buffer and split off it: one allocation in all.
         let size: usize = req.args().map(|a| a.len() + 16).sum::<usize>() + parts.len() * 32;
@@ -285,9 +260,7 @@ impl ClusterClient {
                 out.split().freeze().into(),
                 slot,
                 read,
-                Rc::clone(&sink),
-                i as u64,
-                deadline,
+                ReplyTo::new(Rc::clone(&sink), i as u64, to.deadline),
             ) {
                 let _ = merge.deliver(i as u64, e.into());
             }
@@ -296,14 +269,7 @@ impl ClusterClient {
     }
 
     /// Commands without keys: one master, every master, SCAN or INFO.
-    fn keyless(
-        &self,
-        req: &Request<'_>,
-        kind: Keyless,
-        parent: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
-    ) -> Result<(), Bytes> {
+    fn keyless(&self, req: &Request<'_>, kind: Keyless, to: ReplyTo) -> Result<(), Bytes> {
         let pool = &self.shared.pool;
         let map = pool.map();
         let masters = map.serving_masters();
@@ -317,45 +283,25 @@ impl ClusterClient {
             Keyless::AnyMaster | Keyless::RandomKey => {
                 let node = masters[self.next_roll() as usize % masters.len()];
                 let conn = pool.conn(node, self.shared.client)?;
-                Follow::send(
-                    &self.shared,
-                    &conn,
-                    self.encode(req),
-                    None,
-                    parent,
-                    token,
-                    deadline,
-                )
+                Follow::send(&self.shared, &conn, self.encode(req), None, to)
             }
-            Keyless::Scan => self.scan(req, &map, parent, token, deadline),
+            Keyless::Scan => self.scan(req, &map, to),
             Keyless::Info => {
                 let sections = info_sections(req);
                 let merge_kind = MergeKind::Info(sections, Rc::clone(&map), pool.name().into());
                 if !sections.keyspace {
                     // Nothing to ask the masters.
-                    let merge = Merge::new(parent, token, merge_kind, 0);
+                    let merge = Merge::new(to.sink, to.token, merge_kind, 0);
                     let _ = merge.finish();
                     return Ok(());
                 }
                 let mut out = BytesMut::new();
                 encode_command([&b"INFO"[..], b"keyspace"].into_iter(), &mut out);
-                self.broadcast(
-                    &masters,
-                    out.freeze().into(),
-                    merge_kind,
-                    parent,
-                    token,
-                    deadline,
-                )
+                self.broadcast(&masters, out.freeze().into(), merge_kind, to)
             }
-            Keyless::Concat | Keyless::Sum | Keyless::AllOk | Keyless::First => self.broadcast(
-                &masters,
-                self.encode(req),
-                MergeKind::All(kind),
-                parent,
-                token,
-                deadline,
-            ),
+            Keyless::Concat | Keyless::Sum | Keyless::AllOk | Keyless::First => {
+                self.broadcast(&masters, self.encode(req), MergeKind::All(kind), to)
+            }
         }
     }
 
@@ -365,11 +311,10 @@ impl ClusterClient {
         masters: &[&str],
         request: Kept,
         kind: MergeKind,
-        parent: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
-        let merge = Merge::new(parent, token, kind, masters.len());
+        let _deadline = to.deadline;
+        let merge = Merge::new(to.sink, to.token, kind, masters.len());
         let sink: Rc<dyn ReplySink> = merge.clone();
         for (i, node) in masters.iter().enumerate() {
             let sent = self
@@ -382,9 +327,7 @@ impl ClusterClient {
                         &conn,
                         request.clone(),
                         None,
-                        Rc::clone(&sink),
-                        i as u64,
-                        deadline,
+                        ReplyTo::new(Rc::clone(&sink), i as u64, to.deadline),
                     )
                 });
             if let Err(e) = sent {
@@ -396,14 +339,7 @@ impl ClusterClient {
 
     /// One step of a cluster-wide SCAN: the shard the cursor names, with the cursor rewritten
     /// in the reply (see [`ScanCursor`]).
-    fn scan(
-        &self,
-        req: &Request<'_>,
-        map: &Rc<SlotMap>,
-        parent: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
-    ) -> Result<(), Bytes> {
+    fn scan(&self, req: &Request<'_>, map: &Rc<SlotMap>, to: ReplyTo) -> Result<(), Bytes> {
         let cursor = req
             .arg(1)
             .and_then(|c| std::str::from_utf8(c).ok())
@@ -424,14 +360,15 @@ impl ClusterClient {
             &mut out,
         );
         let conn = self.shared.pool.conn(master, self.shared.client)?;
+        let deadline = to.deadline;
         let sink = Rc::new(ScanSink {
-            parent,
-            token,
+            parent: to.sink,
+            token: to.token,
             map: Rc::clone(map),
             shard: step.shard,
         });
         // SCAN always goes to the master: a node's cursor is only valid on that node.
-        conn.send_encoded(&out, sink, 0, deadline)
+        conn.send_encoded(&out, ReplyTo::new(sink, 0, deadline))
     }
 }
 
@@ -465,14 +402,13 @@ impl Follow {
         conn: &SharedConn,
         request: Kept,
         slot: Option<Slot>,
-        parent: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
+        let deadline = to.deadline;
         let follow = Rc::new_cyclic(|me| Follow {
             shared: Rc::clone(shared),
-            parent,
-            token,
+            parent: to.sink,
+            token: to.token,
             request,
             slot,
             hops: Cell::new(0),
@@ -482,7 +418,7 @@ impl Follow {
         });
         follow
             .request
-            .with(|resp| conn.send_encoded(resp, follow.clone(), 0, deadline))
+            .with(|resp| conn.send_encoded(resp, ReplyTo::new(follow.clone(), 0, deadline)))
     }
 
     /// Re-sends after a redirect; `Err` is the reply to give instead.
@@ -492,9 +428,13 @@ impl Follow {
         };
         let result = self.request.with(|resp| {
             if asking {
-                conn.send_asking(resp, Rc::clone(&self.shared.discard), me, 0, self.deadline)
+                conn.send_asking(
+                    resp,
+                    Rc::clone(&self.shared.discard),
+                    ReplyTo::new(me, 0, self.deadline),
+                )
             } else {
-                conn.send_encoded(resp, me, 0, self.deadline)
+                conn.send_encoded(resp, ReplyTo::new(me, 0, self.deadline))
             }
         });
         *self.sent_to.borrow_mut() = Some(conn);

@@ -13,7 +13,6 @@
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::time::Instant;
 
 use super::Dice;
 use super::merge::{Merge, MergeKind, Positions};
@@ -25,7 +24,7 @@ use crate::resp::{Limits, Request, RequestParser, encode_command};
 use crate::route::{self, Prefixes, SplitKind};
 use crate::service::RouteCtx;
 use crate::upstream::dedicated::DedicatedPool;
-use crate::upstream::{ConnSettings, ReplySink, SharedConn, error_reply};
+use crate::upstream::{ConnSettings, ReplySink, ReplyTo, SharedConn, error_reply};
 
 /// A connection lent to one client (a transaction, a blocking command), on one route.
 struct Pinned {
@@ -79,18 +78,8 @@ pub struct Routing<'a> {
 pub struct Ctx<'a, 'd> {
     /// The service's routes.
     pub svc: &'a Routing<'a>,
-    /// When the client stops waiting.
-    pub deadline: Instant,
     /// Dice for mirror sampling.
     pub dice: &'d mut Dice,
-}
-
-/// Where a request's reply goes.
-struct To {
-    /// The receiver.
-    sink: Rc<dyn ReplySink>,
-    /// The receiver's token for the reply.
-    token: u64,
 }
 
 impl Forwarder {
@@ -311,7 +300,7 @@ impl Forwarder {
         cx: &mut Ctx<'_, '_>,
         req: &Request<'_>,
         cmd: Option<Command>,
-        to: To,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
         let route = self.route_of(cx.svc, req, cmd)?;
         let Some(pinned) = &mut self.pinned else {
@@ -329,7 +318,7 @@ impl Forwarder {
         if let Some(c) = cmd {
             c.info.key_indexes(req, &mut keys);
         }
-        let result = pinned_send(pinned, req, &keys, cut, to, cx.deadline);
+        let result = pinned_send(pinned, req, &keys, cut, to);
         self.keys = keys;
         result
     }
@@ -343,10 +332,8 @@ impl Forwarder {
         cx: &mut Ctx<'_, '_>,
         req: &Request<'_>,
         cmd: Option<Command>,
-        sink: Rc<dyn ReplySink>,
-        token: u64,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
-        let to = To { sink, token };
         if self.pinned.is_some() {
             return self.send_pinned(cx, req, cmd, to);
         }
@@ -388,7 +375,7 @@ impl Forwarder {
         req: &Request<'_>,
         cmd: Option<Command>,
         keys: &[usize],
-        to: To,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
         let cut = Self::cut(cx.svc, route);
         if cut == 0 {
@@ -406,7 +393,7 @@ impl Forwarder {
         req: &Request<'_>,
         cmd: Option<Command>,
         keys: &[usize],
-        to: To,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
         let name = req.arg(0).unwrap_or_default();
         let Some(kind) = cmd.and_then(|c| route::split_kind(c.info.name)) else {
@@ -423,6 +410,7 @@ impl Forwarder {
             ),
             _ => Positions::default(),
         };
+        let deadline = to.deadline;
         let merge = Merge::new(
             to.sink,
             to.token,
@@ -446,10 +434,7 @@ impl Forwarder {
             }
             let mut out = BytesMut::new();
             encode_command(args.into_iter(), &mut out);
-            let part = To {
-                sink: Rc::clone(&parent),
-                token: i as u64,
-            };
+            let part = ReplyTo::new(Rc::clone(&parent), i as u64, deadline);
             if let Err(e) = self.send_encoded(cx, *route, &out, cmd, part) {
                 let _ = merge.deliver(i as u64, e.into());
             }
@@ -464,7 +449,7 @@ impl Forwarder {
         route: usize,
         encoded: &[u8],
         cmd: Option<Command>,
-        to: To,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
         let mut parser = RequestParser::new(cx.svc.limits);
         match parser.parse(encoded) {
@@ -485,7 +470,7 @@ impl Forwarder {
         route: usize,
         req: &Request<'_>,
         cmd: Option<Command>,
-        to: To,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
         let (Some(targets), Some(ctx)) = (self.routes.get_mut(route), cx.svc.routes.get(route))
         else {
@@ -494,9 +479,8 @@ impl Forwarder {
         if self.db != 0 && targets.main.is_cluster() {
             return Err(other_db_on_cluster(self.db));
         }
-        let result = targets
-            .main
-            .forward(req, cmd, to.sink, to.token, cx.deadline);
+        let deadline = to.deadline;
+        let result = targets.main.forward(req, cmd, to);
         if result.is_ok() && !ctx.mirrors.is_empty() {
             mirror(
                 req,
@@ -506,7 +490,7 @@ impl Forwarder {
                 self.db,
                 cx.svc.discard,
                 cx.dice,
-                cx.deadline,
+                deadline,
             );
         }
         result
@@ -522,8 +506,7 @@ fn pinned_send(
     req: &Request<'_>,
     keys: &[usize],
     cut: usize,
-    to: To,
-    deadline: Instant,
+    to: ReplyTo,
 ) -> Result<(), Bytes> {
     if pinned.cluster {
         for &k in keys {
@@ -541,10 +524,10 @@ fn pinned_send(
         }
     }
     if cut == 0 {
-        return pinned.conn.send(req, to.sink, to.token, deadline);
+        return pinned.conn.send(req, to);
     }
     let out = cut_keys(req, keys, cut);
-    pinned.conn.send_encoded(&out, to.sink, to.token, deadline)
+    pinned.conn.send_encoded(&out, to)
 }
 
 /// `req` encoded with the first `cut` bytes of each key (at `keys`) removed.

@@ -10,7 +10,7 @@ use super::target::Target;
 use crate::command::{Command, flags};
 use crate::resp::Request;
 use crate::service::RouteCtx;
-use crate::upstream::ReplySink;
+use crate::upstream::{ReplySink, ReplyTo};
 
 /// Copies a forwarded request to a route's mirrors. A mirror that can't take it (queue full,
 /// down) drops it and counts: the client never waits for a mirror. A cluster mirror splits
@@ -43,7 +43,8 @@ pub(super) fn mirror(
             m.dropped.inc();
             continue;
         }
-        match target.forward(req, cmd, Rc::clone(discard), 0, deadline + m.batch_delay) {
+        let to = ReplyTo::new(Rc::clone(discard), 0, deadline + m.batch_delay);
+        match target.forward(req, cmd, to) {
             Ok(()) => m.sent.inc(),
             Err(_) => m.dropped.inc(),
         };

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use super::{Core, Session, forward, routing};
 use crate::command::{Command, Handling, Local};
 use crate::resp::{Request, RequestParser};
-use crate::upstream::{ConnSettings, Reply, ReplySink, error_reply};
+use crate::upstream::{ConnSettings, Reply, ReplySink, ReplyTo, error_reply};
 
 /// Most commands held while a transaction waits for a key to pick its node; then it takes
 /// the default node (a transaction of only keyless commands).
@@ -440,13 +440,17 @@ impl Session {
                 let held_cmd = crate::command::lookup(&held_req);
                 let mut cx = forward::Ctx {
                     svc: &routing,
-                    deadline,
                     dice: &mut self.dice,
                 };
                 let sink = Rc::clone(&discard);
                 if self
                     .forwarder
-                    .forward(&mut cx, &held_req, held_cmd, sink, 0)
+                    .forward(
+                        &mut cx,
+                        &held_req,
+                        held_cmd,
+                        ReplyTo::new(sink, 0, deadline),
+                    )
                     .is_err()
                 {
                     self.stateful.dirty = true;
@@ -566,11 +570,12 @@ impl Session {
             let routing = routing(&self.svc);
             let mut cx = forward::Ctx {
                 svc: &routing,
-                deadline,
                 dice: &mut self.dice,
             };
             let sink = Rc::clone(&self.svc.discard);
-            let _ = self.forwarder.forward(&mut cx, &req, None, sink, 0);
+            let _ = self
+                .forwarder
+                .forward(&mut cx, &req, None, ReplyTo::new(sink, 0, deadline));
         }
     }
 
@@ -619,10 +624,12 @@ impl Session {
         let routing = routing(&self.svc);
         let mut cx = forward::Ctx {
             svc: &routing,
-            deadline,
             dice: &mut self.dice,
         };
-        if let Err(reply) = self.forwarder.forward(&mut cx, req, cmd, sink, token) {
+        if let Err(reply) =
+            self.forwarder
+                .forward(&mut cx, req, cmd, ReplyTo::new(sink, token, deadline))
+        {
             if self.stateful.multi {
                 self.stateful.dirty = true;
             }

@@ -5,7 +5,6 @@
 use std::rc::Rc;
 
 use bytes::Bytes;
-use tokio::time::Instant;
 
 use super::cluster::{ClusterClient, ClusterShared};
 use crate::cluster::Slot;
@@ -16,7 +15,7 @@ use crate::route;
 use crate::service::Backend;
 use crate::upstream::dedicated::DedicatedPool;
 use crate::upstream::standalone::{Db, Standalone};
-use crate::upstream::{ConnSettings, ReplySink, SharedConn, error_reply};
+use crate::upstream::{ConnSettings, ReplySink, ReplyTo, SharedConn, error_reply};
 
 /// How one client reaches one upstream.
 pub(super) enum Target {
@@ -63,18 +62,16 @@ impl Target {
         &mut self,
         req: &Request<'_>,
         cmd: Option<Command>,
-        sink: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
         match self {
             Target::Conn {
                 conn,
                 reads: Some(reads),
                 ..
-            } if route::is_read(cmd) => reads.pick(conn)?.send(req, sink, token, deadline),
-            Target::Conn { conn, .. } => conn.send(req, sink, token, deadline),
-            Target::Cluster(cluster) => cluster.forward(req, cmd, sink, token, deadline),
+            } if route::is_read(cmd) => reads.pick(conn)?.send(req, to),
+            Target::Conn { conn, .. } => conn.send(req, to),
+            Target::Cluster(cluster) => cluster.forward(req, cmd, to),
             Target::None => Err(error_reply("service has no upstream")),
         }
     }

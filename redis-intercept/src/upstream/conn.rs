@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use super::driver::BATCH_BYTES;
-use super::{ConnSettings, ReplySink, UpstreamError};
+use super::{ConnSettings, ReplySink, ReplyTo, UpstreamError};
 use crate::config::NodeAddr;
 use crate::metrics::NodeMetrics;
 use crate::resp::Request;
@@ -171,18 +171,15 @@ impl SharedConn {
         &self,
         resp: &[u8],
         discard: Rc<dyn ReplySink>,
-        sink: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
+        to: ReplyTo,
     ) -> Result<(), Bytes> {
+        let deadline = to.deadline;
         self.enqueue(
             |out| {
                 out.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
                 out.extend_from_slice(resp);
             },
-            sink,
-            token,
-            deadline,
+            to,
         )?;
         // The ASKING reply comes first: its entry goes in front of the command's.
         let mut inflight = self.0.inflight.borrow_mut();
@@ -213,19 +210,13 @@ impl SharedConn {
         self.0.state.get() == State::Up
     }
 
-    /// Queues `req`; its reply goes to `sink` with `token`. If the reply hasn't come by
-    /// `deadline`, the connection is reset and every waiting request gets an error.
+    /// Queues `req`; its reply goes to `to`. If the reply hasn't come by `to.deadline`, the
+    /// connection is reset and every waiting request gets an error.
     ///
     /// # Errors
     /// The error reply to give the client at once: the upstream is down, or its queue is full.
-    pub fn send(
-        &self,
-        req: &Request<'_>,
-        sink: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
-    ) -> Result<(), Bytes> {
-        self.enqueue(|out| req.write_resp(out), sink, token, deadline)
+    pub fn send(&self, req: &Request<'_>, to: ReplyTo) -> Result<(), Bytes> {
+        self.enqueue(|out| req.write_resp(out), to)
     }
 
     /// Like [`SharedConn::send`] for a command already encoded as RESP (e.g. one held back by
@@ -233,22 +224,18 @@ impl SharedConn {
     ///
     /// # Errors
     /// As [`SharedConn::send`].
-    pub fn send_encoded(
-        &self,
-        resp: &[u8],
-        sink: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
-    ) -> Result<(), Bytes> {
-        self.enqueue(|out| out.extend_from_slice(resp), sink, token, deadline)
+    pub fn send_encoded(&self, resp: &[u8], to: ReplyTo) -> Result<(), Bytes> {
+        self.enqueue(|out| out.extend_from_slice(resp), to)
     }
 
     pub(super) fn enqueue(
         &self,
         write: impl FnOnce(&mut BytesMut),
-        sink: Rc<dyn ReplySink>,
-        token: u64,
-        deadline: Instant,
+        ReplyTo {
+            sink,
+            token,
+            deadline,
+        }: ReplyTo,
     ) -> Result<(), Bytes> {
         let inner = &self.0;
         if inner.state.get() == State::Down || inner.closed.get() {

@@ -1,6 +1,9 @@
 //! Where replies go: the sink a request names when it is sent, and the reply as it arrives.
 
+use std::rc::Rc;
+
 use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
 
 /// Receives the reply to a request. Implemented by client sessions; the upstream side only
 /// knows the token it was given.
@@ -57,5 +60,36 @@ impl Reply<'_> {
 impl From<Bytes> for Reply<'_> {
     fn from(b: Bytes) -> Self {
         Reply::Held(b)
+    }
+}
+
+/// Where one request's reply goes: the sink, the token the sink knows the request by, and
+/// when the client stops waiting for it.
+#[derive(Clone)]
+pub struct ReplyTo {
+    /// Who gets the reply.
+    pub sink: Rc<dyn ReplySink>,
+    /// The sink's name for the request.
+    pub token: u64,
+    /// Past this the connection is reset and the request gets a timeout error.
+    pub deadline: Instant,
+}
+
+impl ReplyTo {
+    /// Where `sink`'s request `token` gets its reply, awaited until `deadline`.
+    pub fn new(sink: Rc<dyn ReplySink>, token: u64, deadline: Instant) -> ReplyTo {
+        ReplyTo {
+            sink,
+            token,
+            deadline,
+        }
+    }
+
+    /// Hands `reply` to the sink (an error made in place of the request's reply); flushes
+    /// when the sink asks for it.
+    pub fn answer(&self, reply: Bytes) {
+        if self.sink.deliver(self.token, reply.into()) {
+            self.sink.flush();
+        }
     }
 }
