@@ -13,29 +13,41 @@ use crate::config::UpstreamConfig;
 pub(super) struct Watch {
     /// The config file.
     path: PathBuf,
-    /// A hash of the config file and of every file it names that a reload reads.
+    /// The files the running config names that a reload reads.
+    files: Vec<PathBuf>,
+    /// A hash of the config file and of those files.
     last: u64,
 }
 
 impl Watch {
     /// Starts from the files as they are now.
     pub(super) fn new(path: &Path, proxy: &Proxy) -> Watch {
+        let files = proxy.watched_files();
         Watch {
+            last: fingerprint(std::iter::once(path).chain(files.iter().map(PathBuf::as_path))),
             path: path.to_owned(),
-            last: fingerprint(
-                std::iter::once(path).chain(proxy.watched_files().iter().map(PathBuf::as_path)),
-            ),
+            files,
         }
     }
 
-    /// Whether a file changed since the last look; remembers what it saw. After a reload,
-    /// call it once more so the reload's own files (a new password file) count as seen.
-    pub(super) fn changed(&mut self, proxy: &Proxy) -> bool {
-        let files = proxy.watched_files();
+    /// Whether a file changed since the last look; remembers what it saw.
+    pub(super) fn changed(&mut self) -> bool {
         let now = fingerprint(
-            std::iter::once(self.path.as_path()).chain(files.iter().map(PathBuf::as_path)),
+            std::iter::once(self.path.as_path()).chain(self.files.iter().map(PathBuf::as_path)),
         );
         std::mem::replace(&mut self.last, now) != now
+    }
+
+    /// After a reload: when the new config names other files (a new password file), they
+    /// are looked at from now on, as they are now. Otherwise what was seen before the reload
+    /// stays the baseline, so a change made while the reload ran is still seen at the next
+    /// look (looking again here would take it as seen without applying it).
+    pub(super) fn reloaded(&mut self, proxy: &Proxy) {
+        let files = proxy.watched_files();
+        if files != self.files {
+            self.files = files;
+            self.changed();
+        }
     }
 }
 

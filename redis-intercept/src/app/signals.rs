@@ -41,25 +41,32 @@ pub fn run(config: &Config, path: Option<&std::path::Path>) -> Result<()> {
                 r = tokio::signal::ctrl_c() => { r?; break; }
                 _ = term.recv() => break,
                 _ = hup.recv() => {
+                    // What the reload is about to read counts as seen.
+                    if let Some(f) = &mut files {
+                        f.changed();
+                    }
                     reload(&proxy, path);
                     if let Some(f) = &mut files {
-                        f.changed(&proxy);
+                        f.reloaded(&proxy);
                     }
                 }
                 Some(done) = async { posted.as_mut()?.recv().await }, if posted.is_some() => {
+                    if let Some(f) = &mut files {
+                        f.changed();
+                    }
                     let outcome = reload(&proxy, path);
                     if let Some(f) = &mut files {
-                        f.changed(&proxy);
+                        f.reloaded(&proxy);
                     }
                     let _ = done.send(outcome);
                 }
                 _ = tick.tick(), if every.is_some() => {
                     if let Some(f) = &mut files
-                        && f.changed(&proxy)
+                        && f.changed()
                     {
                         info!("the config file or a client password file changed: reloading");
                         reload(&proxy, path);
-                        f.changed(&proxy);
+                        f.reloaded(&proxy);
                     }
                 }
             }
