@@ -22,13 +22,16 @@ use tracing::{debug, info, warn};
 
 mod auth;
 mod cluster;
+mod dispatch;
 mod faults;
 mod forward;
 mod input;
 mod local;
 mod merge;
 mod mirror;
+mod probe;
 mod pubsub;
+mod pubsub_node;
 mod registry;
 mod replies;
 mod scan;
@@ -38,12 +41,12 @@ mod target;
 pub use registry::{ClientGuard, Sessions, next_client_id};
 
 use auth::auth_required;
+use dispatch::{dispatch, routing};
 use faults::{Delayed, Dice, inject_fault};
 use input::{InputBuf, MAX_QUERY_BUFFER, read_input};
-use local::{display_name, local_reply, select};
 use replies::{Core, Failure};
 
-use crate::command::{self, Command, Handling, Local, flags};
+use crate::command::{self, Command};
 use crate::metrics::GaugeGuard;
 use crate::resp::{Request, RequestParser};
 use crate::service::ServiceCtx;
@@ -540,84 +543,5 @@ impl Session {
         }
         self.parser = parser;
         self.svc.metrics.commands.inc_by(self.commands - before);
-    }
-}
-
-/// What a forward needs of the service.
-fn routing(svc: &ServiceCtx) -> forward::Routing<'_> {
-    forward::Routing {
-        routes: &svc.routes,
-        prefixes: &svc.prefixes,
-        discard: &svc.discard,
-        limits: svc.limits,
-    }
-}
-
-/// Handles one command: a local reply, a refusal, or a hand-off to the upstream.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the session's parts, borrowed separately"
-)]
-fn dispatch(
-    req: &Request<'_>,
-    cmd: Option<Command>,
-    core: &Rc<Core>,
-    state: &mut ClientState,
-    svc: &ServiceCtx,
-    forwarder: &mut forward::Forwarder,
-    dice: &mut Dice,
-    deadline: Instant,
-) {
-    let handling = cmd.map(|c| (c.handling, c.info));
-    if !state.authenticated && !handling.is_some_and(|(_, info)| info.has(flags::NO_AUTH)) {
-        core.push_ready(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
-        return;
-    }
-    match handling {
-        // Standalone upstreams answer unknown commands themselves, in Redis's words.
-        None | Some((Handling::Forward, _)) => {
-            let token = core.push_pending();
-            let sink: Rc<dyn ReplySink> = core.clone();
-            let routing = routing(svc);
-            let mut cx = forward::Ctx {
-                svc: &routing,
-                dice,
-            };
-            let sent = forwarder.forward(&mut cx, req, cmd, ReplyTo::new(sink, token, deadline));
-            if let Err(reply) = sent {
-                // The session writes its output right after dispatching; no flush needed.
-                let _ = core.deliver(token, reply.into());
-            }
-        }
-        Some((Handling::Local(local), _)) => {
-            // Arity was checked when the request was read (`Session::refusal`).
-            let reply = if local == Local::Select {
-                select(req, forwarder)
-            } else {
-                if local == Local::Reset {
-                    // RESET selects database 0 again, as in Redis (0 is always valid).
-                    let _ = forwarder.select(0);
-                }
-                local_reply(local, req, state, svc)
-            };
-            core.push_ready(reply);
-        }
-        Some((handling, info)) => {
-            let name = display_name(info.name);
-            let why = match handling {
-                Handling::PubSub => {
-                    "a client can't subscribe during a transaction, a WATCH or a blocking command"
-                }
-                Handling::Blocking => {
-                    "WAIT counts the replicas that acknowledged one connection's writes, and the proxy sends a client's writes over shared connections"
-                }
-                _ => {
-                    "it would act on the proxy's shared upstream connection or on the server as a whole"
-                }
-            };
-            core.push_ready(error_reply(&format!(
-                "'{name}' is not supported by redis-intercept: {why}"
-            )));
-        }
     }
 }

@@ -1,7 +1,7 @@
 //! Reload: a new config applied to the running proxy in named steps (diff the services,
 //! bind the added ones, find changed upstreams, refresh secrets, apply intercept settings,
-//! publish to the workers and wait), and the file reload that SIGHUP, the file watch and
-//! `POST /reload` trigger.
+//! publish to the workers and wait). What triggers one (SIGHUP, the file watch,
+//! `POST /reload`) is in `signals.rs`.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::bind::bind_service;
 use super::ebpf::{cgroup_rules, vips};
-use super::{BoundService, Proxy, files, live, sentinel};
+use super::{BoundService, files, live, sentinel};
 use crate::admin::AdminState;
 use crate::config::{Config, Mode};
 use crate::intercept::InterceptSlot;
@@ -407,53 +407,6 @@ fn diff_services(old: &Config, new: &Config) -> ServiceDiff {
         removed,
         added,
     }
-}
-
-/// Handles SIGHUP, a change the config watch saw, and `POST /reload`: reads and checks the
-/// file again and applies it, or logs why not. Returns whether it was applied, and the
-/// outcome in words (what `POST /reload` answers).
-pub(super) fn reload(proxy: &Proxy, path: Option<&std::path::Path>) -> (bool, String) {
-    let Some(path) = path else {
-        warn!("SIGHUP: the proxy was started without --config; nothing to reload");
-        return (false, "the proxy was started without --config\n".into());
-    };
-    let (applied, text) = match Config::load(path) {
-        Ok(config) => match proxy.reload(&config) {
-            Ok(notes) => {
-                info!(file = %path.display(), "configuration reloaded");
-                let mut text = format!("reloaded {}\n", path.display());
-                for note in notes {
-                    warn!("reload: {note}");
-                    text.push_str(&format!("note: {note}\n"));
-                }
-                (true, text)
-            }
-            Err(e) => {
-                let e = format!("{e:#}");
-                error!(error = %e, "reload failed, keeping the running config");
-                (
-                    false,
-                    format!("reload failed, keeping the running config: {e}\n"),
-                )
-            }
-        },
-        Err(e) => {
-            error!("reload failed, keeping the running config:\n{e}");
-            (
-                false,
-                format!("reload failed, keeping the running config:\n{e}\n"),
-            )
-        }
-    };
-    let m = &proxy.metrics;
-    let result = if applied { "applied" } else { "failed" };
-    m.config_reloads
-        .get_or_create(&crate::metrics::ResultLabels {
-            result: result.to_owned(),
-        })
-        .inc();
-    m.config_last_reload_successful.set(i64::from(applied));
-    (applied, text)
 }
 
 /// `config` with each sentinel upstream's `master` and `replicas` set from `masters` (unset:

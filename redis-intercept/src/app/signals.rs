@@ -1,13 +1,12 @@
-//! The process's run loop: serve until SIGTERM or SIGINT, reload on SIGHUP, on a change the
-//! file watch sees, and on `POST /reload`; then drain.
+//! The process's run loop and its OS signals: serve until SIGTERM or SIGINT, reload the
+//! config file on SIGHUP, on a change the file watch sees, and on `POST /reload`; then drain.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tracing::info;
+use tracing::{error, info, warn};
 
-use super::reload::reload;
-use super::{files, start};
+use super::{Proxy, files, start};
 use crate::config::Config;
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains and stops it. SIGHUP reloads
@@ -76,4 +75,51 @@ pub fn run(config: &Config, path: Option<&std::path::Path>) -> Result<()> {
     info!("shutting down: draining clients");
     proxy.shutdown();
     Ok(())
+}
+
+/// Handles SIGHUP, a change the config watch saw, and `POST /reload`: reads and checks the
+/// file again and applies it, or logs why not. Returns whether it was applied, and the
+/// outcome in words (what `POST /reload` answers).
+fn reload(proxy: &Proxy, path: Option<&std::path::Path>) -> (bool, String) {
+    let Some(path) = path else {
+        warn!("SIGHUP: the proxy was started without --config; nothing to reload");
+        return (false, "the proxy was started without --config\n".into());
+    };
+    let (applied, text) = match Config::load(path) {
+        Ok(config) => match proxy.reload(&config) {
+            Ok(notes) => {
+                info!(file = %path.display(), "configuration reloaded");
+                let mut text = format!("reloaded {}\n", path.display());
+                for note in notes {
+                    warn!("reload: {note}");
+                    text.push_str(&format!("note: {note}\n"));
+                }
+                (true, text)
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                error!(error = %e, "reload failed, keeping the running config");
+                (
+                    false,
+                    format!("reload failed, keeping the running config: {e}\n"),
+                )
+            }
+        },
+        Err(e) => {
+            error!("reload failed, keeping the running config:\n{e}");
+            (
+                false,
+                format!("reload failed, keeping the running config:\n{e}\n"),
+            )
+        }
+    };
+    let m = &proxy.metrics;
+    let result = if applied { "applied" } else { "failed" };
+    m.config_reloads
+        .get_or_create(&crate::metrics::ResultLabels {
+            result: result.to_owned(),
+        })
+        .inc();
+    m.config_last_reload_successful.set(i64::from(applied));
+    (applied, text)
 }

@@ -17,32 +17,25 @@
 //! rewrites the count in shard confirmations to the client's total, as one Redis would count.
 
 use std::future::poll_fn;
-use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::input::{InputBuf, MAX_QUERY_BUFFER, read_input};
+use super::pubsub_node::{Counts, Node, confirmation, open_node, poll_node};
 use super::{End, Session};
 use crate::cluster::Slot;
 use crate::command;
-use crate::config::NodeAddr;
 use crate::metrics::GaugeGuard;
-use crate::resp::{ReplyScanner, Request, RequestParser, encode_command};
-use crate::upstream::UpstreamError;
-use crate::upstream::tls::Stream;
+use crate::resp::{Request, RequestParser, encode_command};
 use crate::upstream::{ConnSettings, error_reply};
 
 /// Most bytes of client commands queued for one node before the client's input is left
 /// unread.
 const MAX_TO_NODE: usize = 1024 * 1024;
-
-/// How much room a read from a node gets.
-const READ_CHUNK: usize = 16 * 1024;
 
 /// How a pub/sub stretch of a session ended.
 pub(super) enum Piped {
@@ -99,7 +92,7 @@ enum Dest {
 }
 
 /// What a wait in the pipe ended with (`usize`: which node).
-enum Ev {
+pub(super) enum Ev {
     Signal,
     CheckTimedOut,
     ClientReadable,
@@ -108,41 +101,6 @@ enum Ev {
     NodeFlushed(usize),
     NodeRead(usize, usize),
     NodeFailed(usize, std::io::Error),
-}
-
-/// One of a subscribed client's node connections.
-struct Node {
-    /// `host:port`.
-    addr: String,
-    /// The connection.
-    stream: Stream,
-    /// Client commands not yet written.
-    to_node: BytesMut,
-    /// A write may still sit in a TLS buffer.
-    unflushed: bool,
-    /// Bytes not yet cut into frames.
-    from_node: BytesMut,
-    /// Where the next frame ends.
-    scanner: ReplyScanner,
-    /// The client's shard channels on this node (the node's last count).
-    shards: i64,
-    /// The client's channels and patterns on this node (the node's last count).
-    channels: i64,
-}
-
-impl Node {
-    fn new(addr: String, stream: Stream) -> Node {
-        Node {
-            addr,
-            stream,
-            to_node: BytesMut::new(),
-            unflushed: false,
-            from_node: BytesMut::new(),
-            scanner: ReplyScanner::default(),
-            shards: 0,
-            channels: 0,
-        }
-    }
 }
 
 /// A subscribed client's connections, and what goes to the client.
@@ -159,62 +117,6 @@ struct Pipe {
     /// The client counts in the subscribed-clients gauge while this is set: it has a
     /// subscription on some node, as the nodes' last confirmations say.
     counted: Option<GaugeGuard>,
-}
-
-/// Opens a pub/sub connection to `addr`; the error reply if it fails.
-async fn open_node(addr: &str, settings: &ConnSettings) -> Result<Stream, Bytes> {
-    let node = NodeAddr::parse(addr).map_err(|e| error_reply(&e))?;
-    let e = match tokio::time::timeout(
-        settings.connect_timeout,
-        crate::upstream::open(&node, settings),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => return Ok(stream),
-        Ok(Err(UpstreamError::Connect { reason, .. } | UpstreamError::Auth { reason, .. })) => {
-            UpstreamError::Connect {
-                addr: addr.to_owned(),
-                reason,
-            }
-        }
-        Ok(Err(other)) => other,
-        Err(_) => UpstreamError::Connect {
-            addr: addr.to_owned(),
-            reason: "connect timed out".to_owned(),
-        },
-    };
-    Err(e.reply())
-}
-
-/// Which count a subscription confirmation carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Counts {
-    /// Channels and patterns (`subscribe`, `unsubscribe`, `psubscribe`, `punsubscribe`).
-    Channels,
-    /// Shard channels (`ssubscribe`, `sunsubscribe`).
-    Shards,
-}
-
-/// What a (un)subscribe confirmation (`*3 <kind> <channel> :n`) counts, the count, and
-/// where that integer starts; `None` for any other frame.
-fn confirmation(frame: &[u8]) -> Option<(Counts, usize, i64)> {
-    const KINDS: [(&[u8], Counts); 6] = [
-        (b"*3\r\n$9\r\nsubscribe\r\n", Counts::Channels),
-        (b"*3\r\n$11\r\nunsubscribe\r\n", Counts::Channels),
-        (b"*3\r\n$10\r\npsubscribe\r\n", Counts::Channels),
-        (b"*3\r\n$12\r\npunsubscribe\r\n", Counts::Channels),
-        (b"*3\r\n$10\r\nssubscribe\r\n", Counts::Shards),
-        (b"*3\r\n$12\r\nsunsubscribe\r\n", Counts::Shards),
-    ];
-    let kind = KINDS
-        .iter()
-        .find(|(head, _)| frame.starts_with(head))
-        .map(|&(_, kind)| kind)?;
-    let body = frame.strip_suffix(b"\r\n")?;
-    // The count is the last element; the channel before it ends with CRLF.
-    let colon = body.windows(3).rposition(|w| w == b"\r\n:")? + 2;
-    let n = std::str::from_utf8(&body[colon + 1..]).ok()?.parse().ok()?;
-    Some((kind, colon, n))
 }
 
 impl Session {
@@ -600,68 +502,5 @@ impl Session {
     fn count_command(&mut self) {
         self.commands += 1;
         self.svc.metrics.commands.inc();
-    }
-}
-
-/// Polls one node: its pending write (or flush), then a read.
-fn poll_node(i: usize, node: &mut Node, cx: &mut std::task::Context<'_>) -> Option<Ev> {
-    if !node.to_node.is_empty() {
-        match Pin::new(&mut node.stream).poll_write(cx, &node.to_node) {
-            Poll::Ready(Ok(n)) => return Some(Ev::NodeWrote(i, n)),
-            Poll::Ready(Err(e)) => return Some(Ev::NodeFailed(i, e)),
-            Poll::Pending => {}
-        }
-    } else if node.unflushed {
-        match Pin::new(&mut node.stream).poll_flush(cx) {
-            Poll::Ready(Ok(())) => return Some(Ev::NodeFlushed(i)),
-            Poll::Ready(Err(e)) => return Some(Ev::NodeFailed(i, e)),
-            Poll::Pending => {}
-        }
-    }
-    node.from_node.reserve(READ_CHUNK);
-    match tokio_util::io::poll_read_buf(Pin::new(&mut node.stream), cx, &mut node.from_node) {
-        Poll::Ready(Ok(n)) => Some(Ev::NodeRead(i, n)),
-        Poll::Ready(Err(e)) => Some(Ev::NodeFailed(i, e)),
-        Poll::Pending => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_are_found_at_the_end_of_confirmations() {
-        let f = b"*3\r\n$10\r\nssubscribe\r\n$3\r\na:b\r\n:12\r\n";
-        let (kind, at, n) = confirmation(f).unwrap_or((Counts::Channels, 0, 0));
-        assert_eq!((kind, n), (Counts::Shards, 12));
-        assert_eq!(&f[at..], b":12\r\n");
-        // A channel name that looks like the count doesn't fool it.
-        let f = b"*3\r\n$12\r\nsunsubscribe\r\n$5\r\nx\r\n:7\r\n:0\r\n";
-        assert_eq!(
-            confirmation(f).map(|(k, _, n)| (k, n)),
-            Some((Counts::Shards, 0))
-        );
-        assert_eq!(
-            confirmation(b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n").map(|(k, _, n)| (k, n)),
-            Some((Counts::Channels, 1))
-        );
-        // UNSUBSCRIBE with nothing subscribed names no channel.
-        assert_eq!(
-            confirmation(b"*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n").map(|(k, _, n)| (k, n)),
-            Some((Counts::Channels, 0))
-        );
-        assert_eq!(
-            confirmation(b"*3\r\n$12\r\npunsubscribe\r\n$2\r\np*\r\n:3\r\n").map(|(_, _, n)| n),
-            Some(3)
-        );
-        assert_eq!(
-            confirmation(b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n:1\r\n"),
-            None
-        );
-        assert_eq!(
-            confirmation(b"*3\r\n$8\r\nsmessage\r\n$1\r\na\r\n$1\r\nb\r\n"),
-            None
-        );
     }
 }

@@ -16,103 +16,54 @@
 //! comes first); then they go there first, their replies dropped. If that key's slot has
 //! moved, the node's MOVED is followed once for the whole (see [`Probe`]).
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use super::{Core, Session, forward, routing};
+use super::probe::{Probe, ProbeSink};
+use super::{Session, forward, routing};
 use crate::command::{Command, Handling, Local};
 use crate::resp::{Request, RequestParser};
-use crate::upstream::{ConnSettings, Reply, ReplySink, ReplyTo, error_reply};
+use crate::upstream::{ConnSettings, ReplySink, ReplyTo, error_reply};
 
 /// Most commands held while a transaction waits for a key to pick its node; then it takes
 /// the default node (a transaction of only keyless commands).
-const MAX_HELD: usize = 64;
+pub(super) const MAX_HELD: usize = 64;
 
 /// How long a blocking command (and whatever the client queued behind it on the same
 /// connection) may wait: as long as the client asked, so no op_timeout.
-const BLOCKING_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(super) const BLOCKING_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A client's transaction and blocking-command state.
 #[derive(Default)]
 pub(super) struct Stateful {
     /// MULTI was sent and no EXEC or DISCARD yet.
-    multi: bool,
+    pub(super) multi: bool,
     /// WATCH was sent and no EXEC, DISCARD or UNWATCH has ended it.
-    watching: bool,
+    pub(super) watching: bool,
     /// The proxy refused a command inside the transaction, so EXEC must fail as Redis's
     /// does after a queueing error.
-    dirty: bool,
+    pub(super) dirty: bool,
     /// EXEC itself was refused (a wrong number of arguments): Redis then ends the
     /// transaction with `EXECABORT Transaction discarded because of: <the error>`.
-    exec_refused: Option<String>,
+    pub(super) exec_refused: Option<String>,
     /// MULTI and the commands after it, encoded (already answered), while no key has picked
     /// the transaction's node.
-    held: Vec<Bytes>,
+    pub(super) held: Vec<Bytes>,
     /// A blocking command went out on the pinned connection: requests behind it wait as long.
-    blocking: bool,
+    pub(super) blocking: bool,
     /// Input processing stopped until every owed reply is in (before pinning).
     pub(super) barrier: bool,
     /// The client subscribed: once its owed replies are written, `pubsub` serves it on a
     /// connection to this node.
     pub(super) subscribe: Option<(String, ConnSettings)>,
     /// The next command sent opens a [`Probe`], after these held commands (cluster only).
-    arm_probe: Option<Vec<Bytes>>,
+    pub(super) arm_probe: Option<Vec<Bytes>>,
     /// The first keyed command on a fresh cluster connection, until its reply shows the node
     /// owns the slot.
-    probe: Option<Probe>,
-}
-
-/// The first keyed command sent on a client's new cluster connection, kept until its reply
-/// is in: a MOVED (the slot map was out of date) sends it again, with the held commands
-/// before it, to the slot's new owner, so the transaction or blocking command runs where the
-/// key is. The client's later commands wait meanwhile (they would go to the old node).
-struct Probe {
-    /// Held commands sent before it (MULTI, keyless ones), encoded; their replies are dropped.
-    held: Vec<Bytes>,
-    /// The command, encoded as the client sent it.
-    first: Bytes,
-    /// Its reply slot.
-    token: u64,
-    /// Redirects followed so far.
-    hops: u8,
-    /// A MOVED reply, caught by [`ProbeSink`] instead of reaching the client.
-    redirect: Rc<RefCell<Option<Bytes>>>,
-}
-
-/// Redirects a probe follows before its MOVED goes to the client as it is.
-const MAX_PROBE_HOPS: u8 = 5;
-
-/// Where a probe's reply goes: a MOVED is kept for the session, anything else fills the
-/// client's reply slot.
-struct ProbeSink {
-    /// The client.
-    core: Rc<Core>,
-    /// Where a MOVED is kept.
-    redirect: Rc<RefCell<Option<Bytes>>>,
-}
-
-impl ReplySink for ProbeSink {
-    fn deliver(&self, token: u64, reply: Reply<'_>) -> bool {
-        if reply.as_slice().starts_with(b"-MOVED ") {
-            *self.redirect.borrow_mut() = Some(reply.into_bytes());
-            // The session follows it; its slot stays unfilled meanwhile.
-            self.core.signal.notify();
-            return false;
-        }
-        self.core.deliver(token, reply)
-    }
-
-    fn flush(&self) {
-        self.core.flush();
-    }
-
-    fn expects_more(&self) -> bool {
-        self.core.expects_more()
-    }
+    pub(super) probe: Option<Probe>,
 }
 
 impl Stateful {
@@ -141,7 +92,7 @@ pub(super) enum Step {
 
 /// Which transaction command a command is, if any.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Txn {
+pub(super) enum Txn {
     Multi,
     Exec,
     Discard,
@@ -149,7 +100,7 @@ enum Txn {
     Unwatch,
 }
 
-fn txn_kind(cmd: Option<Command>) -> Option<Txn> {
+pub(super) fn txn_kind(cmd: Option<Command>) -> Option<Txn> {
     let cmd = cmd.filter(|c| c.handling == Handling::Transaction)?;
     match cmd.info.name {
         "multi" => Some(Txn::Multi),
@@ -163,7 +114,7 @@ fn txn_kind(cmd: Option<Command>) -> Option<Txn> {
 
 /// Blocking commands that get a connection of their own (not WAIT: it counts replicas
 /// acknowledging one connection's writes, and the client's writes go over shared ones).
-fn is_blocking(cmd: Option<Command>) -> bool {
+pub(super) fn is_blocking(cmd: Option<Command>) -> bool {
     cmd.is_some_and(|c| c.handling == Handling::Blocking && c.info.name != "wait")
 }
 
@@ -283,7 +234,7 @@ impl Session {
 
     /// Before a command moves the client off the shared connections: while replies are owed
     /// the session waits (the ordering barrier). Its arity was checked when it was read.
-    fn not_yet(&mut self) -> Option<Step> {
+    pub(super) fn not_yet(&mut self) -> Option<Step> {
         if self.core.unfilled.get() > 0 {
             self.stateful.barrier = true;
             return Some(Step::Wait);
@@ -293,7 +244,7 @@ impl Session {
 
     /// A (un)subscribe command from a client with no other state: the session becomes a
     /// pipe once the replies it owes are written.
-    fn subscribe(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Step {
+    pub(super) fn subscribe(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Step {
         if let Some(step) = self.not_yet() {
             return step;
         }
@@ -314,7 +265,7 @@ impl Session {
     /// RESET of a client with transaction or blocking state: once the owed replies are in,
     /// the pinned connection is closed (its state ends with it) and the session answers RESET
     /// as for any client.
-    fn reset(&mut self) -> Step {
+    pub(super) fn reset(&mut self) -> Step {
         // Held commands never reached Redis and were answered already.
         self.stateful.held.clear();
         if self.core.unfilled.get() > 0 {
@@ -327,7 +278,7 @@ impl Session {
     }
 
     /// The first stateful command of a client with nothing pinned.
-    fn start(
+    pub(super) fn start(
         &mut self,
         req: &Request<'_>,
         cmd: Option<Command>,
@@ -375,7 +326,7 @@ impl Session {
     }
 
     /// A command inside a transaction whose node isn't known yet.
-    fn while_held(
+    pub(super) fn while_held(
         &mut self,
         req: &Request<'_>,
         cmd: Option<Command>,
@@ -429,7 +380,7 @@ impl Session {
 
     /// Sends held commands on the pinned connection, their replies dropped (the client had
     /// its answers when they were held).
-    fn send_held(&mut self, held: &[Bytes], deadline: Instant) {
+    pub(super) fn send_held(&mut self, held: &[Bytes], deadline: Instant) {
         let routing = routing(&self.svc);
         let discard = Rc::clone(&self.svc.discard);
         for bytes in held {
@@ -459,45 +410,8 @@ impl Session {
         }
     }
 
-    /// Follows a probe's MOVED: pins the client to the slot's new owner and sends the held
-    /// commands and the probed one there. After [`MAX_PROBE_HOPS`], or if the MOVED can't be
-    /// followed, the client gets it as it is. Also ends a probe whose reply came.
-    pub(super) fn follow_probe(&mut self) {
-        let Some(probe) = &mut self.stateful.probe else {
-            return;
-        };
-        let Some(moved) = probe.redirect.borrow_mut().take() else {
-            if self.core.unfilled.get() == 0 {
-                self.stateful.probe = None;
-            }
-            return;
-        };
-        probe.hops += 1;
-        if probe.hops > MAX_PROBE_HOPS || !self.forwarder.follow_moved(&moved) {
-            let token = probe.token;
-            self.stateful.probe = None;
-            let _ = self.core.deliver(token, moved.into());
-            return;
-        }
-        let (held, first, token) = (probe.held.clone(), probe.first.clone(), probe.token);
-        let redirect = Rc::clone(&probe.redirect);
-        let deadline = Instant::now() + self.svc.policy().op_timeout;
-        self.send_held(&held, deadline);
-        let mut parser = RequestParser::new(self.svc.limits);
-        // `first` was encoded from a parsed request, so it parses again.
-        if let Ok(Some(n)) = parser.parse(&first) {
-            let req = parser.request(&first[..n]);
-            let cmd = crate::command::lookup(&req);
-            let sink = Rc::new(ProbeSink {
-                core: Rc::clone(&self.core),
-                redirect,
-            });
-            self.send_to(&req, cmd, token, deadline, sink);
-        }
-    }
-
     /// A command of a pinned client: everything it sends goes on its own connection.
-    fn pinned(
+    pub(super) fn pinned(
         &mut self,
         req: &Request<'_>,
         cmd: Option<Command>,
@@ -550,7 +464,7 @@ impl Session {
     }
 
     /// Answers a command the proxy can't queue in a transaction, and marks it failed.
-    fn refuse_in_multi(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Step {
+    pub(super) fn refuse_in_multi(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Step {
         let name = String::from_utf8_lossy(req.arg(0).unwrap_or_default()).to_uppercase();
         self.core.push_ready(error_reply(&format!(
             "'{name}' inside MULTI is not supported by redis-intercept"
@@ -562,7 +476,7 @@ impl Session {
     }
 
     /// Sends a DISCARD whose reply nobody waits for.
-    fn send_discard(&mut self, deadline: Instant) {
+    pub(super) fn send_discard(&mut self, deadline: Instant) {
         let mut parser = RequestParser::new(self.svc.limits);
         let raw = b"*1\r\n$7\r\nDISCARD\r\n";
         if let Ok(Some(n)) = parser.parse(raw) {
@@ -580,7 +494,7 @@ impl Session {
     }
 
     /// Sends `req` on the pinned connection into a new reply slot.
-    fn send(&mut self, req: &Request<'_>, cmd: Option<Command>, deadline: Instant) {
+    pub(super) fn send(&mut self, req: &Request<'_>, cmd: Option<Command>, deadline: Instant) {
         let token = self.core.push_pending();
         let Some(held) = self.stateful.arm_probe.take() else {
             self.send_as(req, cmd, token, deadline);
@@ -602,13 +516,19 @@ impl Session {
     }
 
     /// Sends `req` on the pinned connection; its reply fills slot `token`.
-    fn send_as(&mut self, req: &Request<'_>, cmd: Option<Command>, token: u64, deadline: Instant) {
+    pub(super) fn send_as(
+        &mut self,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+        token: u64,
+        deadline: Instant,
+    ) {
         let sink: Rc<dyn ReplySink> = self.core.clone();
         self.send_to(req, cmd, token, deadline, sink);
     }
 
     /// Sends `req` on the pinned connection; its reply goes to `sink` as `token`.
-    fn send_to(
+    pub(super) fn send_to(
         &mut self,
         req: &Request<'_>,
         cmd: Option<Command>,
@@ -640,7 +560,7 @@ impl Session {
 
 /// Commands the proxy answers itself or refuses, which can't be queued in a transaction on
 /// the server (PING and ECHO can: Redis queues them).
-fn refused_in_multi(cmd: Option<Command>) -> bool {
+pub(super) fn refused_in_multi(cmd: Option<Command>) -> bool {
     cmd.is_some_and(|c| {
         !matches!(
             c.handling,
@@ -653,7 +573,7 @@ fn refused_in_multi(cmd: Option<Command>) -> bool {
 }
 
 /// `req` as RESP, to hold it.
-fn encode(req: &Request<'_>) -> Bytes {
+pub(super) fn encode(req: &Request<'_>) -> Bytes {
     let mut out = BytesMut::new();
     req.write_resp(&mut out);
     out.freeze()

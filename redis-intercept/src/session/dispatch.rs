@@ -1,0 +1,95 @@
+//! Where one command goes once it passed the checks: a local answer, a refusal, or a
+//! hand-off to the forwarder with a reply slot.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::faults::Dice;
+use super::local::{display_name, local_reply, select};
+use super::replies::Core;
+use super::{ClientState, forward};
+use crate::command::{Command, Handling, Local, flags};
+use crate::resp::Request;
+use crate::service::ServiceCtx;
+use crate::upstream::{ReplySink, ReplyTo, error_reply};
+
+/// What a forward needs of the service.
+pub(super) fn routing(svc: &ServiceCtx) -> forward::Routing<'_> {
+    forward::Routing {
+        routes: &svc.routes,
+        prefixes: &svc.prefixes,
+        discard: &svc.discard,
+        limits: svc.limits,
+    }
+}
+
+/// Handles one command: a local reply, a refusal, or a hand-off to the upstream.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the session's parts, borrowed separately"
+)]
+pub(super) fn dispatch(
+    req: &Request<'_>,
+    cmd: Option<Command>,
+    core: &Rc<Core>,
+    state: &mut ClientState,
+    svc: &ServiceCtx,
+    forwarder: &mut forward::Forwarder,
+    dice: &mut Dice,
+    deadline: Instant,
+) {
+    let handling = cmd.map(|c| (c.handling, c.info));
+    if !state.authenticated && !handling.is_some_and(|(_, info)| info.has(flags::NO_AUTH)) {
+        core.push_ready(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
+        return;
+    }
+    match handling {
+        // Standalone upstreams answer unknown commands themselves, in Redis's words.
+        None | Some((Handling::Forward, _)) => {
+            let token = core.push_pending();
+            let sink: Rc<dyn ReplySink> = core.clone();
+            let routing = routing(svc);
+            let mut cx = forward::Ctx {
+                svc: &routing,
+                dice,
+            };
+            let sent = forwarder.forward(&mut cx, req, cmd, ReplyTo::new(sink, token, deadline));
+            if let Err(reply) = sent {
+                // The session writes its output right after dispatching; no flush needed.
+                let _ = core.deliver(token, reply.into());
+            }
+        }
+        Some((Handling::Local(local), _)) => {
+            // Arity was checked when the request was read (`Session::refusal`).
+            let reply = if local == Local::Select {
+                select(req, forwarder)
+            } else {
+                if local == Local::Reset {
+                    // RESET selects database 0 again, as in Redis (0 is always valid).
+                    let _ = forwarder.select(0);
+                }
+                local_reply(local, req, state, svc)
+            };
+            core.push_ready(reply);
+        }
+        Some((handling, info)) => {
+            let name = display_name(info.name);
+            let why = match handling {
+                Handling::PubSub => {
+                    "a client can't subscribe during a transaction, a WATCH or a blocking command"
+                }
+                Handling::Blocking => {
+                    "WAIT counts the replicas that acknowledged one connection's writes, and the proxy sends a client's writes over shared connections"
+                }
+                _ => {
+                    "it would act on the proxy's shared upstream connection or on the server as a whole"
+                }
+            };
+            core.push_ready(error_reply(&format!(
+                "'{name}' is not supported by redis-intercept: {why}"
+            )));
+        }
+    }
+}
