@@ -561,19 +561,11 @@ mod tests {
 
     #[test]
     fn config_dump_redacts_passwords() {
-        let text = r#"
-            [[upstream]]
-            name = "main"
-            mode = "standalone"
-            nodes = ["127.0.0.1:6379"]
-            [[service]]
-            name = "cache"
-            listen = "127.0.0.1:16379"
-            upstream = "main"
-            [service.auth]
-            passwords = ["hunter2", "swordfish"]
-        "#;
-        let config = Config::parse(text, "t").unwrap();
+        let text = format!(
+            "{}[service.auth]\npasswords = [\"hunter2\", \"swordfish\"]\n",
+            crate::config::MINIMAL
+        );
+        let config = Config::parse(&text, "t").unwrap();
         let dump = redacted_toml(&config);
         assert!(
             !dump.contains("hunter2") && !dump.contains("swordfish"),

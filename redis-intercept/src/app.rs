@@ -18,7 +18,7 @@ pub use signals::run;
 
 use bind::bind_service;
 use ebpf::{load_interceptor, spawn_attacher};
-use reload::{Control, Reloaded, cluster_statuses, tls_fingerprints, with_masters};
+use reload::{Reloaded, Reloader, cluster_statuses, tls_fingerprints, with_masters};
 use worker::WorkerPlan;
 
 use std::collections::HashMap;
@@ -52,7 +52,7 @@ pub struct BoundService {
 /// A running proxy. Dropping it without [`Proxy::shutdown`] leaves the workers running.
 pub struct Proxy {
     /// What reloads change, shared with the sentinel watcher (which reloads on a failover).
-    control: Arc<Control>,
+    control: Arc<Reloader>,
     /// Tells workers to stop accepting and drain.
     shutdown: watch::Sender<bool>,
     /// Worker threads, joined on shutdown.
@@ -68,10 +68,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Applies a new configuration without a restart: see [`Control::reload`].
+    /// Applies a new configuration without a restart: see [`Reloader::reload`].
     ///
     /// # Errors
-    /// As [`Control::reload`]; nothing changes then.
+    /// As [`Reloader::reload`]; nothing changes then.
     pub fn reload(&self, new: &Config) -> Result<Vec<String>> {
         self.control.reload(new)
     }
@@ -274,7 +274,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
         )?),
         None => None,
     };
-    let control = Arc::new(Control {
+    let control = Arc::new(Reloader {
         intercept,
         services: std::sync::Mutex::new(services),
         client_auths: std::sync::Mutex::new(client_auths),

@@ -188,21 +188,25 @@ pub enum OnOff {
     Off,
 }
 
+/// The smallest valid config, for unit tests to build on: one standalone upstream `main`
+/// and one service `cache` in front of it (its `[[service]]` table is the last, so service
+/// settings and sub-tables can follow).
+#[cfg(test)]
+pub(crate) const MINIMAL: &str = r#"
+[[upstream]]
+name = "main"
+mode = "standalone"
+nodes = ["127.0.0.1:6379"]
+
+[[service]]
+name = "cache"
+listen = "127.0.0.1:16379"
+upstream = "main"
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const MINIMAL: &str = r#"
-        [[upstream]]
-        name = "main"
-        mode = "standalone"
-        nodes = ["127.0.0.1:6379"]
-
-        [[service]]
-        name = "cache"
-        listen = "127.0.0.1:16379"
-        upstream = "main"
-    "#;
 
     fn errors(text: &str) -> String {
         Config::parse(text, "test.toml").unwrap_err().to_string()

@@ -26,5 +26,5 @@ pub mod resp;
 pub mod route;
 pub mod service;
 pub mod session;
-pub mod signal;
 pub mod upstream;
+pub mod wake;

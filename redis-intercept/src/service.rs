@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use build::{
-    Shared, UpstreamSecrets, Upstreams, client_auths, conn_settings, percent_to_per_10000, policy,
-    upstream_auth, upstream_secrets,
+    SharedParts, UpstreamSecrets, Upstreams, client_auths, conn_settings, percent_to_per_10000,
+    policy, upstream_auth, upstream_secrets,
 };
 
 use crate::config::ReadPolicy;
@@ -21,7 +21,7 @@ use crate::metrics::GaugeGuard;
 use crate::metrics::ServiceMetrics;
 use crate::resp::Limits;
 use crate::upstream::cluster_nodes::ClusterNodes;
-use crate::upstream::owned::Owned;
+use crate::upstream::owned::GenerationConns;
 use crate::upstream::standalone::Standalone;
 use crate::upstream::{Reply, ReplySink};
 
@@ -61,7 +61,7 @@ pub struct ServiceCtx {
     /// their clients.)
     pub newest: Rc<RefCell<Weak<ServiceCtx>>>,
     /// The upstream connections this generation opened, closed when it is dropped.
-    pub owned: Owned,
+    pub owned: GenerationConns,
     /// Counts this generation in the service's `generations` gauge while it lives.
     pub generation: GaugeGuard,
 }

@@ -1,7 +1,7 @@
 //! One client connection: parse its commands, answer local ones, hand the rest to upstream
 //! connections, and write replies back strictly in request order.
 //!
-//! Each request takes a numbered slot in [`Core`]; replies fill slots as they arrive. After
+//! Each request takes a numbered slot in [`ReplySlots`]; replies fill slots as they arrive. After
 //! each upstream read, the filled prefix of a client's slots is written to the client in one
 //! system call, by the upstream task itself ([`ReplySink::flush`]): the session task is woken
 //! only when it waits on reply progress (pipeline full, closing, idle timer, full socket). A
@@ -42,16 +42,16 @@ pub use registry::{ClientGuard, Sessions, next_client_id};
 
 use auth::auth_required;
 use dispatch::{dispatch, routing};
-use faults::{Delayed, Dice, inject_fault};
+use faults::{Delayed, Sampler, inject_fault};
 use input::{InputBuf, MAX_QUERY_BUFFER, read_input};
-use replies::{Core, Failure};
+use replies::{Failure, ReplySlots};
 
 use crate::command::{self, Command};
 use crate::metrics::GaugeGuard;
 use crate::resp::{Request, RequestParser};
 use crate::service::ServiceCtx;
-use crate::signal::Signal;
 use crate::upstream::{ReplySink, ReplyTo, error_reply};
+use crate::wake::Wake;
 
 /// Per-connection client state that local commands read and change.
 struct ClientState {
@@ -121,7 +121,7 @@ impl std::fmt::Display for End {
 /// What ended a session's wait.
 enum Woke {
     /// The signal: replies flushed, shutdown, or a failure.
-    Signal,
+    Wake,
     /// The socket has input.
     Readable,
     /// The socket takes output again.
@@ -144,7 +144,7 @@ pub async fn run(
     let started = std::time::Instant::now();
     let _ = stream.set_nodelay(true);
     let stream = Rc::new(stream);
-    let core = Rc::new(Core {
+    let core = Rc::new(ReplySlots {
         stream: RefCell::new(Some(Rc::clone(&stream))),
         slots: RefCell::default(),
         head: Cell::new(0),
@@ -156,7 +156,7 @@ pub async fn run(
         wake_on_progress: Cell::new(false),
         failure: Cell::new(None),
         shutdown: Cell::new(false),
-        signal: Signal::default(),
+        signal: Wake::default(),
         sample: Cell::new(None),
         latency: svc.metrics.latency.clone(),
         tracked: RefCell::new(None),
@@ -182,7 +182,7 @@ pub async fn run(
         forwarder: forward::Forwarder::new(&svc.routes, id, &svc.discard),
         svc,
         commands: 0,
-        dice: Dice::new(
+        dice: Sampler::new(
             id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(started.elapsed().subsec_nanos()),
         ),
         delayed: None,
@@ -223,7 +223,7 @@ pub async fn run(
 
 struct Session {
     /// Reply slots shared with upstream connections.
-    core: Rc<Core>,
+    core: Rc<ReplySlots>,
     /// Request parser with its resumable state.
     parser: RequestParser,
     /// Client-visible connection state.
@@ -234,8 +234,8 @@ struct Session {
     svc: Rc<ServiceCtx>,
     /// Commands received, for the access log.
     commands: u64,
-    /// Dice for fault injection.
-    dice: Dice,
+    /// Random draws for fault injection.
+    dice: Sampler,
     /// A request held back by a delay fault; input processing waits until it is sent.
     delayed: Option<Delayed>,
     /// Transaction and blocking-command state (a connection of its own while it lasts).
@@ -337,7 +337,7 @@ impl Session {
             );
             let woke = poll_fn(|cx| {
                 if core.signal.poll(cx).is_ready() {
-                    return Poll::Ready(Woke::Signal);
+                    return Poll::Ready(Woke::Wake);
                 }
                 if out_len > 0 && stream.poll_write_ready(cx).is_ready() {
                     return Poll::Ready(Woke::Writable);
@@ -355,7 +355,7 @@ impl Session {
             })
             .await;
             match woke {
-                Woke::Signal | Woke::Writable | Woke::Delay => {}
+                Woke::Wake | Woke::Writable | Woke::Delay => {}
                 Woke::Readable => match read_input(stream, input) {
                     Ok(Some(0)) => {
                         eof = true;

@@ -25,7 +25,7 @@ pub mod tls;
 
 use bytes::Bytes;
 
-pub use conn::SharedConn;
+pub use conn::NodeConn;
 pub use connect::{ConnSettings, PasswordSource, UpstreamAuth};
 pub(crate) use connect::{open, read_replies};
 pub use error::UpstreamError;

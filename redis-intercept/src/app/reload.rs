@@ -26,7 +26,7 @@ use crate::upstream::cluster_nodes::ClusterStatus;
 use crate::upstream::sentinel::View;
 
 /// The running configuration and what a reload changes.
-pub(super) struct Control {
+pub(super) struct Reloader {
     /// Every service listener, in config order (a reload appends the services it adds).
     pub(super) services: std::sync::Mutex<Vec<BoundService>>,
     /// Client credentials of each service (config order), shared with every worker so a
@@ -50,7 +50,7 @@ pub(super) struct Control {
     pub(super) masters: std::sync::Mutex<HashMap<String, View>>,
 }
 
-impl Control {
+impl Reloader {
     /// Applies a new configuration without a restart, as far as it can be. For every
     /// service still in the file: client passwords (`[service.auth]`, with `password_file`
     /// read again), VIPs, `op_timeout`, `idle_timeout`, `max_clients`, `max_client_buffer`,
@@ -128,7 +128,7 @@ impl Control {
         self.apply(&mut running, &config, &masters)
     }
 
-    /// [`Control::reload`] with its lock held, with the sentinel upstreams' `masters`: the
+    /// [`Reloader::reload`] with its lock held, with the sentinel upstreams' `masters`: the
     /// steps below, in order. Everything that can fail comes before anything changes, except
     /// the eBPF maps (the one step that can fail after binding new services).
     pub(super) fn apply(
@@ -335,7 +335,7 @@ impl Control {
     }
 }
 
-/// What [`Control::changed_upstreams`] finds.
+/// What [`Reloader::changed_upstreams`] finds.
 struct ChangedUpstreams {
     /// Upstreams whose connections are made again.
     names: Vec<String>,

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::Control;
+use super::Reloader;
 use crate::config::{Config, Mode, UpstreamConfig};
 use crate::resp::Limits;
 use crate::service::{UpstreamSecrets, conn_settings, upstream_secrets};
@@ -112,7 +112,7 @@ fn ask_all(config: &Config, ups: &[&UpstreamConfig]) -> HashMap<String, View> {
 /// Starts the thread that follows the masters until `shutdown`. Workers report failed
 /// connections to a master on `kicks` (the upstream's name).
 pub(super) fn spawn_watch(
-    control: Arc<Control>,
+    control: Arc<Reloader>,
     kicks: mpsc::Receiver<String>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>> {
@@ -138,7 +138,7 @@ struct Due {
 }
 
 async fn watch_masters(
-    control: &Control,
+    control: &Reloader,
     mut kicks: mpsc::Receiver<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {

@@ -19,10 +19,10 @@ use crate::config::Config;
 use crate::locks::LockRecovered;
 use crate::metrics::Metrics;
 use crate::resp::Limits;
-use crate::service::{Discard, ServiceCtx, Shared, SharedAuth, UpstreamSecrets, Upstreams};
+use crate::service::{Discard, ServiceCtx, SharedAuth, SharedParts, UpstreamSecrets, Upstreams};
 use crate::session::{self, ClientGuard, Sessions};
 use crate::upstream::cluster_nodes::ClusterStatus;
-use crate::upstream::owned::Owned;
+use crate::upstream::owned::GenerationConns;
 
 /// What one worker thread needs to start.
 pub(super) struct WorkerPlan {
@@ -89,7 +89,7 @@ impl WorkerPlan {
             mark,
             kicks,
             discard: Rc::new(Discard),
-            owned: Owned::default(),
+            owned: GenerationConns::default(),
             fresh: Vec::new(),
         };
         let mut current = Vec::new();
@@ -102,7 +102,7 @@ impl WorkerPlan {
             .zip(counters)
             .zip(client_auths)
         {
-            let shared = Shared {
+            let shared = SharedParts {
                 policy: Rc::new(RefCell::new(Rc::new(crate::service::policy(svc)))),
                 metrics: metrics.service(&svc.name, index),
                 auth: client_auth,
@@ -121,7 +121,7 @@ impl WorkerPlan {
         for pool in first {
             pool.wait_first(FIRST_DISCOVERY_WAIT).await;
         }
-        let current = Rc::new(Served {
+        let current = Rc::new(WorkerServices {
             list: RefCell::new(current),
             removed: tokio::sync::Notify::new(),
         });
@@ -130,7 +130,7 @@ impl WorkerPlan {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tokio::task::spawn_local(accept_loop(
                 listener,
-                Service {
+                AcceptTarget {
                     current: Rc::clone(&current),
                     index: i,
                     name: svc.name.clone(),
@@ -186,7 +186,7 @@ pub(super) async fn follow_reloads(
     mut reloads: watch::Receiver<Arc<Reloaded>>,
     mut ups: Upstreams,
     mut config: Config,
-    current: Rc<Served>,
+    current: Rc<WorkerServices>,
     shutdown: watch::Receiver<bool>,
     sessions: Rc<Sessions>,
 ) {
@@ -214,7 +214,7 @@ pub(super) async fn follow_reloads(
             if !live::routing_changed(&old, &svc, &changed) {
                 continue;
             }
-            match ups.service(&new.config, &svc, &Shared::of(ctx)) {
+            match ups.service(&new.config, &svc, &SharedParts::of(ctx)) {
                 Ok((next, pools)) => {
                     built.push((i, Rc::new(next)));
                     fresh.extend(pools);
@@ -271,7 +271,7 @@ pub(super) async fn follow_reloads(
 pub(super) async fn serve_added(
     new: &Reloaded,
     ups: &mut Upstreams,
-    current: &Rc<Served>,
+    current: &Rc<WorkerServices>,
     shutdown: &watch::Receiver<bool>,
     sessions: &Rc<Sessions>,
 ) {
@@ -287,7 +287,7 @@ pub(super) async fn serve_added(
         let Some(listener) = listener.map(tokio::net::TcpListener::from_std) else {
             continue;
         };
-        let shared = Shared {
+        let shared = SharedParts {
             policy: Rc::new(RefCell::new(Rc::new(crate::service::policy(svc)))),
             metrics: ups.metrics.service(&svc.name, ups.worker),
             auth: Arc::clone(&added.auth),
@@ -315,7 +315,7 @@ pub(super) async fn serve_added(
         };
         tokio::task::spawn_local(accept_loop(
             listener,
-            Service {
+            AcceptTarget {
                 current: Rc::clone(current),
                 index,
                 name: svc.name.clone(),
@@ -333,7 +333,7 @@ pub(super) const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(5);
 
 /// Every service a worker serves: its newest generation, in config order (`None` once a
 /// reload removed it).
-pub(super) struct Served {
+pub(super) struct WorkerServices {
     /// The generations.
     pub(super) list: RefCell<Vec<Option<Rc<ServiceCtx>>>>,
     /// Wakes the accept loops when a reload removed a service.
@@ -342,16 +342,16 @@ pub(super) struct Served {
 
 /// One service's newest generation on this worker, looked up at each accept (holding a
 /// generation would keep its connections open after a reload replaced it).
-pub(super) struct Service {
+pub(super) struct AcceptTarget {
     /// Every service's newest generation.
-    pub(super) current: Rc<Served>,
+    pub(super) current: Rc<WorkerServices>,
     /// This service's place in it.
     pub(super) index: usize,
     /// The service's name, for logs.
     pub(super) name: String,
 }
 
-impl Service {
+impl AcceptTarget {
     pub(super) fn get(&self) -> Option<Rc<ServiceCtx>> {
         self.current
             .list
@@ -365,7 +365,7 @@ impl Service {
 /// Accepts clients of one service on this worker until shutdown.
 pub(super) async fn accept_loop(
     listener: tokio::net::TcpListener,
-    service: Service,
+    service: AcceptTarget,
     counter: Arc<AtomicUsize>,
     mut shutdown: watch::Receiver<bool>,
     sessions: Rc<Sessions>,

@@ -18,14 +18,14 @@ use crate::metrics::GaugeGuard;
 use crate::metrics::Metrics;
 use crate::resp::Limits;
 use crate::upstream::cluster_nodes::{ClusterNodes, ClusterSettings, ClusterStatus};
-use crate::upstream::owned::{NodesLease, Owned};
+use crate::upstream::owned::{GenerationConns, NodesLease};
 use crate::upstream::standalone::Standalone;
 use crate::upstream::tls::{self, TlsSettings};
 use crate::upstream::{ConnSettings, PasswordSource, UpstreamAuth};
 
 /// What every generation of a service's routes shares: the settings and credentials a
 /// reload changes in place, and the metric handles.
-pub struct Shared {
+pub struct SharedParts {
     /// The service's [`Policy`].
     pub policy: Rc<RefCell<Rc<Policy>>>,
     /// The service's metric handles.
@@ -36,9 +36,9 @@ pub struct Shared {
     pub newest: Rc<RefCell<std::rc::Weak<ServiceCtx>>>,
 }
 
-impl Shared {
-    pub fn of(ctx: &ServiceCtx) -> Shared {
-        Shared {
+impl SharedParts {
+    pub fn of(ctx: &ServiceCtx) -> SharedParts {
+        SharedParts {
             policy: Rc::clone(&ctx.policy),
             metrics: ctx.metrics.clone(),
             auth: Arc::clone(&ctx.auth),
@@ -71,7 +71,7 @@ pub struct Upstreams {
     /// The sink that swallows mirror replies.
     pub discard: Rc<dyn crate::upstream::ReplySink>,
     /// What the service being built opens or shares.
-    pub owned: Owned,
+    pub owned: GenerationConns,
     /// Cluster pools made for the service being built.
     pub fresh: Vec<Rc<ClusterNodes>>,
 }
@@ -83,9 +83,9 @@ impl Upstreams {
         &mut self,
         config: &Config,
         svc: &crate::config::ServiceConfig,
-        shared: &Shared,
+        shared: &SharedParts,
     ) -> Result<(ServiceCtx, Vec<Rc<ClusterNodes>>)> {
-        self.owned = Owned::default();
+        self.owned = GenerationConns::default();
         self.fresh.clear();
         let Some(up) = config.upstream(&svc.upstream) else {
             bail!(
@@ -436,17 +436,10 @@ mod tests {
 
     #[test]
     fn fault_rules_become_runtime_faults() {
-        let text = r#"
-[[upstream]]
-name = "main"
-mode = "standalone"
-nodes = ["127.0.0.1:6379"]
-
-[[service]]
-name = "svc"
-listen = "127.0.0.1:0"
-upstream = "main"
-
+        let text = format!(
+            "{}{}",
+            crate::config::MINIMAL,
+            r#"
 [[service.fault]]
 kind = "error"
 percentage = 12.5
@@ -458,8 +451,9 @@ kind = "delay"
 percentage = 100.0
 delay = "20ms"
 key_prefix = "slow:"
-"#;
-        let config = Config::parse(text, "<test>").unwrap();
+"#
+        );
+        let config = Config::parse(&text, "<test>").unwrap();
         let p = policy(&config.services[0]);
         assert_eq!(p.faults.len(), 2);
         assert_eq!(p.faults[0].per_10000, 1250);

@@ -2,7 +2,7 @@
 //! (under the read policy), redirects are followed, multi-slot commands are split and their
 //! replies merged, and keyless commands are sent to one master or all of them.
 //!
-//! Every forwarded request keeps its encoded bytes in a [`Follow`] sink, so a `MOVED`, `ASK`,
+//! Every forwarded request keeps its encoded bytes in a [`ClusterRequest`] sink, so a `MOVED`, `ASK`,
 //! `TRYAGAIN` or `CLUSTERDOWN` reply is answered by re-sending, never passed to the client,
 //! at most [`crate::cluster::MAX_HOPS`] times and never past the request's deadline. Merged replies are the
 //! only ones the proxy re-encodes.
@@ -21,7 +21,7 @@ use crate::config::ReadPolicy;
 use crate::resp::{Request, encode_command};
 use crate::route::{self, CROSSSLOT, Keyless, Plan, SplitKind};
 use crate::upstream::cluster_nodes::ClusterNodes;
-use crate::upstream::{Reply, ReplySink, ReplyTo, SharedConn, error_reply};
+use crate::upstream::{NodeConn, Reply, ReplySink, ReplyTo, error_reply};
 
 /// Size of the blocks request copies are cut from: small, so a request that waits long
 /// (a blocked command) pins little memory.
@@ -31,9 +31,9 @@ const ARENA_BLOCK: usize = 4096;
 /// reference count per request cost about 5% of the proxy's CPU with `-P 16`.
 type Block = RefCell<Vec<u8>>;
 
-/// A request's RESP bytes, kept by its [`Follow`] for re-sending.
+/// A request's RESP bytes, kept by its [`ClusterRequest`] for re-sending.
 #[derive(Clone)]
-enum Kept {
+enum EncodedRequest {
     /// `start..end` of a client's arena block.
     Arena {
         /// The block; never shrunk while shared, so the range stays valid.
@@ -47,21 +47,21 @@ enum Kept {
     Own(Bytes),
 }
 
-impl Kept {
+impl EncodedRequest {
     /// Calls `f` with the request's bytes.
     fn with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         match self {
-            Kept::Arena { block, start, end } => {
+            EncodedRequest::Arena { block, start, end } => {
                 f(block.borrow().get(*start..*end).unwrap_or_default())
             }
-            Kept::Own(b) => f(b),
+            EncodedRequest::Own(b) => f(b),
         }
     }
 }
 
-impl From<Bytes> for Kept {
+impl From<Bytes> for EncodedRequest {
     fn from(b: Bytes) -> Self {
-        Kept::Own(b)
+        EncodedRequest::Own(b)
     }
 }
 
@@ -106,7 +106,7 @@ impl ClusterClient {
     }
 
     /// The request as RESP, kept for re-sending.
-    fn encode(&self, req: &Request<'_>) -> Kept {
+    fn encode(&self, req: &Request<'_>) -> EncodedRequest {
         let encoded;
         let resp = match req.raw() {
             Some(raw) => raw,
@@ -144,7 +144,7 @@ impl ClusterClient {
             block.extend_from_slice(resp);
             start
         };
-        Kept::Arena {
+        EncodedRequest::Arena {
             block: Rc::clone(&arena),
             start,
             end: start + resp.len(),
@@ -188,7 +188,13 @@ impl ClusterClient {
     }
 
     /// Sends an encoded single-slot request to the node the read policy picks.
-    fn send_slot(&self, request: Kept, slot: Slot, read: bool, to: ReplyTo) -> Result<(), Bytes> {
+    fn send_slot(
+        &self,
+        request: EncodedRequest,
+        slot: Slot,
+        read: bool,
+        to: ReplyTo,
+    ) -> Result<(), Bytes> {
         let pool = &self.shared.pool;
         let map = pool.map();
         let Some(index) = map.shard_index(slot) else {
@@ -215,7 +221,7 @@ impl ClusterClient {
         } else {
             pool.conn(node, self.shared.client)?
         };
-        Follow::send(&self.shared, &conn, request, Some(slot), to)
+        ClusterRequest::send(&self.shared, &conn, request, Some(slot), to)
     }
 
     /// Splits a multi-slot MGET/MSET/DEL/… into one command per slot and merges the replies.
@@ -283,7 +289,7 @@ impl ClusterClient {
             Keyless::AnyMaster | Keyless::RandomKey => {
                 let node = masters[self.next_roll() as usize % masters.len()];
                 let conn = pool.conn(node, self.shared.client)?;
-                Follow::send(&self.shared, &conn, self.encode(req), None, to)
+                ClusterRequest::send(&self.shared, &conn, self.encode(req), None, to)
             }
             Keyless::Scan => self.scan(req, &map, to),
             Keyless::Info => {
@@ -309,7 +315,7 @@ impl ClusterClient {
     fn broadcast(
         &self,
         masters: &[&str],
-        request: Kept,
+        request: EncodedRequest,
         kind: MergeKind,
         to: ReplyTo,
     ) -> Result<(), Bytes> {
@@ -322,7 +328,7 @@ impl ClusterClient {
                 .pool
                 .conn(node, self.shared.client)
                 .and_then(|conn| {
-                    Follow::send(
+                    ClusterRequest::send(
                         &self.shared,
                         &conn,
                         request.clone(),
@@ -374,7 +380,7 @@ impl ClusterClient {
 
 /// A request in flight on a cluster: follows redirects and retries, then hands the final
 /// reply to its parent (the client's slot, or a merge).
-struct Follow {
+struct ClusterRequest {
     /// The client's shared routing state.
     shared: Rc<ClusterShared>,
     /// Who gets the final reply.
@@ -382,7 +388,7 @@ struct Follow {
     /// The parent's token for it.
     token: u64,
     /// The encoded request, for re-sending.
-    request: Kept,
+    request: EncodedRequest,
     /// The request's slot (`None` for keyless commands).
     slot: Option<Slot>,
     /// Redirects and retries so far.
@@ -390,22 +396,22 @@ struct Follow {
     /// When the client stops waiting.
     deadline: Instant,
     /// Where it was last sent (its host fills redirects that name none).
-    sent_to: RefCell<Option<SharedConn>>,
+    sent_to: RefCell<Option<NodeConn>>,
     /// This sink, to hand to connections when re-sending.
-    me: Weak<Follow>,
+    me: Weak<ClusterRequest>,
 }
 
-impl Follow {
+impl ClusterRequest {
     /// Sends `request` to `conn` with a new follower as its sink.
     fn send(
         shared: &Rc<ClusterShared>,
-        conn: &SharedConn,
-        request: Kept,
+        conn: &NodeConn,
+        request: EncodedRequest,
         slot: Option<Slot>,
         to: ReplyTo,
     ) -> Result<(), Bytes> {
         let deadline = to.deadline;
-        let follow = Rc::new_cyclic(|me| Follow {
+        let follow = Rc::new_cyclic(|me| ClusterRequest {
             shared: Rc::clone(shared),
             parent: to.sink,
             token: to.token,
@@ -422,7 +428,7 @@ impl Follow {
     }
 
     /// Re-sends after a redirect; `Err` is the reply to give instead.
-    fn resend(&self, conn: SharedConn, asking: bool) -> Result<(), Bytes> {
+    fn resend(&self, conn: NodeConn, asking: bool) -> Result<(), Bytes> {
         let Some(me) = self.me.upgrade() else {
             return Err(error_reply("request abandoned"));
         };
@@ -490,7 +496,7 @@ impl Follow {
     }
 
     /// Where a retried request goes: the slot's master now, or (keyless) where it went.
-    fn retry_target(&self) -> Result<SharedConn, Bytes> {
+    fn retry_target(&self) -> Result<NodeConn, Bytes> {
         let pool = &self.shared.pool;
         match self.slot {
             Some(slot) => {
@@ -509,7 +515,7 @@ impl Follow {
     }
 }
 
-impl ReplySink for Follow {
+impl ReplySink for ClusterRequest {
     fn deliver(&self, _token: u64, reply: Reply<'_>) -> bool {
         if reply.as_slice().first() == Some(&b'-') {
             match self.redirect(reply.into_bytes()) {

@@ -6,9 +6,9 @@ use std::rc::Rc;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::faults::Dice;
+use super::faults::Sampler;
 use super::local::{display_name, local_reply, select};
-use super::replies::Core;
+use super::replies::ReplySlots;
 use super::{ClientState, forward};
 use crate::command::{Command, Handling, Local, flags};
 use crate::resp::Request;
@@ -33,11 +33,11 @@ pub(super) fn routing(svc: &ServiceCtx) -> forward::Routing<'_> {
 pub(super) fn dispatch(
     req: &Request<'_>,
     cmd: Option<Command>,
-    core: &Rc<Core>,
+    core: &Rc<ReplySlots>,
     state: &mut ClientState,
     svc: &ServiceCtx,
     forwarder: &mut forward::Forwarder,
-    dice: &mut Dice,
+    dice: &mut Sampler,
     deadline: Instant,
 ) {
     let handling = cmd.map(|c| (c.handling, c.info));

@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use super::Core;
+use super::ReplySlots;
 use crate::command::{Command, Handling};
 use crate::metrics::ServiceMetrics;
 use crate::resp::Request;
@@ -13,11 +13,11 @@ use crate::service::{Fault, FaultAction};
 
 /// A small xorshift generator for fault dice: statistically fine for percentages, and
 /// cheaper than a shared generator.
-pub(crate) struct Dice(u64);
+pub(crate) struct Sampler(u64);
 
-impl Dice {
-    pub(super) fn new(seed: u64) -> Dice {
-        Dice(seed | 1)
+impl Sampler {
+    pub(super) fn new(seed: u64) -> Sampler {
+        Sampler(seed | 1)
     }
 
     /// A number in `0..n`.
@@ -53,8 +53,8 @@ pub(super) fn inject_fault(
     req: &Request<'_>,
     cmd: Option<Command>,
     faults: &[Fault],
-    core: &Core,
-    dice: &mut Dice,
+    core: &ReplySlots,
+    dice: &mut Sampler,
     delayed: &mut Option<Delayed>,
     metrics: &ServiceMetrics,
 ) -> bool {
@@ -87,7 +87,7 @@ pub(super) fn pick_fault<'f>(
     req: &Request<'_>,
     cmd: Option<Command>,
     faults: &'f [Fault],
-    dice: &mut Dice,
+    dice: &mut Sampler,
 ) -> Option<&'f FaultAction> {
     if !matches!(cmd.map(|c| c.handling), None | Some(Handling::Forward)) {
         return None;

@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::Dice;
+use super::Sampler;
 use super::merge::{Merge, MergeKind, Positions};
 use super::mirror::mirror;
 use super::target::Target;
@@ -24,14 +24,14 @@ use crate::resp::{Limits, Request, RequestParser, encode_command};
 use crate::route::{self, Prefixes, SplitKind};
 use crate::service::RouteCtx;
 use crate::upstream::dedicated::DedicatedPool;
-use crate::upstream::{ConnSettings, ReplySink, ReplyTo, SharedConn, error_reply};
+use crate::upstream::{ConnSettings, NodeConn, ReplySink, ReplyTo, error_reply};
 
 /// A connection lent to one client (a transaction, a blocking command), on one route.
 struct Pinned {
     /// The route whose upstream lent it.
     route: usize,
     /// The connection.
-    conn: SharedConn,
+    conn: NodeConn,
     /// Where it goes back.
     pool: Rc<DedicatedPool>,
     /// The route's upstream is a cluster: every key must then be in `slot`.
@@ -78,8 +78,8 @@ pub struct Routing<'a> {
 pub struct Ctx<'a, 'd> {
     /// The service's routes.
     pub svc: &'a Routing<'a>,
-    /// Dice for mirror sampling.
-    pub dice: &'d mut Dice,
+    /// Random draws for mirror sampling.
+    pub dice: &'d mut Sampler,
 }
 
 impl Forwarder {

@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use tokio::time::Instant;
 
-use super::Dice;
+use super::Sampler;
 use super::target::Target;
 use crate::command::{Command, flags};
 use crate::resp::Request;
@@ -26,7 +26,7 @@ pub(super) fn mirror(
     targets: &mut [Target],
     db: u32,
     discard: &Rc<dyn ReplySink>,
-    dice: &mut Dice,
+    dice: &mut Sampler,
     deadline: Instant,
 ) {
     let is_write = cmd.is_some_and(|c| c.info.has(flags::WRITE));

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::Session;
-use super::replies::Core;
+use super::replies::ReplySlots;
 use crate::resp::RequestParser;
 use crate::upstream::{Reply, ReplySink};
 
@@ -37,7 +37,7 @@ pub(super) const MAX_PROBE_HOPS: u8 = 5;
 /// client's reply slot.
 pub(super) struct ProbeSink {
     /// The client.
-    pub(super) core: Rc<Core>,
+    pub(super) core: Rc<ReplySlots>,
     /// Where a MOVED is kept.
     pub(super) redirect: Rc<RefCell<Option<Bytes>>>,
 }

@@ -68,7 +68,7 @@ enum Check {
 }
 
 /// What the input loop decided.
-enum Flow {
+enum InputFlow {
     /// Keep piping.
     Go,
     /// Leave subscribed mode; the command that showed it is still in the input.
@@ -80,7 +80,7 @@ enum Flow {
 }
 
 /// Where one command goes.
-enum Dest {
+enum Destination {
     /// To the first node, as sent.
     Home,
     /// To these nodes (indexes into `Pipe::nodes`), these encoded commands.
@@ -92,8 +92,8 @@ enum Dest {
 }
 
 /// What a wait in the pipe ended with (`usize`: which node).
-pub(super) enum Ev {
-    Signal,
+pub(super) enum PipeEvent {
+    Wake,
     CheckTimedOut,
     ClientReadable,
     ClientWritable,
@@ -174,10 +174,10 @@ impl Session {
             }
             if !broken && !matches!(pipe.check, Check::Asked { .. }) {
                 match self.pubsub_input(&mut parser, input, pipe) {
-                    Flow::Go => {}
-                    Flow::Back => return Piped::Back,
-                    Flow::Broken => broken = true,
-                    Flow::Open(addr, settings) => {
+                    InputFlow::Go => {}
+                    InputFlow::Back => return Piped::Back,
+                    InputFlow::Broken => broken = true,
+                    InputFlow::Open(addr, settings) => {
                         match open_node(&addr, &settings).await {
                             Ok(stream) => pipe.nodes.push(Node::new(addr, stream)),
                             Err(reply) => {
@@ -213,16 +213,16 @@ impl Session {
             let (count, first) = (pipe.nodes.len(), pipe.turn % pipe.nodes.len());
             let ev = poll_fn(|cx| {
                 if core.signal.poll(cx).is_ready() {
-                    return Poll::Ready(Ev::Signal);
+                    return Poll::Ready(PipeEvent::Wake);
                 }
                 if !pipe.to_client.is_empty() && client.poll_write_ready(cx).is_ready() {
-                    return Poll::Ready(Ev::ClientWritable);
+                    return Poll::Ready(PipeEvent::ClientWritable);
                 }
                 if read_client && client.poll_read_ready(cx).is_ready() {
-                    return Poll::Ready(Ev::ClientReadable);
+                    return Poll::Ready(PipeEvent::ClientReadable);
                 }
                 if check_deadline.is_some() && check_sleep.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Ev::CheckTimedOut);
+                    return Poll::Ready(PipeEvent::CheckTimedOut);
                 }
                 for i in (0..count).map(|k| (first + k) % count) {
                     if let Some(ev) = poll_node(i, &mut pipe.nodes[i], cx) {
@@ -233,8 +233,8 @@ impl Session {
             })
             .await;
             match ev {
-                Ev::Signal => {}
-                Ev::CheckTimedOut => {
+                PipeEvent::Wake => {}
+                PipeEvent::CheckTimedOut => {
                     // A node that doesn't answer within op_timeout: the command waiting on
                     // the check gets an error, and the connection closes (its state is
                     // unknown).
@@ -246,33 +246,33 @@ impl Session {
                         "a node did not answer within op_timeout".to_owned(),
                     ));
                 }
-                Ev::ClientWritable => match client.try_write(&pipe.to_client) {
+                PipeEvent::ClientWritable => match client.try_write(&pipe.to_client) {
                     Ok(n) => pipe.to_client.advance(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => return Piped::End(End::Io(e.to_string())),
                 },
-                Ev::ClientReadable => match read_input(client, input) {
+                PipeEvent::ClientReadable => match read_input(client, input) {
                     Ok(Some(0)) => return Piped::End(End::ClientClosed),
                     Ok(_) => {}
                     Err(e) => return Piped::End(End::Io(e.to_string())),
                 },
-                Ev::NodeWrote(i, n) => {
+                PipeEvent::NodeWrote(i, n) => {
                     pipe.nodes[i].to_node.advance(n);
                     pipe.nodes[i].unflushed = true;
                 }
-                Ev::NodeFlushed(i) => pipe.nodes[i].unflushed = false,
-                Ev::NodeRead(i, 0) => {
+                PipeEvent::NodeFlushed(i) => pipe.nodes[i].unflushed = false,
+                PipeEvent::NodeRead(i, 0) => {
                     // Whatever the nodes sent before this one closed is the client's.
                     let _ = client.try_write(&pipe.to_client);
                     let addr = &pipe.nodes[i].addr;
                     return Piped::End(End::PubSub(format!("{addr} closed the connection")));
                 }
-                Ev::NodeRead(i, _) => {
+                PipeEvent::NodeRead(i, _) => {
                     if let Err(e) = self.node_frames(pipe, i) {
                         return Piped::End(End::PubSub(e));
                     }
                 }
-                Ev::NodeFailed(i, e) => {
+                PipeEvent::NodeFailed(i, e) => {
                     return Piped::End(End::PubSub(format!("{}: {e}", pipe.nodes[i].addr)));
                 }
             }
@@ -348,15 +348,15 @@ impl Session {
         parser: &mut RequestParser,
         input: &mut InputBuf,
         pipe: &mut Pipe,
-    ) -> Flow {
+    ) -> InputFlow {
         while pipe.nodes.iter().all(|n| n.to_node.len() < MAX_TO_NODE) {
             let n = match parser.parse(input.data()) {
-                Ok(None) => return Flow::Go,
+                Ok(None) => return InputFlow::Go,
                 Ok(Some(n)) => n,
                 Err(e) => {
                     pipe.to_client.extend_from_slice(&e.to_reply());
                     input.clear();
-                    return Flow::Broken;
+                    return InputFlow::Broken;
                 }
             };
             let data = input.data();
@@ -367,18 +367,18 @@ impl Session {
             }
             let name = command::lookup(&req).map(|c| c.info.name);
             let refusal = match self.destination(&req, name, pipe) {
-                Dest::Home => {
+                Destination::Home => {
                     pipe.nodes[0].to_node.extend_from_slice(&data[..n]);
                     None
                 }
-                Dest::Nodes(parts) => {
+                Destination::Nodes(parts) => {
                     for (i, part) in parts {
                         pipe.nodes[i].to_node.extend_from_slice(&part);
                     }
                     None
                 }
-                Dest::Open(addr, settings) => return Flow::Open(addr, settings),
-                Dest::Refuse(reply) => Some(reply),
+                Destination::Open(addr, settings) => return InputFlow::Open(addr, settings),
+                Destination::Refuse(reply) => Some(reply),
             };
             let Some(refusal) = refusal else {
                 self.count_command();
@@ -388,12 +388,12 @@ impl Session {
             match std::mem::replace(&mut pipe.check, Check::None) {
                 Check::None => {
                     self.ask_nodes(pipe);
-                    return Flow::Go;
+                    return InputFlow::Go;
                 }
                 // Out of subscribed mode: the session serves this command as any other.
-                Check::Answered(false) => return Flow::Back,
+                Check::Answered(false) => return InputFlow::Back,
                 Check::Answered(true) if matches!(name, Some("reset" | "quit")) => {
-                    return Flow::Back;
+                    return InputFlow::Back;
                 }
                 Check::Answered(true) => {
                     pipe.to_client.extend_from_slice(&refusal);
@@ -402,18 +402,18 @@ impl Session {
                 }
                 asked @ Check::Asked { .. } => {
                     pipe.check = asked;
-                    return Flow::Go;
+                    return InputFlow::Go;
                 }
             }
         }
-        Flow::Go
+        InputFlow::Go
     }
 
     /// Where a command of a subscribed client goes.
-    fn destination(&self, req: &Request<'_>, name: Option<&str>, pipe: &Pipe) -> Dest {
+    fn destination(&self, req: &Request<'_>, name: Option<&str>, pipe: &Pipe) -> Destination {
         let upper: &[u8] = match name {
             Some("subscribe" | "psubscribe" | "unsubscribe" | "punsubscribe" | "ping") => {
-                return Dest::Home;
+                return Destination::Home;
             }
             Some("ssubscribe") => b"SSUBSCRIBE",
             Some("sunsubscribe") => b"SUNSUBSCRIBE",
@@ -422,7 +422,7 @@ impl Session {
                     || String::from_utf8_lossy(req.arg(0).unwrap_or_default()).to_lowercase(),
                     str::to_owned,
                 );
-                return Dest::Refuse(error_reply(&format!(
+                return Destination::Refuse(error_reply(&format!(
                     "Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
                 )));
             }
@@ -430,7 +430,7 @@ impl Session {
         if req.len() < 2 {
             if upper == b"SSUBSCRIBE" {
                 // Redis's arity error.
-                return Dest::Home;
+                return Destination::Home;
             }
             // SUNSUBSCRIBE from everything: every node with shard channels (the first node
             // alone if none, for Redis's reply that there was nothing).
@@ -442,7 +442,7 @@ impl Session {
             }
             let mut cmd = BytesMut::new();
             encode_command([upper].into_iter(), &mut cmd);
-            return Dest::Nodes(with.into_iter().map(|i| (i, cmd.clone())).collect());
+            return Destination::Nodes(with.into_iter().map(|i| (i, cmd.clone())).collect());
         }
         // One command per slot (Redis Cluster refuses shard channels of several slots in
         // one), on the slot's master.
@@ -455,14 +455,14 @@ impl Session {
             }
             let (addr, settings) = match self.forwarder.pubsub_target(Some(ch)) {
                 Ok(target) => target,
-                Err(e) => return Dest::Refuse(e),
+                Err(e) => return Destination::Refuse(e),
             };
             let Some(i) = pipe.nodes.iter().position(|n| n.addr == addr) else {
-                return Dest::Open(addr, Box::new(settings));
+                return Destination::Open(addr, Box::new(settings));
             };
             groups.push((slot, i, vec![ch]));
         }
-        Dest::Nodes(
+        Destination::Nodes(
             groups
                 .into_iter()
                 .map(|(_, i, channels)| {

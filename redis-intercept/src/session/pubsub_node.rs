@@ -7,7 +7,7 @@ use std::task::Poll;
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 
-use super::pubsub::Ev;
+use super::pubsub::PipeEvent;
 use crate::config::NodeAddr;
 use crate::resp::ReplyScanner;
 use crate::upstream::tls::Stream;
@@ -108,24 +108,28 @@ pub(super) fn confirmation(frame: &[u8]) -> Option<(Counts, usize, i64)> {
 }
 
 /// Polls one node: its pending write (or flush), then a read.
-pub(super) fn poll_node(i: usize, node: &mut Node, cx: &mut std::task::Context<'_>) -> Option<Ev> {
+pub(super) fn poll_node(
+    i: usize,
+    node: &mut Node,
+    cx: &mut std::task::Context<'_>,
+) -> Option<PipeEvent> {
     if !node.to_node.is_empty() {
         match Pin::new(&mut node.stream).poll_write(cx, &node.to_node) {
-            Poll::Ready(Ok(n)) => return Some(Ev::NodeWrote(i, n)),
-            Poll::Ready(Err(e)) => return Some(Ev::NodeFailed(i, e)),
+            Poll::Ready(Ok(n)) => return Some(PipeEvent::NodeWrote(i, n)),
+            Poll::Ready(Err(e)) => return Some(PipeEvent::NodeFailed(i, e)),
             Poll::Pending => {}
         }
     } else if node.unflushed {
         match Pin::new(&mut node.stream).poll_flush(cx) {
-            Poll::Ready(Ok(())) => return Some(Ev::NodeFlushed(i)),
-            Poll::Ready(Err(e)) => return Some(Ev::NodeFailed(i, e)),
+            Poll::Ready(Ok(())) => return Some(PipeEvent::NodeFlushed(i)),
+            Poll::Ready(Err(e)) => return Some(PipeEvent::NodeFailed(i, e)),
             Poll::Pending => {}
         }
     }
     node.from_node.reserve(READ_CHUNK);
     match tokio_util::io::poll_read_buf(Pin::new(&mut node.stream), cx, &mut node.from_node) {
-        Poll::Ready(Ok(n)) => Some(Ev::NodeRead(i, n)),
-        Poll::Ready(Err(e)) => Some(Ev::NodeFailed(i, e)),
+        Poll::Ready(Ok(n)) => Some(PipeEvent::NodeRead(i, n)),
+        Poll::Ready(Err(e)) => Some(PipeEvent::NodeFailed(i, e)),
         Poll::Pending => None,
     }
 }

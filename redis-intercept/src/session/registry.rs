@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::Core;
+use super::ReplySlots;
 use crate::service::{PolicyCell, ServiceCtx};
 
 /// Process-wide client ids, as CLIENT ID reports them.
@@ -44,7 +44,7 @@ impl Drop for ClientGuard {
 pub struct Sessions {
     /// Live sessions by client id, with their service (the policy cell every generation of
     /// a service shares stands for it).
-    pub(super) live: RefCell<HashMap<u64, (PolicyCell, Rc<Core>)>>,
+    pub(super) live: RefCell<HashMap<u64, (PolicyCell, Rc<ReplySlots>)>>,
 }
 
 impl Sessions {

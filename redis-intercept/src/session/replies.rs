@@ -14,8 +14,8 @@ use tracing::debug;
 use super::input::KEEP_BUFFER;
 use crate::command::Command;
 use crate::metrics::{CommandHandles, CommandStats, Latency, LatencyBatch, UNKNOWN};
-use crate::signal::Signal;
 use crate::upstream::{Reply, ReplySink};
+use crate::wake::Wake;
 
 /// What made a session's reply writing fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,13 +24,13 @@ pub(super) enum Failure {
     Broken,
     /// Replies held for the client exceeded `max_client_buffer`.
     SlowReader,
-    /// The session ended for another reason; set by `Core::close`.
+    /// The session ended for another reason; set by `ReplySlots::close`.
     Closed,
 }
 
 /// Reply slots and output of one session, shared with the upstream connections that fill
 /// and flush them.
-pub(super) struct Core {
+pub(super) struct ReplySlots {
     /// The client socket, written by whoever flushes; taken away when the session ends, so
     /// that requests still in flight upstream don't keep the client's socket open.
     pub(super) stream: RefCell<Option<Rc<TcpStream>>>,
@@ -57,7 +57,7 @@ pub(super) struct Core {
     /// Shutdown was requested.
     pub(super) shutdown: Cell<bool>,
     /// Wakes the session task.
-    pub(super) signal: Signal,
+    pub(super) signal: Wake,
     /// The first request of the last read batch (its token, and when it was read), until
     /// its reply goes to the socket: one latency sample per batch, no clock read per reply.
     pub(super) sample: Cell<Option<(u64, Instant)>>,
@@ -77,7 +77,7 @@ pub(super) struct Tracked {
     pub(super) open: VecDeque<(u64, Rc<CommandHandles>, Instant)>,
 }
 
-impl ReplySink for Core {
+impl ReplySink for ReplySlots {
     fn deliver(&self, token: u64, reply: Reply<'_>) -> bool {
         if self.failure.get().is_some() {
             // The session is ending (or has ended, see `close`): nobody will read this, so
@@ -130,7 +130,7 @@ impl ReplySink for Core {
     }
 }
 
-impl Core {
+impl ReplySlots {
     /// Reserves the next slot; returns its token.
     /// The token the next slot will get.
     pub(super) fn next_token(&self) -> u64 {

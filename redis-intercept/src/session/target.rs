@@ -15,7 +15,7 @@ use crate::route;
 use crate::service::Backend;
 use crate::upstream::dedicated::DedicatedPool;
 use crate::upstream::standalone::{Db, Standalone};
-use crate::upstream::{ConnSettings, ReplySink, ReplyTo, SharedConn, error_reply};
+use crate::upstream::{ConnSettings, NodeConn, ReplySink, ReplyTo, error_reply};
 
 /// How one client reaches one upstream.
 pub(super) enum Target {
@@ -25,7 +25,7 @@ pub(super) enum Target {
         /// The server's connections on this worker, per database.
         server: Rc<Standalone>,
         /// The shared connection this client uses.
-        conn: SharedConn,
+        conn: NodeConn,
         /// Where its dedicated connections come from.
         pool: Rc<DedicatedPool>,
         /// The replicas reads may go to (a sentinel upstream with a read policy).
@@ -81,7 +81,7 @@ impl Target {
     pub(super) fn dedicated(
         &self,
         key: Option<&[u8]>,
-    ) -> Result<(SharedConn, Rc<DedicatedPool>), Bytes> {
+    ) -> Result<(NodeConn, Rc<DedicatedPool>), Bytes> {
         match self {
             Target::Conn { conn, pool, .. } => Ok((pool.take(conn.addr()), Rc::clone(pool))),
             Target::Cluster(cluster) => cluster.pool().dedicated(key.map(Slot::for_key)),
@@ -134,7 +134,7 @@ pub(super) struct ReadTargets {
     /// The read policy.
     pub(super) policy: ReadPolicy,
     /// The client's shared connection to each replica, for its database.
-    pub(super) replicas: Vec<SharedConn>,
+    pub(super) replicas: Vec<NodeConn>,
     /// Turns, so reads spread over the usable nodes.
     pub(super) roll: usize,
 }
@@ -156,9 +156,9 @@ impl ReadTargets {
 
     /// The connection a read goes to, by the policy (as `route::pick_node` for a cluster
     /// shard): `master`'s or a replica's. A connection that is connecting counts as usable.
-    pub(super) fn pick<'a>(&'a mut self, master: &'a SharedConn) -> Result<&'a SharedConn, Bytes> {
+    pub(super) fn pick<'a>(&'a mut self, master: &'a NodeConn) -> Result<&'a NodeConn, Bytes> {
         self.roll = self.roll.wrapping_add(1);
-        let usable = |c: &&SharedConn| !c.is_down();
+        let usable = |c: &&NodeConn| !c.is_down();
         let up = self.replicas.iter().filter(usable).count();
         let nth_up = |n: usize| self.replicas.iter().filter(usable).nth(n);
         let replica = (up > 0).then(|| nth_up(self.roll % up)).flatten();
@@ -191,7 +191,7 @@ impl ReadTargets {
 }
 
 /// The shared connection of `db` that `client` uses, and the database's dedicated pool.
-pub(super) fn pick(db: &Db, client: u64) -> Option<(SharedConn, Rc<DedicatedPool>)> {
+pub(super) fn pick(db: &Db, client: u64) -> Option<(NodeConn, Rc<DedicatedPool>)> {
     let n = db.conns.len();
     (n > 0).then(|| {
         (

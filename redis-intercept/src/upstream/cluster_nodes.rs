@@ -22,13 +22,13 @@ use tracing::{debug, info, warn};
 
 use super::dedicated::DedicatedPool;
 use super::tls::Stream;
-use super::{ConnSettings, SharedConn, open, read_replies};
+use super::{ConnSettings, NodeConn, open, read_replies};
 use crate::cluster::{RefreshTrigger, Shard, Slot, SlotMap, TopologyError};
 use crate::config::NodeAddr;
 use crate::locks::LockRecovered;
 use crate::metrics::Metrics;
 use crate::resp::{Frame, encode_command};
-use crate::signal::Signal;
+use crate::wake::Wake;
 
 /// Most nodes one pool connects to; redirects naming more nodes are refused, so a confused
 /// cluster can't make the proxy open connections without end.
@@ -102,16 +102,16 @@ pub struct ClusterNodes {
     /// The current slot map, replaced whole by refreshes and patched by MOVED.
     map: RefCell<Rc<SlotMap>>,
     /// Shared connections by node address.
-    nodes: RefCell<HashMap<String, Rc<[SharedConn]>>>,
+    nodes: RefCell<HashMap<String, Rc<[NodeConn]>>>,
     /// The connections of each shard's master by shard index, so the request path needn't
     /// hash an address; each entry is checked against the master's address before use.
-    by_shard: RefCell<Vec<Option<Rc<[SharedConn]>>>>,
+    by_shard: RefCell<Vec<Option<Rc<[NodeConn]>>>>,
     /// Decides when redirects and failures call for a refresh.
     trigger: RefCell<RefreshTrigger>,
     /// Wakes the refresh task early.
-    wake: Signal,
+    wake: Wake,
     /// Set once the first discovery succeeded (or was given up on).
-    first_done: Signal,
+    first_done: Wake,
     /// Whether any discovery has succeeded.
     discovered: Cell<bool>,
     /// Set at shutdown.
@@ -162,8 +162,8 @@ impl ClusterNodes {
             map: RefCell::new(Rc::new(SlotMap::empty())),
             nodes: RefCell::new(HashMap::new()),
             by_shard: RefCell::new(Vec::new()),
-            wake: Signal::default(),
-            first_done: Signal::default(),
+            wake: Wake::default(),
+            first_done: Wake::default(),
             discovered: Cell::new(false),
             closed: Cell::new(false),
             metrics,
@@ -192,7 +192,7 @@ impl ClusterNodes {
     ///
     /// # Errors
     /// An error reply when the pool already has [`MAX_NODES`] nodes.
-    pub fn conn(&self, addr: &str, client: u64) -> Result<SharedConn, Bytes> {
+    pub fn conn(&self, addr: &str, client: u64) -> Result<NodeConn, Bytes> {
         if let Some(conns) = self.nodes.borrow().get(addr) {
             return Ok(conns[(client as usize) % conns.len()].clone());
         }
@@ -205,8 +205,8 @@ impl ClusterNodes {
     ///
     /// # Errors
     /// As [`ClusterNodes::conn`].
-    pub fn master_conn(&self, shard: usize, addr: &str, client: u64) -> Result<SharedConn, Bytes> {
-        let pick = |conns: &Rc<[SharedConn]>| conns[(client as usize) % conns.len()].clone();
+    pub fn master_conn(&self, shard: usize, addr: &str, client: u64) -> Result<NodeConn, Bytes> {
+        let pick = |conns: &Rc<[NodeConn]>| conns[(client as usize) % conns.len()].clone();
         if let Some(Some(conns)) = self.by_shard.borrow().get(shard)
             && conns[0].addr() == addr
         {
@@ -236,7 +236,7 @@ impl ClusterNodes {
             .is_some_and(|c| c.iter().any(|c| !c.is_down()))
     }
 
-    fn open_node(&self, addr: &str) -> Result<Rc<[SharedConn]>, Bytes> {
+    fn open_node(&self, addr: &str) -> Result<Rc<[NodeConn]>, Bytes> {
         let mut nodes = self.nodes.borrow_mut();
         if nodes.len() >= MAX_NODES {
             return Err(super::error_reply(&format!(
@@ -252,9 +252,9 @@ impl ClusterNodes {
                 }
             })
         };
-        let conns: Rc<[SharedConn]> = (0..self.settings.per_node.max(1))
+        let conns: Rc<[NodeConn]> = (0..self.settings.per_node.max(1))
             .map(|_| {
-                let c = SharedConn::new(
+                let c = NodeConn::new(
                     addr.to_owned(),
                     self.settings.conn.clone(),
                     self.metrics.node(&self.settings.name, addr),
@@ -312,7 +312,7 @@ impl ClusterNodes {
     ///
     /// # Errors
     /// `-CLUSTERDOWN` when nobody owns the slot (or the map is empty).
-    pub fn dedicated(&self, slot: Option<Slot>) -> Result<(SharedConn, Rc<DedicatedPool>), Bytes> {
+    pub fn dedicated(&self, slot: Option<Slot>) -> Result<(NodeConn, Rc<DedicatedPool>), Bytes> {
         let addr = self.master_of(slot)?;
         Ok((self.dedicated.take(&addr), Rc::clone(&self.dedicated)))
     }

@@ -13,7 +13,7 @@ use super::{ConnSettings, ReplySink, ReplyTo, UpstreamError};
 use crate::config::NodeAddr;
 use crate::metrics::NodeMetrics;
 use crate::resp::Request;
-use crate::signal::Signal;
+use crate::wake::Wake;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub(super) struct InFlight {
 /// A shared pipelined connection to one node. Cloning gives another handle to the same
 /// connection.
 #[derive(Clone)]
-pub struct SharedConn(pub(super) Rc<Inner>);
+pub struct NodeConn(pub(super) Rc<Inner>);
 
 pub(super) struct Inner {
     /// `host:port` as configured, for connecting and for messages.
@@ -62,13 +62,13 @@ pub(super) struct Inner {
     /// its requests.
     pub(super) batch_at: Cell<Instant>,
     /// Wakes the writer when `out` gains bytes.
-    pub(super) wake_writer: Signal,
+    pub(super) wake_writer: Wake,
     /// Wakes the timeout watcher when `inflight` stops being empty.
-    pub(super) wake_timer: Signal,
+    pub(super) wake_timer: Wake,
     /// Set when the worker shuts down; the task then ends.
     pub(super) closed: Cell<bool>,
     /// Wakes the task out of a backoff sleep on shutdown.
-    pub(super) wake_close: Signal,
+    pub(super) wake_close: Wake,
     /// Close as soon as nothing is waiting (the node left the cluster).
     pub(super) retiring: Cell<bool>,
     /// Called when the connection fails, so a cluster pool can refresh its topology.
@@ -81,15 +81,15 @@ pub(super) struct Inner {
     pub(super) dedicated: bool,
 }
 
-impl SharedConn {
-    /// A connection to `addr`, not started yet: call [`SharedConn::run`] on a task.
-    pub fn new(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> SharedConn {
+impl NodeConn {
+    /// A connection to `addr`, not started yet: call [`NodeConn::run`] on a task.
+    pub fn new(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> NodeConn {
         Self::build(addr, settings, metrics, false)
     }
 
-    /// A dedicated connection to `addr`: like [`SharedConn::new`], but once it fails it fails
+    /// A dedicated connection to `addr`: like [`NodeConn::new`], but once it fails it fails
     /// every later request instead of reconnecting.
-    pub fn new_dedicated(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> SharedConn {
+    pub fn new_dedicated(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> NodeConn {
         Self::build(addr, settings, metrics, true)
     }
 
@@ -98,8 +98,8 @@ impl SharedConn {
         settings: ConnSettings,
         metrics: NodeMetrics,
         dedicated: bool,
-    ) -> SharedConn {
-        SharedConn(Rc::new(Inner {
+    ) -> NodeConn {
+        NodeConn(Rc::new(Inner {
             down: RefCell::new(UpstreamError::NotYet { addr: addr.clone() }),
             // Addresses come from the config or a node's topology or redirect, all parsed
             // before; a bad one fails its connects with the parse error.
@@ -110,10 +110,10 @@ impl SharedConn {
             out: RefCell::new(BytesMut::new()),
             inflight: RefCell::new(VecDeque::new()),
             batch_at: Cell::new(Instant::now()),
-            wake_writer: Signal::default(),
-            wake_timer: Signal::default(),
+            wake_writer: Wake::default(),
+            wake_timer: Wake::default(),
             closed: Cell::new(false),
-            wake_close: Signal::default(),
+            wake_close: Wake::default(),
             retiring: Cell::new(false),
             on_failure: RefCell::new(None),
             on_readonly: RefCell::new(None),
@@ -130,7 +130,7 @@ impl SharedConn {
             && inner.out.borrow().is_empty()
     }
 
-    /// Whether [`SharedConn::close`] was called or a dedicated connection failed.
+    /// Whether [`NodeConn::close`] was called or a dedicated connection failed.
     pub fn is_closed(&self) -> bool {
         self.0.closed.get()
     }
@@ -166,7 +166,7 @@ impl SharedConn {
     /// `ASKING` reply goes to `discard`.
     ///
     /// # Errors
-    /// As [`SharedConn::send`].
+    /// As [`NodeConn::send`].
     pub fn send_asking(
         &self,
         resp: &[u8],
@@ -219,11 +219,11 @@ impl SharedConn {
         self.enqueue(|out| req.write_resp(out), to)
     }
 
-    /// Like [`SharedConn::send`] for a command already encoded as RESP (e.g. one held back by
+    /// Like [`NodeConn::send`] for a command already encoded as RESP (e.g. one held back by
     /// a delay fault).
     ///
     /// # Errors
-    /// As [`SharedConn::send`].
+    /// As [`NodeConn::send`].
     pub fn send_encoded(&self, resp: &[u8], to: ReplyTo) -> Result<(), Bytes> {
         self.enqueue(|out| out.extend_from_slice(resp), to)
     }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
-use super::{ConnSettings, SharedConn};
+use super::{ConnSettings, NodeConn};
 use crate::metrics::Metrics;
 
 /// A worker's dedicated connections to the nodes of one upstream.
@@ -19,7 +19,7 @@ pub struct DedicatedPool {
     /// Where node metrics come from.
     metrics: Arc<Metrics>,
     /// Clean connections waiting for their next client, by node address.
-    idle: RefCell<HashMap<String, Vec<SharedConn>>>,
+    idle: RefCell<HashMap<String, Vec<NodeConn>>>,
     /// Every connection lent out or idle, so shutdown can close them all.
     all: RefCell<Vec<Weak<super::conn::Inner>>>,
     /// Set at shutdown: nothing more is lent or kept.
@@ -53,7 +53,7 @@ impl DedicatedPool {
 
     /// A connection to `addr` for one client alone: an idle one if there is one, else a new
     /// one (requests queue while it connects).
-    pub fn take(&self, addr: &str) -> SharedConn {
+    pub fn take(&self, addr: &str) -> NodeConn {
         if let Some(list) = self.idle.borrow_mut().get_mut(addr) {
             while let Some(conn) = list.pop() {
                 if conn.is_idle() {
@@ -62,7 +62,7 @@ impl DedicatedPool {
                 conn.close();
             }
         }
-        let conn = SharedConn::new_dedicated(
+        let conn = NodeConn::new_dedicated(
             addr.to_owned(),
             self.settings.clone(),
             self.metrics.dedicated_node(&self.name, addr),
@@ -79,7 +79,7 @@ impl DedicatedPool {
 
     /// Takes back a connection. `clean` says the client left no state on it (no transaction,
     /// no WATCH, nothing waiting); anything else is closed, since its state is unknown.
-    pub fn give_back(&self, conn: SharedConn, clean: bool) {
+    pub fn give_back(&self, conn: NodeConn, clean: bool) {
         if !clean || !conn.is_idle() || self.closed.get() {
             conn.close();
             return;
@@ -113,7 +113,7 @@ impl DedicatedPool {
         self.idle.borrow_mut().clear();
         for conn in self.all.borrow_mut().drain(..) {
             if let Some(inner) = conn.upgrade() {
-                SharedConn(inner).close();
+                NodeConn(inner).close();
             }
         }
     }

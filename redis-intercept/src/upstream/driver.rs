@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::conn::{InFlight, State};
 use super::tls::Stream;
-use super::{Reply, ReplySink, SharedConn, UpstreamError, open};
+use super::{NodeConn, Reply, ReplySink, UpstreamError, open};
 use crate::metrics::GaugeGuard;
 use crate::metrics::LatencyBatch;
 use crate::resp::ReplyScanner;
@@ -32,8 +32,8 @@ pub(super) const BATCH_BYTES: usize = 64 * 1024;
 /// memory forever.
 pub(super) const KEEP_BUFFER: usize = 1024 * 1024;
 
-impl SharedConn {
-    /// Drives the connection until [`SharedConn::close`]: connect, serve, and on failure fail
+impl NodeConn {
+    /// Drives the connection until [`NodeConn::close`]: connect, serve, and on failure fail
     /// the waiting requests and reconnect with backoff.
     pub async fn run(self) {
         let inner = &*self.0;

@@ -18,14 +18,14 @@ impl Drop for NodesLease {
 
 /// What one generation of a service's routes opened or shares.
 #[derive(Default)]
-pub struct Owned {
+pub struct GenerationConns {
     /// Standalone servers, each made for this generation alone.
     pub standalones: Vec<Rc<Standalone>>,
     /// Cluster pools, shared with other generations that route to the same cluster.
     pub pools: Vec<Rc<NodesLease>>,
 }
 
-impl Owned {
+impl GenerationConns {
     /// Closes every connection now (shutdown), shared pools included.
     pub fn close(&self) {
         for s in &self.standalones {
@@ -37,7 +37,7 @@ impl Owned {
     }
 }
 
-impl Drop for Owned {
+impl Drop for GenerationConns {
     fn drop(&mut self) {
         // Standalone servers are this generation's alone; pools close with their last lease.
         for s in &self.standalones {

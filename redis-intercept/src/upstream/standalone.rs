@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::dedicated::DedicatedPool;
-use super::{ConnSettings, SharedConn};
+use super::{ConnSettings, NodeConn};
 use crate::config::{ReadPolicy, UpstreamConfig};
 use crate::metrics::Metrics;
 
@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub struct Db {
     /// Shared pipelined connections (`connections_per_node`), picked by client id.
-    pub conns: Vec<SharedConn>,
+    pub conns: Vec<NodeConn>,
     /// Connections lent to one client at a time (transactions, blocking commands).
     pub dedicated: Rc<DedicatedPool>,
 }
@@ -117,9 +117,9 @@ impl Standalone {
             db,
             ..self.settings.clone()
         };
-        let conns: Vec<SharedConn> = (0..self.per_node)
+        let conns: Vec<NodeConn> = (0..self.per_node)
             .map(|_| {
-                SharedConn::new(
+                NodeConn::new(
                     self.addr.clone(),
                     settings.clone(),
                     self.metrics.node(&self.name, &self.addr),

@@ -5,17 +5,17 @@ use std::cell::Cell;
 use std::future::poll_fn;
 use std::task::{Context, Poll, Waker};
 
-/// Set by [`Signal::notify`], consumed by one waiter. Notifications don't accumulate: many
+/// Set by [`Wake::notify`], consumed by one waiter. Notifications don't accumulate: many
 /// notifies before a wait make it return once.
 #[derive(Default)]
-pub struct Signal {
+pub struct Wake {
     /// A notification is pending.
     set: Cell<bool>,
     /// The task waiting, if any.
     waker: Cell<Option<Waker>>,
 }
 
-impl Signal {
+impl Wake {
     /// Records a notification and wakes the waiter.
     pub fn notify(&self) {
         self.set.set(true);
@@ -49,7 +49,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn notifications_before_the_wait_are_kept_once() {
-        let s = Signal::default();
+        let s = Wake::default();
         s.notify();
         s.notify();
         s.wait().await;
@@ -62,7 +62,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let s = std::rc::Rc::new(Signal::default());
+                let s = std::rc::Rc::new(Wake::default());
                 let s2 = s.clone();
                 let waiter = tokio::task::spawn_local(async move { s2.wait().await });
                 tokio::task::yield_now().await;
