@@ -304,11 +304,11 @@ pub enum Handling {
     Forward,
     /// Answered by the proxy itself.
     Local(Local),
-    /// Needs a connection of its own for the whole MULTI…EXEC (not served yet).
+    /// Needs a connection of its own for the whole MULTI…EXEC (`session/stateful.rs`).
     Transaction,
-    /// Turns the connection into a subscriber (not served yet).
+    /// Turns the connection into a subscriber (`session/pubsub.rs`).
     PubSub,
-    /// May block its connection (not served yet).
+    /// May block its connection: served on a dedicated one (`session/stateful.rs`).
     Blocking,
     /// Makes no sense through a proxy, or would change the shared connection.
     Unsupported,

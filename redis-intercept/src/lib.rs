@@ -1,19 +1,20 @@
 //! redis-intercept: a node-level transparent Redis proxy.
 //!
 //! # Layout
-//! Lower layers never import higher ones.
+//! Lower layers never import higher ones; ARCHITECTURE.md has a line for every file.
 //! - [`resp`]: bytes ⇄ RESP frames, with limits.
-//! - [`command`]: the Redis command table and how the proxy handles each command.
-//! - [`cluster`]: Redis Cluster slots, slot maps and redirects (pure logic).
-//! - [`route`]: where a request goes on a cluster: slots, splits, read policy (pure logic).
+//! - [`wake`], [`locks`]: a single-threaded wake-up flag; locks with poisoning recovered.
+//! - [`command`]: the Redis command table, argument checks, and how the proxy handles each.
+//! - [`cluster`]: Redis Cluster slots, slot maps, redirect decisions, SCAN cursor (pure).
 //! - [`config`]: the TOML configuration and its validation.
-//! - [`signal`]: a cheap single-threaded wake-up flag.
-//! - [`intercept`]: the eBPF programs: load, attach, maps, per-cgroup settings.
-//! - [`upstream`]: shared pipelined connections to Redis nodes.
-//! - [`session`]: one client connection.
+//! - [`route`]: where a request goes: prefixes, slots, splits, read policy (pure).
 //! - [`metrics`]: Prometheus metrics.
-//! - [`admin`]: the local HTTP endpoint (`/metrics`, `/ready`, `/config`).
-//! - [`app`]: binding, worker threads, shutdown.
+//! - [`intercept`]: the eBPF programs: load, attach, maps, per-cgroup settings.
+//! - [`upstream`]: pipelined connections to Redis nodes, and typed upstream errors.
+//! - [`service`]: what one service is at run time, and the builder from config.
+//! - [`session`]: one client connection.
+//! - [`admin`]: the local HTTP endpoint (`/metrics`, `/ready`, `/config`, …).
+//! - [`app`]: binding, worker threads, reload, signals, shutdown.
 pub mod admin;
 pub mod app;
 pub mod cluster;

@@ -1,6 +1,6 @@
 //! What one service is at run time, on one worker: its routes and their upstreams, mirrors,
 //! the settings a reload changes in place (timeouts, limits, faults), and its client
-//! credentials. [`build`] makes these from the config; `session` only reads them.
+//! credentials. `build` makes these from the config; `session` only reads them.
 
 mod build;
 

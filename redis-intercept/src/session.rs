@@ -1,7 +1,7 @@
 //! One client connection: parse its commands, answer local ones, hand the rest to upstream
 //! connections, and write replies back strictly in request order.
 //!
-//! Each request takes a numbered slot in [`ReplySlots`]; replies fill slots as they arrive. After
+//! Each request takes a numbered slot in `ReplySlots` (`replies.rs`); replies fill slots as they arrive. After
 //! each upstream read, the filled prefix of a client's slots is written to the client in one
 //! system call, by the upstream task itself ([`ReplySink::flush`]): the session task is woken
 //! only when it waits on reply progress (pipeline full, closing, idle timer, full socket). A

@@ -1,4 +1,4 @@
-//! What a reload changes without a restart: each service's [`Policy`] and mirror rates
+//! What a reload changes without a restart: each service's `Policy` and mirror rates
 //! (applied in place), and its routes, mirrors and upstreams (a worker builds a new
 //! generation of the service's routes, and clients move to it). Listeners, the proxy's own
 //! settings and the list of services need a restart.
