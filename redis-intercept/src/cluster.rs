@@ -10,7 +10,9 @@ mod slot;
 mod slot_map;
 mod topology;
 
-pub use redirect::{Decision, MAX_HOPS, RETRY_START, Redirect, RedirectKind, decide};
+pub use redirect::{
+    Decision, Hops, MAX_HOPS, RETRY_MAX, RETRY_START, Redirect, RedirectKind, decide,
+};
 pub use refresh::RefreshTrigger;
 pub use scan::{ScanCursor, ScanStep};
 pub use slot::{SLOT_COUNT, Slot, hash_tag};

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::merge::{Merge, MergeKind, Positions, info_sections};
 use super::scan::ScanSink;
-use crate::cluster::{Decision, RedirectKind, ScanCursor, Slot, SlotMap, decide};
+use crate::cluster::{Decision, Hops, RedirectKind, ScanCursor, Slot, SlotMap, decide};
 use crate::command::Command;
 use crate::config::ReadPolicy;
 use crate::resp::{Request, encode_command};
@@ -392,7 +392,7 @@ struct ClusterRequest {
     /// The request's slot (`None` for keyless commands).
     slot: Option<Slot>,
     /// Redirects and retries so far.
-    hops: Cell<u8>,
+    hops: Cell<Hops>,
     /// When the client stops waiting.
     deadline: Instant,
     /// Where it was last sent (its host fills redirects that name none).
@@ -417,7 +417,7 @@ impl ClusterRequest {
             token: to.token,
             request,
             slot,
-            hops: Cell::new(0),
+            hops: Cell::new(Hops::default()),
             deadline,
             sent_to: RefCell::new(Some(conn.clone())),
             me: me.clone(),
@@ -463,7 +463,10 @@ impl ClusterRequest {
             Decision::PassOn => Some(reply),
             Decision::GiveUp(error) => Some(error),
             Decision::Follow(r) => {
-                self.hops.set(hops + 1);
+                self.hops.set(Hops {
+                    redirects: hops.redirects.saturating_add(1),
+                    ..hops
+                });
                 let conn = match pool.conn(&r.addr, self.shared.client) {
                     Ok(c) => c,
                     Err(e) => return Some(e),
@@ -477,7 +480,10 @@ impl ClusterRequest {
                 self.resend(conn, asking).err()
             }
             Decision::RetryAfter(wait) => {
-                self.hops.set(hops + 1);
+                self.hops.set(Hops {
+                    retries: hops.retries.saturating_add(1),
+                    ..hops
+                });
                 pool.note_retry();
                 let me = self.me.upgrade()?;
                 tokio::task::spawn_local(async move {
