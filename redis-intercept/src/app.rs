@@ -79,15 +79,7 @@ impl Proxy {
     /// The files besides the config that a reload reads and a config watch looks at: the
     /// running services' client `password_file`s and the upstreams' TLS files.
     pub fn watched_files(&self) -> Vec<PathBuf> {
-        let running = self.control.running.locked();
-        let config = &running.config;
-        let mut out: Vec<PathBuf> = config
-            .services
-            .iter()
-            .filter_map(|s| s.auth.as_ref()?.password_file.clone())
-            .collect();
-        out.extend(config.upstreams.iter().flat_map(files::tls_files));
-        out
+        files::watched(&self.control.running.locked().config)
     }
 
     /// The bound address of the service called `name`.

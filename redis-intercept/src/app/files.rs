@@ -7,7 +7,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use super::Proxy;
-use crate::config::UpstreamConfig;
+use crate::config::{Config, UpstreamConfig};
 
 /// The files as they were at the last look.
 pub(super) struct Watch {
@@ -21,8 +21,7 @@ pub(super) struct Watch {
 
 impl Watch {
     /// Starts from the files as they are now.
-    pub(super) fn new(path: &Path, proxy: &Proxy) -> Watch {
-        let files = proxy.watched_files();
+    pub(super) fn new(path: &Path, files: Vec<PathBuf>) -> Watch {
         Watch {
             last: fingerprint(std::iter::once(path).chain(files.iter().map(PathBuf::as_path))),
             path: path.to_owned(),
@@ -64,6 +63,18 @@ pub(super) fn fingerprint<'a>(paths: impl Iterator<Item = &'a Path>) -> u64 {
         }
     }
     h.finish()
+}
+
+/// The files `config` names that a reload reads: client password files and upstream TLS
+/// files.
+pub(super) fn watched(config: &Config) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = config
+        .services
+        .iter()
+        .filter_map(|s| s.auth.as_ref()?.password_file.clone())
+        .collect();
+    out.extend(config.upstreams.iter().flat_map(tls_files));
+    out
 }
 
 /// The TLS files of `up` (CA bundle, client certificate and key).

@@ -16,6 +16,9 @@ use crate::config::Config;
 /// # Errors
 /// Start-up failures from [`start`], or signal handlers that can't be installed.
 pub fn run(config: &Config, path: Option<&std::path::Path>) -> Result<()> {
+    // The files as the config was read, before anything is served: a change made once
+    // clients can connect is a change.
+    let mut files = path.map(|p| files::Watch::new(p, files::watched(config)));
     let proxy = start(config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -30,7 +33,6 @@ pub fn run(config: &Config, path: Option<&std::path::Path>) -> Result<()> {
             .watch_config
             .non_zero()
             .filter(|_| path.is_some());
-        let mut files = path.map(|p| files::Watch::new(p, &proxy));
         // POST /reload on the admin endpoint, when there is a file to reload.
         let mut posted = path.map(|_| proxy.control.state.accept_reloads());
         let mut tick = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
