@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{Admin, AdminState};
 use crate::config::Config;
@@ -204,16 +204,27 @@ pub fn start(config: &Config) -> Result<Proxy> {
         )?)))),
         None => None,
     };
-    let state = Arc::new(AdminState::new(
+    let mut state = AdminState::new(
         config,
         workers,
         Arc::clone(&metrics),
         cluster_status.clone(),
         intercept.clone(),
-    ));
+    );
+    // A token file that can't be read fails start-up, before anything is served.
+    if let Some(file) = config.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
+        state.token = Some(crate::admin::Token::load(file).map_err(anyhow::Error::msg)?);
+    }
+    for warning in config.warnings() {
+        warn!("{warning}");
+    }
+    let state = Arc::new(state);
     let admin = match &config.admin {
         Some(a) => {
             let admin = Admin::start(a.listen, Arc::clone(&state), rx.clone())?;
+            if a.token_file.is_some() {
+                info!("admin endpoint needs its token, except for /ready and /metrics");
+            }
             info!(addr = %admin.addr, "admin endpoint listening");
             Some(admin)
         }

@@ -131,6 +131,10 @@ fn default_drain_timeout() -> Dur {
 pub struct AdminConfig {
     /// Address of the admin listener; keep it on loopback.
     pub listen: SocketAddr,
+    /// A file whose first line is a bearer token that every endpoint but `/ready` and
+    /// `/metrics` then needs (`Authorization: Bearer <token>`); read at every request.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// Interception settings (`[intercept]`).

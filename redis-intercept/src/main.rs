@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use redis_intercept::app;
 use redis_intercept::config::Config;
@@ -179,6 +179,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QuietUnsupportedMa
 
 fn check(path: &std::path::Path) -> Result<()> {
     let config = Config::load(path)?;
+    for warning in config.warnings() {
+        eprintln!("{}: warning: {warning}", path.display());
+    }
     let unsupported = config.unsupported_features();
     for feature in &unsupported {
         eprintln!(
@@ -249,15 +252,27 @@ fn quick_config(args: &RunArgs, listen: SocketAddr, upstream: &str) -> Result<Co
 
 /// `cgroup enable|disable|clear PATH` and `cgroup list`, through the agent's admin endpoint.
 fn cgroup(args: &CgroupArgs) -> Result<()> {
-    let admin = match &args.config {
+    let (admin, token_file) = match &args.config {
         Some(path) => match Config::load(path)?.admin {
-            Some(a) => a.listen,
+            Some(a) => (a.listen, a.token_file),
             None => bail!(
                 "{} has no [admin] section to reach the agent through",
                 path.display()
             ),
         },
-        None => args.admin,
+        None => (args.admin, None),
+    };
+    let token = match token_file {
+        Some(file) => Some(
+            std::fs::read_to_string(&file)
+                .with_context(|| format!("admin token_file {}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
     };
     let (method, body) = match (args.action, &args.path) {
         (CgroupAction::List, _) => ("GET", String::new()),
@@ -277,7 +292,7 @@ fn cgroup(args: &CgroupArgs) -> Result<()> {
         }
         (_, None) => bail!("give the cgroup's path"),
     };
-    let (status, text) = http(admin, method, "/cgroups", &body)
+    let (status, text) = http(admin, method, "/cgroups", &body, token.as_deref())
         .map_err(|e| anyhow::anyhow!("cannot reach the agent's admin endpoint at {admin}: {e}"))?;
     print!("{text}");
     if status != 200 {
@@ -287,14 +302,21 @@ fn cgroup(args: &CgroupArgs) -> Result<()> {
 }
 
 /// One HTTP/1.1 request to the local admin endpoint; returns status and body.
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream =
         std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut response = String::new();

@@ -101,6 +101,27 @@ fn run_bounded(cmd: &mut Command) -> std::process::Output {
 }
 
 #[test]
+fn check_warns_when_the_admin_endpoint_listens_beyond_loopback() {
+    let (ok, _, stderr) = check(&format!("[admin]\nlisten = \"0.0.0.0:9091\"\n{GOOD}"));
+    assert!(ok, "a warning, not an error");
+    assert!(
+        stderr.contains(
+            "FILE: warning: admin.listen = 0.0.0.0:9091 is reachable from beyond this host"
+        ) && stderr.contains("set [admin] token_file"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = check(&format!(
+        "[admin]\nlisten = \"0.0.0.0:9091\"\ntoken_file = \"/run/token\"\n{GOOD}"
+    ));
+    assert!(
+        ok && stderr.contains("only token_file guards it"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = check(&format!("[admin]\nlisten = \"127.0.0.1:9091\"\n{GOOD}"));
+    assert!(ok && !stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
 fn check_warns_about_features_run_would_refuse() {
     let (ok, _, err) = check(&format!(
         "{GOOD}{UNBUILT}\n[service.auth]\npasswords = [\"s3cret\"]\n"

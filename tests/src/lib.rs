@@ -468,15 +468,22 @@ pub fn redis_cli(addr: SocketAddr, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `GET path` over HTTP/1.1 to `addr`; returns (status code, body).
+/// `GET path` on the admin endpoint at `addr`: status and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, &[])
+}
+
+/// One HTTP/1.1 request with extra header lines (`"Authorization: Bearer x"`): status and
+/// body.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut response = String::new();

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use redis_intercept::resp::Frame;
 use redis_intercept_e2e::{
-    RedisServer, RespReader, free_port, http_get, reload, start_proxy_config, start_proxy_with,
-    wait_until,
+    RedisServer, RespReader, free_port, http_get, http_request, reload, start_proxy_config,
+    start_proxy_with, tempfile_dir, wait_until,
 };
 
 fn metric(body: &str, line_start: &str) -> Option<f64> {
@@ -302,5 +302,44 @@ fn command_stats_count_calls_errors_and_latency_per_command() {
     c.call(&["GET", "a"]);
     let body = http_get(admin, "/metrics").1;
     assert_eq!(calls(&body, "get", "ok"), Some(7.0), "{body}");
+    proxy.shutdown();
+}
+
+#[test]
+fn a_token_file_guards_every_endpoint_but_ready_and_metrics() {
+    let server = RedisServer::start();
+    let dir = tempfile_dir();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "t0ken-1\n").unwrap();
+    let proxy = start_proxy_with(
+        server.addr,
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+        "",
+    );
+    let admin = proxy.admin_addr().unwrap();
+    wait_until(Duration::from_secs(5), || {
+        http_get(admin, "/ready").0 == 200
+    });
+    assert_eq!(http_get(admin, "/metrics").0, 200);
+    for path in ["/config", "/topology", "/cgroups"] {
+        assert_eq!(http_get(admin, path).0, 401, "{path} without a token");
+        let wrong = http_request(admin, "GET", path, &["Authorization: Bearer nope"]);
+        assert_eq!(wrong.0, 401, "{path} with a wrong token");
+    }
+    let bearer = "Authorization: Bearer t0ken-1";
+    let (status, body) = http_request(admin, "GET", "/config", &[bearer]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("[[service]]"), "{body}");
+    // POST /reload and /cgroups are refused before anything is done.
+    assert_eq!(http_request(admin, "POST", "/reload", &[]).0, 401);
+    assert_eq!(http_request(admin, "POST", "/cgroups", &[]).0, 401);
+    // A rotated token works at once; the old one no longer does.
+    std::fs::write(&token, "t0ken-2\n").unwrap();
+    assert_eq!(http_request(admin, "GET", "/config", &[bearer]).0, 401);
+    let next = "Authorization: Bearer t0ken-2";
+    assert_eq!(http_request(admin, "GET", "/config", &[next]).0, 200);
     proxy.shutdown();
 }

@@ -112,6 +112,27 @@ impl Config {
         p
     }
 
+    /// Settings that are valid but risky, each as one sentence for `check` and the start-up
+    /// log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(admin) = &self.admin
+            && !admin.listen.ip().is_loopback()
+        {
+            out.push(format!(
+                "admin.listen = {} is reachable from beyond this host, and the admin endpoint can \
+                 reload the config and change interception (POST /reload, /cgroups){}",
+                admin.listen,
+                if admin.token_file.is_some() {
+                    "; only token_file guards it"
+                } else {
+                    ": keep it on loopback, or set [admin] token_file"
+                }
+            ));
+        }
+        out
+    }
+
     /// Features present in this file that this build does not enforce yet. Running with them
     /// would silently ignore them (an auth setting that isn't enforced is a hole), so `run`
     /// refuses and `check` warns.
