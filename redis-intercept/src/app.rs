@@ -235,6 +235,12 @@ pub fn start(config: &Config) -> Result<Proxy> {
         .iter()
         .map(|_| Arc::new(AtomicUsize::new(0)))
         .collect();
+    let query_budget = Arc::new(crate::budget::QueryBudget::new(
+        config.proxy.query_buffer_budget.0,
+        config.proxy.client_query_buffer_limit.0,
+        metrics.query_buffer_bytes.clone(),
+        metrics.query_buffer_paused.clone(),
+    ));
     let mut handles = Vec::new();
     for index in 0..workers {
         let plan = WorkerPlan {
@@ -257,6 +263,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
                 .as_ref()
                 .map(|_| redis_intercept_common::PROXY_SO_MARK),
             kicks: kick_tx.clone(),
+            query_budget: Arc::clone(&query_budget),
         };
         let handle = std::thread::Builder::new()
             .name(format!("ri-worker-{index}"))

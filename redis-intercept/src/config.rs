@@ -104,6 +104,22 @@ pub struct ProxyConfig {
     /// ConfigMap or Secret then applies with no signal. `"0s"`: only SIGHUP reloads.
     #[serde(default = "default_watch_config")]
     pub watch_config: Dur,
+    /// Most unparsed input one client may hold (Redis's `client-query-buffer-limit`); a
+    /// client past it is closed, as Redis does.
+    #[serde(default = "default_client_query_buffer_limit")]
+    pub client_query_buffer_limit: ByteSize,
+    /// Most unparsed input all clients together may hold. Once it is spent, clients holding
+    /// much stop being read (one at a time finishes its request); ordinary commands go on.
+    #[serde(default = "default_query_buffer_budget")]
+    pub query_buffer_budget: ByteSize,
+}
+
+fn default_client_query_buffer_limit() -> ByteSize {
+    ByteSize(1024 * 1024 * 1024)
+}
+
+fn default_query_buffer_budget() -> ByteSize {
+    ByteSize(512 * 1024 * 1024)
 }
 
 impl Default for ProxyConfig {
@@ -113,6 +129,8 @@ impl Default for ProxyConfig {
             reuse_port: true,
             drain_timeout: default_drain_timeout(),
             watch_config: default_watch_config(),
+            client_query_buffer_limit: default_client_query_buffer_limit(),
+            query_buffer_budget: default_query_buffer_budget(),
         }
     }
 }

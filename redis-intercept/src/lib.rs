@@ -4,6 +4,7 @@
 //! Lower layers never import higher ones; ARCHITECTURE.md has a line for every file.
 //! - [`resp`]: bytes ⇄ RESP frames, with limits.
 //! - [`wake`], [`locks`]: a single-threaded wake-up flag; locks with poisoning recovered.
+//! - [`budget`]: the process-wide budget for client input.
 //! - [`command`]: the Redis command table, argument checks, and how the proxy handles each.
 //! - [`cluster`]: Redis Cluster slots, slot maps, redirect decisions, SCAN cursor (pure).
 //! - [`config`]: the TOML configuration and its validation.
@@ -17,6 +18,7 @@
 //! - [`app`]: binding, worker threads, reload, signals, shutdown.
 pub mod admin;
 pub mod app;
+pub mod budget;
 pub mod cluster;
 pub mod command;
 pub mod config;

@@ -131,6 +131,10 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     /// 1 when the last reload was applied (or none was tried), 0 after a failed one.
     pub config_last_reload_successful: Gauge,
+    /// Bytes of unparsed client input held now, over all clients (`query_buffer_budget`).
+    pub query_buffer_bytes: Gauge,
+    /// Times a client stopped being read because `query_buffer_budget` was spent.
+    pub query_buffer_paused: Counter,
     /// Generations of each service's routes in use, summed over workers: above the worker
     /// count, some clients are still on routes a reload replaced (in a transaction, a
     /// blocking command or subscribed).
@@ -174,6 +178,8 @@ impl Metrics {
             accelerated: Family::default(),
             config_reloads: Family::default(),
             config_last_reload_successful: Gauge::default(),
+            query_buffer_bytes: Gauge::default(),
+            query_buffer_paused: Counter::default(),
             route_generations: Family::default(),
             command_families: CommandFamilies::default(),
             faults: Family::default(),
@@ -279,6 +285,16 @@ impl Metrics {
             "config_last_reload_successful",
             "1 when the last config reload was applied (or none was tried), 0 after a failed one",
             m.config_last_reload_successful.clone(),
+        );
+        registry.register(
+            "query_buffer_bytes",
+            "Bytes of unparsed client input held now, over all clients",
+            m.query_buffer_bytes.clone(),
+        );
+        registry.register(
+            "query_buffer_paused",
+            "Times a client stopped being read because query_buffer_budget was spent",
+            m.query_buffer_paused.clone(),
         );
         registry.register(
             "route_generations",

@@ -64,6 +64,8 @@ pub struct ServiceCtx {
     pub owned: GenerationConns,
     /// Counts this generation in the service's `generations` gauge while it lives.
     pub generation: GaugeGuard,
+    /// The process-wide budget for client input.
+    pub query_budget: Arc<crate::budget::QueryBudget>,
 }
 
 impl ServiceCtx {

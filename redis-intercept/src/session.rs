@@ -12,6 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -43,7 +44,7 @@ pub use registry::{ClientGuard, Sessions, next_client_id};
 use auth::auth_required;
 use dispatch::{dispatch, routing};
 use faults::{Delayed, Sampler, inject_fault};
-use input::{InputBuf, MAX_QUERY_BUFFER, read_input};
+use input::{InputBuf, read_input};
 use replies::{Failure, ReplySlots};
 
 use crate::command::{self, Command};
@@ -52,6 +53,10 @@ use crate::resp::{Request, RequestParser};
 use crate::service::ServiceCtx;
 use crate::upstream::{ReplySink, ReplyTo, error_reply};
 use crate::wake::Wake;
+
+/// How often a client that stopped being read because the input budget was spent looks
+/// again.
+const BUDGET_RECHECK: Duration = Duration::from_millis(5);
 
 /// Per-connection client state that local commands read and change.
 struct ClientState {
@@ -78,6 +83,8 @@ enum End {
     ProtocolError,
     /// The client's replies exceeded `max_client_buffer`.
     SlowReader,
+    /// The client's unparsed input reached `client_query_buffer_limit`.
+    QueryBufferLimit,
     /// Idle longer than `idle_timeout`.
     Idle,
     /// A socket error.
@@ -96,6 +103,7 @@ impl End {
             End::Done => "quit_or_shutdown",
             End::ProtocolError => "protocol_error",
             End::SlowReader => "slow_reader",
+            End::QueryBufferLimit => "query_buffer_limit",
             End::Idle => "idle",
             End::Io(_) => "io_error",
             End::Subscribe | End::PubSub(_) => "pubsub",
@@ -110,6 +118,7 @@ impl std::fmt::Display for End {
             End::Done => f.write_str("done"),
             End::ProtocolError => f.write_str("protocol error"),
             End::SlowReader => f.write_str("slow reader"),
+            End::QueryBufferLimit => f.write_str("query buffer limit reached"),
             End::Idle => f.write_str("idle timeout"),
             End::Io(e) => write!(f, "socket error: {e}"),
             End::Subscribe => f.write_str("subscribed"),
@@ -189,7 +198,7 @@ pub async fn run(
         stateful: stateful::Stateful::default(),
         declined: None,
     };
-    let mut input = InputBuf::default();
+    let mut input = InputBuf::new(Arc::clone(&session.svc.query_budget), id);
     let end = loop {
         let end = session.serve(&stream, &mut input).await;
         let (End::Subscribe, Some(target)) = (&end, session.stateful.subscribe.take()) else {
@@ -255,6 +264,9 @@ impl Session {
         let core = Rc::clone(&self.core);
         let delay_sleep = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(delay_sleep);
+        let budget_sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(budget_sleep);
+        let mut was_paused = false;
         loop {
             let policy = self.svc.policy();
             if policy.idle_timeout != idle {
@@ -311,13 +323,24 @@ impl Session {
                 };
             }
             input.release_if_empty();
-            let can_read = !self.state.closing
+            let Ok(budget_ok) = input.may_read() else {
+                return End::QueryBufferLimit;
+            };
+            let paused = !budget_ok && !self.state.closing && !eof;
+            if paused && !was_paused {
+                self.svc.query_budget.paused.inc();
+            }
+            was_paused = paused;
+            if paused {
+                budget_sleep.as_mut().reset(Instant::now() + BUDGET_RECHECK);
+            }
+            let can_read = budget_ok
+                && !self.state.closing
                 && !self.stateful.barrier
                 && self.stateful.subscribe.is_none()
                 && !eof
                 && outstanding < policy.max_pipeline
-                && out_len < policy.max_client_buffer / 2
-                && input.len() < MAX_QUERY_BUFFER;
+                && out_len < policy.max_client_buffer / 2;
             let idle_armed = idle.is_some() && outstanding == 0 && out_len == 0;
             let delay_until = self.delayed.as_ref().map(|d| d.until);
             if let Some(until) = delay_until
@@ -349,6 +372,9 @@ impl Session {
                     return Poll::Ready(Woke::Idle);
                 }
                 if delay_until.is_some() && delay_sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Delay);
+                }
+                if paused && budget_sleep.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Woke::Delay);
                 }
                 Poll::Pending

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use super::live;
 use super::reload::Reloaded;
+use crate::budget::QueryBudget;
 use crate::config::Config;
 use crate::locks::LockRecovered;
 use crate::metrics::Metrics;
@@ -51,6 +52,8 @@ pub(super) struct WorkerPlan {
     pub(super) mark: Option<u32>,
     /// Where a failed connection to a sentinel upstream's master is reported.
     pub(super) kicks: tokio::sync::mpsc::Sender<String>,
+    /// The process-wide budget for client input.
+    pub(super) query_budget: Arc<QueryBudget>,
 }
 
 impl WorkerPlan {
@@ -77,6 +80,7 @@ impl WorkerPlan {
             cluster_status,
             mark,
             kicks,
+            query_budget,
         } = self;
         let sessions = Rc::new(Sessions::default());
         let mut ups = Upstreams {
@@ -88,6 +92,7 @@ impl WorkerPlan {
             cluster_status,
             mark,
             kicks,
+            query_budget,
             discard: Rc::new(Discard),
             owned: GenerationConns::default(),
             fresh: Vec::new(),

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use super::{
     Backend, ClientAuth, Fault, FaultAction, Mirror, Policy, RouteCtx, ServiceCtx, SharedAuth,
 };
+use crate::budget::QueryBudget;
 use crate::config::{Config, FaultConfig, FaultKind, LegacyAuth, Mode, ServiceConfig};
 use crate::metrics::GaugeGuard;
 use crate::metrics::Metrics;
@@ -68,6 +69,8 @@ pub struct Upstreams {
     /// Where a failed connection to a sentinel upstream's master is reported, so the
     /// sentinels are asked at once.
     pub kicks: tokio::sync::mpsc::Sender<String>,
+    /// The process-wide budget for client input, handed to every service.
+    pub query_budget: Arc<QueryBudget>,
     /// The sink that swallows mirror replies.
     pub discard: Rc<dyn crate::upstream::ReplySink>,
     /// What the service being built opens or shares.
@@ -96,7 +99,13 @@ impl Upstreams {
         };
         let mut routes = vec![RouteCtx {
             remove_prefix: false,
-            backend: self.backend(up, svc.read_policy, up.max_pending_bytes.0, Duration::ZERO),
+            backend: self.backend(
+                up,
+                svc.read_policy,
+                up.max_pending_bytes.0,
+                Duration::ZERO,
+                true,
+            ),
             mirrors: self.mirrors(config, &svc.name, &svc.mirrors)?,
         }];
         for r in &svc.routes {
@@ -114,6 +123,7 @@ impl Upstreams {
                     r.read_policy.unwrap_or(svc.read_policy),
                     target.max_pending_bytes.0,
                     Duration::ZERO,
+                    true,
                 ),
                 mirrors: self.mirrors(config, &svc.name, &r.mirrors)?,
             });
@@ -136,6 +146,7 @@ impl Upstreams {
             newest: Rc::clone(&shared.newest),
             owned: std::mem::take(&mut self.owned),
             generation: GaugeGuard::new(&shared.metrics.generations),
+            query_budget: Arc::clone(&self.query_budget),
         };
         Ok((ctx, std::mem::take(&mut self.fresh)))
     }
@@ -180,11 +191,13 @@ impl Upstreams {
         policy: crate::config::ReadPolicy,
         max_pending: usize,
         write_delay: Duration,
+        charged: bool,
     ) -> Backend {
         let secrets = self.auths.get(&up.name).cloned().unwrap_or_default();
         let settings = ConnSettings {
             write_delay,
             mark: self.mark,
+            budget: charged.then(|| Arc::clone(&self.query_budget)),
             ..conn_settings(up, &secrets, max_pending, self.limits)
         };
         match up.mode {
@@ -284,6 +297,7 @@ impl Upstreams {
                     crate::config::ReadPolicy::Master,
                     m.max_queue.0,
                     m.batch_delay.0,
+                    false,
                 ),
                 per_10000: Cell::new(percent_to_per_10000(m.percentage)),
                 exclude_reads: Cell::new(m.exclude_reads),
@@ -314,6 +328,7 @@ pub fn conn_settings(
         limits,
         readonly: false,
         db: 0,
+        budget: None,
     }
 }
 

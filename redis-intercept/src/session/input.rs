@@ -3,8 +3,11 @@
 
 use std::io::Read;
 
+use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use crate::budget::QueryBudget;
 
 /// Initial read buffer of a client; grows while reads fill it.
 pub(super) const READ_START: usize = 4 * 1024;
@@ -15,13 +18,16 @@ pub(super) const READ_MAX_STEP: usize = 256 * 1024;
 /// Buffers larger than this are released when empty, so an idle client costs little.
 pub(super) const KEEP_BUFFER: usize = 16 * 1024;
 
-/// Largest request a client may send (Redis's default `client-query-buffer-limit`).
-pub(super) const MAX_QUERY_BUFFER: usize = 1024 * 1024 * 1024;
-
 /// A client's unparsed input. The buffer stays initialized, so reads go straight into it
 /// without unsafe code; `start..end` are the bytes not yet consumed.
 #[derive(Default)]
 pub(super) struct InputBuf {
+    /// The process-wide budget its allocation is charged to (`None` in tests).
+    pub(super) budget: Option<Arc<QueryBudget>>,
+    /// The client, for the budget's permit.
+    pub(super) client: u64,
+    /// Bytes charged to the budget: the buffer's size.
+    pub(super) charged: usize,
     /// Storage; allocated on the first read.
     pub(super) buf: Vec<u8>,
     /// First unconsumed byte.
@@ -31,6 +37,46 @@ pub(super) struct InputBuf {
 }
 
 impl InputBuf {
+    /// An empty buffer for client `client`, charged to `budget` as it grows.
+    pub(super) fn new(budget: Arc<QueryBudget>, client: u64) -> InputBuf {
+        InputBuf {
+            budget: Some(budget),
+            client,
+            charged: 0,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Whether the client may be read now: under its own limit (else `Err`: it is to be
+    /// closed, as Redis closes a client past `client-query-buffer-limit`), and `Ok(false)`
+    /// while the budget is spent and the client holds much.
+    pub(super) fn may_read(&self) -> Result<bool, ()> {
+        let Some(b) = &self.budget else {
+            return Ok(true);
+        };
+        if self.len() >= b.client_limit {
+            return Err(());
+        }
+        Ok(b.may_read(self.client, self.buf.len()))
+    }
+
+    /// Keeps the budget's count equal to the buffer's size.
+    fn recharge(&mut self) {
+        let Some(b) = &self.budget else { return };
+        let size = self.buf.len();
+        if size > self.charged {
+            b.charge(size - self.charged);
+        } else if size < self.charged {
+            b.refund(self.charged - size);
+        }
+        self.charged = size;
+        if size == 0 {
+            b.done(self.client);
+        }
+    }
+
     pub(super) fn data(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
@@ -60,6 +106,13 @@ impl InputBuf {
     pub(super) fn release_if_empty(&mut self) {
         if self.is_empty() && self.buf.len() > KEEP_BUFFER {
             self.buf = Vec::new();
+            self.recharge();
+        }
+        if self.is_empty()
+            && let Some(b) = &self.budget
+        {
+            // Nothing pending: a permit it held goes to the next big holder.
+            b.done(self.client);
         }
     }
 
@@ -73,6 +126,7 @@ impl InputBuf {
         if self.buf.len() - self.end < READ_START / 2 {
             let grow = self.buf.len().clamp(READ_START, READ_MAX_STEP);
             self.buf.resize(self.buf.len() + grow, 0);
+            self.recharge();
         }
         &mut self.buf[self.end..]
     }
@@ -109,5 +163,12 @@ pub(super) fn read_input(
             Ok((got > 0).then_some(got))
         }
         Err(e) => Err(e),
+    }
+}
+
+impl Drop for InputBuf {
+    fn drop(&mut self) {
+        self.buf = Vec::new();
+        self.recharge();
     }
 }

@@ -24,7 +24,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::input::{InputBuf, MAX_QUERY_BUFFER, read_input};
+use super::input::{InputBuf, read_input};
 use super::pubsub_node::{Counts, Node, confirmation, open_node, poll_node};
 use super::{End, Session};
 use crate::cluster::Slot;
@@ -197,7 +197,7 @@ impl Session {
             }
             let read_client = !broken
                 && !matches!(pipe.check, Check::Asked { .. })
-                && input.len() < MAX_QUERY_BUFFER
+                && input.may_read() == Ok(true)
                 && pipe.nodes.iter().all(|n| n.to_node.len() < MAX_TO_NODE);
             let check_deadline = match &pipe.check {
                 Check::Asked { deadline, .. } => Some(*deadline),

@@ -253,6 +253,9 @@ impl NodeConn {
             inner.batch_at.set(Instant::now());
         }
         write(&mut out);
+        if let Some(b) = &inner.settings.budget {
+            b.charge_queued(out.len() - before);
+        }
         // A delayed writer also wants to know when a batch's worth is queued.
         let wake = before == 0
             || (!inner.settings.write_delay.is_zero()

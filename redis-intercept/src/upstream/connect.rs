@@ -77,6 +77,10 @@ pub struct ConnSettings {
     pub mark: Option<u32>,
     /// The database selected after connecting (standalone servers; 0 sends nothing).
     pub db: u32,
+    /// The input budget that request bytes queued here count against, so a slow node makes
+    /// the clients writing the most wait instead of its queue growing (`None`: mirrors, whose
+    /// backlog must never slow anyone, and connections that carry no client requests).
+    pub budget: Option<std::sync::Arc<crate::budget::QueryBudget>>,
 }
 
 /// A TCP connection to `addr` (resolved if it is a name), marked with `mark` before the

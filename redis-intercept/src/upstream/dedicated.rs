@@ -137,6 +137,7 @@ mod tests {
 
     fn settings() -> ConnSettings {
         ConnSettings {
+            budget: None,
             auth: None,
             connect_timeout: Duration::from_secs(1),
             backoff_max: Duration::from_secs(1),

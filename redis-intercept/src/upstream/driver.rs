@@ -295,6 +295,9 @@ impl NodeConn {
                 let mut out = self.0.out.borrow_mut();
                 if !out.is_empty() {
                     std::mem::swap(&mut *out, spare);
+                    // The batch is the writer's now: it is written or dropped with the
+                    // connection, and the queue can take more.
+                    self.written(spare);
                     return true;
                 }
             }
@@ -315,6 +318,14 @@ impl NodeConn {
                     }
                 }
             }
+        }
+    }
+
+    /// Gives request bytes that left the queue (taken by the writer, or dropped with their
+    /// requests) back to the input budget.
+    pub(super) fn written(&self, bytes: &[u8]) {
+        if let Some(b) = &self.0.settings.budget {
+            b.refund_queued(bytes.len());
         }
     }
 
@@ -366,7 +377,11 @@ impl NodeConn {
     /// Answers every waiting request with `reply` and drops unsent bytes.
     pub(super) fn fail_all(&self, reply: &Bytes) {
         let inner = &*self.0;
-        inner.out.borrow_mut().clear();
+        {
+            let mut out = inner.out.borrow_mut();
+            self.written(&out);
+            out.clear();
+        }
         let waiting: Vec<InFlight> = inner.inflight.borrow_mut().drain(..).collect();
         let mut to_flush = Vec::new();
         for req in waiting {
