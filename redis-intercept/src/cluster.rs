@@ -11,7 +11,7 @@ mod slot_map;
 mod topology;
 
 pub use redirect::{
-    Decision, Hops, MAX_HOPS, RETRY_MAX, RETRY_START, Redirect, RedirectKind, decide,
+    Decision, Hops, MAX_HOPS, RETRY_MAX, RETRY_START, Redirect, RedirectKind, decide, retry_wait,
 };
 pub use refresh::RefreshTrigger;
 pub use scan::{ScanCursor, ScanStep};

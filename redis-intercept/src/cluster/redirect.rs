@@ -111,11 +111,22 @@ pub fn decide(reply: &[u8], answering_host: &str, hops: Hops, left: Duration) ->
         return Decision::Follow(r);
     }
     let retry = reply.starts_with(b"-TRYAGAIN") || reply.starts_with(b"-CLUSTERDOWN");
-    if !retry || left <= RETRY_START * 2 {
+    if !retry {
         return Decision::PassOn;
     }
-    let backoff = (RETRY_START * (1 << hops.retries.min(8))).min(RETRY_MAX);
-    Decision::RetryAfter(backoff.min(left - RETRY_START * 2))
+    retry_wait(hops.retries, left).map_or(Decision::PassOn, Decision::RetryAfter)
+}
+
+/// How long to wait before trying a request again for the `retries`+1-th time with `left`
+/// until its deadline: 20 ms doubling to [`RETRY_MAX`], the last wait ending early enough for
+/// the request's reply; `None` when there is no time for another try. The same rule serves
+/// `TRYAGAIN`/`CLUSTERDOWN` and a request held while its node is down.
+pub fn retry_wait(retries: u8, left: Duration) -> Option<Duration> {
+    if left <= RETRY_START * 2 {
+        return None;
+    }
+    let backoff = (RETRY_START * (1 << retries.min(8))).min(RETRY_MAX);
+    Some(backoff.min(left - RETRY_START * 2))
 }
 
 /// The error for a request that was redirected too often.

@@ -15,13 +15,13 @@ use tokio::time::Instant;
 
 use super::merge::{Merge, MergeKind, Positions, info_sections};
 use super::scan::ScanSink;
-use crate::cluster::{Decision, Hops, RedirectKind, ScanCursor, Slot, SlotMap, decide};
+use crate::cluster::{Decision, Hops, RedirectKind, ScanCursor, Slot, SlotMap, decide, retry_wait};
 use crate::command::Command;
 use crate::config::ReadPolicy;
 use crate::resp::{Request, encode_command};
 use crate::route::{self, CROSSSLOT, Keyless, Plan, SplitKind};
 use crate::upstream::cluster_nodes::ClusterNodes;
-use crate::upstream::{NodeConn, Reply, ReplySink, ReplyTo, error_reply};
+use crate::upstream::{NodeConn, Reply, ReplySink, ReplyTo, UpstreamError, error_reply};
 
 /// Size of the blocks request copies are cut from: small, so a request that waits long
 /// (a blocked command) pins little memory.
@@ -197,11 +197,16 @@ impl ClusterClient {
     ) -> Result<(), Bytes> {
         let pool = &self.shared.pool;
         let map = pool.map();
-        let Some(index) = map.shard_index(slot) else {
-            return Err(Bytes::from_static(NOT_SERVED));
-        };
-        let Some(shard) = map.shards().get(index) else {
-            return Err(Bytes::from_static(NOT_SERVED));
+        let Some((index, shard)) = map
+            .shard_index(slot)
+            .and_then(|i| Some((i, map.shards().get(i)?)))
+        else {
+            // No master serves the slot (a failover under way): the request waits for the
+            // topology that names one, within its deadline.
+            let held = ClusterRequest::new(&self.shared, None, request, Some(slot), read, to);
+            return held
+                .hold(true, Bytes::from_static(NOT_SERVED))
+                .map_or(Ok(()), Err);
         };
         let node = route::pick_node(
             shard,
@@ -221,7 +226,7 @@ impl ClusterClient {
         } else {
             pool.conn(node, self.shared.client)?
         };
-        ClusterRequest::send(&self.shared, &conn, request, Some(slot), to)
+        ClusterRequest::send(&self.shared, &conn, request, Some(slot), read, to)
     }
 
     /// Splits a multi-slot MGET/MSET/DEL/… into one command per slot and merges the replies.
@@ -289,7 +294,7 @@ impl ClusterClient {
             Keyless::AnyMaster | Keyless::RandomKey => {
                 let node = masters[self.next_roll() as usize % masters.len()];
                 let conn = pool.conn(node, self.shared.client)?;
-                ClusterRequest::send(&self.shared, &conn, self.encode(req), None, to)
+                ClusterRequest::send(&self.shared, &conn, self.encode(req), None, false, to)
             }
             Keyless::Scan => self.scan(req, &map, to),
             Keyless::Info => {
@@ -333,6 +338,7 @@ impl ClusterClient {
                         &conn,
                         request.clone(),
                         None,
+                        false,
                         ReplyTo::new(Rc::clone(&sink), i as u64, to.deadline),
                     )
                 });
@@ -375,6 +381,7 @@ impl ClusterClient {
         });
         // SCAN always goes to the master: a node's cursor is only valid on that node.
         conn.send_encoded(&out, ReplyTo::new(sink, 0, deadline))
+            .map_err(Bytes::from)
     }
 }
 
@@ -395,6 +402,9 @@ struct ClusterRequest {
     hops: Cell<Hops>,
     /// When the client stops waiting.
     deadline: Instant,
+    /// The command only reads: after a connection broke under it, running it again can't
+    /// apply anything twice.
+    read_only: bool,
     /// Where it was last sent (its host fills redirects that name none).
     sent_to: RefCell<Option<NodeConn>>,
     /// This sink, to hand to connections when re-sending.
@@ -402,16 +412,18 @@ struct ClusterRequest {
 }
 
 impl ClusterRequest {
-    /// Sends `request` to `conn` with a new follower as its sink.
-    fn send(
+    /// A request on its way to the node `conn` (`None`: none serves its slot yet).
+    fn new(
         shared: &Rc<ClusterShared>,
-        conn: &NodeConn,
+        conn: Option<&NodeConn>,
         request: EncodedRequest,
         slot: Option<Slot>,
+        read_only: bool,
         to: ReplyTo,
-    ) -> Result<(), Bytes> {
+    ) -> Rc<ClusterRequest> {
         let deadline = to.deadline;
-        let follow = Rc::new_cyclic(|me| ClusterRequest {
+        Rc::new_cyclic(|me| ClusterRequest {
+            read_only,
             shared: Rc::clone(shared),
             parent: to.sink,
             token: to.token,
@@ -419,15 +431,33 @@ impl ClusterRequest {
             slot,
             hops: Cell::new(Hops::default()),
             deadline,
-            sent_to: RefCell::new(Some(conn.clone())),
+            sent_to: RefCell::new(conn.cloned()),
             me: me.clone(),
-        });
-        follow
-            .request
-            .with(|resp| conn.send_encoded(resp, ReplyTo::new(follow.clone(), 0, deadline)))
+        })
     }
 
-    /// Re-sends after a redirect; `Err` is the reply to give instead.
+    /// Sends `request` to `conn` with a new follower as its sink.
+    fn send(
+        shared: &Rc<ClusterShared>,
+        conn: &NodeConn,
+        request: EncodedRequest,
+        slot: Option<Slot>,
+        read_only: bool,
+        to: ReplyTo,
+    ) -> Result<(), Bytes> {
+        let deadline = to.deadline;
+        let follow = ClusterRequest::new(shared, Some(conn), request, slot, read_only, to);
+        let sent = follow
+            .request
+            .with(|resp| conn.send_encoded(resp, ReplyTo::new(follow.clone(), 0, deadline)));
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e) => follow.hold_or_fail(e).map_or(Ok(()), Err),
+        }
+    }
+
+    /// Re-sends after a redirect, a retry or a hold; `Err` is the reply to give instead (or
+    /// the request is held again, see [`ClusterRequest::hold_or_fail`]).
     fn resend(&self, conn: NodeConn, asking: bool) -> Result<(), Bytes> {
         let Some(me) = self.me.upgrade() else {
             return Err(error_reply("request abandoned"));
@@ -444,7 +474,53 @@ impl ClusterRequest {
             }
         });
         *self.sent_to.borrow_mut() = Some(conn);
-        result
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => self.hold_or_fail(e).map_or(Ok(()), Err),
+        }
+    }
+
+    /// A request whose node failed it without running it (refused, not connected yet,
+    /// queue full), or a read whose connection broke under it: while its deadline allows,
+    /// it waits and goes again to its slot's master as the slot map says then, so a
+    /// failover shorter than `op_timeout` isn't seen. Anything that may have run is never
+    /// sent again. `Some` is the reply to give instead; `None`: held.
+    fn hold_or_fail(&self, error: UpstreamError) -> Option<Bytes> {
+        let safe =
+            error.never_sent() || (self.read_only && matches!(error, UpstreamError::Lost { .. }));
+        self.hold(safe, error.reply())
+    }
+
+    /// Holds the request for another try if `safe` and its deadline allows (keyed requests
+    /// only: their slot says where to go next); otherwise `Some(reply)` to give instead.
+    fn hold(&self, safe: bool, reply: Bytes) -> Option<Bytes> {
+        let hops = self.hops.get();
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let wait = retry_wait(hops.retries, left).filter(|_| safe && self.slot.is_some());
+        let (Some(wait), Some(me)) = (wait, self.me.upgrade()) else {
+            return Some(reply);
+        };
+        self.hops.set(Hops {
+            retries: hops.retries.saturating_add(1),
+            ..hops
+        });
+        // Counts toward a topology refresh, which is what names the new master.
+        self.shared.pool.note_retry();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(wait).await;
+            let result = match me.retry_target() {
+                Ok(conn) => me.resend(conn, false),
+                // Still no master for the slot: wait on.
+                Err(e) if e == NOT_SERVED => me.hold(true, e).map_or(Ok(()), Err),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result
+                && me.parent.deliver(me.token, e.into())
+            {
+                me.parent.flush();
+            }
+        });
+        None
     }
 
     /// Handles a redirect or retry reply as [`decide`] says; `None` when the request went
@@ -522,6 +598,13 @@ impl ClusterRequest {
 }
 
 impl ReplySink for ClusterRequest {
+    fn fail(&self, token: u64, error: &UpstreamError) -> bool {
+        match self.hold_or_fail(error.clone()) {
+            None => false,
+            Some(reply) => self.deliver(token, reply.into()),
+        }
+    }
+
     fn deliver(&self, _token: u64, reply: Reply<'_>) -> bool {
         if reply.as_slice().first() == Some(&b'-') {
             match self.redirect(reply.into_bytes()) {

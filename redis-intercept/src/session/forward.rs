@@ -524,10 +524,10 @@ fn pinned_send(
         }
     }
     if cut == 0 {
-        return pinned.conn.send(req, to);
+        return pinned.conn.send(req, to).map_err(Bytes::from);
     }
     let out = cut_keys(req, keys, cut);
-    pinned.conn.send_encoded(&out, to)
+    pinned.conn.send_encoded(&out, to).map_err(Bytes::from)
 }
 
 /// `req` encoded with the first `cut` bytes of each key (at `keys`) removed.

@@ -69,8 +69,8 @@ impl Target {
                 conn,
                 reads: Some(reads),
                 ..
-            } if route::is_read(cmd) => reads.pick(conn)?.send(req, to),
-            Target::Conn { conn, .. } => conn.send(req, to),
+            } if route::is_read(cmd) => Ok(reads.pick(conn)?.send(req, to)?),
+            Target::Conn { conn, .. } => Ok(conn.send(req, to)?),
             Target::Cluster(cluster) => cluster.forward(req, cmd, to),
             Target::None => Err(error_reply("service has no upstream")),
         }

@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::time::Instant;
 
 use super::driver::BATCH_BYTES;
@@ -172,7 +172,7 @@ impl NodeConn {
         resp: &[u8],
         discard: Rc<dyn ReplySink>,
         to: ReplyTo,
-    ) -> Result<(), Bytes> {
+    ) -> Result<(), UpstreamError> {
         let deadline = to.deadline;
         self.enqueue(
             |out| {
@@ -215,7 +215,7 @@ impl NodeConn {
     ///
     /// # Errors
     /// The error reply to give the client at once: the upstream is down, or its queue is full.
-    pub fn send(&self, req: &Request<'_>, to: ReplyTo) -> Result<(), Bytes> {
+    pub fn send(&self, req: &Request<'_>, to: ReplyTo) -> Result<(), UpstreamError> {
         self.enqueue(|out| req.write_resp(out), to)
     }
 
@@ -224,7 +224,7 @@ impl NodeConn {
     ///
     /// # Errors
     /// As [`NodeConn::send`].
-    pub fn send_encoded(&self, resp: &[u8], to: ReplyTo) -> Result<(), Bytes> {
+    pub fn send_encoded(&self, resp: &[u8], to: ReplyTo) -> Result<(), UpstreamError> {
         self.enqueue(|out| out.extend_from_slice(resp), to)
     }
 
@@ -236,17 +236,23 @@ impl NodeConn {
             token,
             deadline,
         }: ReplyTo,
-    ) -> Result<(), Bytes> {
+    ) -> Result<(), UpstreamError> {
         let inner = &self.0;
         if inner.state.get() == State::Down || inner.closed.get() {
-            return Err(inner.down.borrow().reply());
+            // Whatever took the connection down, this request never went out.
+            return Err(match &*inner.down.borrow() {
+                UpstreamError::Lost { addr, reason } => UpstreamError::Connect {
+                    addr: addr.clone(),
+                    reason: reason.clone(),
+                },
+                other => other.clone(),
+            });
         }
         let mut out = inner.out.borrow_mut();
         if out.len() >= inner.settings.max_pending_bytes {
             return Err(UpstreamError::QueueFull {
                 addr: inner.addr.to_string(),
-            }
-            .reply());
+            });
         }
         let before = out.len();
         if before == 0 {

@@ -5,7 +5,7 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -83,7 +83,7 @@ impl NodeConn {
                 }
             };
             if inner.closed.get() {
-                self.fail_all(&UpstreamError::ShuttingDown.reply());
+                self.fail_all(&UpstreamError::ShuttingDown);
                 break;
             }
             inner.metrics.failures.inc();
@@ -98,7 +98,7 @@ impl NodeConn {
                 }
                 other => other.to_string(),
             };
-            self.fail_all(&error.reply());
+            self.fail_all(&error);
             *inner.down.borrow_mut() = error;
             if inner.dedicated {
                 // The transaction or blocked command it carried is gone on the server too;
@@ -121,7 +121,7 @@ impl NodeConn {
             backoff = (backoff * 2).min(inner.settings.backoff_max.max(BACKOFF_START));
         }
         inner.state.set(State::Down);
-        self.fail_all(&UpstreamError::ShuttingDown.reply());
+        self.fail_all(&UpstreamError::ShuttingDown);
     }
 
     /// Serves one established connection until it fails; returns why it ended.
@@ -364,18 +364,15 @@ impl NodeConn {
         };
         if reason.starts_with("a request timed out") {
             inner.metrics.timeouts.inc();
-            self.fail_all(
-                &UpstreamError::Timeout {
-                    addr: inner.addr.to_string(),
-                }
-                .reply(),
-            );
+            self.fail_all(&UpstreamError::Timeout {
+                addr: inner.addr.to_string(),
+            });
         }
         reason
     }
 
     /// Answers every waiting request with `reply` and drops unsent bytes.
-    pub(super) fn fail_all(&self, reply: &Bytes) {
+    pub(super) fn fail_all(&self, error: &UpstreamError) {
         let inner = &*self.0;
         {
             let mut out = inner.out.borrow_mut();
@@ -385,7 +382,7 @@ impl NodeConn {
         let waiting: Vec<InFlight> = inner.inflight.borrow_mut().drain(..).collect();
         let mut to_flush = Vec::new();
         for req in waiting {
-            if req.sink.deliver(req.token, reply.clone().into()) {
+            if req.sink.fail(req.token, error) {
                 to_flush.push(req.sink);
             }
         }

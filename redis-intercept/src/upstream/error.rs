@@ -73,6 +73,12 @@ impl UpstreamError {
     }
 }
 
+impl From<UpstreamError> for super::Reply<'_> {
+    fn from(e: UpstreamError) -> Self {
+        super::Reply::Held(e.reply())
+    }
+}
+
 impl From<UpstreamError> for Bytes {
     fn from(e: UpstreamError) -> Bytes {
         e.reply()

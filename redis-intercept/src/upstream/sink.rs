@@ -5,6 +5,8 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
+use super::UpstreamError;
+
 /// Receives the reply to a request. Implemented by client sessions; the upstream side only
 /// knows the token it was given.
 ///
@@ -24,6 +26,13 @@ pub trait ReplySink {
     /// one per node.
     fn expects_more(&self) -> bool {
         false
+    }
+    /// The request `token` failed on its connection without a reply from the node: its
+    /// error reply, by default. A sink that can send the request again elsewhere (a cluster
+    /// request during a failover) looks at whether it may have run
+    /// ([`UpstreamError::never_sent`]).
+    fn fail(&self, token: u64, error: &UpstreamError) -> bool {
+        self.deliver(token, Reply::Held(error.reply()))
     }
 }
 
