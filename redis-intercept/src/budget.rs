@@ -104,9 +104,13 @@ impl QueryBudget {
     /// Client `id` holds nothing any more: if it had the permit, the next big holder may
     /// take it.
     pub fn done(&self, id: u64) {
-        let _ = self
-            .permit
-            .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
+        // A load first: this runs at every turn of every session, and only the permit's
+        // holder needs the exchange.
+        if self.permit.load(Ordering::Relaxed) == id {
+            let _ = self
+                .permit
+                .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 
     /// Below this a client holds little.

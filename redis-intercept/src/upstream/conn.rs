@@ -38,6 +38,10 @@ pub(super) struct InFlight {
     pub(super) queued: Instant,
 }
 
+/// Queued request bytes are charged to the input budget once they exceed what was charged by
+/// this much: a queue that stays small (the usual case) is never charged.
+const CHARGE_STEP: usize = 64 * 1024;
+
 /// A shared pipelined connection to one node. Cloning gives another handle to the same
 /// connection.
 #[derive(Clone)]
@@ -53,6 +57,8 @@ pub(super) struct Inner {
     /// Current life-cycle state.
     pub(super) state: Cell<State>,
     /// Error reply given to requests while the connection is down.
+    /// Bytes of `out` charged to the input budget (see [`CHARGE_STEP`]).
+    pub(super) charged: Cell<usize>,
     pub(super) down: RefCell<UpstreamError>,
     /// Request bytes not yet handed to the socket.
     pub(super) out: RefCell<BytesMut>,
@@ -101,6 +107,7 @@ impl NodeConn {
     ) -> NodeConn {
         NodeConn(Rc::new(Inner {
             down: RefCell::new(UpstreamError::NotYet { addr: addr.clone() }),
+            charged: Cell::new(0),
             // Addresses come from the config or a node's topology or redirect, all parsed
             // before; a bad one fails its connects with the parse error.
             addr: NodeAddr::parse(&addr).unwrap_or_else(|_| NodeAddr::unparsed(addr)),
@@ -260,7 +267,12 @@ impl NodeConn {
         }
         write(&mut out);
         if let Some(b) = &inner.settings.budget {
-            b.charge_queued(out.len() - before);
+            // Charged in steps, so an ordinary queue of small requests costs no atomics.
+            let charged = inner.charged.get();
+            if out.len() >= charged + CHARGE_STEP {
+                b.charge_queued(out.len() - charged);
+                inner.charged.set(out.len());
+            }
         }
         // A delayed writer also wants to know when a batch's worth is queued.
         let wake = before == 0

@@ -297,7 +297,7 @@ impl NodeConn {
                     std::mem::swap(&mut *out, spare);
                     // The batch is the writer's now: it is written or dropped with the
                     // connection, and the queue can take more.
-                    self.written(spare);
+                    self.written();
                     return true;
                 }
             }
@@ -323,9 +323,12 @@ impl NodeConn {
 
     /// Gives request bytes that left the queue (taken by the writer, or dropped with their
     /// requests) back to the input budget.
-    pub(super) fn written(&self, bytes: &[u8]) {
-        if let Some(b) = &self.0.settings.budget {
-            b.refund_queued(bytes.len());
+    pub(super) fn written(&self) {
+        let charged = self.0.charged.replace(0);
+        if charged > 0
+            && let Some(b) = &self.0.settings.budget
+        {
+            b.refund_queued(charged);
         }
     }
 
@@ -376,7 +379,7 @@ impl NodeConn {
         let inner = &*self.0;
         {
             let mut out = inner.out.borrow_mut();
-            self.written(&out);
+            self.written();
             out.clear();
         }
         let waiting: Vec<InFlight> = inner.inflight.borrow_mut().drain(..).collect();
