@@ -751,7 +751,7 @@ fn failover_manual_and_by_killing_a_master_under_load() {
 /// and sent to the promoted replica once the topology names it, within `op_timeout`; a
 /// write that may have run when the connection broke is not sent again.
 #[test]
-fn a_killed_master_is_invisible_to_clients_within_op_timeout() {
+fn chaos_a_killed_master_is_invisible_to_clients_within_op_timeout() {
     let mut cluster = RedisCluster::start(3, 1);
     let proxy = start_cluster_proxy(
         &seeds(&cluster),

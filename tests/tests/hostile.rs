@@ -76,7 +76,7 @@ fn ten_big_writers(proxy_extra: &str) -> (u64, Duration) {
 }
 
 #[test]
-fn the_input_budget_bounds_memory_under_ten_huge_requests() {
+fn chaos_the_input_budget_bounds_memory_under_ten_huge_requests() {
     let (growth, slowest) = ten_big_writers("query_buffer_budget = \"16MiB\"");
     // Inputs and queued requests within about twice the budget, one request finishing past
     // it, and the batch a writer holds: far below the 320 MiB ten clients send at once
@@ -94,7 +94,7 @@ fn the_input_budget_bounds_memory_under_ten_huge_requests() {
 }
 
 #[test]
-fn a_client_past_its_query_buffer_limit_is_closed_and_others_go_on() {
+fn chaos_a_client_past_its_query_buffer_limit_is_closed_and_others_go_on() {
     let server = RedisServer::start();
     let (_proxy, addr) = proxy(&server, "client_query_buffer_limit = \"1MiB\"");
     let mut other = RespReader::connect(addr);

@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's set-up, build, demo, test and benchmark entry points.
 
 mod bench;
+mod chaos;
 mod demo;
 mod gen_commands;
 mod setup;
@@ -34,6 +35,13 @@ enum Task {
     Test,
     /// redis-benchmark directly vs through the proxy; prints ratios.
     Bench(bench::BenchArgs),
+    /// Chaos scenarios (a stopped or killed master, hostile clients, churn, SIGTERM
+    /// mid-pipeline …), each bounded and on loopback, with a pass/fail table.
+    Chaos {
+        /// Also the slow scenarios (CI runs only the fast ones).
+        #[arg(long)]
+        all: bool,
+    },
     /// Fuzz the RESP parsers with cargo-fuzz (nightly).
     Fuzz {
         /// Seconds to fuzz.
@@ -58,6 +66,10 @@ fn main() -> Result<()> {
         Task::Bench(args) => {
             setup::setup()?;
             bench::bench(&root, &args)
+        }
+        Task::Chaos { all } => {
+            setup::setup()?;
+            chaos::chaos(&root, all)
         }
         Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::GenCommands => gen_commands::run(&root),
