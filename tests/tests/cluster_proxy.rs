@@ -581,6 +581,23 @@ fn writer(
 }
 
 /// Whether `n` reports itself master.
+/// Kills master `master` and waits until `heir` is promoted; returns when each happened.
+fn kill_and_wait_for_promotion(
+    cluster: &mut RedisCluster,
+    master: &str,
+    heir: &str,
+) -> (std::time::Instant, std::time::Instant) {
+    let kill_at = std::time::Instant::now();
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.addr.to_string() == master)
+        .unwrap()
+        .kill();
+    wait_until(Duration::from_secs(30), || is_master(node(cluster, heir)));
+    (kill_at, std::time::Instant::now())
+}
+
 fn is_master(n: &RedisServer) -> bool {
     matches!(n.cmd(&["ROLE"]), Frame::Array(parts) if parts.first() == Some(&bulk("master")))
 }
@@ -690,15 +707,7 @@ fn failover_manual_and_by_killing_a_master_under_load() {
         .unwrap()
         .clone();
     let heir = victim.replicas[0].clone();
-    let kill_at = std::time::Instant::now();
-    cluster
-        .nodes
-        .iter_mut()
-        .find(|n| n.addr.to_string() == victim.master)
-        .unwrap()
-        .kill();
-    wait_until(Duration::from_secs(30), || is_master(node(&cluster, &heir)));
-    let promoted = std::time::Instant::now();
+    let (kill_at, promoted) = kill_and_wait_for_promotion(&mut cluster, &victim.master, &heir);
     std::thread::sleep(Duration::from_secs(4));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = w.join().unwrap();
@@ -789,15 +798,7 @@ fn chaos_a_killed_master_is_invisible_to_clients_within_op_timeout() {
         })
     };
     std::thread::sleep(Duration::from_secs(1));
-    let kill_at = std::time::Instant::now();
-    cluster
-        .nodes
-        .iter_mut()
-        .find(|n| n.addr.to_string() == victim.master)
-        .unwrap()
-        .kill();
-    wait_until(Duration::from_secs(30), || is_master(node(&cluster, &heir)));
-    let promoted = std::time::Instant::now();
+    let (kill_at, promoted) = kill_and_wait_for_promotion(&mut cluster, &victim.master, &heir);
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acked, errors) = writer.join().unwrap();
