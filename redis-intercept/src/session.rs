@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 mod auth;
 mod cluster;
+mod cluster_request;
 mod dispatch;
 mod faults;
 mod forward;
