@@ -101,6 +101,10 @@ pub struct Policy {
     pub max_client_buffer: usize,
     /// Most requests of one client in flight.
     pub max_pipeline: usize,
+    /// Most estimated reply bytes one client may have owed upstream.
+    pub reply_window: usize,
+    /// Most estimated reply bytes owed to big-reply clients on one worker.
+    pub big_reply_budget: usize,
     /// Most connected clients of the service (checked at accept).
     pub max_clients: usize,
     /// Without `auth`: refuse AUTH as Redis does when no password is set (else answer OK).

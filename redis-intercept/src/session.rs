@@ -31,6 +31,7 @@ mod input;
 mod local;
 mod merge;
 mod mirror;
+mod output;
 mod probe;
 mod pubsub;
 mod pubsub_node;
@@ -39,6 +40,7 @@ mod replies;
 mod scan;
 mod stateful;
 mod target;
+mod window;
 
 pub use registry::{ClientGuard, Sessions, next_client_id};
 
@@ -170,6 +172,7 @@ pub async fn run(
         sample: Cell::new(None),
         latency: svc.metrics.latency.clone(),
         tracked: RefCell::new(None),
+        estimate: window::ReplyEstimate::default(),
     });
     sessions
         .live
@@ -198,6 +201,8 @@ pub async fn run(
         delayed: None,
         stateful: stateful::Stateful::default(),
         declined: None,
+        window: window::Window::default(),
+        sessions: Rc::clone(&sessions),
     };
     let mut input = InputBuf::new(Arc::clone(&session.svc.query_budget), id);
     let end = loop {
@@ -211,6 +216,7 @@ pub async fn run(
         }
     };
     session.release_at_end();
+    session.window.release(&sessions.big_replies_owed);
     sessions.live.borrow_mut().remove(&id);
     session.core.close();
     drop(stream);
@@ -253,6 +259,10 @@ struct Session {
     /// A generation of the service's routes the client can't move to, and the database it
     /// had selected then (the new routes don't have it), so it isn't tried at every turn.
     declined: Option<(Weak<ServiceCtx>, u32)>,
+    /// Its share of the worker's big-reply budget.
+    window: window::Window,
+    /// The worker's sessions (and their big-reply total).
+    sessions: Rc<Sessions>,
 }
 
 impl Session {
@@ -293,6 +303,7 @@ impl Session {
                 self.send_delayed();
             }
             self.follow_probe();
+            self.follow_lane();
             if self.follow_reload() && !input.is_empty() {
                 // Read on once the replies owed on the old routes are in.
                 self.stateful.barrier = true;
@@ -332,7 +343,15 @@ impl Session {
                 self.svc.query_budget.paused.inc();
             }
             was_paused = paused;
-            if paused {
+            // Not read while its requests can't be sent: its window is full (woken by reply
+            // progress) or big replies owed to others hold the worker's budget (looked at
+            // again shortly). A client that doesn't read what it is sent is cut off at
+            // `max_client_buffer`.
+            let room = self
+                .window
+                .room(&core, &policy, &self.sessions.big_replies_owed);
+            let recheck = paused || room == window::Room::Budget;
+            if recheck {
                 budget_sleep.as_mut().reset(Instant::now() + BUDGET_RECHECK);
             }
             let can_read = budget_ok
@@ -340,8 +359,7 @@ impl Session {
                 && !self.stateful.barrier
                 && self.stateful.subscribe.is_none()
                 && !eof
-                && outstanding < policy.max_pipeline
-                && out_len < policy.max_client_buffer / 2;
+                && room == window::Room::Yes;
             let idle_armed = idle.is_some() && outstanding == 0 && out_len == 0;
             let delay_until = self.delayed.as_ref().map(|d| d.until);
             if let Some(until) = delay_until
@@ -375,7 +393,7 @@ impl Session {
                 if delay_until.is_some() && delay_sleep.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Woke::Delay);
                 }
-                if paused && budget_sleep.as_mut().poll(cx).is_ready() {
+                if recheck && budget_sleep.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Woke::Delay);
                 }
                 Poll::Pending
@@ -445,6 +463,18 @@ impl Session {
         false
     }
 
+    /// Moves the client to the bulk lane once its replies are big, and back once they are
+    /// small, between two requests: never with a request in flight, which could then run
+    /// after a later one sent on the other connection.
+    fn follow_lane(&mut self) {
+        if self.core.unfilled.get() == 0 && self.delayed.is_none() {
+            let bulk = self.core.estimate.wants_bulk();
+            if bulk != self.forwarder.is_bulk() {
+                self.forwarder.set_bulk(bulk);
+            }
+        }
+    }
+
     /// Sends the request a delay fault held back.
     fn send_delayed(&mut self) {
         let Some(d) = self.delayed.take() else {
@@ -511,7 +541,10 @@ impl Session {
         let mut parser = std::mem::replace(&mut self.parser, RequestParser::new(self.svc.limits));
         while !self.state.closing
             && self.delayed.is_none()
-            && self.core.outstanding() < policy.max_pipeline
+            && self
+                .window
+                .room(&self.core, &policy, &self.sessions.big_replies_owed)
+                == window::Room::Yes
         {
             match parser.parse(input.data()) {
                 Ok(None) => break,

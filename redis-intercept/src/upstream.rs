@@ -17,6 +17,7 @@ mod connect;
 pub mod dedicated;
 mod driver;
 mod error;
+pub mod lanes;
 pub mod owned;
 pub mod sentinel;
 mod sink;

@@ -19,6 +19,8 @@ pub(super) fn take_live(running: &mut ServiceConfig, new: &ServiceConfig) {
     running.max_clients = new.max_clients;
     running.max_client_buffer = new.max_client_buffer;
     running.max_pipeline = new.max_pipeline;
+    running.reply_window = new.reply_window;
+    running.big_reply_budget = new.big_reply_budget;
     running.legacy_auth = new.legacy_auth;
     running.command_stats = new.command_stats;
     running.faults.clone_from(&new.faults);

@@ -59,6 +59,17 @@ pub struct ServiceConfig {
     /// until replies drain (back pressure, not an error).
     #[serde(default = "default_max_pipeline")]
     pub max_pipeline: usize,
+    /// Most reply bytes one client may have owed by upstreams at once, estimated from the
+    /// sizes of its recent replies; past it the proxy sends none of its requests until
+    /// replies come in. Keeps one client's pipeline of big replies from filling a shared
+    /// connection ahead of everyone else.
+    #[serde(default = "default_reply_window")]
+    pub reply_window: ByteSize,
+    /// Most reply bytes owed at once, per worker, to clients whose replies are big (or not
+    /// yet known). It bounds what Redis buffers for the proxy's connections
+    /// (`omem`) whatever such clients send.
+    #[serde(default = "default_big_reply_budget")]
+    pub big_reply_budget: ByteSize,
     /// Client-facing authentication; absent: clients need no password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthConfig>,
@@ -93,6 +104,12 @@ fn default_max_client_buffer() -> ByteSize {
 }
 fn default_max_pipeline() -> usize {
     1024
+}
+fn default_reply_window() -> ByteSize {
+    ByteSize(1024 * 1024)
+}
+fn default_big_reply_budget() -> ByteSize {
+    ByteSize(16 * 1024 * 1024)
 }
 
 /// Client-facing authentication of a service.

@@ -301,6 +301,12 @@ fn check_service(
     if s.max_pipeline == 0 {
         err(at("max_pipeline"), "must be at least 1");
     }
+    if s.reply_window.0 == 0 {
+        err(at("reply_window"), "must be more than 0");
+    }
+    if s.big_reply_budget.0 == 0 {
+        err(at("big_reply_budget"), "must be more than 0");
+    }
     if let Some(a) = &s.auth
         && a.passwords.is_empty()
         && a.password_file.is_none()

@@ -411,6 +411,8 @@ pub fn policy(svc: &ServiceConfig) -> Policy {
         idle_timeout: svc.idle_timeout.non_zero(),
         max_client_buffer: svc.max_client_buffer.0,
         max_pipeline: svc.max_pipeline,
+        reply_window: svc.reply_window.0,
+        big_reply_budget: svc.big_reply_budget.0,
         max_clients: svc.max_clients,
         legacy_auth_reject: svc.legacy_auth == LegacyAuth::Reject,
         command_stats: svc.command_stats,

@@ -75,8 +75,11 @@ pub struct ClusterShared {
     pub pool: Rc<ClusterNodes>,
     /// Where reads may go.
     pub policy: ReadPolicy,
-    /// The client's id: picks its connection of each node.
+    /// The client's id.
     pub client: u64,
+    /// Picks its shared connection of each node: the client's id, or `lanes::BULK` while
+    /// its replies are big.
+    pub key: Cell<u64>,
     /// Swallows `ASKING` replies.
     pub discard: Rc<dyn ReplySink>,
 }
@@ -104,6 +107,12 @@ impl ClusterClient {
             roll: Cell::new(roll),
             arena: RefCell::new(Rc::default()),
         }
+    }
+
+    /// Moves the client's requests to the shared connections that `key` picks. Only while
+    /// none is in flight: requests on two connections to one node could run out of order.
+    pub fn set_key(&self, key: u64) {
+        self.shared.key.set(key);
     }
 
     /// The request as RESP, kept for re-sending.
@@ -223,9 +232,9 @@ impl ClusterClient {
             ))
         })?;
         let conn = if std::ptr::eq(node, shard.master.as_str()) {
-            pool.master_conn(index, node, self.shared.client)?
+            pool.master_conn(index, node, self.shared.key.get())?
         } else {
-            pool.conn(node, self.shared.client)?
+            pool.conn(node, self.shared.key.get())?
         };
         ClusterRequest::send(&self.shared, &conn, request, Some(slot), read, to)
     }
@@ -294,7 +303,7 @@ impl ClusterClient {
         match kind {
             Keyless::AnyMaster | Keyless::RandomKey => {
                 let node = masters[self.next_roll() as usize % masters.len()];
-                let conn = pool.conn(node, self.shared.client)?;
+                let conn = pool.conn(node, self.shared.key.get())?;
                 ClusterRequest::send(&self.shared, &conn, self.encode(req), None, false, to)
             }
             Keyless::Scan => self.scan(req, &map, to),
@@ -332,7 +341,7 @@ impl ClusterClient {
             let sent = self
                 .shared
                 .pool
-                .conn(node, self.shared.client)
+                .conn(node, self.shared.key.get())
                 .and_then(|conn| {
                     ClusterRequest::send(
                         &self.shared,
@@ -372,7 +381,7 @@ impl ClusterClient {
                 .into_iter(),
             &mut out,
         );
-        let conn = self.shared.pool.conn(master, self.shared.client)?;
+        let conn = self.shared.pool.conn(master, self.shared.key.get())?;
         let deadline = to.deadline;
         let sink = Rc::new(ScanSink {
             parent: to.sink,

@@ -171,7 +171,7 @@ impl ClusterRequest {
                     redirects: hops.redirects.saturating_add(1),
                     ..hops
                 });
-                let conn = match pool.conn(&r.addr, self.shared.client) {
+                let conn = match pool.conn(&r.addr, self.shared.key.get()) {
                     Ok(c) => c,
                     Err(e) => return Some(e),
                 };
@@ -214,7 +214,7 @@ impl ClusterRequest {
                 let master = map
                     .master(slot)
                     .ok_or_else(|| Bytes::from_static(NOT_SERVED))?;
-                pool.conn(master, self.shared.client)
+                pool.conn(master, self.shared.key.get())
             }
             None => self
                 .sent_to

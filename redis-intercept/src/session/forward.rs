@@ -24,7 +24,7 @@ use crate::resp::{Limits, Request, RequestParser, encode_command};
 use crate::route::{self, Prefixes, SplitKind};
 use crate::service::RouteCtx;
 use crate::upstream::dedicated::DedicatedPool;
-use crate::upstream::{ConnSettings, NodeConn, ReplySink, ReplyTo, error_reply};
+use crate::upstream::{ConnSettings, NodeConn, ReplySink, ReplyTo, error_reply, lanes};
 
 /// A connection lent to one client (a transaction, a blocking command), on one route.
 struct Pinned {
@@ -60,6 +60,8 @@ pub struct Forwarder {
     client: u64,
     /// The database the client selected (standalone upstreams; a cluster has only 0).
     db: u32,
+    /// The client's requests go on the bulk lane (see `upstream::lanes`).
+    bulk: bool,
 }
 
 /// Everything of the service a forward needs.
@@ -101,6 +103,7 @@ impl Forwarder {
             pinned: None,
             client,
             db: 0,
+            bulk: false,
         }
     }
 
@@ -133,14 +136,36 @@ impl Forwarder {
                 "SELECT while a WATCH or blocking command holds a connection is not supported by redis-intercept",
             ));
         }
+        let key = self.conn_key();
         for r in &mut self.routes {
-            r.main.select(db, self.client);
+            r.main.select(db, key);
             for m in &mut r.mirrors {
                 m.select(db, self.client);
             }
         }
         self.db = db;
         Ok(())
+    }
+
+    /// Whether the client's requests go on the bulk lane.
+    pub fn is_bulk(&self) -> bool {
+        self.bulk
+    }
+
+    /// Moves the client's requests to the bulk lane or back. Only while none is in flight
+    /// (they would run out of order); mirrors stay where they are, since their requests are
+    /// never waited for.
+    pub fn set_bulk(&mut self, bulk: bool) {
+        self.bulk = bulk;
+        let key = self.conn_key();
+        for r in &mut self.routes {
+            r.main.set_key(self.db, key);
+        }
+    }
+
+    /// What picks the client's shared connections of its main upstreams.
+    fn conn_key(&self) -> u64 {
+        if self.bulk { lanes::BULK } else { self.client }
     }
 
     /// The database the client selected.

@@ -1,7 +1,7 @@
 //! The sessions of one worker and the counts across workers: client ids, the per-service client
 //! limit, and the registry that shutdown and reload reach every session through.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -45,6 +45,9 @@ pub struct Sessions {
     /// Live sessions by client id, with their service (the policy cell every generation of
     /// a service shares stands for it).
     pub(super) live: RefCell<HashMap<u64, (PolicyCell, Rc<ReplySlots>)>>,
+    /// Estimated reply bytes owed upstream to this worker's big-reply clients
+    /// (`big_reply_budget`; see `window.rs`).
+    pub(super) big_replies_owed: Cell<usize>,
 }
 
 impl Sessions {

@@ -6,12 +6,13 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::input::KEEP_BUFFER;
+use super::output::{OWN_CHUNK, Output};
+use super::window::ReplyEstimate;
 use crate::command::Command;
 use crate::metrics::{CommandHandles, CommandStats, Latency, LatencyBatch, UNKNOWN};
 use crate::upstream::{Reply, ReplySink};
@@ -44,7 +45,7 @@ pub(super) struct ReplySlots {
     /// Slots still waiting for their reply.
     pub(super) unfilled: Cell<usize>,
     /// Reply bytes the client socket hasn't taken yet.
-    pub(super) out: RefCell<BytesMut>,
+    pub(super) out: RefCell<Output>,
     /// Most bytes `held` + `out` may reach: the service's `max_client_buffer`, set again
     /// by the session on each turn so a reload reaches it.
     pub(super) max_buffer: Cell<usize>,
@@ -66,6 +67,8 @@ pub(super) struct ReplySlots {
     /// Per-command statistics of the requests in flight; `None` while the service's
     /// `command_stats` is off.
     pub(super) tracked: RefCell<Option<Tracked>>,
+    /// The size of this client's next upstream reply, as its last ones suggest.
+    pub(super) estimate: ReplyEstimate,
 }
 
 /// One session's requests whose replies are counted per command.
@@ -94,12 +97,18 @@ impl ReplySink for ReplySlots {
         };
         if slot.is_none() {
             self.unfilled.set(self.unfilled.get().saturating_sub(1));
+            self.estimate.observe(reply.as_slice().len());
             self.settle(token, reply.as_slice());
             if index == 0 {
                 // Next in line: straight to the output, nothing kept.
                 slots.pop_front();
                 self.head.set(self.head.get() + 1);
-                self.out.borrow_mut().extend_from_slice(reply.as_slice());
+                let mut out = self.out.borrow_mut();
+                if reply.as_slice().len() < OWN_CHUNK {
+                    out.push_slice(reply.as_slice());
+                } else {
+                    out.push(reply.into_bytes());
+                }
                 return !self.flush_queued.replace(true);
             }
         }
@@ -168,7 +177,7 @@ impl ReplySlots {
                 if let Some(Some(reply)) = slots.pop_front() {
                     self.held.set(self.held.get() - reply.len());
                     self.head.set(self.head.get() + 1);
-                    out.extend_from_slice(&reply);
+                    out.push(reply);
                 }
             }
         }
@@ -176,16 +185,10 @@ impl ReplySlots {
         let Some(stream) = stream.as_ref() else {
             return;
         };
-        if !out.is_empty() {
-            match stream.try_write(&out) {
-                Ok(n) => out.advance(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    debug!(error = %e, "write to client failed");
-                    self.failure.set(Some(Failure::Broken));
-                    return;
-                }
-            }
+        if let Err(e) = out.write_to(stream) {
+            debug!(error = %e, "write to client failed");
+            self.failure.set(Some(Failure::Broken));
+            return;
         }
         if let Some((token, read_at)) = self.sample.get()
             && self.head.get() > token
@@ -195,9 +198,6 @@ impl ReplySlots {
             let mut batch = LatencyBatch::default();
             batch.observe(read_at.elapsed());
             self.latency.add(&batch);
-        }
-        if out.is_empty() && out.capacity() > KEEP_BUFFER {
-            *out = BytesMut::new();
         }
         if out.len() + self.held.get() > self.max_buffer.get() {
             drop(out);
@@ -214,7 +214,7 @@ impl ReplySlots {
         self.slots.borrow_mut().clear();
         self.held.set(0);
         self.unfilled.set(0);
-        *self.out.borrow_mut() = BytesMut::new();
+        self.out.borrow_mut().clear();
         if let Some(t) = self.tracked.borrow_mut().as_mut() {
             t.open.clear();
         }

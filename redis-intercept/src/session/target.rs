@@ -15,7 +15,7 @@ use crate::route;
 use crate::service::Backend;
 use crate::upstream::dedicated::DedicatedPool;
 use crate::upstream::standalone::{Db, Standalone};
-use crate::upstream::{ConnSettings, NodeConn, ReplySink, ReplyTo, error_reply};
+use crate::upstream::{ConnSettings, NodeConn, ReplySink, ReplyTo, error_reply, lanes};
 
 /// How one client reaches one upstream.
 pub(super) enum Target {
@@ -53,6 +53,7 @@ impl Target {
                 pool: Rc::clone(pool),
                 policy: *policy,
                 client,
+                key: std::cell::Cell::new(client),
                 discard: Rc::clone(discard),
             })),
         }
@@ -107,7 +108,8 @@ impl Target {
 
 impl Target {
     /// Moves a standalone target to database `db`'s connections (made now if this worker has
-    /// none yet). Other targets stay as they are.
+    /// none yet), those that the connection key `client` picks. Other targets stay as they
+    /// are.
     pub(super) fn select(&mut self, db: u32, client: u64) {
         if let Target::Conn {
             server,
@@ -120,6 +122,16 @@ impl Target {
             *conn = c;
             *pool = p;
             *reads = ReadTargets::new(server, db, client);
+        }
+    }
+
+    /// Moves the target's shared connections to those `key` picks (see `upstream::lanes`),
+    /// in database `db`. Only while the client has no request in flight.
+    pub(super) fn set_key(&mut self, db: u32, key: u64) {
+        match self {
+            Target::Conn { .. } => self.select(db, key),
+            Target::Cluster(cluster) => cluster.set_key(key),
+            Target::None => {}
         }
     }
 
@@ -195,7 +207,7 @@ pub(super) fn pick(db: &Db, client: u64) -> Option<(NodeConn, Rc<DedicatedPool>)
     let n = db.conns.len();
     (n > 0).then(|| {
         (
-            db.conns[(client as usize) % n].clone(),
+            db.conns[lanes::index(n, client)].clone(),
             Rc::clone(&db.dedicated),
         )
     })

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::dedicated::DedicatedPool;
 use super::tls::Stream;
-use super::{ConnSettings, NodeConn, open, read_replies};
+use super::{ConnSettings, NodeConn, lanes, open, read_replies};
 use crate::cluster::{RefreshTrigger, Shard, Slot, SlotMap, TopologyError};
 use crate::config::NodeAddr;
 use crate::locks::LockRecovered;
@@ -187,17 +187,18 @@ impl ClusterNodes {
         Rc::clone(&self.map.borrow())
     }
 
-    /// A shared connection to `addr` for client `client`, opening the node's connections if
+    /// A shared connection to `addr` for the connection key `client` (a client id, or
+    /// [`lanes::BULK`]), opening the node's connections if
     /// this is the first use.
     ///
     /// # Errors
     /// An error reply when the pool already has [`MAX_NODES`] nodes.
     pub fn conn(&self, addr: &str, client: u64) -> Result<NodeConn, Bytes> {
         if let Some(conns) = self.nodes.borrow().get(addr) {
-            return Ok(conns[(client as usize) % conns.len()].clone());
+            return Ok(conns[lanes::index(conns.len(), client)].clone());
         }
         let conns = self.open_node(addr)?;
-        Ok(conns[(client as usize) % conns.len()].clone())
+        Ok(conns[lanes::index(conns.len(), client)].clone())
     }
 
     /// Like [`ClusterNodes::conn`] for the master `addr` of shard `shard` of the current map,
@@ -206,7 +207,7 @@ impl ClusterNodes {
     /// # Errors
     /// As [`ClusterNodes::conn`].
     pub fn master_conn(&self, shard: usize, addr: &str, client: u64) -> Result<NodeConn, Bytes> {
-        let pick = |conns: &Rc<[NodeConn]>| conns[(client as usize) % conns.len()].clone();
+        let pick = |conns: &Rc<[NodeConn]>| conns[lanes::index(conns.len(), client)].clone();
         if let Some(Some(conns)) = self.by_shard.borrow().get(shard)
             && conns[0].addr() == addr
         {
@@ -233,7 +234,12 @@ impl ClusterNodes {
         self.nodes
             .borrow()
             .get(addr)
-            .is_some_and(|c| c.iter().any(|c| !c.is_down()))
+            // The ordinary connections: the bulk lane's may never have been started.
+            .is_some_and(|c| {
+                c[..lanes::index(c.len(), lanes::BULK)]
+                    .iter()
+                    .any(|c| !c.is_down())
+            })
     }
 
     fn open_node(&self, addr: &str) -> Result<Rc<[NodeConn]>, Bytes> {
@@ -252,18 +258,23 @@ impl ClusterNodes {
                 }
             })
         };
-        let conns: Rc<[NodeConn]> = (0..self.settings.per_node.max(1))
-            .map(|_| {
-                let c = NodeConn::new(
-                    addr.to_owned(),
-                    self.settings.conn.clone(),
-                    self.metrics.node(&self.settings.name, addr),
-                );
-                c.set_failure_hook(Rc::clone(&hook));
+        let conns: Rc<[NodeConn]> = lanes::node_conns(self.settings.per_node, |lazy| {
+            let (conn, metrics) = (
+                self.settings.conn.clone(),
+                self.metrics.node(&self.settings.name, addr),
+            );
+            let c = if lazy {
+                NodeConn::new_lazy(addr.to_owned(), conn, metrics)
+            } else {
+                NodeConn::new(addr.to_owned(), conn, metrics)
+            };
+            c.set_failure_hook(Rc::clone(&hook));
+            if !lazy {
                 tokio::task::spawn_local(c.clone().run());
-                c
-            })
-            .collect();
+            }
+            c
+        })
+        .into();
         nodes.insert(addr.to_owned(), Rc::clone(&conns));
         Ok(conns)
     }

@@ -85,12 +85,23 @@ pub(super) struct Inner {
     /// One client's connection (a transaction, a blocking command): its server-side state
     /// dies with it, so it never reconnects.
     pub(super) dedicated: bool,
+    /// Its task runs (or ran). A lazy connection (a node's bulk lane) starts it with its
+    /// first request.
+    pub(super) started: Cell<bool>,
 }
 
 impl NodeConn {
     /// A connection to `addr`, not started yet: call [`NodeConn::run`] on a task.
     pub fn new(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> NodeConn {
         Self::build(addr, settings, metrics, false)
+    }
+
+    /// Like [`NodeConn::new`], but the connection starts its own task (on the current
+    /// `LocalSet`) with its first request: for a connection that may never be needed.
+    pub fn new_lazy(addr: String, settings: ConnSettings, metrics: NodeMetrics) -> NodeConn {
+        let conn = Self::build(addr, settings, metrics, false);
+        conn.0.started.set(false);
+        conn
     }
 
     /// A dedicated connection to `addr`: like [`NodeConn::new`], but once it fails it fails
@@ -125,6 +136,7 @@ impl NodeConn {
             on_failure: RefCell::new(None),
             on_readonly: RefCell::new(None),
             dedicated,
+            started: Cell::new(true),
         }))
     }
 
@@ -245,6 +257,9 @@ impl NodeConn {
         }: ReplyTo,
     ) -> Result<(), UpstreamError> {
         let inner = &self.0;
+        if !inner.started.replace(true) {
+            tokio::task::spawn_local(self.clone().run());
+        }
         if inner.state.get() == State::Down || inner.closed.get() {
             // Whatever took the connection down, this request never went out.
             return Err(match &*inner.down.borrow() {

@@ -150,7 +150,7 @@ impl NodeConn {
                             Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
                         });
                     }
-                    Ok(_) => {}
+                    Ok(n) => replies.pace(n).await,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if let Err(e) = stream.readable().await {
                             return format!("read failed: {e}");
@@ -201,7 +201,7 @@ impl NodeConn {
                 let buf = replies.room();
                 match rd.read_buf(buf).await {
                     Ok(0) => return "closed by the server".to_owned(),
-                    Ok(_) => {}
+                    Ok(n) => replies.pace(n).await,
                     Err(e) => return format!("read failed: {e}"),
                 }
                 if let Err(e) = self.take_replies(&mut replies) {
@@ -239,6 +239,7 @@ impl NodeConn {
             scanner,
             to_flush,
             deferred,
+            since_yield: _,
         } = replies;
         // One clock read for the whole read batch.
         let now = inner.metrics.latency.as_ref().map(|_| Instant::now());
@@ -407,7 +408,13 @@ pub(super) struct Replies {
     pub(super) to_flush: Vec<Rc<dyn ReplySink>>,
     /// Sinks whose flush waits for the other connections read in the same tick.
     pub(super) deferred: Vec<Rc<dyn ReplySink>>,
+    /// Bytes read since the task last let the worker poll for I/O.
+    pub(super) since_yield: usize,
 }
+
+/// A connection that keeps having replies to read lets the worker look at its other sockets
+/// after this many bytes: a stream of big replies must not keep small ones elsewhere waiting.
+const YIELD_AFTER: usize = 256 * 1024;
 
 impl Replies {
     /// Flushes the deferred sinks after letting every task already queued on this worker
@@ -420,6 +427,16 @@ impl Replies {
         yield_to_queued().await;
         for sink in self.deferred.drain(..) {
             sink.flush();
+        }
+    }
+
+    /// Counts `n` bytes read without waiting; past [`YIELD_AFTER`], yields to the runtime
+    /// (which polls for I/O before this task runs again).
+    pub(super) async fn pace(&mut self, n: usize) {
+        self.since_yield += n;
+        if self.since_yield >= YIELD_AFTER {
+            self.since_yield = 0;
+            tokio::task::yield_now().await;
         }
     }
 

@@ -9,14 +9,15 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::dedicated::DedicatedPool;
-use super::{ConnSettings, NodeConn};
+use super::{ConnSettings, NodeConn, lanes};
 use crate::config::{ReadPolicy, UpstreamConfig};
 use crate::metrics::Metrics;
 
 /// One database's connections on this worker.
 #[derive(Clone)]
 pub struct Db {
-    /// Shared pipelined connections (`connections_per_node`), picked by client id.
+    /// Shared pipelined connections (`connections_per_node`, then the bulk lane's; see
+    /// [`lanes`]).
     pub conns: Vec<NodeConn>,
     /// Connections lent to one client at a time (transactions, blocking commands).
     pub dedicated: Rc<DedicatedPool>,
@@ -117,22 +118,27 @@ impl Standalone {
             db,
             ..self.settings.clone()
         };
-        let conns: Vec<NodeConn> = (0..self.per_node)
-            .map(|_| {
-                NodeConn::new(
-                    self.addr.clone(),
-                    settings.clone(),
-                    self.metrics.node(&self.name, &self.addr),
-                )
+        let conns = if self.per_node == 0 {
+            Vec::new()
+        } else {
+            lanes::node_conns(self.per_node, |lazy| {
+                let (addr, metrics) =
+                    (self.addr.clone(), self.metrics.node(&self.name, &self.addr));
+                let c = if lazy {
+                    NodeConn::new_lazy(addr, settings.clone(), metrics)
+                } else {
+                    NodeConn::new(addr, settings.clone(), metrics)
+                };
+                if let Some(hook) = &self.on_failure {
+                    c.set_failure_hook(Rc::clone(hook));
+                    c.set_readonly_hook(Rc::clone(hook));
+                }
+                if !lazy {
+                    tokio::task::spawn_local(c.clone().run());
+                }
+                c
             })
-            .collect();
-        for c in &conns {
-            if let Some(hook) = &self.on_failure {
-                c.set_failure_hook(Rc::clone(hook));
-                c.set_readonly_hook(Rc::clone(hook));
-            }
-            tokio::task::spawn_local(c.clone().run());
-        }
+        };
         let d = Db {
             conns,
             dedicated: DedicatedPool::new(
