@@ -5,9 +5,10 @@
 //! each upstream read, the filled prefix of a client's slots is written to the client in one
 //! system call, by the upstream task itself ([`ReplySink::flush`]): the session task is woken
 //! only when it waits on reply progress (pipeline full, closing, idle timer, full socket). A
-//! client may have at most `max_pipeline` requests in flight; past that the session stops
-//! reading it (back pressure) until replies drain. A client that doesn't read its replies is
-//! disconnected once they exceed `max_client_buffer`; nobody else is affected.
+//! client may have at most `max_pipeline` requests, and `reply_window` estimated reply
+//! bytes, owed upstream (`window.rs`); past that the session stops reading it (back
+//! pressure) until replies come in. A client that doesn't read its replies is disconnected
+//! once they exceed `max_client_buffer`; nobody else is affected.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;

@@ -54,7 +54,7 @@ impl Reloader {
     /// Applies a new configuration without a restart, as far as it can be. For every
     /// service still in the file: client passwords (`[service.auth]`, with `password_file`
     /// read again), VIPs, `op_timeout`, `idle_timeout`, `max_clients`, `max_client_buffer`,
-    /// `max_pipeline`, `legacy_auth`, the fault rules and the mirrors' `percentage` and
+    /// `max_pipeline`, `reply_window`, `big_reply_budget`, `legacy_auth`, the fault rules and the mirrors' `percentage` and
     /// `exclude_reads` reach clients already connected at their next command. A service whose
     /// upstream, `read_policy`, routes or mirrors changed, or which sends to an upstream whose
     /// settings changed, gets new routes with new connections: new clients start on them, and

@@ -109,7 +109,7 @@ fn default_reply_window() -> ByteSize {
     ByteSize(1024 * 1024)
 }
 fn default_big_reply_budget() -> ByteSize {
-    ByteSize(16 * 1024 * 1024)
+    ByteSize(4 * 1024 * 1024)
 }
 
 /// Client-facing authentication of a service.
