@@ -68,7 +68,30 @@ pub struct ServiceCtx {
     pub query_budget: Arc<crate::budget::QueryBudget>,
 }
 
+impl Backend {
+    /// The server's version, once a connection has learned it.
+    pub fn version(&self) -> Option<String> {
+        match self {
+            Backend::Standalone(server) => server.version(),
+            Backend::Cluster(pool, _) => pool.version(),
+        }
+    }
+}
+
+/// What the proxy reports as the server's version until a connection has learned the real
+/// one: the version of the built-in command table.
+pub const FALLBACK_VERSION: &str = "7.0.0";
+
 impl ServiceCtx {
+    /// The version of the service's catch-all upstream, as clients see it in `HELLO` and
+    /// `INFO server`.
+    pub fn upstream_version(&self) -> String {
+        self.routes
+            .first()
+            .and_then(|r| r.backend.version())
+            .unwrap_or_else(|| FALLBACK_VERSION.to_owned())
+    }
+
     /// The service's newest generation when it isn't this one.
     pub fn replaced_by(&self) -> Option<Rc<ServiceCtx>> {
         let newest = self.newest.borrow();

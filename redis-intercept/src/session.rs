@@ -74,6 +74,8 @@ struct ClientState {
     protocol_error: bool,
     /// AUTH (or HELLO … AUTH) succeeded, or the service needs none.
     authenticated: bool,
+    /// The client switched to RESP3 with `HELLO 3`.
+    resp3: bool,
 }
 
 /// Why a session ended, for the access log.
@@ -192,6 +194,7 @@ pub async fn run(
             closing: false,
             protocol_error: false,
             authenticated: !auth_required(&svc),
+            resp3: false,
         },
         forwarder: forward::Forwarder::new(&svc.routes, id, &svc.discard),
         svc,
@@ -453,6 +456,9 @@ impl Session {
             return true;
         }
         let mut forwarder = forward::Forwarder::new(&latest.routes, self.state.id, &latest.discard);
+        if self.state.resp3 {
+            forwarder.set_protocol(true);
+        }
         let db = self.forwarder.db();
         if db != 0 && forwarder.select(i64::from(db)).is_err() {
             debug!(service = %self.svc.name, client = self.state.id, db, "the reloaded routes can't serve the client's database; it keeps the old ones");

@@ -27,7 +27,7 @@ pub mod tls;
 use bytes::Bytes;
 
 pub use conn::NodeConn;
-pub use connect::{ConnSettings, PasswordSource, UpstreamAuth};
+pub use connect::{ConnSettings, PasswordSource, ServerVersion, UpstreamAuth};
 pub(crate) use connect::{open, read_replies};
 pub use error::UpstreamError;
 pub use sink::{Reply, ReplySink, ReplyTo};

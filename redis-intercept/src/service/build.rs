@@ -329,6 +329,8 @@ pub fn conn_settings(
         readonly: false,
         db: 0,
         budget: None,
+        protocol: None,
+        version: crate::upstream::ServerVersion::default(),
     }
 }
 

@@ -22,6 +22,7 @@ use crate::config::ReadPolicy;
 use crate::resp::{Request, encode_command};
 use crate::route::{self, CROSSSLOT, Keyless, Plan, SplitKind};
 use crate::upstream::cluster_nodes::ClusterNodes;
+use crate::upstream::lanes;
 use crate::upstream::{ReplySink, ReplyTo, error_reply};
 
 /// Size of the blocks request copies are cut from: small, so a request that waits long
@@ -164,6 +165,11 @@ impl ClusterClient {
     /// The cluster's pool on this worker.
     pub fn pool(&self) -> &Rc<ClusterNodes> {
         &self.shared.pool
+    }
+
+    /// Whether the client speaks RESP3 (its connections are RESP3's).
+    pub fn resp3(&self) -> bool {
+        lanes::is_resp3(self.shared.key.get())
     }
 
     fn next_roll(&self) -> u32 {

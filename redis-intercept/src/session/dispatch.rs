@@ -66,11 +66,27 @@ pub(super) fn dispatch(
             let reply = if local == Local::Select {
                 select(req, forwarder)
             } else {
+                let resp3 = state.resp3;
                 if local == Local::Reset {
                     // RESET selects database 0 again, as in Redis (0 is always valid).
                     let _ = forwarder.select(0);
                 }
-                local_reply(local, req, state, svc)
+                let switches = local == Local::Hello
+                    && super::local::hello_args(req)
+                        .is_ok_and(|a| a.protocol.is_some_and(|p| (p == 3) != resp3));
+                if switches && forwarder.is_pinned() {
+                    core.push_ready(error_reply(
+                        "HELLO that changes the protocol while a WATCH or blocking command holds a connection is not supported by redis-intercept",
+                    ));
+                    return;
+                }
+                let reply = local_reply(local, req, state, svc);
+                if state.resp3 != resp3 {
+                    // HELLO or RESET changed the protocol: the client's replies come from
+                    // connections in the new one from now on.
+                    forwarder.set_protocol(state.resp3);
+                }
+                reply
             };
             core.push_ready(reply);
         }

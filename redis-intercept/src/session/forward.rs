@@ -62,6 +62,8 @@ pub struct Forwarder {
     db: u32,
     /// The client's requests go on the bulk lane (see `upstream::lanes`).
     bulk: bool,
+    /// The client speaks RESP3: its requests go on RESP3 connections.
+    resp3: bool,
 }
 
 /// Everything of the service a forward needs.
@@ -104,6 +106,7 @@ impl Forwarder {
             client,
             db: 0,
             bulk: false,
+            resp3: false,
         }
     }
 
@@ -157,6 +160,18 @@ impl Forwarder {
     /// never waited for.
     pub fn set_bulk(&mut self, bulk: bool) {
         self.bulk = bulk;
+        self.rekey();
+    }
+
+    /// Moves the client's requests to connections in RESP3 or back to RESP2, so that replies
+    /// reach it in its protocol. Only while none is in flight (the session waits for them
+    /// before HELLO or RESET), and never while pinned (refused before).
+    pub fn set_protocol(&mut self, resp3: bool) {
+        self.resp3 = resp3;
+        self.rekey();
+    }
+
+    fn rekey(&mut self) {
         let key = self.conn_key();
         for r in &mut self.routes {
             r.main.set_key(self.db, key);
@@ -165,7 +180,7 @@ impl Forwarder {
 
     /// What picks the client's shared connections of its main upstreams.
     fn conn_key(&self) -> u64 {
-        if self.bulk { lanes::BULK } else { self.client }
+        lanes::key(self.client, self.bulk, self.resp3)
     }
 
     /// The database the client selected.
@@ -294,7 +309,7 @@ impl Forwarder {
         };
         let pool = cluster.pool();
         pool.note_moved(redirect.slot, &redirect.addr);
-        let Ok((conn, dedicated)) = pool.dedicated(Some(redirect.slot)) else {
+        let Ok((conn, dedicated)) = pool.dedicated(Some(redirect.slot), cluster.resp3()) else {
             return false;
         };
         let route = p.route;

@@ -41,6 +41,11 @@ pub(super) fn bulk(data: &[u8]) -> Bytes {
 
 pub(super) const OK: &[u8] = b"+OK\r\n";
 
+/// A null reply in the client's protocol.
+pub(super) fn null(resp3: bool) -> Bytes {
+    Bytes::from_static(if resp3 { b"_\r\n" } else { b"$-1\r\n" })
+}
+
 /// Answers a command the proxy handles itself. Arity was checked by the caller.
 pub(super) fn local_reply(
     local: Local,
@@ -64,7 +69,7 @@ pub(super) fn local_reply(
         Local::ClientId => Frame::Integer(state.id as i64).to_bytes(),
         Local::ClientGetName => match &state.name {
             Some(name) => bulk(name),
-            None => Bytes::from_static(b"$-1\r\n"),
+            None => null(state.resp3),
         },
         Local::ClientSetName => match set_name(state, arg(2)) {
             Ok(()) => Bytes::from_static(OK),
@@ -73,6 +78,7 @@ pub(super) fn local_reply(
         Local::ClientSetInfo => Bytes::from_static(OK),
         Local::Reset => {
             state.name = None;
+            state.resp3 = false;
             state.authenticated = !auth_required(svc);
             Bytes::from_static(b"+RESET\r\n")
         }
@@ -99,26 +105,25 @@ fn valid_name(name: &[u8]) -> Result<Option<Bytes>, Bytes> {
 /// What `HELLO [protover [AUTH user pass] [SETNAME name]]` asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct HelloArgs<'r> {
+    /// The protocol asked for (`None`: keep the current one).
+    pub(super) protocol: Option<u8>,
     /// AUTH's user and password.
     pub(super) credentials: Option<(&'r [u8], &'r [u8])>,
     /// SETNAME's name.
     pub(super) name: Option<&'r [u8]>,
 }
 
-/// Parses HELLO's arguments, with Redis's errors for a protocol version it can't switch to
-/// (RESP2 only for now) and for unknown options.
+/// Parses HELLO's arguments, with Redis's errors for a protocol version it doesn't know and
+/// for unknown options.
 pub(super) fn hello_args<'r>(req: &'r Request<'_>) -> Result<HelloArgs<'r>, Bytes> {
+    let mut args = HelloArgs::default();
     if let Some(ver) = req.arg(1) {
         match std::str::from_utf8(ver)
             .ok()
             .and_then(|v| v.parse::<i64>().ok())
         {
-            Some(2) => {}
-            Some(3) => {
-                return Err(Bytes::from_static(
-                    b"-NOPROTO sorry, this protocol version is not supported.\r\n",
-                ));
-            }
+            Some(2) => args.protocol = Some(2),
+            Some(3) => args.protocol = Some(3),
             Some(_) => {
                 return Err(Bytes::from_static(
                     b"-NOPROTO unsupported protocol version\r\n",
@@ -131,7 +136,6 @@ pub(super) fn hello_args<'r>(req: &'r Request<'_>) -> Result<HelloArgs<'r>, Byte
             }
         }
     }
-    let mut args = HelloArgs::default();
     let mut i = 2;
     while let Some(opt) = req.arg(i) {
         if opt.eq_ignore_ascii_case(b"AUTH") && req.len() > i + 2 {
@@ -156,7 +160,11 @@ pub(super) fn hello_args<'r>(req: &'r Request<'_>) -> Result<HelloArgs<'r>, Byte
 /// HELLO: authenticates and names the client as asked, then describes the server.
 pub(super) fn hello(req: &Request<'_>, state: &mut ClientState, svc: &ServiceCtx) -> Bytes {
     use crate::resp::Frame;
-    let HelloArgs { credentials, name } = match hello_args(req) {
+    let HelloArgs {
+        protocol,
+        credentials,
+        name,
+    } = match hello_args(req) {
         Ok(args) => args,
         Err(e) => return e,
     };
@@ -175,29 +183,32 @@ pub(super) fn hello(req: &Request<'_>, state: &mut ClientState, svc: &ServiceCtx
     {
         return e;
     }
+    if let Some(p) = protocol {
+        state.resp3 = p == 3;
+    }
     let s = |t: &'static str| Frame::Bulk(Bytes::from_static(t.as_bytes()));
-    Frame::Array(vec![
-        s("server"),
-        s("redis"),
-        s("version"),
-        s("7.0.0"),
-        s("proto"),
-        Frame::Integer(2),
-        s("id"),
-        Frame::Integer(state.id as i64),
-        s("mode"),
-        s("standalone"),
-        s("role"),
-        s("master"),
-        s("modules"),
-        Frame::Array(vec![]),
-        s("proxy"),
-        Frame::Bulk(Bytes::from(format!(
-            "redis-intercept {}",
-            env!("CARGO_PKG_VERSION")
-        ))),
-    ])
-    .to_bytes()
+    let version = svc.upstream_version();
+    let pairs = vec![
+        (s("server"), s("redis")),
+        (s("version"), Frame::Bulk(Bytes::from(version))),
+        (s("proto"), Frame::Integer(if state.resp3 { 3 } else { 2 })),
+        (s("id"), Frame::Integer(state.id as i64)),
+        (s("mode"), s("standalone")),
+        (s("role"), s("master")),
+        (s("modules"), Frame::Array(vec![])),
+        (
+            s("proxy"),
+            Frame::Bulk(Bytes::from(format!(
+                "redis-intercept {}",
+                env!("CARGO_PKG_VERSION")
+            ))),
+        ),
+    ];
+    if state.resp3 {
+        Frame::Map(pairs).to_bytes()
+    } else {
+        Frame::Array(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect()).to_bytes()
+    }
 }
 
 #[cfg(test)]
@@ -221,6 +232,7 @@ mod tests {
             assert_eq!(
                 hello_args(r),
                 Ok(HelloArgs {
+                    protocol: Some(2),
                     credentials: Some((&b"u"[..], &b"p"[..])),
                     name: Some(&b"n"[..]),
                 })

@@ -185,9 +185,12 @@ impl Session {
             Some(Handling::PubSub) if !self.stateful.active(&self.forwarder) => {
                 return self.subscribe(req, cmd);
             }
-            // SELECT moves the client to other connections: what it sent before runs first
-            // (a `MOVE k 2; SELECT 2; GET k` pipeline reads the moved key).
-            Some(Handling::Local(Local::Select)) if self.core.unfilled.get() > 0 => {
+            // SELECT moves the client to other connections, and so do HELLO and RESET
+            // (another protocol's): what it sent before runs first (a
+            // `MOVE k 2; SELECT 2; GET k` pipeline reads the moved key).
+            Some(Handling::Local(Local::Select | Local::Hello | Local::Reset))
+                if self.core.unfilled.get() > 0 =>
+            {
                 self.stateful.barrier = true;
                 return Step::Wait;
             }

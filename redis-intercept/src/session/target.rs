@@ -85,7 +85,9 @@ impl Target {
     ) -> Result<(NodeConn, Rc<DedicatedPool>), Bytes> {
         match self {
             Target::Conn { conn, pool, .. } => Ok((pool.take(conn.addr()), Rc::clone(pool))),
-            Target::Cluster(cluster) => cluster.pool().dedicated(key.map(Slot::for_key)),
+            Target::Cluster(cluster) => cluster
+                .pool()
+                .dedicated(key.map(Slot::for_key), cluster.resp3()),
             Target::None => Err(error_reply("service has no upstream")),
         }
     }
@@ -100,7 +102,9 @@ impl Target {
             Target::Conn { conn, pool, .. } => {
                 Ok((conn.addr().to_owned(), pool.settings().clone()))
             }
-            Target::Cluster(cluster) => cluster.pool().plain_target(channel.map(Slot::for_key)),
+            Target::Cluster(cluster) => cluster
+                .pool()
+                .plain_target(channel.map(Slot::for_key), cluster.resp3()),
             Target::None => Err(error_reply("service has no upstream")),
         }
     }
@@ -208,7 +212,7 @@ pub(super) fn pick(db: &Db, client: u64) -> Option<(NodeConn, Rc<DedicatedPool>)
     (n > 0).then(|| {
         (
             db.conns[lanes::index(n, client)].clone(),
-            Rc::clone(&db.dedicated),
+            Rc::clone(&db.dedicated[usize::from(lanes::is_resp3(client))]),
         )
     })
 }

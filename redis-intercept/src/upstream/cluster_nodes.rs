@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::dedicated::DedicatedPool;
+use super::standalone::protocol_settings;
 use super::tls::Stream;
 use super::{ConnSettings, NodeConn, lanes, open, read_replies};
 use crate::cluster::{RefreshTrigger, Shard, Slot, SlotMap, TopologyError};
@@ -129,8 +130,9 @@ pub struct ClusterNodes {
     refresh_failed: Counter,
     /// A handle to this pool, for connection failure hooks.
     me: Weak<ClusterNodes>,
-    /// Connections lent to one client at a time (transactions, blocking commands).
-    dedicated: Rc<DedicatedPool>,
+    /// Connections lent to one client at a time (transactions, blocking commands), for
+    /// RESP2 and RESP3 clients.
+    dedicated: [Rc<DedicatedPool>; 2],
 }
 
 impl ClusterNodes {
@@ -146,12 +148,14 @@ impl ClusterNodes {
         let retried = counter(&metrics.cluster_redirects, "retry");
         let refresh_ok = counter(&metrics.cluster_refreshes, "ok");
         let refresh_failed = counter(&metrics.cluster_refreshes, "failed");
-        let dedicated = DedicatedPool::new(
-            &settings.name,
-            settings.conn.clone(),
-            settings.max_idle_dedicated,
-            Arc::clone(&metrics),
-        );
+        let dedicated = [2, 3].map(|protocol| {
+            DedicatedPool::new(
+                &settings.name,
+                protocol_settings(&settings.conn, protocol),
+                settings.max_idle_dedicated,
+                Arc::clone(&metrics),
+            )
+        });
         Rc::new_cyclic(|me| ClusterNodes {
             dedicated,
             trigger: RefCell::new(RefreshTrigger::new(
@@ -180,6 +184,11 @@ impl ClusterNodes {
     /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.settings.name
+    }
+
+    /// The nodes' version, once a connection has learned it.
+    pub fn version(&self) -> Option<String> {
+        self.settings.conn.version.get()
     }
 
     /// The current slot map.
@@ -234,12 +243,8 @@ impl ClusterNodes {
         self.nodes
             .borrow()
             .get(addr)
-            // The ordinary connections: the bulk lane's may never have been started.
-            .is_some_and(|c| {
-                c[..lanes::index(c.len(), lanes::BULK)]
-                    .iter()
-                    .any(|c| !c.is_down())
-            })
+            // RESP2's ordinary connections: the others may never have been started.
+            .is_some_and(|c| c[..lanes::ordinary(c.len())].iter().any(|c| !c.is_down()))
     }
 
     fn open_node(&self, addr: &str) -> Result<Rc<[NodeConn]>, Bytes> {
@@ -258,9 +263,9 @@ impl ClusterNodes {
                 }
             })
         };
-        let conns: Rc<[NodeConn]> = lanes::node_conns(self.settings.per_node, |lazy| {
+        let conns: Rc<[NodeConn]> = lanes::node_conns(self.settings.per_node, |lazy, protocol| {
             let (conn, metrics) = (
-                self.settings.conn.clone(),
+                protocol_settings(&self.settings.conn, protocol),
                 self.metrics.node(&self.settings.name, addr),
             );
             let c = if lazy {
@@ -323,9 +328,14 @@ impl ClusterNodes {
     ///
     /// # Errors
     /// `-CLUSTERDOWN` when nobody owns the slot (or the map is empty).
-    pub fn dedicated(&self, slot: Option<Slot>) -> Result<(NodeConn, Rc<DedicatedPool>), Bytes> {
+    pub fn dedicated(
+        &self,
+        slot: Option<Slot>,
+        resp3: bool,
+    ) -> Result<(NodeConn, Rc<DedicatedPool>), Bytes> {
         let addr = self.master_of(slot)?;
-        Ok((self.dedicated.take(&addr), Rc::clone(&self.dedicated)))
+        let pool = &self.dedicated[usize::from(resp3)];
+        Ok((pool.take(&addr), Rc::clone(pool)))
     }
 
     /// The master of `slot` (any master when `None`) and how to connect to it, for a client
@@ -333,8 +343,13 @@ impl ClusterNodes {
     ///
     /// # Errors
     /// As [`ClusterNodes::dedicated`].
-    pub fn plain_target(&self, slot: Option<Slot>) -> Result<(String, ConnSettings), Bytes> {
-        Ok((self.master_of(slot)?, self.dedicated.settings().clone()))
+    pub fn plain_target(
+        &self,
+        slot: Option<Slot>,
+        resp3: bool,
+    ) -> Result<(String, ConnSettings), Bytes> {
+        let settings = self.dedicated[usize::from(resp3)].settings().clone();
+        Ok((self.master_of(slot)?, settings))
     }
 
     fn master_of(&self, slot: Option<Slot>) -> Result<String, Bytes> {
@@ -352,7 +367,9 @@ impl ClusterNodes {
     pub fn close(&self) {
         self.closed.set(true);
         self.wake.notify();
-        self.dedicated.close();
+        for pool in &self.dedicated {
+            pool.close();
+        }
         for conns in self.nodes.borrow().values() {
             for c in conns.iter() {
                 c.close();
@@ -393,7 +410,9 @@ impl ClusterNodes {
             }
         }
         let masters: HashSet<&str> = map.shards().iter().map(|s| s.master.as_str()).collect();
-        self.dedicated.keep_nodes(|addr| masters.contains(addr));
+        for pool in &self.dedicated {
+            pool.keep_nodes(|addr| masters.contains(addr));
+        }
         let old = self.map.replace(Rc::new(map));
         let new = self.map.borrow();
         if old.shards() != new.shards() || old.covered() != new.covered() {

@@ -81,6 +81,51 @@ pub struct ConnSettings {
     /// the clients writing the most wait instead of its queue growing (`None`: mirrors, whose
     /// backlog must never slow anyone, and connections that carry no client requests).
     pub budget: Option<std::sync::Arc<crate::budget::QueryBudget>>,
+    /// `HELLO` sent after connecting: `None` sends none; `Some(2)` sends `HELLO 2` to learn
+    /// the server's version (a server without HELLO, before 6.0, is fine); `Some(3)` switches
+    /// the connection to RESP3 (a server that can't fails the connect).
+    pub protocol: Option<u8>,
+    /// The server's version as its last `HELLO` reply gave it, shared by every connection
+    /// made with these settings (clones included).
+    pub version: ServerVersion,
+}
+
+/// A server's version, learned from `HELLO` when a connection is made: what the proxy
+/// reports to clients as the server it is (`HELLO`, `INFO server`), since libraries gate
+/// features on it.
+#[derive(Debug, Clone, Default)]
+pub struct ServerVersion(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl ServerVersion {
+    /// The version, once a connection has learned it.
+    pub fn get(&self) -> Option<String> {
+        use crate::locks::LockRecovered;
+        self.0.locked().clone()
+    }
+
+    /// Records the version from a `HELLO` reply (RESP2 or RESP3).
+    fn learn(&self, hello_reply: &[u8]) {
+        use crate::locks::LockRecovered;
+        let buf = Bytes::copy_from_slice(hello_reply);
+        let Ok(Some((frame, _))) = crate::resp::Frame::parse(&buf, &Limits::default()) else {
+            return;
+        };
+        let pairs: Vec<(crate::resp::Frame, crate::resp::Frame)> = match frame {
+            crate::resp::Frame::Map(pairs) => pairs,
+            crate::resp::Frame::Array(items) => {
+                let mut it = items.into_iter();
+                std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
+            }
+            _ => return,
+        };
+        for (k, v) in pairs {
+            if let (crate::resp::Frame::Bulk(k), crate::resp::Frame::Bulk(v)) = (k, v)
+                && &k[..] == b"version"
+            {
+                *self.0.locked() = Some(String::from_utf8_lossy(&v).into_owned());
+            }
+        }
+    }
 }
 
 /// A TCP connection to `addr` (resolved if it is a name), marked with `mark` before the
@@ -130,7 +175,11 @@ pub(crate) async fn open(
     let mut stream = Stream::establish(tcp, settings.tls.as_ref(), addr.host())
         .await
         .map_err(failed)?;
-    if settings.auth.is_some() || settings.readonly || settings.db != 0 {
+    if settings.auth.is_some()
+        || settings.readonly
+        || settings.db != 0
+        || settings.protocol.is_some()
+    {
         handshake(&mut stream, settings)
             .await
             .map_err(|reason| UpstreamError::Auth {
@@ -168,14 +217,33 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         encode_command([&b"SELECT"[..], db.as_bytes()].into_iter(), &mut out);
         expected += 1;
     }
+    // Last, so its reply is the last one read.
+    if let Some(protocol) = settings.protocol {
+        let ver = protocol.to_string();
+        encode_command([&b"HELLO"[..], ver.as_bytes()].into_iter(), &mut out);
+    }
     stream
         .write_all(&out)
         .await
         .map_err(|e| format!("write failed: {e}"))?;
-    for reply in read_replies(stream, expected, &settings.limits).await? {
+    let n = expected + usize::from(settings.protocol.is_some());
+    let replies = read_replies(stream, n, &settings.limits).await?;
+    let failed = |reply: &[u8]| {
+        let text = String::from_utf8_lossy(reply);
+        text.trim_start_matches('-').trim_end().to_owned()
+    };
+    for reply in &replies[..expected] {
         if !reply.starts_with(b"+") {
-            let text = String::from_utf8_lossy(&reply);
-            return Err(text.trim_start_matches('-').trim_end().to_owned());
+            return Err(failed(reply));
+        }
+    }
+    if let Some(hello) = replies.get(expected) {
+        if hello.starts_with(b"-") {
+            if settings.protocol == Some(3) {
+                return Err(failed(hello));
+            }
+        } else {
+            settings.version.learn(hello);
         }
     }
     Ok(())

@@ -148,6 +148,8 @@ mod tests {
             write_delay: Duration::ZERO,
             mark: None,
             db: 0,
+            protocol: None,
+            version: crate::upstream::ServerVersion::default(),
         }
     }
 

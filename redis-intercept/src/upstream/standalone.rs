@@ -19,8 +19,9 @@ pub struct Db {
     /// Shared pipelined connections (`connections_per_node`, then the bulk lane's; see
     /// [`lanes`]).
     pub conns: Vec<NodeConn>,
-    /// Connections lent to one client at a time (transactions, blocking commands).
-    pub dedicated: Rc<DedicatedPool>,
+    /// Connections lent to one client at a time (transactions, blocking commands), for
+    /// RESP2 and RESP3 clients.
+    pub dedicated: [Rc<DedicatedPool>; 2],
 }
 
 /// A worker's way to one standalone server, per database.
@@ -103,6 +104,11 @@ impl Standalone {
         self.reads.borrow().clone()
     }
 
+    /// The server's version, once a connection has learned it.
+    pub fn version(&self) -> Option<String> {
+        self.settings.version.get()
+    }
+
     /// The databases the server has, as configured.
     pub fn databases(&self) -> u32 {
         self.databases
@@ -121,13 +127,14 @@ impl Standalone {
         let conns = if self.per_node == 0 {
             Vec::new()
         } else {
-            lanes::node_conns(self.per_node, |lazy| {
+            lanes::node_conns(self.per_node, |lazy, protocol| {
                 let (addr, metrics) =
                     (self.addr.clone(), self.metrics.node(&self.name, &self.addr));
+                let settings = protocol_settings(&settings, protocol);
                 let c = if lazy {
-                    NodeConn::new_lazy(addr, settings.clone(), metrics)
+                    NodeConn::new_lazy(addr, settings, metrics)
                 } else {
-                    NodeConn::new(addr, settings.clone(), metrics)
+                    NodeConn::new(addr, settings, metrics)
                 };
                 if let Some(hook) = &self.on_failure {
                     c.set_failure_hook(Rc::clone(hook));
@@ -139,14 +146,17 @@ impl Standalone {
                 c
             })
         };
-        let d = Db {
-            conns,
-            dedicated: DedicatedPool::new(
+        let pool = |protocol| {
+            DedicatedPool::new(
                 &self.name,
-                settings,
+                protocol_settings(&settings, protocol),
                 self.max_idle_dedicated,
                 Arc::clone(&self.metrics),
-            ),
+            )
+        };
+        let d = Db {
+            conns,
+            dedicated: [pool(2), pool(3)],
         };
         if self.closed.get() {
             close(&d);
@@ -168,5 +178,20 @@ fn close(d: &Db) {
     for c in &d.conns {
         c.close();
     }
-    d.dedicated.close();
+    for pool in &d.dedicated {
+        pool.close();
+    }
+}
+
+/// `settings` for connections in `protocol` (2 or 3). RESP2's learn the server's version
+/// with `HELLO 2`, except a mirror's (`budget` unset), whose server may not even answer.
+pub(super) fn protocol_settings(settings: &ConnSettings, protocol: u8) -> ConnSettings {
+    ConnSettings {
+        protocol: match protocol {
+            3 => Some(3),
+            _ if settings.budget.is_some() => Some(2),
+            _ => None,
+        },
+        ..settings.clone()
+    }
 }

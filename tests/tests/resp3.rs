@@ -1,0 +1,156 @@
+//! End-to-end, differential: one script of commands sent to Redis directly and through the
+//! proxy (a standalone server behind, and a cluster behind), in RESP2 and in RESP3, gives the
+//! same reply bytes. RESP3 changes how Redis encodes replies (maps, sets, doubles, nulls), and
+//! the proxy both passes Redis's replies through and makes some itself (HELLO, CLIENT
+//! GETNAME, merged MGET/EXISTS/DBSIZE/KEYS across slots, errors).
+
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use redis_intercept::resp::Frame;
+use redis_intercept_e2e::{
+    RedisCluster, RedisServer, RespReader, start_cluster_proxy, start_proxy,
+};
+
+/// The script: keys on several slots (`a`, `b`, `{t}x`), replies of every RESP3 type.
+const SCRIPT: &[&[&str]] = &[
+    &["PING"],
+    &["PING", "hi"],
+    &["ECHO", "e"],
+    &["CLIENT", "GETNAME"],
+    &["SET", "a", "1"],
+    &["SET", "{t}x", "2"],
+    &["GET", "a"],
+    &["GET", "missing"],
+    &["MGET", "a", "missing", "{t}x", "b"],
+    &["EXISTS", "a", "b", "{t}x"],
+    &["HSET", "h", "f", "v", "g", "w"],
+    &["HGETALL", "h"],
+    &["HGETALL", "missing"],
+    &["SADD", "s", "m"],
+    &["SMEMBERS", "s"],
+    &["ZADD", "z", "1.5", "m"],
+    &["ZSCORE", "z", "m"],
+    &["ZRANGE", "z", "0", "-1", "WITHSCORES"],
+    &["INCRBYFLOAT", "f", "1.5"],
+    &["LPUSH", "l", "x"],
+    &["LPOP", "l"],
+    &["LPOP", "l"],
+    &["LPOP", "l", "2"],
+    &["LPUSH", "h", "x"],
+    &["GET"],
+    &["EVAL", "return {1, 'two', false}", "0"],
+    &["EVAL", "return redis.call('hgetall', KEYS[1])", "1", "h"],
+    &["TYPE", "h"],
+    &["TTL", "a"],
+    &["DBSIZE"],
+    &["KEYS", "*"],
+    // One slot: a cluster runs a transaction on one master.
+    &["HSET", "{t}h", "f", "v"],
+    &["SADD", "{t}s", "m"],
+    &["MULTI"],
+    &["HGETALL", "{t}h"],
+    &["GET", "{t}m"],
+    &["SMEMBERS", "{t}s"],
+    &["EXEC"],
+    &["CLIENT", "SETNAME", "n"],
+    &["CLIENT", "GETNAME"],
+    &[
+        "DEL", "a", "b", "{t}x", "h", "s", "z", "f", "l", "{t}h", "{t}s",
+    ],
+    &["DBSIZE"],
+];
+
+/// Runs HELLO `protocol` and then the script on `addr`; returns HELLO's reply and the
+/// script's replies as bytes (KEYS sorted: a cluster's keys come from several masters).
+fn run(addr: SocketAddr, protocol: &str) -> (Frame, Vec<Bytes>) {
+    let mut c = RespReader::connect(addr);
+    let hello = c.call(&["HELLO", protocol]);
+    let replies = SCRIPT
+        .iter()
+        .map(|cmd| {
+            let raw = c.call_raw(cmd);
+            if cmd[0] == "KEYS" { sorted(&raw) } else { raw }
+        })
+        .collect();
+    (hello, replies)
+}
+
+/// An array or set reply with its elements in order, re-encoded as it came.
+fn sorted(raw: &Bytes) -> Bytes {
+    let (frame, _) = Frame::parse(raw, &Default::default()).unwrap().unwrap();
+    let (mut items, set) = match frame {
+        Frame::Array(items) => (items, false),
+        Frame::Set(items) => (items, true),
+        other => return other.to_bytes(),
+    };
+    items.sort_by_key(Frame::to_bytes);
+    if set {
+        Frame::Set(items)
+    } else {
+        Frame::Array(items)
+    }
+    .to_bytes()
+}
+
+/// The fields of a HELLO reply (a map in RESP3, a flat array in RESP2).
+fn hello_fields(f: &Frame) -> Vec<(String, Frame)> {
+    let text = |f: &Frame| match f {
+        Frame::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+        other => format!("{other:?}"),
+    };
+    match f {
+        Frame::Map(pairs) => pairs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
+        Frame::Array(items) => items
+            .chunks(2)
+            .map(|kv| (text(&kv[0]), kv[1].clone()))
+            .collect(),
+        other => panic!("HELLO replied {other:?}"),
+    }
+}
+
+/// Compares the script through `proxy` with the script on a plain Redis, in both protocols.
+fn compare(proxy: SocketAddr, what: &str) {
+    for protocol in ["2", "3"] {
+        let direct = RedisServer::start();
+        let (hello_direct, want) = run(direct.addr, protocol);
+        let (hello_proxy, got) = run(proxy, protocol);
+        assert_eq!(
+            std::mem::discriminant(&hello_direct),
+            std::mem::discriminant(&hello_proxy),
+            "{what} RESP{protocol}: HELLO's shape"
+        );
+        let (d, p) = (hello_fields(&hello_direct), hello_fields(&hello_proxy));
+        for field in ["server", "version", "proto", "mode", "role"] {
+            let of =
+                |v: &[(String, Frame)]| v.iter().find(|(k, _)| k == field).map(|(_, v)| v.clone());
+            assert_eq!(of(&d), of(&p), "{what} RESP{protocol}: HELLO's {field}");
+        }
+        for ((cmd, want), got) in SCRIPT.iter().zip(&want).zip(&got) {
+            assert_eq!(
+                String::from_utf8_lossy(want),
+                String::from_utf8_lossy(got),
+                "{what} RESP{protocol}: {cmd:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_script_gives_the_same_bytes_in_resp2_and_resp3_through_a_standalone_proxy() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    compare(proxy.addr("svc").unwrap(), "standalone");
+    proxy.shutdown();
+}
+
+#[test]
+fn a_script_gives_the_same_bytes_in_resp2_and_resp3_through_a_cluster_proxy() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    compare(proxy.addr("svc").unwrap(), "cluster");
+    proxy.shutdown();
+}
