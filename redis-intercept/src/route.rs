@@ -39,6 +39,11 @@ pub enum Keyless {
     RandomKey,
     /// INFO: the proxy's own sections plus the masters' keyspace, added up.
     Info,
+    /// PUBSUB CHANNELS / SHARDCHANNELS: every master's array, each name once.
+    Union,
+    /// PUBSUB NUMSUB / SHARDNUMSUB: every master's `[name, count, …]`, counts added up by
+    /// position.
+    NumSub,
 }
 
 /// Where a request goes on a cluster.
@@ -79,6 +84,9 @@ fn keyless(name: &str) -> Keyless {
         "scan" => Keyless::Scan,
         "randomkey" => Keyless::RandomKey,
         "info" => Keyless::Info,
+        "pubsub|channels" | "pubsub|shardchannels" => Keyless::Union,
+        "pubsub|numsub" | "pubsub|shardnumsub" => Keyless::NumSub,
+        "pubsub|numpat" => Keyless::Sum,
         _ => Keyless::AnyMaster,
     }
 }
@@ -94,6 +102,13 @@ pub fn plan(cmd: Option<Command>, req: &Request<'_>, keys: &mut Vec<usize>) -> P
     cmd.info.key_indexes(req, keys);
     let mut slots = keys.iter().filter_map(|&i| req.arg(i)).map(Slot::for_key);
     let Some(first) = slots.next() else {
+        if cmd.info.name == "publish"
+            && let Some(channel) = req.arg(1)
+        {
+            // Where the proxy subscribes the channel (`session/pubsub.rs`), so the count
+            // of receivers is exact for its clients.
+            return Plan::Slot(Slot::for_key(channel));
+        }
         return Plan::Keyless(keyless(cmd.info.name));
     };
     if slots.all(|s| s == first) {
@@ -293,6 +308,11 @@ mod tests {
         assert_eq!(plan_of("EVAL s 2 a b"), Plan::CrossSlot);
         assert_eq!(plan_of("EVAL s 0"), Plan::Keyless(Keyless::AnyMaster));
         assert_eq!(plan_of("KEYS *"), Plan::Keyless(Keyless::Concat));
+        assert_eq!(
+            plan_of("PUBLISH news hi"),
+            Plan::Slot(Slot::for_key(b"news"))
+        );
+        assert_eq!(plan_of("PUBSUB NUMSUB a b"), Plan::Keyless(Keyless::NumSub));
         assert_eq!(plan_of("SCAN 0"), Plan::Keyless(Keyless::Scan));
         assert_eq!(plan_of("SCRIPT LOAD x"), Plan::Keyless(Keyless::First));
         assert_eq!(plan_of("NOSUCHCMD a"), Plan::Keyless(Keyless::AnyMaster));

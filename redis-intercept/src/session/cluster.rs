@@ -326,7 +326,12 @@ impl ClusterClient {
                 encode_command([&b"INFO"[..], b"keyspace"].into_iter(), &mut out);
                 self.broadcast(&masters, out.freeze().into(), merge_kind, to)
             }
-            Keyless::Concat | Keyless::Sum | Keyless::AllOk | Keyless::First => {
+            Keyless::Concat
+            | Keyless::Sum
+            | Keyless::AllOk
+            | Keyless::First
+            | Keyless::Union
+            | Keyless::NumSub => {
                 self.broadcast(&masters, self.encode(req), MergeKind::All(kind), to)
             }
         }

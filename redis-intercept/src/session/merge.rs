@@ -222,6 +222,51 @@ pub(super) fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
             }
             Ok(Frame::Array(all).to_bytes())
         }
+        MergeKind::All(Keyless::Union) => {
+            let mut all: Vec<Frame> = Vec::new();
+            for p in parts {
+                match frame(p)? {
+                    Frame::Array(items) | Frame::Set(items) => {
+                        for item in items {
+                            if !all.contains(&item) {
+                                all.push(item);
+                            }
+                        }
+                    }
+                    _ => return Err(error_reply("unexpected reply from a cluster node")),
+                }
+            }
+            Ok(Frame::Array(all).to_bytes())
+        }
+        MergeKind::All(Keyless::NumSub) => {
+            // `[name, count, …]` in RESP2, a map in RESP3; every master lists the same
+            // names in the same order.
+            let mut total: Option<Frame> = None;
+            for p in parts {
+                let part = frame(p)?;
+                let Some(sum) = total.as_mut() else {
+                    total = Some(part);
+                    continue;
+                };
+                let add = |a: &mut Frame, b: Frame| {
+                    if let (Frame::Integer(x), Frame::Integer(y)) = (&*a, b) {
+                        *a = Frame::Integer(x.saturating_add(y));
+                    }
+                };
+                match (sum, part) {
+                    (Frame::Array(sum), Frame::Array(items)) => {
+                        sum.iter_mut().zip(items).for_each(|(a, b)| add(a, b));
+                    }
+                    (Frame::Map(sum), Frame::Map(pairs)) => {
+                        sum.iter_mut()
+                            .zip(pairs)
+                            .for_each(|((_, a), (_, b))| add(a, b));
+                    }
+                    _ => return Err(error_reply("unexpected reply from a cluster node")),
+                }
+            }
+            Ok(total.unwrap_or(Frame::Array(Vec::new())).to_bytes())
+        }
         MergeKind::All(_) => parts
             .first()
             .cloned()

@@ -110,6 +110,17 @@ impl Output {
         }
     }
 
+    /// Moves everything waiting to the end of `to` (whole replies: a subscribed client's
+    /// pipe writes them between pushes).
+    pub(super) fn drain_into(&mut self, to: &mut BytesMut) {
+        for chunk in self.chunks.drain(..) {
+            to.extend_from_slice(&chunk);
+        }
+        to.extend_from_slice(&self.tail);
+        self.tail.clear();
+        self.len = 0;
+    }
+
     /// Drops everything, buffers included.
     pub(super) fn clear(&mut self) {
         *self = Output::default();

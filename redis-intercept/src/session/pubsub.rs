@@ -1,20 +1,25 @@
 //! A subscribed client: connections of its own to the nodes it subscribed on, with pushed
 //! messages copied to the client as they arrive, until the client leaves subscribed mode.
 //!
-//! Only the commands Redis allows in subscribed mode go to the nodes: (P|S)SUBSCRIBE,
-//! (P|S)UNSUBSCRIBE and PING. Any other command first asks the nodes whether the client is
-//! still subscribed, with a `PING <nonce>` (an array reply while subscribed, a bulk string
-//! after). Still subscribed: the command gets Redis's own refusal from the proxy, and RESET or
-//! QUIT close the node connections. Not subscribed any more (the client unsubscribed from
-//! everything): the node connections are closed and the session serves the command, and
-//! the ones after it, with routing, auth and policies as before. So raw commands never reach
-//! a node behind the proxy's back, and a pooled client connection (Jedis returns it to its
-//! pool after unsubscribing) is an ordinary one again.
+//! A RESP2 client may send only what Redis allows in subscribed mode: (P|S)SUBSCRIBE,
+//! (P|S)UNSUBSCRIBE and PING go to the nodes. Any other command first asks the nodes whether
+//! the client is still subscribed, with a `PING <nonce>` (an array reply while subscribed, a
+//! bulk string after; in RESP3 PING answers alike, and the counts in the confirmations read
+//! before the answers tell). Still subscribed: a RESP2 client gets Redis's own refusal, and a
+//! RESP3 client's command is served as any other (routed, through the reply slots, which the
+//! pipe writes between whole pushes), as Redis allows in RESP3. RESET or QUIT close the node
+//! connections. Not subscribed any more (the client unsubscribed from everything): the node
+//! connections are closed and the session serves the command, and the ones after it, with
+//! routing, auth and policies as before. So raw commands never reach a node behind the
+//! proxy's back, and a pooled client connection (Jedis returns it to its pool after
+//! unsubscribing) is an ordinary one again.
 //!
-//! Shard channels (SSUBSCRIBE) live on their slot's master. On a cluster a client's shard
-//! channels may span masters: the pipe opens a connection to each master it needs, sends
-//! each one the commands for its channels (split by slot, as Redis Cluster requires), and
-//! rewrites the count in shard confirmations to the client's total, as one Redis would count.
+//! On a cluster each channel lives on its slot's master, where PUBLISH is sent too, so that
+//! PUBLISH and PUBSUB NUMSUB count the proxy's subscribers exactly; patterns stay on the
+//! first node (the cluster bus brings every message everywhere). Shard channels (SSUBSCRIBE)
+//! are subscribed per slot, as Redis Cluster requires. A client's channels may so span
+//! masters: the pipe opens a connection to each master it needs, and rewrites the count in
+//! confirmations to the client's total, as one Redis would count.
 
 use std::future::poll_fn;
 use std::task::Poll;
@@ -26,7 +31,7 @@ use tokio::time::Instant;
 
 use super::input::{InputBuf, read_input};
 use super::pubsub_node::{Counts, Node, confirmation, open_node, poll_node};
-use super::{End, Session};
+use super::{End, Session, stateful};
 use crate::cluster::Slot;
 use crate::command;
 use crate::metrics::GaugeGuard;
@@ -145,7 +150,12 @@ impl Session {
             turn: 0,
             counted: None,
         };
+        // Replies to commands a RESP3 client runs while subscribed fill the reply slots as
+        // usual, but the pipe writes them, between whole pushes: nobody else may write to
+        // the client meanwhile.
+        let writer = self.core.stream.borrow_mut().take();
         let piped = self.pipe(client, input, &mut pipe).await;
+        *self.core.stream.borrow_mut() = writer;
         pipe.counted = None;
         if matches!(piped, Piped::Back) && !pipe.to_client.is_empty() {
             // Messages that came before the answer go out ahead of the next replies.
@@ -188,6 +198,11 @@ impl Session {
                         continue;
                     }
                 }
+            }
+            self.core.write_out();
+            self.core.out.borrow_mut().drain_into(&mut pipe.to_client);
+            if self.core.failure.get().is_some() {
+                return Piped::End(End::SlowReader);
             }
             if broken && pipe.to_client.is_empty() {
                 return Piped::End(End::ProtocolError);
@@ -304,14 +319,30 @@ impl Session {
                 *any |= frame == *subscribed;
                 *waiting = waiting.saturating_sub(1);
                 if *waiting == 0 {
-                    pipe.check = Check::Answered(*any);
+                    // In RESP3, PING answers alike in both modes: the counts of the
+                    // confirmations that came before the answers tell instead.
+                    let subscribed = if self.state.resp3 {
+                        pipe.nodes.iter().any(|n| n.shards + n.channels > 0)
+                    } else {
+                        *any
+                    };
+                    pipe.check = Check::Answered(subscribed);
                 }
                 continue;
             }
             match confirmation(&frame) {
-                Some((Counts::Shards, at, n)) if pipe.nodes.len() > 1 => {
-                    pipe.nodes[i].shards = n;
-                    let total: i64 = pipe.nodes.iter().map(|n| n.shards).sum();
+                Some((counts, at, n)) if pipe.nodes.len() > 1 => {
+                    // One Redis would count all the client's channels (or shard channels).
+                    let total: i64 = match counts {
+                        Counts::Shards => {
+                            pipe.nodes[i].shards = n;
+                            pipe.nodes.iter().map(|n| n.shards).sum()
+                        }
+                        Counts::Channels => {
+                            pipe.nodes[i].channels = n;
+                            pipe.nodes.iter().map(|n| n.channels).sum()
+                        }
+                    };
                     pipe.to_client.extend_from_slice(&frame[..at]);
                     pipe.to_client
                         .extend_from_slice(format!(":{total}\r\n").as_bytes());
@@ -369,12 +400,14 @@ impl Session {
             let refusal = match self.destination(&req, name, pipe) {
                 Destination::Home => {
                     pipe.nodes[0].to_node.extend_from_slice(&data[..n]);
+                    pipe.check = Check::None;
                     None
                 }
                 Destination::Nodes(parts) => {
                     for (i, part) in parts {
                         pipe.nodes[i].to_node.extend_from_slice(&part);
                     }
+                    pipe.check = Check::None;
                     None
                 }
                 Destination::Open(addr, settings) => return InputFlow::Open(addr, settings),
@@ -396,7 +429,16 @@ impl Session {
                     return InputFlow::Back;
                 }
                 Check::Answered(true) => {
-                    pipe.to_client.extend_from_slice(&refusal);
+                    match self.resp3_dispatch(&req, name) {
+                        // Answered stays: until a command goes to the nodes again, nothing
+                        // of theirs is owed before the next command's reply.
+                        Ok(()) => pipe.check = Check::Answered(true),
+                        Err(Some(why)) => {
+                            self.core.push_ready(why);
+                            pipe.check = Check::Answered(true);
+                        }
+                        Err(None) => pipe.to_client.extend_from_slice(&refusal),
+                    }
                     self.count_command();
                     input.consume(n);
                 }
@@ -411,12 +453,16 @@ impl Session {
 
     /// Where a command of a subscribed client goes.
     fn destination(&self, req: &Request<'_>, name: Option<&str>, pipe: &Pipe) -> Destination {
-        let upper: &[u8] = match name {
-            Some("subscribe" | "psubscribe" | "unsubscribe" | "punsubscribe" | "ping") => {
+        let (upper, shard): (&[u8], bool) = match name {
+            // Patterns match channels of every slot: they stay on the first node, which
+            // the cluster bus brings every message to.
+            Some("psubscribe" | "punsubscribe" | "ping") => {
                 return Destination::Home;
             }
-            Some("ssubscribe") => b"SSUBSCRIBE",
-            Some("sunsubscribe") => b"SUNSUBSCRIBE",
+            Some("subscribe") => (b"SUBSCRIBE", false),
+            Some("unsubscribe") => (b"UNSUBSCRIBE", false),
+            Some("ssubscribe") => (b"SSUBSCRIBE", true),
+            Some("sunsubscribe") => (b"SUNSUBSCRIBE", true),
             _ => {
                 let name = name.map_or_else(
                     || String::from_utf8_lossy(req.arg(0).unwrap_or_default()).to_lowercase(),
@@ -428,14 +474,17 @@ impl Session {
             }
         };
         if req.len() < 2 {
-            if upper == b"SSUBSCRIBE" {
+            if upper == b"SSUBSCRIBE" || upper == b"SUBSCRIBE" {
                 // Redis's arity error.
                 return Destination::Home;
             }
-            // SUNSUBSCRIBE from everything: every node with shard channels (the first node
-            // alone if none, for Redis's reply that there was nothing).
+            // (S)UNSUBSCRIBE from everything: every node with such channels (the first
+            // node alone if none, for Redis's reply that there was nothing).
             let mut with: Vec<usize> = (0..pipe.nodes.len())
-                .filter(|&i| pipe.nodes[i].shards > 0)
+                .filter(|&i| {
+                    let n = &pipe.nodes[i];
+                    if shard { n.shards > 0 } else { n.channels > 0 }
+                })
                 .collect();
             if with.is_empty() {
                 with.push(0);
@@ -444,15 +493,12 @@ impl Session {
             encode_command([upper].into_iter(), &mut cmd);
             return Destination::Nodes(with.into_iter().map(|i| (i, cmd.clone())).collect());
         }
-        // One command per slot (Redis Cluster refuses shard channels of several slots in
-        // one), on the slot's master.
+        // Each channel on its slot's master, so that PUBLISH (sent there too) counts the
+        // proxy's subscribers exactly: one command per node for plain channels, per slot
+        // for shard channels (Redis Cluster refuses shard channels of several slots in one).
         let mut groups: Vec<(Slot, usize, Vec<&[u8]>)> = Vec::new();
         for ch in (1..req.len()).filter_map(|i| req.arg(i)) {
             let slot = Slot::for_key(ch);
-            if let Some(g) = groups.iter_mut().find(|g| g.0 == slot) {
-                g.2.push(ch);
-                continue;
-            }
             let (addr, settings) = match self.forwarder.pubsub_target(Some(ch)) {
                 Ok(target) => target,
                 Err(e) => return Destination::Refuse(e),
@@ -460,6 +506,13 @@ impl Session {
             let Some(i) = pipe.nodes.iter().position(|n| n.addr == addr) else {
                 return Destination::Open(addr, Box::new(settings));
             };
+            if let Some(g) = groups
+                .iter_mut()
+                .find(|g| if shard { g.0 == slot } else { g.1 == i })
+            {
+                g.2.push(ch);
+                continue;
+            }
             groups.push((slot, i, vec![ch]));
         }
         Destination::Nodes(
@@ -473,6 +526,40 @@ impl Session {
                 })
                 .collect(),
         )
+    }
+
+    /// Serves a RESP3 client's command while it is subscribed, as Redis allows: routed
+    /// like any other command, its reply through the session's reply slots, which the pipe
+    /// writes in order among the pushes. `Err(None)`: a RESP2 client, which gets Redis's own
+    /// refusal. Commands that would need a connection of the client's own (transactions,
+    /// blocking commands) or change its state (SELECT, HELLO, AUTH) get the proxy's.
+    fn resp3_dispatch(
+        &mut self,
+        req: &Request<'_>,
+        name: Option<&str>,
+    ) -> Result<(), Option<Bytes>> {
+        if !self.state.resp3 {
+            return Err(None);
+        }
+        let cmd = command::lookup(req);
+        let own = matches!(
+            name,
+            Some("select" | "hello" | "auth" | "monitor" | "sync" | "psync")
+        ) || stateful::txn_kind(cmd).is_some()
+            || stateful::is_blocking(cmd);
+        if own {
+            return Err(Some(error_reply(&format!(
+                "'{}' while subscribed is not supported by redis-intercept: it needs a connection of the client's own, or changes the subscribed one",
+                name.unwrap_or("unknown").replace('|', " ").to_uppercase()
+            ))));
+        }
+        if let Some(refusal) = self.refusal(req, cmd) {
+            self.core.push_ready(error_reply(&refusal));
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.svc.policy().op_timeout;
+        self.dispatch_normal(req, cmd, deadline);
+        Ok(())
     }
 
     /// Queues `PING <nonce>` for every node; the replies tell whether the client is still

@@ -85,20 +85,24 @@ pub(super) enum Counts {
     Shards,
 }
 
-/// What a (un)subscribe confirmation (`*3 <kind> <channel> :n`) counts, the count, and
-/// where that integer starts; `None` for any other frame.
+/// What a (un)subscribe confirmation (`*3 <kind> <channel> :n`, or a RESP3 push
+/// `>3 <kind> <channel> :n`) counts, the count, and where that integer starts; `None` for
+/// any other frame.
 pub(super) fn confirmation(frame: &[u8]) -> Option<(Counts, usize, i64)> {
     pub(super) const KINDS: [(&[u8], Counts); 6] = [
-        (b"*3\r\n$9\r\nsubscribe\r\n", Counts::Channels),
-        (b"*3\r\n$11\r\nunsubscribe\r\n", Counts::Channels),
-        (b"*3\r\n$10\r\npsubscribe\r\n", Counts::Channels),
-        (b"*3\r\n$12\r\npunsubscribe\r\n", Counts::Channels),
-        (b"*3\r\n$10\r\nssubscribe\r\n", Counts::Shards),
-        (b"*3\r\n$12\r\nsunsubscribe\r\n", Counts::Shards),
+        (b"3\r\n$9\r\nsubscribe\r\n", Counts::Channels),
+        (b"3\r\n$11\r\nunsubscribe\r\n", Counts::Channels),
+        (b"3\r\n$10\r\npsubscribe\r\n", Counts::Channels),
+        (b"3\r\n$12\r\npunsubscribe\r\n", Counts::Channels),
+        (b"3\r\n$10\r\nssubscribe\r\n", Counts::Shards),
+        (b"3\r\n$12\r\nsunsubscribe\r\n", Counts::Shards),
     ];
+    let rest = frame
+        .strip_prefix(b"*")
+        .or_else(|| frame.strip_prefix(b">"))?;
     let kind = KINDS
         .iter()
-        .find(|(head, _)| frame.starts_with(head))
+        .find(|(head, _)| rest.starts_with(head))
         .map(|&(_, kind)| kind)?;
     let body = frame.strip_suffix(b"\r\n")?;
     // The count is the last element; the channel before it ends with CRLF.
@@ -158,6 +162,10 @@ mod tests {
         assert_eq!(
             confirmation(b"*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n").map(|(k, _, n)| (k, n)),
             Some((Counts::Channels, 0))
+        );
+        assert_eq!(
+            confirmation(b">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:2\r\n").map(|(k, _, n)| (k, n)),
+            Some((Counts::Channels, 2))
         );
         assert_eq!(
             confirmation(b"*3\r\n$12\r\npunsubscribe\r\n$2\r\np*\r\n:3\r\n").map(|(_, _, n)| n),
