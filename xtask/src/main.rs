@@ -85,6 +85,7 @@ fn cargo(root: &std::path::Path) -> Command {
 /// Everything CI checks, in order of cost.
 fn test(root: &std::path::Path) -> Result<()> {
     setup::setup()?;
+    setup::client_libraries(root)?;
     say("cargo fmt --check");
     run(
         cargo(root).args(["fmt", "--all", "--", "--check"]),

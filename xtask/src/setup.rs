@@ -117,6 +117,16 @@ pub fn setup() -> Result<()> {
     if !have("ip") {
         packages.push("iproute2");
     }
+    // Real client libraries for the end-to-end tests (`tests/clients`).
+    if !have("node") || !have("npm") {
+        packages.extend(["nodejs", "npm"]);
+    }
+    if !have("python3") {
+        packages.push("python3");
+    }
+    if !python_has_pip() {
+        packages.push("python3-pip");
+    }
     let need_linker = !have("bpf-linker");
     if need_linker && !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
         packages.extend([
@@ -174,8 +184,51 @@ pub fn setup() -> Result<()> {
         )?;
     }
     say(
-        "setup complete: redis-server, redis-cli, redis-benchmark, bpftool, nightly rust-src, bpf-linker",
+        "setup complete: redis-server, redis-cli, redis-benchmark, bpftool, node, python3, nightly rust-src, bpf-linker",
     );
+    Ok(())
+}
+
+/// Whether `python3 -m pip` works.
+fn python_has_pip() -> bool {
+    Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The versions of the client libraries the end-to-end tests run (`tests/clients`):
+/// node-redis's is in `tests/clients/package.json`.
+const REDIS_PY: &str = "redis==8.2.0";
+
+/// Installs the client libraries the end-to-end tests run, if missing: node-redis from npm
+/// into `tests/clients/node_modules`, redis-py from PyPI into `target/clients/py`.
+pub fn client_libraries(root: &Path) -> Result<()> {
+    let clients = root.join("tests/clients");
+    if !clients.join("node_modules/redis/package.json").exists() {
+        say("installing node-redis from npm (tests/clients/package.json) for the client tests");
+        run(
+            Command::new("npm")
+                .current_dir(&clients)
+                .args(["install", "--no-audit", "--no-fund", "--no-package-lock"]),
+            "npm install (tests/clients)",
+        )?;
+    }
+    let py = root.join("target/clients/py");
+    if !py.join("redis/__init__.py").exists() {
+        say(&format!("installing {REDIS_PY} from PyPI into target/clients/py for the client tests"));
+        run(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+                .args(["--target"])
+                .arg(&py)
+                .arg(REDIS_PY)
+                // Debian marks its Python externally managed; a --target directory is ours.
+                .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+                .env("PIP_ROOT_USER_ACTION", "ignore"),
+            "pip install redis",
+        )?;
+    }
     Ok(())
 }
 
