@@ -445,6 +445,25 @@ pub fn lookup(req: &Request<'_>) -> Option<Command> {
     BY_NAME.get(full).copied()
 }
 
+/// Redis's error for a subcommand that the table doesn't know, of a command it does
+/// (`CLIENT NO-TOUCH`, `CLIENT MAINT_NOTIFICATIONS`: newer servers' subcommands, some of
+/// which change the connection they run on). Such a request is answered by the proxy, never
+/// sent on a shared connection.
+pub fn unknown_subcommand(req: &Request<'_>) -> Option<String> {
+    let name = req.arg(0)?;
+    let sub = req.arg(1)?;
+    let mut buf = [0u8; MAX_NAME];
+    let top = *BY_NAME.get(lower_into(name, &mut buf)?)?;
+    if top.info.subcommands.is_empty() || lookup(req).is_some() {
+        return None;
+    }
+    Some(format!(
+        "unknown subcommand '{}'. Try {} HELP.",
+        String::from_utf8_lossy(sub),
+        top.info.name.to_uppercase()
+    ))
+}
+
 /// Writes the ASCII-lower-case form of `name` into `buf`; `None` if it doesn't fit or isn't
 /// UTF-8 (no command name is either).
 fn lower_into<'b>(name: &[u8], buf: &'b mut [u8]) -> Option<&'b str> {

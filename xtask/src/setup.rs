@@ -208,18 +208,29 @@ pub fn client_libraries(root: &Path) -> Result<()> {
     if !clients.join("node_modules/redis/package.json").exists() {
         say("installing node-redis from npm (tests/clients/package.json) for the client tests");
         run(
-            Command::new("npm")
-                .current_dir(&clients)
-                .args(["install", "--no-audit", "--no-fund", "--no-package-lock"]),
+            Command::new("npm").current_dir(&clients).args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--no-package-lock",
+            ]),
             "npm install (tests/clients)",
         )?;
     }
     let py = root.join("target/clients/py");
     if !py.join("redis/__init__.py").exists() {
-        say(&format!("installing {REDIS_PY} from PyPI into target/clients/py for the client tests"));
+        say(&format!(
+            "installing {REDIS_PY} from PyPI into target/clients/py for the client tests"
+        ));
         run(
             Command::new("python3")
-                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
                 .args(["--target"])
                 .arg(&py)
                 .arg(REDIS_PY)

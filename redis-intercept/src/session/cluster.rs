@@ -14,7 +14,7 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 
 use super::cluster_request::ClusterRequest;
-use super::merge::{Merge, MergeKind, Positions, info_sections};
+use super::merge::{InfoCtx, Merge, MergeKind, Positions, info_sections};
 use super::scan::ScanSink;
 use crate::cluster::{ScanCursor, Slot, SlotMap};
 use crate::command::Command;
@@ -315,7 +315,17 @@ impl ClusterClient {
             Keyless::Scan => self.scan(req, &map, to),
             Keyless::Info => {
                 let sections = info_sections(req);
-                let merge_kind = MergeKind::Info(sections, Rc::clone(&map), pool.name().into());
+                let merge_kind = MergeKind::Info(
+                    sections,
+                    Box::new(InfoCtx {
+                        map: Rc::clone(&map),
+                        upstream: pool.name().into(),
+                        version: pool
+                            .version()
+                            .unwrap_or_else(|| crate::service::FALLBACK_VERSION.to_owned()),
+                        resp3: self.resp3(),
+                    }),
+                );
                 if !sections.keyspace {
                     // Nothing to ask the masters.
                     let merge = Merge::new(to.sink, to.token, merge_kind, 0);

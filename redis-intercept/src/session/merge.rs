@@ -100,8 +100,20 @@ pub(super) enum MergeKind {
     Split(SplitKind, Positions),
     /// A keyless command sent to every master.
     All(Keyless),
-    /// INFO: the sections, the map for the cluster section, and the upstream name.
-    Info(InfoSections, Rc<SlotMap>, String),
+    /// INFO: the sections and what the proxy writes in them.
+    Info(InfoSections, Box<InfoCtx>),
+}
+
+/// What the proxy's own INFO sections say about a cluster upstream.
+pub(super) struct InfoCtx {
+    /// The map, for the cluster section.
+    pub(super) map: Rc<SlotMap>,
+    /// The upstream's name.
+    pub(super) upstream: String,
+    /// The nodes' version (`redis_version`).
+    pub(super) version: String,
+    /// The client speaks RESP3: INFO is a verbatim string.
+    pub(super) resp3: bool,
 }
 
 /// Collects the replies of a split or broadcast request and gives the parent one reply.
@@ -271,22 +283,23 @@ pub(super) fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
             .first()
             .cloned()
             .ok_or_else(|| error_reply("no master answered")),
-        MergeKind::Info(sections, map, name) => Ok(info(*sections, map, name, parts)),
+        MergeKind::Info(sections, ctx) => Ok(info(*sections, ctx, parts)),
     }
 }
 
 /// INFO for a client of a cluster: the proxy's server section, the cluster as the proxy sees
 /// it, and the masters' keyspace added up.
-pub(super) fn info(
-    sections: InfoSections,
-    map: &SlotMap,
-    upstream: &str,
-    parts: &[Bytes],
-) -> Bytes {
+pub(super) fn info(sections: InfoSections, ctx: &InfoCtx, parts: &[Bytes]) -> Bytes {
+    let InfoCtx {
+        map,
+        upstream,
+        version,
+        resp3,
+    } = ctx;
     let mut text = String::new();
     if sections.server {
         text.push_str(&format!(
-            "# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\nproxy:redis-intercept {}\r\nprocess_id:{}\r\n\r\n",
+            "# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\nproxy:redis-intercept {}\r\nprocess_id:{}\r\n\r\n",
             env!("CARGO_PKG_VERSION"),
             std::process::id()
         ));
@@ -342,7 +355,12 @@ pub(super) fn info(
             ));
         }
     }
-    Frame::Bulk(Bytes::from(text)).to_bytes()
+    if *resp3 {
+        // As Redis sends INFO in RESP3: a verbatim string of format `txt`.
+        Frame::Verbatim(Bytes::from(format!("txt:{text}"))).to_bytes()
+    } else {
+        Frame::Bulk(Bytes::from(text)).to_bytes()
+    }
 }
 
 #[cfg(test)]
@@ -420,13 +438,26 @@ mod tests {
                 "# Keyspace\r\ndb0:keys=2,expires=1,avg_ttl=300\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n",
             ),
         ];
-        let reply = info(sections, &SlotMap::empty(), "main", &parts);
-        assert_eq!(
-            reply,
-            part(
-                "# Keyspace\r\ndb0:keys=5,expires=2,avg_ttl=200\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n"
-            )
-        );
+        let mut ctx = InfoCtx {
+            map: Rc::new(SlotMap::empty()),
+            upstream: "main".into(),
+            version: "7.2.4".into(),
+            resp3: false,
+        };
+        let want =
+            "# Keyspace\r\ndb0:keys=5,expires=2,avg_ttl=200\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n";
+        assert_eq!(info(sections, &ctx, &parts), part(want));
+        // In RESP3, a verbatim string, whatever the masters' parts were.
+        ctx.resp3 = true;
+        let mut out = bytes::BytesMut::new();
+        Frame::Verbatim(Bytes::from(format!("txt:{want}"))).encode(&mut out);
+        assert_eq!(info(sections, &ctx, &parts), out.freeze());
+        let server = InfoSections {
+            server: true,
+            ..InfoSections::default()
+        };
+        let text = info(server, &ctx, &[]);
+        assert!(String::from_utf8_lossy(&text).contains("redis_version:7.2.4\r\n"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use super::probe::{Probe, ProbeSink};
 use super::{Session, forward, routing};
-use crate::command::{Command, Handling, Local};
+use crate::command::{self, Command, Handling, Local};
 use crate::resp::{Request, RequestParser};
 use crate::upstream::{ConnSettings, ReplySink, ReplyTo, error_reply};
 
@@ -146,12 +146,18 @@ impl Session {
     /// the command and its error is part of EXEC's reply). A refusal inside MULTI makes EXEC
     /// fail with `EXECABORT`, as in Redis. Subscribed clients never get here.
     pub(super) fn refusal(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Option<String> {
-        let info = cmd?.info;
+        let Some(cmd) = cmd else {
+            // Queued as an error inside MULTI, as Redis does with any unknown command.
+            let e = command::unknown_subcommand(req)?;
+            self.stateful.dirty |= self.stateful.multi;
+            return Some(e);
+        };
+        let info = cmd.info;
         if let Some(e) = info.arity_error(req) {
             if !self.stateful.multi {
                 return Some(e);
             }
-            if txn_kind(cmd) == Some(Txn::Exec) {
+            if txn_kind(Some(cmd)) == Some(Txn::Exec) {
                 // Redis aborts the transaction on the spot: EXEC goes on as after a queueing
                 // error, with this reason.
                 self.stateful.exec_refused = Some(e);
