@@ -5,8 +5,6 @@
 //! behind and with a cluster behind. `cargo xtask test` installs the libraries
 //! (`cargo xtask setup` installs node and python).
 
-#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
