@@ -220,9 +220,10 @@ pub async fn run(
         }
     };
     session.release_at_end();
-    session.window.release(&sessions.big_replies_owed);
+    session.window.release(&sessions);
     sessions.live.borrow_mut().remove(&id);
     session.core.close();
+    drain_unread(&stream);
     drop(stream);
     drop(connected);
     session.svc.metrics.closed(end.reason());
@@ -239,6 +240,19 @@ pub async fn run(
         end = %end,
         "client closed"
     );
+}
+
+/// Reads and drops what the client sent that nobody will serve (up to 1 MiB), so that
+/// closing the socket sends FIN: closing with unread input sends RST, and a client that
+/// gets RST may lose the replies it hasn't read yet (shutdown, QUIT mid-pipeline).
+fn drain_unread(stream: &TcpStream) {
+    let mut scratch = [0u8; 16 * 1024];
+    for _ in 0..64 {
+        match stream.try_read(&mut scratch) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
 }
 
 struct Session {
@@ -351,9 +365,10 @@ impl Session {
             // progress) or big replies owed to others hold the worker's budget (looked at
             // again shortly). A client that doesn't read what it is sent is cut off at
             // `max_client_buffer`.
-            let room = self
-                .window
-                .room(&core, &policy, &self.sessions.big_replies_owed);
+            let room = self.window.room(&core, &policy, &self.sessions);
+            if room == window::Room::Budget {
+                window::wait_for_budget(&core, &self.sessions);
+            }
             let recheck = paused || room == window::Room::Budget;
             if recheck {
                 budget_sleep.as_mut().reset(Instant::now() + BUDGET_RECHECK);
@@ -548,10 +563,7 @@ impl Session {
         let mut parser = std::mem::replace(&mut self.parser, RequestParser::new(self.svc.limits));
         while !self.state.closing
             && self.delayed.is_none()
-            && self
-                .window
-                .room(&self.core, &policy, &self.sessions.big_replies_owed)
-                == window::Room::Yes
+            && self.window.room(&self.core, &policy, &self.sessions) == window::Room::Yes
         {
             match parser.parse(input.data()) {
                 Ok(None) => break,

@@ -73,6 +73,8 @@ struct Workload {
     /// well as directly (direct `redis-benchmark --cluster` tags its keys per node; through
     /// the proxy plain random keys spread each batch over every shard).
     per_shard: bool,
+    /// redis-benchmark speaks RESP3 (`-3`), directly and through the proxy.
+    resp3: bool,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -82,6 +84,7 @@ const WORKLOADS: &[Workload] = &[
         pipeline: 1,
         target: 0.9,
         per_shard: false,
+        resp3: false,
     },
     Workload {
         name: "GET",
@@ -89,6 +92,7 @@ const WORKLOADS: &[Workload] = &[
         pipeline: 1,
         target: 0.9,
         per_shard: false,
+        resp3: false,
     },
     Workload {
         name: "SET -P 16",
@@ -96,6 +100,7 @@ const WORKLOADS: &[Workload] = &[
         pipeline: 16,
         target: 0.7,
         per_shard: false,
+        resp3: false,
     },
     Workload {
         name: "GET -P 16",
@@ -103,6 +108,23 @@ const WORKLOADS: &[Workload] = &[
         pipeline: 16,
         target: 0.7,
         per_shard: false,
+        resp3: false,
+    },
+    Workload {
+        name: "GET RESP3",
+        test: "get",
+        pipeline: 1,
+        target: 0.9,
+        per_shard: false,
+        resp3: true,
+    },
+    Workload {
+        name: "GET -P16 RESP3",
+        test: "get",
+        pipeline: 16,
+        target: 0.7,
+        per_shard: false,
+        resp3: true,
     },
 ];
 
@@ -169,6 +191,7 @@ fn benchmark_in(
             "64",
         ])
         .args(["-P", &w.pipeline.to_string(), "--csv"])
+        .args(w.resp3.then_some("-3"))
         .output()
         .context("run redis-benchmark")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -582,6 +605,7 @@ const CLUSTER_WORKLOADS: &[Workload] = &[
         pipeline: 16,
         target: 0.8,
         per_shard: false,
+        resp3: false,
     },
     Workload {
         name: "GET -P 16",
@@ -589,6 +613,7 @@ const CLUSTER_WORKLOADS: &[Workload] = &[
         pipeline: 16,
         target: 0.8,
         per_shard: false,
+        resp3: false,
     },
     Workload {
         name: "SET -P16 shard",
@@ -596,6 +621,7 @@ const CLUSTER_WORKLOADS: &[Workload] = &[
         pipeline: 16,
         target: 0.8,
         per_shard: true,
+        resp3: false,
     },
     Workload {
         name: "GET -P16 shard",
@@ -603,6 +629,7 @@ const CLUSTER_WORKLOADS: &[Workload] = &[
         pipeline: 16,
         target: 0.8,
         per_shard: true,
+        resp3: false,
     },
     Workload {
         name: "MSET 10 keys",
@@ -610,6 +637,7 @@ const CLUSTER_WORKLOADS: &[Workload] = &[
         pipeline: 1,
         target: 0.5,
         per_shard: false,
+        resp3: false,
     },
 ];
 

@@ -48,6 +48,8 @@ pub struct Sessions {
     /// Estimated reply bytes owed upstream to this worker's big-reply clients
     /// (`big_reply_budget`; see `window.rs`).
     pub(super) big_replies_owed: Cell<usize>,
+    /// Sessions waiting for room in that budget, woken when some is given back.
+    pub(super) budget_waiters: RefCell<Vec<std::rc::Weak<ReplySlots>>>,
 }
 
 impl Sessions {

@@ -6,17 +6,25 @@
 //!
 //! Reply sizes aren't known before they come; each client's next reply is estimated from
 //! its last ones (rising at once, falling by an eighth per reply). Until its first reply a
-//! client counts as big, with one request at a time, so a new connection's first pipeline
-//! is bounded too (it costs a new connection one round trip).
+//! client counts against the budget, with one request at a time, so a new connection's
+//! first pipeline is bounded too (it costs a new connection one round trip).
 
 use std::cell::Cell;
 
-use super::ReplySlots;
+use std::rc::Rc;
+
+use super::{ReplySlots, Sessions};
 use crate::service::Policy;
 
 /// An estimated reply at least this big makes a client's requests go on the bulk lane
 /// (see `upstream::lanes`).
 pub(super) const BIG_REPLY: usize = 64 * 1024;
+
+/// What a client's request counts for against the budget before any of its replies has
+/// come: a quarter of a MiB, so that a worker has at most sixteen such requests in flight
+/// with the default 4 MiB budget. New connections rarely wait; a burst of new connections
+/// asking for big values makes Redis buffer at most sixteen of those replies at once.
+const UNKNOWN_REPLY: usize = 256 * 1024;
 
 /// One client's estimate of its next reply's size.
 pub(super) struct ReplyEstimate {
@@ -50,13 +58,13 @@ impl ReplyEstimate {
     }
 
     /// What one more request of the client is taken to cost: the estimate, or before any
-    /// reply has come, a whole `reply_window` (one request at a time, and few such
-    /// clients at once per worker: nothing is known of what they will get).
+    /// reply has come, [`UNKNOWN_REPLY`] (one request at a time: nothing is known of what
+    /// it will get).
     pub(super) fn cost(&self, policy: &Policy) -> usize {
         if self.sized.get() {
             self.bytes()
         } else {
-            policy.reply_window.max(1)
+            UNKNOWN_REPLY.min(policy.reply_window).max(1)
         }
     }
 
@@ -93,7 +101,8 @@ pub(super) struct Window {
 impl Window {
     /// Brings this session's part of `owed` (the worker's total for big-reply clients) up to
     /// date with its requests in flight, and says whether one more may go.
-    pub(super) fn room(&mut self, core: &ReplySlots, policy: &Policy, owed: &Cell<usize>) -> Room {
+    pub(super) fn room(&mut self, core: &ReplySlots, policy: &Policy, sessions: &Sessions) -> Room {
+        let owed = &sessions.big_replies_owed;
         let est = &core.estimate;
         let unfilled = core.unfilled.get();
         let charge = if est.is_big() {
@@ -106,6 +115,9 @@ impl Window {
                 .saturating_sub(self.charged)
                 .saturating_add(charge),
         );
+        if charge < self.charged {
+            wake_waiters(sessions);
+        }
         self.charged = charge;
         let class = if !est.is_big() {
             Class::Small
@@ -125,9 +137,36 @@ impl Window {
     }
 
     /// Takes this session's part out of the worker's total (the session ends).
-    pub(super) fn release(&mut self, owed: &Cell<usize>) {
+    pub(super) fn release(&mut self, sessions: &Sessions) {
+        let owed = &sessions.big_replies_owed;
         owed.set(owed.get().saturating_sub(self.charged));
+        if self.charged > 0 {
+            wake_waiters(sessions);
+        }
         self.charged = 0;
+    }
+}
+
+/// Registers `core`'s session to be woken when budget is given back (it found none).
+pub(super) fn wait_for_budget(core: &Rc<ReplySlots>, sessions: &Sessions) {
+    let mut waiters = sessions.budget_waiters.borrow_mut();
+    // Bounded by the sessions: each waits at most once at a time.
+    if !waiters
+        .iter()
+        .any(|w| std::ptr::eq(w.as_ptr(), Rc::as_ptr(core)))
+    {
+        waiters.push(Rc::downgrade(core));
+    }
+}
+
+/// Wakes every session waiting for budget; each looks again on its next turn (a new
+/// connection's first request must not wait out a timer behind big-reply clients).
+fn wake_waiters(sessions: &Sessions) {
+    let waiters = std::mem::take(&mut *sessions.budget_waiters.borrow_mut());
+    for w in waiters {
+        if let Some(core) = w.upgrade() {
+            core.signal.notify();
+        }
     }
 }
 
@@ -155,6 +194,10 @@ fn decide(
     policy: &Policy,
 ) -> Room {
     if outstanding >= policy.max_pipeline {
+        return Room::Full;
+    }
+    // Nothing known of its replies yet: one at a time.
+    if class == Class::Unknown && unfilled > 0 {
         return Room::Full;
     }
     let after = unfilled.saturating_add(1).saturating_mul(est);
@@ -222,6 +265,8 @@ mod tests {
             decide(0, 0, 1 << 20, Class::Unknown, 16 << 20, &p),
             Room::Budget
         );
+        // Not known yet: one at a time, whatever it is taken to cost.
+        assert_eq!(decide(1, 1, 10, Class::Unknown, 0, &p), Room::Full);
         // A small client never waits for the budget.
         assert_eq!(decide(0, 0, 10, Class::Small, 1 << 30, &p), Room::Yes);
     }
