@@ -372,6 +372,11 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         "readonly" | "readwrite" | "migrate" | "asking" | "sync" | "psync" | "replconf"
         | "monitor" | "shutdown" => Unsupported,
         name if name.starts_with("client|") || name.starts_with("cluster|") => Unsupported,
+        // The server's settings, not the connection's: forwarded (on a cluster, SET,
+        // RESETSTAT and REWRITE go to every node).
+        "config|get" | "config|set" | "config|resetstat" | "config|rewrite" | "config|help" => {
+            Forward
+        }
         _ if info.has(flags::ADMIN) => Unsupported,
         // Not flagged `blocking` by Redis 7.0, but it blocks its connection until replicas
         // acknowledge (refused: see `session::dispatch`).
@@ -526,7 +531,7 @@ mod tests {
         let n = p.parse(input).unwrap().unwrap();
         let cmd = lookup(&p.request(&input[..n])).unwrap();
         assert_eq!(cmd.info.name, "config|get");
-        assert_eq!(cmd.handling, Handling::Unsupported);
+        assert_eq!(cmd.handling, Handling::Forward);
     }
 
     #[test]
@@ -543,7 +548,8 @@ mod tests {
         assert_eq!(h("subscribe"), Handling::PubSub);
         assert_eq!(h("shutdown"), Handling::Unsupported);
         assert_eq!(h("monitor"), Handling::Unsupported);
-        assert_eq!(h("config|set"), Handling::Unsupported);
+        assert_eq!(h("config|set"), Handling::Forward);
+        assert_eq!(h("debug"), Handling::Unsupported);
         assert!(by_name("client|setinfo").is_some());
     }
 

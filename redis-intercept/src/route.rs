@@ -39,6 +39,9 @@ pub enum Keyless {
     RandomKey,
     /// INFO: the proxy's own sections plus the masters' keyspace, added up.
     Info,
+    /// CONFIG SET / RESETSTAT / REWRITE: every node, masters and replicas; OK when all are,
+    /// else one error naming the nodes that failed.
+    EveryNode,
     /// PUBSUB CHANNELS / SHARDCHANNELS: every master's array, each name once.
     Union,
     /// PUBSUB NUMSUB / SHARDNUMSUB: every master's `[name, count, …]`, counts added up by
@@ -87,6 +90,7 @@ fn keyless(name: &str) -> Keyless {
         "pubsub|channels" | "pubsub|shardchannels" => Keyless::Union,
         "pubsub|numsub" | "pubsub|shardnumsub" => Keyless::NumSub,
         "pubsub|numpat" => Keyless::Sum,
+        "config|set" | "config|resetstat" | "config|rewrite" => Keyless::EveryNode,
         _ => Keyless::AnyMaster,
     }
 }

@@ -336,6 +336,18 @@ impl ClusterClient {
                 encode_command([&b"INFO"[..], b"keyspace"].into_iter(), &mut out);
                 self.broadcast(&masters, out.freeze().into(), merge_kind, to)
             }
+            Keyless::EveryNode => {
+                let nodes: Vec<&str> = map
+                    .shards()
+                    .iter()
+                    .flat_map(|s| {
+                        std::iter::once(s.master.as_str())
+                            .chain(s.replicas.iter().map(String::as_str))
+                    })
+                    .collect();
+                let names = nodes.iter().map(|n| (*n).to_owned()).collect();
+                self.broadcast(&nodes, self.encode(req), MergeKind::EveryNode(names), to)
+            }
             Keyless::Concat
             | Keyless::Sum
             | Keyless::AllOk

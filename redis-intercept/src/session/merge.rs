@@ -102,6 +102,8 @@ pub(super) enum MergeKind {
     All(Keyless),
     /// INFO: the sections and what the proxy writes in them.
     Info(InfoSections, Box<InfoCtx>),
+    /// A command every node ran (CONFIG SET …): the nodes, in part order.
+    EveryNode(Vec<String>),
 }
 
 /// What the proxy's own INFO sections say about a cluster upstream.
@@ -192,7 +194,11 @@ pub(super) fn frame(reply: &Bytes) -> Result<Frame, Bytes> {
 /// Combines part replies (all present, in part order). `Err` carries the reply to give
 /// instead: the first part's error, or a malformed part.
 pub(super) fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
-    if let Some(err) = parts.iter().find(|p| p.first() == Some(&b'-')) {
+    if let Some(err) = parts
+        .iter()
+        .find(|p| p.first() == Some(&b'-'))
+        .filter(|_| !matches!(kind, MergeKind::EveryNode(_)))
+    {
         return Err(err.clone());
     }
     let sum = |parts: &[Bytes]| -> Result<Bytes, Bytes> {
@@ -284,7 +290,31 @@ pub(super) fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
             .cloned()
             .ok_or_else(|| error_reply("no master answered")),
         MergeKind::Info(sections, ctx) => Ok(info(*sections, ctx, parts)),
+        MergeKind::EveryNode(nodes) => every_node(nodes, parts),
     }
+}
+
+/// OK when every node said OK; otherwise one error naming each node that didn't and what it
+/// said (the nodes that did have applied the command).
+fn every_node(nodes: &[String], parts: &[Bytes]) -> Result<Bytes, Bytes> {
+    let failed: Vec<String> = nodes
+        .iter()
+        .zip(parts)
+        .filter(|(_, p)| !p.starts_with(b"+"))
+        .map(|(node, p)| {
+            let text = String::from_utf8_lossy(p);
+            format!("{node}: {}", text.trim_start_matches(['-', '+']).trim_end())
+        })
+        .collect();
+    if failed.is_empty() {
+        return Ok(Bytes::from_static(b"+OK\r\n"));
+    }
+    Err(error_reply(&format!(
+        "failed on {} of {} nodes ({}); the others applied it",
+        failed.len(),
+        nodes.len(),
+        failed.join("; ")
+    )))
 }
 
 /// INFO for a client of a cluster: the proxy's server section, the cluster as the proxy sees

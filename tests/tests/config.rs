@@ -1,0 +1,86 @@
+//! End-to-end: CONFIG through the proxy. On a standalone server it is forwarded (replies
+//! byte for byte as Redis's); on a cluster, SET, RESETSTAT and REWRITE reach every node,
+//! masters and replicas, GET reads one master, and a SET some nodes refuse names them.
+//! Keyspace notifications turned on this way reach a subscriber of the proxy.
+
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
+
+use std::time::Duration;
+
+use redis_intercept::resp::Frame;
+use redis_intercept_e2e::{
+    RedisCluster, RedisServer, RespReader, bulk, is_err, ok, start_cluster_proxy, start_proxy,
+};
+
+#[test]
+fn config_is_forwarded_to_a_standalone_server() {
+    let behind = RedisServer::start();
+    let direct = RedisServer::start();
+    let proxy = start_proxy(behind.addr, "");
+    let mut p = RespReader::connect(proxy.addr("svc").unwrap());
+    let mut d = RespReader::connect(direct.addr);
+    for cmd in [
+        &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"][..],
+        &["CONFIG", "GET", "maxmemory-policy"],
+        &["CONFIG", "GET", "maxmemory-p*"],
+        &["CONFIG", "SET", "maxmemory-policy", "bogus"],
+        &["CONFIG", "RESETSTAT"],
+        &["CONFIG", "NOSUCH"],
+        &["CONFIG"],
+    ] {
+        assert_eq!(
+            String::from_utf8_lossy(&p.call_raw(cmd)),
+            String::from_utf8_lossy(&d.call_raw(cmd)),
+            "{cmd:?}"
+        );
+    }
+    proxy.shutdown();
+}
+
+#[test]
+fn config_set_reaches_every_node_of_a_cluster_and_notifications_work() {
+    let cluster = RedisCluster::start(3, 1);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    let addr = proxy.addr("svc").unwrap();
+    let mut c = RespReader::connect(addr);
+    assert_eq!(
+        c.call(&["CONFIG", "SET", "notify-keyspace-events", "KEA"]),
+        ok()
+    );
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.cmd(&["CONFIG", "GET", "notify-keyspace-events"]),
+            Frame::Array(vec![bulk("notify-keyspace-events"), bulk("AKE")]),
+            "{}",
+            node.addr
+        );
+    }
+    assert_eq!(
+        c.call(&["CONFIG", "GET", "notify-keyspace-events"]),
+        Frame::Array(vec![bulk("notify-keyspace-events"), bulk("AKE")])
+    );
+    // A value every node refuses: one error naming each.
+    let err = c.call(&["CONFIG", "SET", "maxmemory-policy", "bogus"]);
+    assert!(is_err(&err, "failed on 6 of 6 nodes"), "{err:?}");
+    for node in &cluster.nodes {
+        assert!(is_err(&err, &node.addr.to_string()), "{err:?}");
+    }
+    assert_eq!(c.call(&["CONFIG", "RESETSTAT"]), ok());
+
+    // A keyspace notification, on the node that holds the key, reaches a subscriber of the
+    // proxy, whichever master that is.
+    for key in ["user:1", "user:2", "other"] {
+        let mut sub = RespReader::connect(addr);
+        let channel = format!("__keyspace@0__:{key}");
+        sub.call(&["SUBSCRIBE", &channel]);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(c.call(&["SET", key, "v"]), ok());
+        assert_eq!(
+            sub.read(),
+            Frame::Array(vec![bulk("message"), bulk(&channel), bulk("set")]),
+            "{key}"
+        );
+    }
+    proxy.shutdown();
+}
