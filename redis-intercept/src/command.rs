@@ -372,8 +372,7 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         "readonly" | "readwrite" | "migrate" | "asking" | "sync" | "psync" | "replconf"
         | "monitor" | "shutdown" => Unsupported,
         name if name.starts_with("client|") || name.starts_with("cluster|") => Unsupported,
-        // The server's settings, not the connection's: forwarded (on a cluster, SET,
-        // RESETSTAT and REWRITE go to every node).
+        // The server's settings: forwarded (on a cluster SET/RESETSTAT/REWRITE: every node).
         "config|get" | "config|set" | "config|resetstat" | "config|rewrite" | "config|help" => {
             Forward
         }
@@ -450,10 +449,9 @@ pub fn lookup(req: &Request<'_>) -> Option<Command> {
     BY_NAME.get(full).copied()
 }
 
-/// Redis's error for a subcommand that the table doesn't know, of a command it does
-/// (`CLIENT NO-TOUCH`, `CLIENT MAINT_NOTIFICATIONS`: newer servers' subcommands, some of
-/// which change the connection they run on). Such a request is answered by the proxy, never
-/// sent on a shared connection.
+/// Redis's error for a subcommand the table doesn't know, of a command it does (`CLIENT
+/// NO-TOUCH`: newer servers', some of which change the connection they run on), so that the
+/// proxy answers it and never sends it on a shared connection.
 pub fn unknown_subcommand(req: &Request<'_>) -> Option<String> {
     let name = req.arg(0)?;
     let sub = req.arg(1)?;

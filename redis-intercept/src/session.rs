@@ -26,8 +26,10 @@ mod auth;
 mod cluster;
 mod cluster_request;
 mod dispatch;
+mod end;
 mod faults;
 mod forward;
+mod info;
 mod input;
 mod local;
 mod merge;
@@ -47,6 +49,7 @@ pub use registry::{ClientGuard, Sessions, next_client_id};
 
 use auth::auth_required;
 use dispatch::{dispatch, routing};
+use end::End;
 use faults::{Delayed, Sampler, inject_fault};
 use input::{InputBuf, read_input};
 use replies::{Failure, ReplySlots};
@@ -76,61 +79,6 @@ struct ClientState {
     authenticated: bool,
     /// The client switched to RESP3 with `HELLO 3`.
     resp3: bool,
-}
-
-/// Why a session ended, for the access log.
-#[derive(Debug)]
-enum End {
-    /// The client closed the connection.
-    ClientClosed,
-    /// QUIT, or shutdown after the owed replies were written.
-    Done,
-    /// The client broke the protocol.
-    ProtocolError,
-    /// The client's replies exceeded `max_client_buffer`.
-    SlowReader,
-    /// The client's unparsed input reached `client_query_buffer_limit`.
-    QueryBufferLimit,
-    /// Idle longer than `idle_timeout`.
-    Idle,
-    /// A socket error.
-    Io(String),
-    /// The client subscribed: the pub/sub pipe takes over from the subscribe command.
-    Subscribe,
-    /// A subscribed client's pipe ended (why).
-    PubSub(String),
-}
-
-impl End {
-    /// The `reason` label of the close metric.
-    fn reason(&self) -> &'static str {
-        match self {
-            End::ClientClosed => "client_closed",
-            End::Done => "quit_or_shutdown",
-            End::ProtocolError => "protocol_error",
-            End::SlowReader => "slow_reader",
-            End::QueryBufferLimit => "query_buffer_limit",
-            End::Idle => "idle",
-            End::Io(_) => "io_error",
-            End::Subscribe | End::PubSub(_) => "pubsub",
-        }
-    }
-}
-
-impl std::fmt::Display for End {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            End::ClientClosed => f.write_str("client closed"),
-            End::Done => f.write_str("done"),
-            End::ProtocolError => f.write_str("protocol error"),
-            End::SlowReader => f.write_str("slow reader"),
-            End::QueryBufferLimit => f.write_str("query buffer limit reached"),
-            End::Idle => f.write_str("idle timeout"),
-            End::Io(e) => write!(f, "socket error: {e}"),
-            End::Subscribe => f.write_str("subscribed"),
-            End::PubSub(why) => write!(f, "pub/sub pipe ended: {why}"),
-        }
-    }
 }
 
 /// What ended a session's wait.
@@ -196,7 +144,7 @@ pub async fn run(
             authenticated: !auth_required(&svc),
             resp3: false,
         },
-        forwarder: forward::Forwarder::new(&svc.routes, id, &svc.discard),
+        forwarder: forward::Forwarder::new(&svc.routes, id, &svc.discard, &client_counts(&svc)),
         svc,
         commands: 0,
         dice: Sampler::new(
@@ -240,6 +188,14 @@ pub async fn run(
         end = %end,
         "client closed"
     );
+}
+
+/// What INFO on a cluster reports of `svc`'s clients.
+fn client_counts(svc: &ServiceCtx) -> cluster::ClientCounts {
+    cluster::ClientCounts {
+        connected: svc.metrics.connected.clone(),
+        policy: Rc::clone(&svc.policy),
+    }
 }
 
 /// Reads and drops what the client sent that nobody will serve (up to 1 MiB), so that
@@ -470,7 +426,12 @@ impl Session {
         if self.core.unfilled.get() > 0 {
             return true;
         }
-        let mut forwarder = forward::Forwarder::new(&latest.routes, self.state.id, &latest.discard);
+        let mut forwarder = forward::Forwarder::new(
+            &latest.routes,
+            self.state.id,
+            &latest.discard,
+            &client_counts(&latest),
+        );
         if self.state.resp3 {
             forwarder.set_protocol(true);
         }

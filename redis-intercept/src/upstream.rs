@@ -12,6 +12,7 @@
 //! connections of a cluster upstream and its slot map.
 
 pub mod cluster_nodes;
+mod cluster_status;
 mod conn;
 mod connect;
 pub mod dedicated;

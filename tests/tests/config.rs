@@ -82,3 +82,72 @@ fn config_set_reaches_every_node_of_a_cluster_and_notifications_work() {
     }
     proxy.shutdown();
 }
+
+/// INFO of every section through a cluster proxy: the masters' sections combined, the
+/// proxy's own server identity, cluster view and client count.
+#[test]
+fn info_on_a_cluster_has_every_section_combined() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    for i in 0..30 {
+        assert_eq!(c.call(&["SET", &format!("k{i}"), "v"]), ok());
+    }
+    let text = match c.call(&["INFO", "everything"]) {
+        Frame::Bulk(b) => String::from_utf8_lossy(&b).into_owned(),
+        other => panic!("{other:?}"),
+    };
+    for section in [
+        "# Server",
+        "# Clients",
+        "# Memory",
+        "# Persistence",
+        "# Stats",
+        "# Replication",
+        "# CPU",
+        "# Commandstats",
+        "# Cluster",
+        "# Keyspace",
+    ] {
+        assert!(text.contains(section), "{section} in {text}");
+    }
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_owned()
+    };
+    let version = match cluster.nodes[0].cmd(&["INFO", "server"]) {
+        Frame::Bulk(b) => String::from_utf8_lossy(&b)
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:").map(str::to_owned))
+            .unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(field("redis_version"), version);
+    assert_eq!(field("redis_mode"), "standalone");
+    assert_eq!(field("cluster_enabled"), "0");
+    assert_eq!(field("maxclients"), "10000");
+    assert_eq!(field("db0"), "keys=30,expires=0,avg_ttl=0");
+    // The proxy's clients (this one, perhaps the start-up probe), not its connections to
+    // the masters.
+    let clients: usize = field("connected_clients").parse().unwrap();
+    assert!((1..=2).contains(&clients), "connected_clients:{clients}");
+    // Counters add up: every master ran some of the 30 SETs.
+    let sets = field("cmdstat_set");
+    assert!(sets.starts_with("calls=30,"), "cmdstat_set:{sets}");
+    let used: u64 = field("used_memory").parse().unwrap();
+    let each: u64 = match cluster.nodes[0].cmd(&["INFO", "memory"]) {
+        Frame::Bulk(b) => String::from_utf8_lossy(&b)
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:").and_then(|v| v.parse().ok()))
+            .unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        used > each * 2,
+        "used_memory {used} is about three masters' ({each} each)"
+    );
+    proxy.shutdown();
+}

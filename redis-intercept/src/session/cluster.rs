@@ -14,7 +14,8 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 
 use super::cluster_request::ClusterRequest;
-use super::merge::{InfoCtx, Merge, MergeKind, Positions, info_sections};
+use super::info::InfoCtx;
+use super::merge::{Merge, MergeKind, Positions};
 use super::scan::ScanSink;
 use crate::cluster::{ScanCursor, Slot, SlotMap};
 use crate::command::Command;
@@ -83,6 +84,18 @@ pub struct ClusterShared {
     pub key: Cell<u64>,
     /// Swallows `ASKING` replies.
     pub discard: Rc<dyn ReplySink>,
+    /// What INFO's clients section says of the service.
+    pub counts: ClientCounts,
+}
+
+/// The service's clients, as INFO reports them on a cluster (the masters' own counts
+/// would mostly be the proxy's connections).
+#[derive(Clone)]
+pub struct ClientCounts {
+    /// Connected clients, all workers.
+    pub connected: prometheus_client::metrics::gauge::Gauge,
+    /// The service's settings, for `max_clients` as reloaded.
+    pub policy: crate::service::PolicyCell,
 }
 
 /// A client's cluster routing state.
@@ -314,27 +327,17 @@ impl ClusterClient {
             }
             Keyless::Scan => self.scan(req, &map, to),
             Keyless::Info => {
-                let sections = info_sections(req);
-                let merge_kind = MergeKind::Info(
-                    sections,
-                    Box::new(InfoCtx {
-                        map: Rc::clone(&map),
-                        upstream: pool.name().into(),
-                        version: pool
-                            .version()
-                            .unwrap_or_else(|| crate::service::FALLBACK_VERSION.to_owned()),
-                        resp3: self.resp3(),
-                    }),
-                );
-                if !sections.keyspace {
-                    // Nothing to ask the masters.
-                    let merge = Merge::new(to.sink, to.token, merge_kind, 0);
-                    let _ = merge.finish();
-                    return Ok(());
-                }
-                let mut out = BytesMut::new();
-                encode_command([&b"INFO"[..], b"keyspace"].into_iter(), &mut out);
-                self.broadcast(&masters, out.freeze().into(), merge_kind, to)
+                let counts = &self.shared.counts;
+                let merge_kind = MergeKind::Info(Box::new(InfoCtx {
+                    map: Rc::clone(&map),
+                    upstream: pool.name().into(),
+                    resp3: self.resp3(),
+                    connected_clients: usize::try_from(counts.connected.get()).unwrap_or(0),
+                    max_clients: counts.policy.borrow().max_clients,
+                }));
+                // Every master gets the client's request as sent, whatever sections it
+                // names.
+                self.broadcast(&masters, self.encode(req), merge_kind, to)
             }
             Keyless::EveryNode => {
                 let nodes: Vec<&str> = map

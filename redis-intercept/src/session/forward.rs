@@ -15,6 +15,7 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 
 use super::Sampler;
+use super::cluster::ClientCounts;
 use super::merge::{Merge, MergeKind, Positions};
 use super::mirror::mirror;
 use super::target::Target;
@@ -88,16 +89,21 @@ pub struct Ctx<'a, 'd> {
 
 impl Forwarder {
     /// A client's targets.
-    pub fn new(routes: &[RouteCtx], client: u64, discard: &Rc<dyn ReplySink>) -> Forwarder {
+    pub fn new(
+        routes: &[RouteCtx],
+        client: u64,
+        discard: &Rc<dyn ReplySink>,
+        counts: &ClientCounts,
+    ) -> Forwarder {
         Forwarder {
             routes: routes
                 .iter()
                 .map(|r| RouteTargets {
-                    main: Target::new(&r.backend, client, discard),
+                    main: Target::new(&r.backend, client, discard, counts),
                     mirrors: r
                         .mirrors
                         .iter()
-                        .map(|m| Target::new(&m.backend, client, discard))
+                        .map(|m| Target::new(&m.backend, client, discard, counts))
                         .collect(),
                 })
                 .collect(),
@@ -155,9 +161,8 @@ impl Forwarder {
         self.bulk
     }
 
-    /// Moves the client's requests to the bulk lane or back. Only while none is in flight
-    /// (they would run out of order); mirrors stay where they are, since their requests are
-    /// never waited for.
+    /// Moves the client's requests to the bulk lane or back, only while none is in flight;
+    /// mirrors stay (their requests are never waited for).
     pub fn set_bulk(&mut self, bulk: bool) {
         self.bulk = bulk;
         self.rekey();

@@ -1,6 +1,7 @@
 //! Merging the replies of a command that went to several nodes into the one reply Redis
 //! would send: MGET values back in key order, sums (DEL, EXISTS, DBSIZE), all-OK writes,
-//! concatenated KEYS, and INFO for a cluster. The merge itself is pure and unit-tested; [`Merge`]
+//! concatenated KEYS, PUBSUB counts, CONFIG SET on every node, and INFO for a cluster
+//! (`info.rs`). The merge itself is pure and unit-tested; [`Merge`]
 //! is the sink that collects the parts.
 
 use std::cell::{Cell, RefCell};
@@ -8,50 +9,10 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
-use crate::cluster::SlotMap;
-use crate::resp::{Frame, Limits, Request};
+use super::info::{InfoCtx, info};
+use crate::resp::{Frame, Limits};
 use crate::route::{Keyless, SplitKind};
 use crate::upstream::{Reply, ReplySink, error_reply};
-
-/// Which INFO sections a client asked for (only these three are served on a cluster).
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct InfoSections {
-    /// `server`: the proxy's identity.
-    pub(super) server: bool,
-    /// `cluster`: the cluster as the proxy sees it.
-    pub(super) cluster: bool,
-    /// `keyspace`: the masters' keyspace added up.
-    pub(super) keyspace: bool,
-}
-
-/// The sections an `INFO [section …]` request asks for.
-pub(super) fn info_sections(req: &Request<'_>) -> InfoSections {
-    if req.len() == 1 {
-        return InfoSections {
-            server: true,
-            cluster: true,
-            keyspace: true,
-        };
-    }
-    let mut s = InfoSections::default();
-    for arg in req.args().skip(1) {
-        let arg = arg.to_ascii_lowercase();
-        match arg.as_slice() {
-            b"default" | b"all" | b"everything" => {
-                s = InfoSections {
-                    server: true,
-                    cluster: true,
-                    keyspace: true,
-                };
-            }
-            b"server" => s.server = true,
-            b"cluster" => s.cluster = true,
-            b"keyspace" => s.keyspace = true,
-            _ => {}
-        }
-    }
-    s
-}
 
 /// Where the values of MGET's parts go in the merged reply.
 #[derive(Default)]
@@ -100,22 +61,10 @@ pub(super) enum MergeKind {
     Split(SplitKind, Positions),
     /// A keyless command sent to every master.
     All(Keyless),
-    /// INFO: the sections and what the proxy writes in them.
-    Info(InfoSections, Box<InfoCtx>),
+    /// INFO: what the proxy writes into it itself (see `info.rs`).
+    Info(Box<InfoCtx>),
     /// A command every node ran (CONFIG SET …): the nodes, in part order.
     EveryNode(Vec<String>),
-}
-
-/// What the proxy's own INFO sections say about a cluster upstream.
-pub(super) struct InfoCtx {
-    /// The map, for the cluster section.
-    pub(super) map: Rc<SlotMap>,
-    /// The upstream's name.
-    pub(super) upstream: String,
-    /// The nodes' version (`redis_version`).
-    pub(super) version: String,
-    /// The client speaks RESP3: INFO is a verbatim string.
-    pub(super) resp3: bool,
 }
 
 /// Collects the replies of a split or broadcast request and gives the parent one reply.
@@ -289,7 +238,7 @@ pub(super) fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
             .first()
             .cloned()
             .ok_or_else(|| error_reply("no master answered")),
-        MergeKind::Info(sections, ctx) => Ok(info(*sections, ctx, parts)),
+        MergeKind::Info(ctx) => Ok(info(ctx, parts)),
         MergeKind::EveryNode(nodes) => every_node(nodes, parts),
     }
 }
@@ -317,86 +266,9 @@ fn every_node(nodes: &[String], parts: &[Bytes]) -> Result<Bytes, Bytes> {
     )))
 }
 
-/// INFO for a client of a cluster: the proxy's server section, the cluster as the proxy sees
-/// it, and the masters' keyspace added up.
-pub(super) fn info(sections: InfoSections, ctx: &InfoCtx, parts: &[Bytes]) -> Bytes {
-    let InfoCtx {
-        map,
-        upstream,
-        version,
-        resp3,
-    } = ctx;
-    let mut text = String::new();
-    if sections.server {
-        text.push_str(&format!(
-            "# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\nproxy:redis-intercept {}\r\nprocess_id:{}\r\n\r\n",
-            env!("CARGO_PKG_VERSION"),
-            std::process::id()
-        ));
-    }
-    if sections.cluster {
-        text.push_str(&format!(
-            "# Cluster\r\ncluster_enabled:0\r\nupstream:{upstream}\r\nupstream_cluster_state:{}\r\nupstream_cluster_slots_covered:{}\r\nupstream_cluster_masters:{}\r\n\r\n",
-            if map.is_complete() { "ok" } else { "fail" },
-            map.covered(),
-            map.serving_masters().len()
-        ));
-    }
-    if sections.keyspace {
-        // db -> (keys, expires, avg_ttl × expires)
-        let mut dbs: std::collections::BTreeMap<String, (u64, u64, u128)> = Default::default();
-        for p in parts {
-            let Ok(Frame::Bulk(body) | Frame::Verbatim(body)) = frame(p) else {
-                continue;
-            };
-            for line in String::from_utf8_lossy(&body).lines() {
-                let Some((db, fields)) = line.split_once(':') else {
-                    continue;
-                };
-                if !db.starts_with("db") {
-                    continue;
-                }
-                let mut keys = 0;
-                let mut expires = 0;
-                let mut ttl: u64 = 0;
-                for kv in fields.split(',') {
-                    match kv.split_once('=') {
-                        Some(("keys", v)) => keys = v.parse().unwrap_or(0),
-                        Some(("expires", v)) => expires = v.parse().unwrap_or(0),
-                        Some(("avg_ttl", v)) => ttl = v.parse().unwrap_or(0),
-                        _ => {}
-                    }
-                }
-                let e = dbs.entry(db.to_owned()).or_default();
-                e.0 += keys;
-                e.1 += expires;
-                e.2 += u128::from(ttl) * u128::from(expires);
-            }
-        }
-        text.push_str("# Keyspace\r\n");
-        for (db, (keys, expires, ttl)) in dbs {
-            let avg = if expires == 0 {
-                0
-            } else {
-                ttl / u128::from(expires)
-            };
-            text.push_str(&format!(
-                "{db}:keys={keys},expires={expires},avg_ttl={avg}\r\n"
-            ));
-        }
-    }
-    if *resp3 {
-        // As Redis sends INFO in RESP3: a verbatim string of format `txt`.
-        Frame::Verbatim(Bytes::from(format!("txt:{text}"))).to_bytes()
-    } else {
-        Frame::Bulk(Bytes::from(text)).to_bytes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resp::RequestParser;
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
@@ -449,60 +321,5 @@ mod tests {
             merge(&sum, &[b("+OK\r\n")]),
             Err(error_reply("unexpected reply from a cluster node"))
         );
-    }
-
-    #[test]
-    fn info_adds_up_the_keyspace() {
-        let sections = InfoSections {
-            keyspace: true,
-            ..InfoSections::default()
-        };
-        let part = |t: &str| {
-            let mut out = bytes::BytesMut::new();
-            Frame::Bulk(b(t)).encode(&mut out);
-            out.freeze()
-        };
-        let parts = [
-            part("# Keyspace\r\ndb0:keys=3,expires=1,avg_ttl=100\r\n"),
-            part(
-                "# Keyspace\r\ndb0:keys=2,expires=1,avg_ttl=300\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n",
-            ),
-        ];
-        let mut ctx = InfoCtx {
-            map: Rc::new(SlotMap::empty()),
-            upstream: "main".into(),
-            version: "7.2.4".into(),
-            resp3: false,
-        };
-        let want =
-            "# Keyspace\r\ndb0:keys=5,expires=2,avg_ttl=200\r\ndb1:keys=1,expires=0,avg_ttl=0\r\n";
-        assert_eq!(info(sections, &ctx, &parts), part(want));
-        // In RESP3, a verbatim string, whatever the masters' parts were.
-        ctx.resp3 = true;
-        let mut out = bytes::BytesMut::new();
-        Frame::Verbatim(Bytes::from(format!("txt:{want}"))).encode(&mut out);
-        assert_eq!(info(sections, &ctx, &parts), out.freeze());
-        let server = InfoSections {
-            server: true,
-            ..InfoSections::default()
-        };
-        let text = info(server, &ctx, &[]);
-        assert!(String::from_utf8_lossy(&text).contains("redis_version:7.2.4\r\n"));
-    }
-
-    #[test]
-    fn info_sections_follow_the_arguments() {
-        let sections = |line: &str| {
-            let input = format!("{line}\r\n");
-            let mut p = RequestParser::new(Limits::default());
-            let n = p.parse(input.as_bytes()).unwrap().unwrap();
-            let s = info_sections(&p.request(&input.as_bytes()[..n]));
-            (s.server, s.cluster, s.keyspace)
-        };
-        assert_eq!(sections("INFO"), (true, true, true));
-        assert_eq!(sections("INFO keyspace"), (false, false, true));
-        assert_eq!(sections("INFO SERVER cluster"), (true, true, false));
-        assert_eq!(sections("INFO everything"), (true, true, true));
-        assert_eq!(sections("INFO memory"), (false, false, false));
     }
 }

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::input::{InputBuf, read_input};
-use super::pubsub_node::{Counts, Node, confirmation, open_node, poll_node};
+use super::pubsub_node::{Counts, Node, confirmation, open_node, placed_by, poll_node};
 use super::{End, Session, stateful};
 use crate::cluster::Slot;
 use crate::command;
@@ -589,30 +589,5 @@ impl Session {
     fn count_command(&mut self) {
         self.commands += 1;
         self.svc.metrics.commands.inc();
-    }
-}
-
-/// What places a channel on a cluster: its name, except for a keyspace notification channel
-/// (`__keyspace@<db>__:<key>`), which only the node holding the key publishes to.
-fn placed_by(channel: &[u8]) -> &[u8] {
-    channel
-        .strip_prefix(b"__keyspace@")
-        .and_then(|rest| {
-            let at = rest.windows(3).position(|w| w == b"__:")?;
-            rest.get(at + 3..)
-        })
-        .unwrap_or(channel)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::placed_by;
-
-    #[test]
-    fn keyspace_channels_are_placed_by_their_key() {
-        assert_eq!(placed_by(b"__keyspace@0__:user:1"), b"user:1");
-        assert_eq!(placed_by(b"__keyspace@12__:a__:b"), b"a__:b");
-        assert_eq!(placed_by(b"news"), b"news");
-        assert_eq!(placed_by(b"__keyevent@0__:set"), b"__keyevent@0__:set");
     }
 }

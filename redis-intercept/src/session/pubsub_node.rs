@@ -111,6 +111,18 @@ pub(super) fn confirmation(frame: &[u8]) -> Option<(Counts, usize, i64)> {
     Some((kind, colon, n))
 }
 
+/// What places a channel on a cluster: its name, except for a keyspace notification channel
+/// (`__keyspace@<db>__:<key>`), which only the node holding the key publishes to.
+pub(super) fn placed_by(channel: &[u8]) -> &[u8] {
+    channel
+        .strip_prefix(b"__keyspace@")
+        .and_then(|rest| {
+            let at = rest.windows(3).position(|w| w == b"__:")?;
+            rest.get(at + 3..)
+        })
+        .unwrap_or(channel)
+}
+
 /// Polls one node: its pending write (or flush), then a read.
 pub(super) fn poll_node(
     i: usize,
@@ -179,5 +191,13 @@ mod tests {
             confirmation(b"*3\r\n$8\r\nsmessage\r\n$1\r\na\r\n$1\r\nb\r\n"),
             None
         );
+    }
+
+    #[test]
+    fn keyspace_channels_are_placed_by_their_key() {
+        assert_eq!(placed_by(b"__keyspace@0__:user:1"), b"user:1");
+        assert_eq!(placed_by(b"__keyspace@12__:a__:b"), b"a__:b");
+        assert_eq!(placed_by(b"news"), b"news");
+        assert_eq!(placed_by(b"__keyevent@0__:set"), b"__keyevent@0__:set");
     }
 }

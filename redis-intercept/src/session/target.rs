@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
-use super::cluster::{ClusterClient, ClusterShared};
+use super::cluster::{ClientCounts, ClusterClient, ClusterShared};
 use crate::cluster::Slot;
 use crate::command::Command;
 use crate::config::ReadPolicy;
@@ -38,7 +38,12 @@ pub(super) enum Target {
 }
 
 impl Target {
-    pub(super) fn new(backend: &Backend, client: u64, discard: &Rc<dyn ReplySink>) -> Target {
+    pub(super) fn new(
+        backend: &Backend,
+        client: u64,
+        discard: &Rc<dyn ReplySink>,
+        counts: &ClientCounts,
+    ) -> Target {
         match backend {
             Backend::Standalone(server) => match pick(&server.db(0), client) {
                 Some((conn, pool)) => Target::Conn {
@@ -55,6 +60,7 @@ impl Target {
                 client,
                 key: std::cell::Cell::new(client),
                 discard: Rc::clone(discard),
+                counts: counts.clone(),
             })),
         }
     }

@@ -11,7 +11,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::{Rc, Weak};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,13 +20,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::cluster_status::view;
+pub use super::cluster_status::{ClusterStatus, TopologyView};
 use super::dedicated::DedicatedPool;
 use super::standalone::protocol_settings;
 use super::tls::Stream;
 use super::{ConnSettings, NodeConn, lanes, open, read_replies};
-use crate::cluster::{RefreshTrigger, Shard, Slot, SlotMap, TopologyError};
+use crate::cluster::{RefreshTrigger, Slot, SlotMap, TopologyError};
 use crate::config::NodeAddr;
-use crate::locks::LockRecovered;
 use crate::metrics::Metrics;
 use crate::resp::{Frame, encode_command};
 use crate::wake::Wake;
@@ -37,42 +38,6 @@ const MAX_NODES: usize = 1024;
 
 /// First retry delay after a discovery that found nothing; doubles up to `refresh_interval`.
 const DISCOVERY_RETRY: Duration = Duration::from_millis(100);
-
-/// What the admin endpoint shows of one worker's view of a cluster.
-#[derive(Debug, Clone, Default)]
-pub struct TopologyView {
-    /// Every slot has a master.
-    pub complete: bool,
-    /// Slots with a master.
-    pub covered: usize,
-    /// Each shard: its slot ranges (`0-5460`), master and replicas.
-    pub shards: Vec<(String, String, Vec<String>)>,
-}
-
-/// The views of one cluster upstream from every worker, for `/ready` and `/topology`.
-#[derive(Debug, Default)]
-pub struct ClusterStatus {
-    /// Indexed by worker; `None` until that worker's first successful discovery.
-    pub workers: Mutex<Vec<Option<TopologyView>>>,
-}
-
-impl ClusterStatus {
-    /// Status for `workers` workers, none of which has a map yet.
-    pub fn new(workers: usize) -> Arc<ClusterStatus> {
-        Arc::new(ClusterStatus {
-            workers: Mutex::new(vec![None; workers]),
-        })
-    }
-
-    fn publish(&self, worker: usize, view: TopologyView) {
-        // A poisoned lock only means another worker panicked while publishing; the data is a
-        // plain snapshot, still fine to overwrite.
-        let mut workers = self.workers.locked();
-        if let Some(w) = workers.get_mut(worker) {
-            *w = Some(view);
-        }
-    }
-}
 
 /// Everything a pool needs that comes from the config.
 pub struct ClusterSettings {
@@ -577,30 +542,5 @@ impl ClusterNodes {
             Ok(None) => Err("incomplete topology reply".to_owned()),
             Err(e) => Err(format!("bad topology reply: {e}")),
         }
-    }
-}
-
-/// The admin view of a map.
-fn view(map: &SlotMap) -> TopologyView {
-    let mut ranges: Vec<Vec<String>> = vec![Vec::new(); map.shards().len()];
-    for (first, last, shard) in map.ranges() {
-        if let Some(r) = ranges.get_mut(shard) {
-            r.push(if first == last {
-                first.to_string()
-            } else {
-                format!("{first}-{last}")
-            });
-        }
-    }
-    TopologyView {
-        complete: map.is_complete(),
-        covered: map.covered(),
-        shards: map
-            .shards()
-            .iter()
-            .zip(ranges)
-            .filter(|(_, r)| !r.is_empty())
-            .map(|(Shard { master, replicas }, r)| (r.join(","), master.clone(), replicas.clone()))
-            .collect(),
     }
 }
