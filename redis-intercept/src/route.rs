@@ -42,6 +42,12 @@ pub enum Keyless {
     /// CONFIG SET / RESETSTAT / REWRITE: every node, masters and replicas; OK when all are,
     /// else one error naming the nodes that failed.
     EveryNode,
+    /// SCRIPT EXISTS: every master's array of 0/1; 1 only where every master has the
+    /// script (any master may be asked to run it).
+    AllHave,
+    /// SCRIPT KILL / FUNCTION KILL: every master; OK from the one that ran a script, else
+    /// Redis's `NOTBUSY`.
+    AnyOk,
     /// PUBSUB CHANNELS / SHARDCHANNELS: every master's array, each name once.
     Union,
     /// PUBSUB NUMSUB / SHARDNUMSUB: every master's `[name, count, …]`, counts added up by
@@ -91,6 +97,8 @@ fn keyless(name: &str) -> Keyless {
         "pubsub|numsub" | "pubsub|shardnumsub" => Keyless::NumSub,
         "pubsub|numpat" => Keyless::Sum,
         "config|set" | "config|resetstat" | "config|rewrite" => Keyless::EveryNode,
+        "script|exists" => Keyless::AllHave,
+        "script|kill" | "function|kill" => Keyless::AnyOk,
         _ => Keyless::AnyMaster,
     }
 }

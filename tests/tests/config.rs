@@ -151,3 +151,59 @@ fn info_on_a_cluster_has_every_section_combined() {
     );
     proxy.shutdown();
 }
+
+/// A script that loops until killed, on `addr` (through the proxy), and SCRIPT KILL from
+/// another client: the kill reaches the server that runs it, though the script holds the
+/// shared connection it came on.
+fn kill_a_running_script(addr: std::net::SocketAddr) {
+    let mut setup = RespReader::connect(addr);
+    assert_eq!(
+        setup.call(&["CONFIG", "SET", "busy-reply-threshold", "100"]),
+        ok()
+    );
+    let looping = std::thread::spawn(move || {
+        let mut a = RespReader::connect(addr);
+        a.call(&["EVAL", "local i = 0 while true do i = i + 1 end", "0"])
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let mut b = RespReader::connect(addr);
+    assert_eq!(b.call(&["SCRIPT", "KILL"]), ok());
+    let killed = looping.join().unwrap();
+    assert!(is_err(&killed, "killed"), "{killed:?}");
+    let none = b.call(&["SCRIPT", "KILL"]);
+    assert!(is_err(&none, "NOTBUSY"), "{none:?}");
+}
+
+#[test]
+fn script_kill_reaches_a_busy_standalone_server() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    kill_a_running_script(proxy.addr("svc").unwrap());
+    proxy.shutdown();
+}
+
+#[test]
+fn scripts_on_a_cluster_exist_everywhere_and_are_killed_where_they_run() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    let addr = proxy.addr("svc").unwrap();
+    let mut c = RespReader::connect(addr);
+    let Frame::Bulk(sha) = c.call(&["SCRIPT", "LOAD", "return 1"]) else {
+        panic!("SCRIPT LOAD");
+    };
+    let sha = String::from_utf8_lossy(&sha).into_owned();
+    let exists = |c: &mut RespReader| c.call(&["SCRIPT", "EXISTS", &sha, "0000"]);
+    assert_eq!(
+        exists(&mut c),
+        Frame::Array(vec![Frame::Integer(1), Frame::Integer(0)])
+    );
+    // One master loses it: EVALSHA could land there, so it doesn't exist for the client.
+    assert_eq!(cluster.nodes[1].cmd(&["SCRIPT", "FLUSH"]), ok());
+    assert_eq!(
+        exists(&mut c),
+        Frame::Array(vec![Frame::Integer(0), Frame::Integer(0)])
+    );
+    kill_a_running_script(addr);
+    proxy.shutdown();
+}

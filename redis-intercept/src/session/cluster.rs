@@ -339,6 +339,25 @@ impl ClusterClient {
                 // names.
                 self.broadcast(&masters, self.encode(req), merge_kind, to)
             }
+            Keyless::AnyOk => {
+                // A master running a script serves nothing more on the connection that sent
+                // it, which may be this client's own shared one: the kill goes to every
+                // master on a connection of its own, closed once answered.
+                let pool = self.shared.pool.dedicated_pool(self.resp3());
+                let merge = Merge::new(to.sink, to.token, MergeKind::All(kind), masters.len());
+                let sink: Rc<dyn ReplySink> = merge.clone();
+                let request = self.encode(req);
+                for (i, node) in masters.iter().enumerate() {
+                    let conn = pool.take(node);
+                    let reply_to = ReplyTo::new(Rc::clone(&sink), i as u64, to.deadline);
+                    let sent = request.with(|bytes| conn.send_encoded(bytes, reply_to));
+                    conn.retire();
+                    if let Err(e) = sent {
+                        let _ = merge.deliver(i as u64, e.reply().into());
+                    }
+                }
+                Ok(())
+            }
             Keyless::EveryNode => {
                 let nodes: Vec<&str> = map
                     .shards()
@@ -356,7 +375,8 @@ impl ClusterClient {
             | Keyless::AllOk
             | Keyless::First
             | Keyless::Union
-            | Keyless::NumSub => {
+            | Keyless::NumSub
+            | Keyless::AllHave => {
                 self.broadcast(&masters, self.encode(req), MergeKind::All(kind), to)
             }
         }

@@ -143,6 +143,18 @@ pub(super) fn frame(reply: &Bytes) -> Result<Frame, Bytes> {
 /// Combines part replies (all present, in part order). `Err` carries the reply to give
 /// instead: the first part's error, or a malformed part.
 pub(super) fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
+    if let MergeKind::All(Keyless::AnyOk) = kind {
+        // The master that ran the script says OK; the others NOTBUSY.
+        return match parts.iter().find(|p| p.starts_with(b"+")) {
+            Some(ok) => Ok(ok.clone()),
+            None => Err(parts
+                .iter()
+                .find(|p| !p.starts_with(b"-NOTBUSY"))
+                .or(parts.first())
+                .cloned()
+                .unwrap_or_else(|| error_reply("no master answered"))),
+        };
+    }
     if let Some(err) = parts
         .iter()
         .find(|p| p.first() == Some(&b'-'))
@@ -204,6 +216,25 @@ pub(super) fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
                 }
             }
             Ok(Frame::Array(all).to_bytes())
+        }
+        MergeKind::All(Keyless::AllHave) => {
+            let mut all: Option<Vec<Frame>> = None;
+            for p in parts {
+                let Frame::Array(items) = frame(p)? else {
+                    return Err(error_reply("unexpected reply from a cluster node"));
+                };
+                match all.as_mut() {
+                    None => all = Some(items),
+                    Some(all) => {
+                        for (a, b) in all.iter_mut().zip(items) {
+                            if b == Frame::Integer(0) {
+                                *a = Frame::Integer(0);
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(Frame::Array(all.unwrap_or_default()).to_bytes())
         }
         MergeKind::All(Keyless::NumSub) => {
             // `[name, count, …]` in RESP2, a map in RESP3; every master lists the same
@@ -272,6 +303,19 @@ mod tests {
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn script_exists_is_true_where_every_master_has_it() {
+        let parts = [b("*2\r\n:1\r\n:1\r\n"), b("*2\r\n:1\r\n:0\r\n")];
+        assert_eq!(
+            merge(&MergeKind::All(Keyless::AllHave), &parts),
+            Ok(b("*2\r\n:1\r\n:0\r\n"))
+        );
+        let kill = |parts: &[Bytes]| merge(&MergeKind::All(Keyless::AnyOk), parts);
+        let notbusy = b("-NOTBUSY No scripts in execution right now.\r\n");
+        assert_eq!(kill(&[notbusy.clone(), b("+OK\r\n")]), Ok(b("+OK\r\n")));
+        assert_eq!(kill(&[notbusy.clone(), notbusy.clone()]), Err(notbusy));
     }
 
     #[test]

@@ -77,6 +77,14 @@ impl Target {
                 reads: Some(reads),
                 ..
             } if route::is_read(cmd) => Ok(reads.pick(conn)?.send(req, to)?),
+            // A server running a script serves nothing more on the connection that sent it,
+            // which may be this client's shared one: the kill goes on one of its own.
+            Target::Conn { conn, pool, .. } if kills_script(cmd) => {
+                let alone = pool.take(conn.addr());
+                let sent = alone.send(req, to);
+                alone.retire();
+                Ok(sent?)
+            }
             Target::Conn { conn, .. } => Ok(conn.send(req, to)?),
             Target::Cluster(cluster) => cluster.forward(req, cmd, to),
             Target::None => Err(error_reply("service has no upstream")),
@@ -221,4 +229,12 @@ pub(super) fn pick(db: &Db, client: u64) -> Option<(NodeConn, Rc<DedicatedPool>)
             Rc::clone(&db.dedicated[usize::from(lanes::is_resp3(client))]),
         )
     })
+}
+
+/// SCRIPT KILL and FUNCTION KILL: sent on a connection of their own.
+fn kills_script(cmd: Option<Command>) -> bool {
+    matches!(
+        cmd.map(|c| c.info.name),
+        Some("script|kill" | "function|kill")
+    )
 }

@@ -303,6 +303,11 @@ impl ClusterNodes {
         Ok((pool.take(&addr), Rc::clone(pool)))
     }
 
+    /// The pool of dedicated connections for RESP2 or RESP3 clients.
+    pub fn dedicated_pool(&self, resp3: bool) -> &Rc<DedicatedPool> {
+        &self.dedicated[usize::from(resp3)]
+    }
+
     /// The master of `slot` (any master when `None`) and how to connect to it, for a client
     /// that gets a plain connection of its own (pub/sub).
     ///
