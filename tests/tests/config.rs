@@ -3,6 +3,8 @@
 //! masters and replicas, GET reads one master, and a SET some nodes refuse names them.
 //! Keyspace notifications turned on this way reach a subscriber of the proxy.
 
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
+
 use std::time::Duration;
 
 use redis_intercept::resp::Frame;
