@@ -69,27 +69,28 @@ pub struct ServiceCtx {
 }
 
 impl Backend {
-    /// The server's version, once a connection has learned it.
-    pub fn version(&self) -> Option<String> {
-        match self {
-            Backend::Standalone(server) => server.version(),
-            Backend::Cluster(pool, _) => pool.version(),
-        }
+    /// The server's name and version, once a connection has learned them.
+    pub fn identity(&self) -> Option<(String, String)> {
+        let v = match self {
+            Backend::Standalone(server) => server.version_source(),
+            Backend::Cluster(pool, _) => pool.version_source(),
+        };
+        Some((v.server()?, v.get()?))
     }
 }
 
 /// What the proxy reports as the server's version until a connection has learned the real
 /// one: the version of the built-in command table.
-pub const FALLBACK_VERSION: &str = "7.0.0";
+const FALLBACK_VERSION: &str = "7.0.0";
 
 impl ServiceCtx {
-    /// The version of the service's catch-all upstream, as clients see it in `HELLO` and
-    /// `INFO server`.
-    pub fn upstream_version(&self) -> String {
+    /// The name and version of the service's catch-all upstream, as clients see them in
+    /// `HELLO` (`redis` and the built-in table's version until a connection has learned).
+    pub fn upstream_identity(&self) -> (String, String) {
         self.routes
             .first()
-            .and_then(|r| r.backend.version())
-            .unwrap_or_else(|| FALLBACK_VERSION.to_owned())
+            .and_then(|r| r.backend.identity())
+            .unwrap_or_else(|| ("redis".to_owned(), FALLBACK_VERSION.to_owned()))
     }
 
     /// The service's newest generation when it isn't this one.

@@ -128,7 +128,12 @@ fn info_on_a_cluster_has_every_section_combined() {
         other => panic!("{other:?}"),
     };
     assert_eq!(field("redis_version"), version);
-    assert_eq!(field("redis_mode"), "standalone");
+    // Valkey calls it server_mode.
+    let mode = text.lines().find_map(|l| {
+        l.strip_prefix("redis_mode:")
+            .or_else(|| l.strip_prefix("server_mode:"))
+    });
+    assert_eq!(mode, Some("standalone"));
     assert_eq!(field("cluster_enabled"), "0");
     assert_eq!(field("maxclients"), "10000");
     assert_eq!(field("db0"), "keys=30,expires=0,avg_ttl=0");

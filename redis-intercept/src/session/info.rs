@@ -108,7 +108,8 @@ fn server(parts: &[&[(String, String)]]) -> Vec<(String, String)> {
                 let min = combine_numbers(Rule::Min, &values).unwrap_or_else(|| v.clone());
                 out.push((f.clone(), min));
             }
-            "redis_mode" => {
+            // Valkey names it `server_mode`.
+            "redis_mode" | "server_mode" => {
                 out.push((f.clone(), "standalone".to_owned()));
                 out.push((
                     "proxy".to_owned(),

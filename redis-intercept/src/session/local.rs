@@ -187,9 +187,9 @@ pub(super) fn hello(req: &Request<'_>, state: &mut ClientState, svc: &ServiceCtx
         state.resp3 = p == 3;
     }
     let s = |t: &'static str| Frame::Bulk(Bytes::from_static(t.as_bytes()));
-    let version = svc.upstream_version();
+    let (server, version) = svc.upstream_identity();
     let pairs = vec![
-        (s("server"), s("redis")),
+        (s("server"), Frame::Bulk(Bytes::from(server))),
         (s("version"), Frame::Bulk(Bytes::from(version))),
         (s("proto"), Frame::Integer(if state.resp3 { 3 } else { 2 })),
         (s("id"), Frame::Integer(state.id as i64)),

@@ -151,9 +151,9 @@ impl ClusterNodes {
         &self.settings.name
     }
 
-    /// The nodes' version, once a connection has learned it.
-    pub fn version(&self) -> Option<String> {
-        self.settings.conn.version.get()
+    /// Where the server's name and version are learned.
+    pub fn version_source(&self) -> &crate::upstream::ServerVersion {
+        &self.settings.conn.version
     }
 
     /// The current slot map.

@@ -90,40 +90,52 @@ pub struct ConnSettings {
     pub version: ServerVersion,
 }
 
-/// A server's version, learned from `HELLO` when a connection is made: what the proxy
-/// reports to clients as the server it is (`HELLO`, `INFO server`), since libraries gate
-/// features on it.
+/// A server's name and version, learned from `HELLO` when a connection is made: what the
+/// proxy reports to clients as the server it is (`HELLO`, `INFO server`), since libraries
+/// gate features on it (`redis` or `valkey`, and its version).
 #[derive(Debug, Clone, Default)]
-pub struct ServerVersion(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+pub struct ServerVersion(std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>);
 
 impl ServerVersion {
     /// The version, once a connection has learned it.
     pub fn get(&self) -> Option<String> {
         use crate::locks::LockRecovered;
-        self.0.locked().clone()
+        self.0.locked().as_ref().map(|(_, version)| version.clone())
     }
 
-    /// Records the version from a `HELLO` reply (RESP2 or RESP3).
+    /// The server's name (`HELLO`'s `server`), once a connection has learned it.
+    pub fn server(&self) -> Option<String> {
+        use crate::locks::LockRecovered;
+        self.0.locked().as_ref().map(|(server, _)| server.clone())
+    }
+
+    /// Records the name and version from a `HELLO` reply (RESP2 or RESP3).
     fn learn(&self, hello_reply: &[u8]) {
         use crate::locks::LockRecovered;
+        use crate::resp::Frame;
         let buf = Bytes::copy_from_slice(hello_reply);
-        let Ok(Some((frame, _))) = crate::resp::Frame::parse(&buf, &Limits::default()) else {
+        let Ok(Some((frame, _))) = Frame::parse(&buf, &Limits::default()) else {
             return;
         };
-        let pairs: Vec<(crate::resp::Frame, crate::resp::Frame)> = match frame {
-            crate::resp::Frame::Map(pairs) => pairs,
-            crate::resp::Frame::Array(items) => {
+        let pairs: Vec<(Frame, Frame)> = match frame {
+            Frame::Map(pairs) => pairs,
+            Frame::Array(items) => {
                 let mut it = items.into_iter();
                 std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
             }
             _ => return,
         };
-        for (k, v) in pairs {
-            if let (crate::resp::Frame::Bulk(k), crate::resp::Frame::Bulk(v)) = (k, v)
-                && &k[..] == b"version"
-            {
-                *self.0.locked() = Some(String::from_utf8_lossy(&v).into_owned());
-            }
+        let field = |name: &[u8]| {
+            pairs.iter().find_map(|(k, v)| match (k, v) {
+                (Frame::Bulk(k), Frame::Bulk(v)) if &k[..] == name => {
+                    Some(String::from_utf8_lossy(v).into_owned())
+                }
+                _ => None,
+            })
+        };
+        if let Some(version) = field(b"version") {
+            let server = field(b"server").unwrap_or_else(|| "redis".to_owned());
+            *self.0.locked() = Some((server, version));
         }
     }
 }

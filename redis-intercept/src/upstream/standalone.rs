@@ -104,9 +104,9 @@ impl Standalone {
         self.reads.borrow().clone()
     }
 
-    /// The server's version, once a connection has learned it.
-    pub fn version(&self) -> Option<String> {
-        self.settings.version.get()
+    /// Where the server's name and version are learned.
+    pub fn version_source(&self) -> &crate::upstream::ServerVersion {
+        &self.settings.version
     }
 
     /// The databases the server has, as configured.
