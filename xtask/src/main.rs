@@ -82,6 +82,18 @@ fn cargo(root: &std::path::Path) -> Command {
     c
 }
 
+/// The end-to-end test files run a second time with Valkey as the server.
+const VALKEY_TESTS: &[&str] = &[
+    "resp3",
+    "libraries",
+    "config",
+    "standalone",
+    "cluster_proxy",
+    "sentinel",
+    "stateful",
+    "argument_errors",
+];
+
 /// Everything CI checks, in order of cost.
 fn test(root: &std::path::Path) -> Result<()> {
     setup::setup()?;
@@ -106,6 +118,20 @@ fn test(root: &std::path::Path) -> Result<()> {
     setup::build_ebpf(root)?;
     say("cargo test --workspace (unit and end-to-end tests against real redis-server processes)");
     run(cargo(root).args(["test", "--workspace"]), "cargo test")?;
+    let valkey = setup::valkey_server(root)?;
+    say(&format!(
+        "the end-to-end tests of RESP3, client libraries, admin commands, standalone, cluster and sentinel upstreams again, against Valkey 8.1 ({})",
+        valkey.display()
+    ));
+    let mut again = cargo(root);
+    again.args(["test", "-p", "redis-intercept-e2e"]);
+    for t in VALKEY_TESTS {
+        again.args(["--test", t]);
+    }
+    run(
+        again.env("REDIS_SERVER_BIN", &valkey),
+        "cargo test (Valkey)",
+    )?;
     say("all checks passed");
     Ok(())
 }

