@@ -214,3 +214,42 @@ fn scripts_on_a_cluster_exist_everywhere_and_are_killed_where_they_run() {
     kill_a_running_script(addr);
     proxy.shutdown();
 }
+
+/// INFO of a standalone server through the proxy: the server's own sections, with the
+/// proxy's identity in `Server` and its own client count in `Clients`.
+#[test]
+fn info_of_a_standalone_server_counts_the_proxys_clients() {
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let addr = proxy.addr("svc").unwrap();
+    let clients: Vec<RespReader> = (0..5).map(|_| RespReader::connect(addr)).collect();
+    let mut c = RespReader::connect(addr);
+    let text = match c.call(&["INFO"]) {
+        Frame::Bulk(b) => String::from_utf8_lossy(&b).into_owned(),
+        other => panic!("{other:?}"),
+    };
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_owned()
+    };
+    let connected: usize = field("connected_clients").parse().unwrap();
+    assert!(
+        (6..=7).contains(&connected),
+        "connected_clients:{connected}"
+    );
+    assert!(field("proxy").starts_with("redis-intercept "));
+    assert_eq!(field("process_id"), proxy_pid().to_string());
+    assert!(
+        text.contains("# Memory\r\n") && text.contains("# Stats\r\n"),
+        "{text}"
+    );
+    drop(clients);
+    proxy.shutdown();
+}
+
+/// The proxy runs in this test process.
+fn proxy_pid() -> u32 {
+    std::process::id()
+}

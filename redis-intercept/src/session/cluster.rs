@@ -329,7 +329,7 @@ impl ClusterClient {
             Keyless::Info => {
                 let counts = &self.shared.counts;
                 let merge_kind = MergeKind::Info(Box::new(InfoCtx {
-                    map: Rc::clone(&map),
+                    map: Some(Rc::clone(&map)),
                     upstream: pool.name().into(),
                     resp3: self.resp3(),
                     connected_clients: usize::try_from(counts.connected.get()).unwrap_or(0),

@@ -1,5 +1,6 @@
-//! INFO for a client of a cluster: the request goes to every master and their sections are
-//! combined into the one reply a single Redis would give. `Server` is the first master's
+//! INFO as the proxy gives it. On a cluster the request goes to every master and their
+//! sections are combined into the one reply a single Redis would give; a standalone
+//! server's reply passes through this too, for the proxy's `Server` and `Clients` fields. `Server` is the first master's
 //! with the proxy's identity; `Cluster` is the proxy's view of the cluster (it presents a
 //! standalone server); `Keyspace` adds up each database's keys; `Clients` counts the
 //! proxy's own clients. Every other field is combined by one rule per field ([`combine`]):
@@ -18,8 +19,9 @@ use crate::resp::Frame;
 
 /// What the proxy writes into a cluster's INFO itself.
 pub(super) struct InfoCtx {
-    /// The map, for the cluster section.
-    pub(super) map: Rc<SlotMap>,
+    /// The map, for the cluster section; `None` for a standalone server, whose own
+    /// sections pass through.
+    pub(super) map: Option<Rc<SlotMap>>,
     /// The upstream's name.
     pub(super) upstream: String,
     /// The client speaks RESP3: INFO is a verbatim string.
@@ -74,8 +76,8 @@ pub(super) fn info(ctx: &InfoCtx, parts: &[Bytes]) -> Bytes {
             .collect();
         let fields = match name {
             "Server" => server(&of_name),
-            "Cluster" => cluster(ctx),
-            "Keyspace" => keyspace(&of_name),
+            "Cluster" if ctx.map.is_some() => cluster(ctx),
+            "Keyspace" if ctx.map.is_some() => keyspace(&of_name),
             "Clients" => clients(ctx, &of_name),
             _ => combine_all(&of_name),
         };
@@ -125,7 +127,9 @@ fn server(parts: &[&[(String, String)]]) -> Vec<(String, String)> {
 
 /// The cluster as the proxy shows it: not a cluster, and the upstream's state.
 fn cluster(ctx: &InfoCtx) -> Vec<(String, String)> {
-    let map = &ctx.map;
+    let Some(map) = &ctx.map else {
+        return Vec::new();
+    };
     [
         ("cluster_enabled", "0".to_owned()),
         ("upstream", ctx.upstream.clone()),
@@ -378,7 +382,7 @@ mod tests {
 
     fn ctx() -> InfoCtx {
         InfoCtx {
-            map: Rc::new(SlotMap::empty()),
+            map: Some(Rc::new(SlotMap::empty())),
             upstream: "main".into(),
             resp3: false,
             connected_clients: 3,

@@ -7,6 +7,8 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use super::cluster::{ClientCounts, ClusterClient, ClusterShared};
+use super::info::InfoCtx;
+use super::merge::{Merge, MergeKind};
 use crate::cluster::Slot;
 use crate::command::Command;
 use crate::config::ReadPolicy;
@@ -30,6 +32,8 @@ pub(super) enum Target {
         pool: Rc<DedicatedPool>,
         /// The replicas reads may go to (a sentinel upstream with a read policy).
         reads: Option<ReadTargets>,
+        /// What INFO says of the service's clients, and whether this client speaks RESP3.
+        info: Box<(ClientCounts, bool)>,
     },
     /// Its routing state on a cluster.
     Cluster(ClusterClient),
@@ -51,6 +55,7 @@ impl Target {
                     conn,
                     pool,
                     reads: ReadTargets::new(server, 0, client),
+                    info: Box::new((counts.clone(), false)),
                 },
                 None => Target::None,
             },
@@ -84,6 +89,20 @@ impl Target {
                 let sent = alone.send(req, to);
                 alone.retire();
                 Ok(sent?)
+            }
+            // The server's INFO with the proxy's identity and its count of clients.
+            Target::Conn { conn, info, .. } if is_info(cmd) => {
+                let (counts, resp3) = &**info;
+                let ctx = InfoCtx {
+                    map: None,
+                    upstream: String::new(),
+                    resp3: *resp3,
+                    connected_clients: usize::try_from(counts.connected.get()).unwrap_or(0),
+                    max_clients: counts.policy.borrow().max_clients,
+                };
+                let merge = Merge::new(to.sink, to.token, MergeKind::Info(Box::new(ctx)), 1);
+                let sink: Rc<dyn ReplySink> = merge;
+                Ok(conn.send(req, ReplyTo::new(sink, 0, to.deadline))?)
             }
             Target::Conn { conn, .. } => Ok(conn.send(req, to)?),
             Target::Cluster(cluster) => cluster.forward(req, cmd, to),
@@ -134,12 +153,14 @@ impl Target {
             conn,
             pool,
             reads,
+            info,
         } = self
             && let Some((c, p)) = pick(&server.db(db), client)
         {
             *conn = c;
             *pool = p;
             *reads = ReadTargets::new(server, db, client);
+            info.1 = lanes::is_resp3(client);
         }
     }
 
@@ -237,4 +258,9 @@ fn kills_script(cmd: Option<Command>) -> bool {
         cmd.map(|c| c.info.name),
         Some("script|kill" | "function|kill")
     )
+}
+
+/// INFO: its reply is rewritten (`info.rs`).
+fn is_info(cmd: Option<Command>) -> bool {
+    cmd.is_some_and(|c| c.info.name == "info")
 }
