@@ -82,29 +82,33 @@ impl Target {
                 reads: Some(reads),
                 ..
             } if route::is_read(cmd) => Ok(reads.pick(conn)?.send(req, to)?),
-            // A server running a script serves nothing more on the connection that sent it,
-            // which may be this client's shared one: the kill goes on one of its own.
-            Target::Conn { conn, pool, .. } if kills_script(cmd) => {
-                let alone = pool.take(conn.addr());
-                let sent = alone.send(req, to);
-                alone.retire();
-                Ok(sent?)
-            }
-            // The server's INFO with the proxy's identity and its count of clients.
-            Target::Conn { conn, info, .. } if is_info(cmd) => {
-                let (counts, resp3) = &**info;
-                let ctx = InfoCtx {
-                    map: None,
-                    upstream: String::new(),
-                    resp3: *resp3,
-                    connected_clients: usize::try_from(counts.connected.get()).unwrap_or(0),
-                    max_clients: counts.policy.borrow().max_clients,
-                };
-                let merge = Merge::new(to.sink, to.token, MergeKind::Info(Box::new(ctx)), 1);
-                let sink: Rc<dyn ReplySink> = merge;
-                Ok(conn.send(req, ReplyTo::new(sink, 0, to.deadline))?)
-            }
-            Target::Conn { conn, .. } => Ok(conn.send(req, to)?),
+            Target::Conn {
+                conn, pool, info, ..
+            } => match cmd.map(|c| c.info.name) {
+                // A server running a script serves nothing more on the connection that sent
+                // it, which may be this client's shared one: the kill goes on one of its own.
+                Some("script|kill" | "function|kill") => {
+                    let alone = pool.take(conn.addr());
+                    let sent = alone.send(req, to);
+                    alone.retire();
+                    Ok(sent?)
+                }
+                // The server's INFO with the proxy's identity and its count of clients.
+                Some("info") => {
+                    let (counts, resp3) = &**info;
+                    let ctx = InfoCtx {
+                        map: None,
+                        upstream: String::new(),
+                        resp3: *resp3,
+                        connected_clients: usize::try_from(counts.connected.get()).unwrap_or(0),
+                        max_clients: counts.policy.borrow().max_clients,
+                    };
+                    let merge = Merge::new(to.sink, to.token, MergeKind::Info(Box::new(ctx)), 1);
+                    let sink: Rc<dyn ReplySink> = merge;
+                    Ok(conn.send(req, ReplyTo::new(sink, 0, to.deadline))?)
+                }
+                _ => Ok(conn.send(req, to)?),
+            },
             Target::Cluster(cluster) => cluster.forward(req, cmd, to),
             Target::None => Err(error_reply("service has no upstream")),
         }
@@ -250,17 +254,4 @@ pub(super) fn pick(db: &Db, client: u64) -> Option<(NodeConn, Rc<DedicatedPool>)
             Rc::clone(&db.dedicated[usize::from(lanes::is_resp3(client))]),
         )
     })
-}
-
-/// SCRIPT KILL and FUNCTION KILL: sent on a connection of their own.
-fn kills_script(cmd: Option<Command>) -> bool {
-    matches!(
-        cmd.map(|c| c.info.name),
-        Some("script|kill" | "function|kill")
-    )
-}
-
-/// INFO: its reply is rewritten (`info.rs`).
-fn is_info(cmd: Option<Command>) -> bool {
-    cmd.is_some_and(|c| c.info.name == "info")
 }
