@@ -222,7 +222,14 @@ fn info_of_a_standalone_server_counts_the_proxys_clients() {
     let server = RedisServer::start();
     let proxy = start_proxy(server.addr, "");
     let addr = proxy.addr("svc").unwrap();
-    let clients: Vec<RespReader> = (0..5).map(|_| RespReader::connect(addr)).collect();
+    // Each served once, so the proxy has surely accepted it.
+    let clients: Vec<RespReader> = (0..5)
+        .map(|_| {
+            let mut c = RespReader::connect(addr);
+            c.call(&["PING"]);
+            c
+        })
+        .collect();
     let mut c = RespReader::connect(addr);
     let text = match c.call(&["INFO"]) {
         Frame::Bulk(b) => String::from_utf8_lossy(&b).into_owned(),
