@@ -6,6 +6,7 @@
 //! the running redis-server. How the proxy treats each command ([`Handling`]) is policy and is
 //! written by hand in [`handling_for`].
 
+mod handling;
 mod table;
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use std::sync::LazyLock;
 
 use crate::resp::Request;
 
+pub use handling::{Handling, Local, handling_for};
 pub use table::COMMANDS;
 
 /// Redis command flags (`COMMAND INFO` field 3), one bit each.
@@ -296,51 +298,6 @@ fn find_keyword(req: &Request<'_>, keyword: &str, start_from: i16) -> Option<usi
     None
 }
 
-/// How the proxy treats a command. Lower layers decide *where* a command goes; this decides
-/// *whether and how* it can go anywhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handling {
-    /// Sent to the upstream on a shared pipelined connection.
-    Forward,
-    /// Answered by the proxy itself.
-    Local(Local),
-    /// Needs a connection of its own for the whole MULTI…EXEC (`session/stateful.rs`).
-    Transaction,
-    /// Turns the connection into a subscriber (`session/pubsub.rs`).
-    PubSub,
-    /// May block its connection: served on a dedicated one (`session/stateful.rs`).
-    Blocking,
-    /// Makes no sense through a proxy, or would change the shared connection.
-    Unsupported,
-}
-
-/// Commands the proxy answers itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Local {
-    /// PING [message]
-    Ping,
-    /// ECHO message
-    Echo,
-    /// QUIT: reply OK, then close after earlier replies.
-    Quit,
-    /// SELECT db: only database 0.
-    Select,
-    /// HELLO [protover [AUTH user pass] [SETNAME name]]
-    Hello,
-    /// AUTH [user] pass
-    Auth,
-    /// CLIENT ID
-    ClientId,
-    /// CLIENT SETNAME name
-    ClientSetName,
-    /// CLIENT GETNAME
-    ClientGetName,
-    /// CLIENT SETINFO (sent by newer client libraries; accepted and ignored)
-    ClientSetInfo,
-    /// RESET: back to a fresh connection's state.
-    Reset,
-}
-
 /// A command found in the table, with the proxy's handling.
 #[derive(Debug, Clone, Copy)]
 pub struct Command {
@@ -348,41 +305,6 @@ pub struct Command {
     pub info: &'static CommandInfo,
     /// What the proxy does with it.
     pub handling: Handling,
-}
-
-/// Decides the proxy's handling of a command by its full name and flags.
-pub fn handling_for(info: &CommandInfo) -> Handling {
-    use Handling::*;
-    match info.name {
-        "ping" => Local(self::Local::Ping),
-        "echo" => Local(self::Local::Echo),
-        "quit" => Local(self::Local::Quit),
-        "select" => Local(self::Local::Select),
-        "hello" => Local(self::Local::Hello),
-        "auth" => Local(self::Local::Auth),
-        "reset" => Local(self::Local::Reset),
-        "client|id" => Local(self::Local::ClientId),
-        "client|setname" => Local(self::Local::ClientSetName),
-        "client|getname" => Local(self::Local::ClientGetName),
-        "client|setinfo" => Local(self::Local::ClientSetInfo),
-        "multi" | "exec" | "discard" | "watch" | "unwatch" => Transaction,
-        "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
-        | "sunsubscribe" => PubSub,
-        // Would change or inspect the shared upstream connection, not the client's.
-        "readonly" | "readwrite" | "migrate" | "asking" | "sync" | "psync" | "replconf"
-        | "monitor" | "shutdown" => Unsupported,
-        name if name.starts_with("client|") || name.starts_with("cluster|") => Unsupported,
-        // The server's settings: forwarded (on a cluster SET/RESETSTAT/REWRITE: every node).
-        "config|get" | "config|set" | "config|resetstat" | "config|rewrite" | "config|help" => {
-            Forward
-        }
-        _ if info.has(flags::ADMIN) => Unsupported,
-        // Not flagged `blocking` by Redis 7.0, but it blocks its connection until replicas
-        // acknowledge (refused: see `session::dispatch`).
-        "wait" => Blocking,
-        _ if info.has(flags::BLOCKING) => Blocking,
-        _ => Forward,
-    }
 }
 
 /// `CLIENT SETINFO` appeared after Redis 7.0, but client libraries send it on connect.
@@ -477,6 +399,11 @@ fn lower_into<'b>(name: &[u8], buf: &'b mut [u8]) -> Option<&'b str> {
     std::str::from_utf8(dst).ok()
 }
 
+/// Every command and subcommand of the table.
+pub fn all() -> impl Iterator<Item = &'static Command> {
+    BY_NAME.values()
+}
+
 /// Looks up a command by its full lower-case name (`get`, `config|get`).
 pub fn by_name(name: &str) -> Option<Command> {
     BY_NAME.get(name).copied()
@@ -539,7 +466,8 @@ mod tests {
         assert_eq!(h("flushall"), Handling::Forward);
         assert_eq!(h("ping"), Handling::Local(Local::Ping));
         assert_eq!(h("client|setname"), Handling::Local(Local::ClientSetName));
-        assert_eq!(h("client|kill"), Handling::Unsupported);
+        assert_eq!(h("client|kill"), Handling::Local(Local::ClientKill));
+        assert_eq!(h("client|pause"), Handling::Unsupported);
         assert_eq!(h("blpop"), Handling::Blocking);
         assert_eq!(h("wait"), Handling::Blocking);
         assert_eq!(h("multi"), Handling::Transaction);

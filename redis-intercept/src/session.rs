@@ -25,9 +25,11 @@ use tracing::{debug, info, warn};
 mod auth;
 mod cluster;
 mod cluster_request;
+mod directory;
 mod dispatch;
 mod end;
 mod faults;
+mod follow;
 mod forward;
 mod info;
 mod input;
@@ -79,6 +81,8 @@ struct ClientState {
     authenticated: bool,
     /// The client switched to RESP3 with `HELLO 3`.
     resp3: bool,
+    /// What CLIENT LIST shows of it.
+    entry: Arc<directory::ClientEntry>,
 }
 
 /// What ended a session's wait.
@@ -124,7 +128,14 @@ pub async fn run(
         latency: svc.metrics.latency.clone(),
         tracked: RefCell::new(None),
         estimate: window::ReplyEstimate::default(),
+        killed: Cell::new(false),
     });
+    let entry = directory::ClientEntry::register(
+        id,
+        Arc::from(svc.name.as_str()),
+        &stream,
+        sessions.killer.clone(),
+    );
     sessions
         .live
         .borrow_mut()
@@ -143,6 +154,7 @@ pub async fn run(
             protocol_error: false,
             authenticated: !auth_required(&svc),
             resp3: false,
+            entry,
         },
         forwarder: forward::Forwarder::new(&svc.routes, id, &svc.discard, &client_counts(&svc)),
         svc,
@@ -167,6 +179,7 @@ pub async fn run(
             pubsub::Piped::End(end) => break end,
         }
     };
+    session.state.entry.unregister();
     session.release_at_end();
     session.window.release(&sessions);
     sessions.live.borrow_mut().remove(&id);
@@ -262,6 +275,10 @@ impl Session {
                 }
             }
             core.max_buffer.set(policy.max_client_buffer);
+            if core.killed.get() {
+                return End::Killed;
+            }
+            self.show_flags();
             if core.shutdown.get() {
                 self.state.closing = true;
                 if self.stateful.is_blocked() && core.unfilled.get() > 0 {
@@ -403,61 +420,6 @@ impl Session {
         }
     }
 
-    /// Moves the client to the newest generation of its service's routes once a reload has
-    /// built one and nothing ties the client to its own: no transaction, WATCH, blocking
-    /// command, subscription or delayed request. Replies still owed on the old connections
-    /// come in first, so the client's commands keep their order. Returns whether it waits
-    /// for them.
-    fn follow_reload(&mut self) -> bool {
-        if self.delayed.is_some()
-            || self.stateful.subscribe.is_some()
-            || self.stateful.active(&self.forwarder)
-        {
-            return false;
-        }
-        let Some(latest) = self.svc.replaced_by() else {
-            return false;
-        };
-        if self.declined.as_ref().is_some_and(|(old, db)| {
-            std::ptr::eq(old.as_ptr(), Rc::as_ptr(&latest)) && *db == self.forwarder.db()
-        }) {
-            return false;
-        }
-        if self.core.unfilled.get() > 0 {
-            return true;
-        }
-        let mut forwarder = forward::Forwarder::new(
-            &latest.routes,
-            self.state.id,
-            &latest.discard,
-            &client_counts(&latest),
-        );
-        if self.state.resp3 {
-            forwarder.set_protocol(true);
-        }
-        let db = self.forwarder.db();
-        if db != 0 && forwarder.select(i64::from(db)).is_err() {
-            debug!(service = %self.svc.name, client = self.state.id, db, "the reloaded routes can't serve the client's database; it keeps the old ones");
-            self.declined = Some((Rc::downgrade(&latest), db));
-            return false;
-        }
-        self.forwarder = forwarder;
-        self.svc = latest;
-        false
-    }
-
-    /// Moves the client to the bulk lane once its replies are big, and back once they are
-    /// small, between two requests: never with a request in flight, which could then run
-    /// after a later one sent on the other connection.
-    fn follow_lane(&mut self) {
-        if self.core.unfilled.get() == 0 && self.delayed.is_none() {
-            let bulk = self.core.estimate.wants_bulk();
-            if bulk != self.forwarder.is_bulk() {
-                self.forwarder.set_bulk(bulk);
-            }
-        }
-    }
-
     /// Sends the request a delay fault held back.
     fn send_delayed(&mut self) {
         let Some(d) = self.delayed.take() else {
@@ -534,6 +496,7 @@ impl Session {
                     if !req.is_empty() {
                         // Looked up once for faults, dispatch and mirrors.
                         let cmd = command::lookup(&req);
+                        self.state.entry.ran(cmd, now.into_std());
                         let tracked = self.core.track(cmd, now);
                         // Before routing, splitting, mirroring or queueing, as Redis checks
                         // before running or queueing: a split MSET must never run a half.

@@ -87,6 +87,7 @@ const VALKEY_TESTS: &[&str] = &[
     "resp3",
     "libraries",
     "config",
+    "clients",
     "standalone",
     "cluster_proxy",
     "sentinel",

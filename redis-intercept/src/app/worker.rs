@@ -82,7 +82,7 @@ impl WorkerPlan {
             kicks,
             query_budget,
         } = self;
-        let sessions = Rc::new(Sessions::default());
+        let sessions = Sessions::start();
         let mut ups = Upstreams {
             worker: index,
             auths: upstream_auths,

@@ -1,5 +1,5 @@
 //! Where one command goes once it passed the checks: a local answer, a refusal, or a
-//! hand-off to the forwarder with a reply slot.
+//! hand-off to the forwarder with a reply slot; and a subscribed RESP3 client's commands.
 
 use std::rc::Rc;
 
@@ -9,8 +9,8 @@ use tokio::time::Instant;
 use super::faults::Sampler;
 use super::local::{display_name, local_reply, select};
 use super::replies::ReplySlots;
-use super::{ClientState, forward};
-use crate::command::{Command, Handling, Local, flags};
+use super::{ClientState, Session, forward, stateful};
+use crate::command::{self, Command, Handling, Local, flags};
 use crate::resp::Request;
 use crate::service::ServiceCtx;
 use crate::upstream::{ReplySink, ReplyTo, error_reply};
@@ -64,12 +64,21 @@ pub(super) fn dispatch(
         Some((Handling::Local(local), _)) => {
             // Arity was checked when the request was read (`Session::refusal`).
             let reply = if local == Local::Select {
-                select(req, forwarder)
+                let reply = select(req, forwarder);
+                state
+                    .entry
+                    .db
+                    .store(forwarder.db(), std::sync::atomic::Ordering::Relaxed);
+                reply
             } else {
                 let resp3 = state.resp3;
                 if local == Local::Reset {
                     // RESET selects database 0 again, as in Redis (0 is always valid).
                     let _ = forwarder.select(0);
+                    state
+                        .entry
+                        .db
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
                 }
                 let switches = local == Local::Hello
                     && super::local::hello_args(req)
@@ -107,5 +116,41 @@ pub(super) fn dispatch(
                 "'{name}' is not supported by redis-intercept: {why}"
             )));
         }
+    }
+}
+
+impl Session {
+    /// Serves a RESP3 client's command while it is subscribed, as Redis allows: routed
+    /// like any other command, its reply through the session's reply slots, which the pipe
+    /// writes in order among the pushes. `Err(None)`: a RESP2 client, which gets Redis's own
+    /// refusal. Commands that would need a connection of the client's own (transactions,
+    /// blocking commands) or change its state (SELECT, HELLO, AUTH) get the proxy's.
+    pub(super) fn resp3_dispatch(
+        &mut self,
+        req: &Request<'_>,
+        name: Option<&str>,
+    ) -> Result<(), Option<Bytes>> {
+        if !self.state.resp3 {
+            return Err(None);
+        }
+        let cmd = command::lookup(req);
+        let own = matches!(
+            name,
+            Some("select" | "hello" | "auth" | "monitor" | "sync" | "psync")
+        ) || stateful::txn_kind(cmd).is_some()
+            || stateful::is_blocking(cmd);
+        if own {
+            return Err(Some(error_reply(&format!(
+                "'{}' while subscribed is not supported by redis-intercept: it needs a connection of the client's own, or changes the subscribed one",
+                name.unwrap_or("unknown").replace('|', " ").to_uppercase()
+            ))));
+        }
+        if let Some(refusal) = self.refusal(req, cmd) {
+            self.core.push_ready(error_reply(&refusal));
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.svc.policy().op_timeout;
+        self.dispatch_normal(req, cmd, deadline);
+        Ok(())
     }
 }

@@ -21,6 +21,8 @@ pub(super) enum End {
     Subscribe,
     /// A subscribed client's pipe ended (why).
     PubSub(String),
+    /// CLIENT KILL.
+    Killed,
 }
 
 impl End {
@@ -35,6 +37,7 @@ impl End {
             End::Idle => "idle",
             End::Io(_) => "io_error",
             End::Subscribe | End::PubSub(_) => "pubsub",
+            End::Killed => "killed",
         }
     }
 }
@@ -51,6 +54,7 @@ impl std::fmt::Display for End {
             End::Io(e) => write!(f, "socket error: {e}"),
             End::Subscribe => f.write_str("subscribed"),
             End::PubSub(why) => write!(f, "pub/sub pipe ended: {why}"),
+            End::Killed => f.write_str("killed by CLIENT KILL"),
         }
     }
 }

@@ -4,7 +4,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::auth::{auth, auth_required, check_credentials};
-use super::{ClientState, forward};
+use super::{ClientState, directory, forward};
 use crate::command::Local;
 use crate::resp::Request;
 use crate::service::ServiceCtx;
@@ -75,9 +75,31 @@ pub(super) fn local_reply(
             Ok(()) => Bytes::from_static(OK),
             Err(e) => e,
         },
-        Local::ClientSetInfo => Bytes::from_static(OK),
+        Local::ClientSetInfo => match state.entry.set_lib(arg(2), arg(3)) {
+            Ok(()) => Bytes::from_static(OK),
+            Err(e) => e,
+        },
+        Local::ClientList => {
+            let args: Vec<&[u8]> = req.args().skip(2).collect();
+            match directory::list(&svc.name, &args) {
+                Ok(text) => verbatim_or_bulk(text, state.resp3),
+                Err(e) => e,
+            }
+        }
+        Local::ClientInfo => verbatim_or_bulk(state.entry.line(), state.resp3),
+        Local::ClientKill => {
+            let args: Vec<&[u8]> = req.args().skip(2).collect();
+            match directory::kill(&svc.name, state.id, &args) {
+                Ok(reply) | Err(reply) => reply,
+            }
+        }
         Local::Reset => {
             state.name = None;
+            state.entry.set_name(None);
+            state
+                .entry
+                .resp
+                .store(2, std::sync::atomic::Ordering::Relaxed);
             state.resp3 = false;
             state.authenticated = !auth_required(svc);
             Bytes::from_static(b"+RESET\r\n")
@@ -89,7 +111,19 @@ pub(super) fn local_reply(
 /// CLIENT SETNAME's rule: printable ASCII without spaces; empty clears the name.
 pub(super) fn set_name(state: &mut ClientState, name: &[u8]) -> Result<(), Bytes> {
     state.name = valid_name(name)?;
+    state.entry.set_name(state.name.clone());
     Ok(())
+}
+
+/// CLIENT LIST / CLIENT INFO text: a verbatim string in RESP3, a bulk string in RESP2, as
+/// Redis sends them.
+fn verbatim_or_bulk(text: String, resp3: bool) -> Bytes {
+    use crate::resp::Frame;
+    if resp3 {
+        Frame::Verbatim(Bytes::from(format!("txt:{text}"))).to_bytes()
+    } else {
+        Frame::Bulk(Bytes::from(text)).to_bytes()
+    }
 }
 
 /// The name a client asked for, as kept (`None`: cleared), or Redis's error.
@@ -185,6 +219,10 @@ pub(super) fn hello(req: &Request<'_>, state: &mut ClientState, svc: &ServiceCtx
     }
     if let Some(p) = protocol {
         state.resp3 = p == 3;
+        state
+            .entry
+            .resp
+            .store(p, std::sync::atomic::Ordering::Relaxed);
     }
     let s = |t: &'static str| Frame::Bulk(Bytes::from_static(t.as_bytes()));
     let (server, version) = svc.upstream_identity();

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use super::input::{InputBuf, read_input};
 use super::pubsub_node::{Counts, Node, confirmation, open_node, placed_by, poll_node};
-use super::{End, Session, stateful};
+use super::{End, Session};
 use crate::cluster::Slot;
 use crate::command;
 use crate::metrics::GaugeGuard;
@@ -198,6 +198,9 @@ impl Session {
                         continue;
                     }
                 }
+            }
+            if self.core.killed.get() {
+                return Piped::End(End::Killed);
             }
             self.core.write_out();
             self.core.out.borrow_mut().drain_into(&mut pipe.to_client);
@@ -366,7 +369,23 @@ impl Session {
     /// Keeps the subscribed-clients gauge in step with the nodes' last counts, so a client
     /// that unsubscribed from everything stops counting at once, not at its next command.
     fn count_subscribed(&self, pipe: &mut Pipe) {
+        use std::sync::atomic::Ordering::Relaxed;
         let subscribed = pipe.nodes.iter().any(|n| n.shards + n.channels > 0);
+        let entry = &self.state.entry;
+        let total =
+            |f: fn(&Node) -> i64| u32::try_from(pipe.nodes.iter().map(f).sum::<i64>()).unwrap_or(0);
+        entry.sub.store(total(|n| n.channels), Relaxed);
+        entry.ssub.store(total(|n| n.shards), Relaxed);
+        let flags = entry.flags.load(Relaxed);
+        let pubsub = super::directory::flag::PUBSUB;
+        entry.flags.store(
+            if subscribed {
+                flags | pubsub
+            } else {
+                flags & !pubsub
+            },
+            Relaxed,
+        );
         if subscribed != pipe.counted.is_some() {
             pipe.counted = subscribed.then(|| GaugeGuard::new(&self.svc.metrics.subscribed));
         }
@@ -526,40 +545,6 @@ impl Session {
                 })
                 .collect(),
         )
-    }
-
-    /// Serves a RESP3 client's command while it is subscribed, as Redis allows: routed
-    /// like any other command, its reply through the session's reply slots, which the pipe
-    /// writes in order among the pushes. `Err(None)`: a RESP2 client, which gets Redis's own
-    /// refusal. Commands that would need a connection of the client's own (transactions,
-    /// blocking commands) or change its state (SELECT, HELLO, AUTH) get the proxy's.
-    fn resp3_dispatch(
-        &mut self,
-        req: &Request<'_>,
-        name: Option<&str>,
-    ) -> Result<(), Option<Bytes>> {
-        if !self.state.resp3 {
-            return Err(None);
-        }
-        let cmd = command::lookup(req);
-        let own = matches!(
-            name,
-            Some("select" | "hello" | "auth" | "monitor" | "sync" | "psync")
-        ) || stateful::txn_kind(cmd).is_some()
-            || stateful::is_blocking(cmd);
-        if own {
-            return Err(Some(error_reply(&format!(
-                "'{}' while subscribed is not supported by redis-intercept: it needs a connection of the client's own, or changes the subscribed one",
-                name.unwrap_or("unknown").replace('|', " ").to_uppercase()
-            ))));
-        }
-        if let Some(refusal) = self.refusal(req, cmd) {
-            self.core.push_ready(error_reply(&refusal));
-            return Ok(());
-        }
-        let deadline = Instant::now() + self.svc.policy().op_timeout;
-        self.dispatch_normal(req, cmd, deadline);
-        Ok(())
     }
 
     /// Queues `PING <nonce>` for every node; the replies tell whether the client is still

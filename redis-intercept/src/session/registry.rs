@@ -40,8 +40,9 @@ impl Drop for ClientGuard {
 }
 
 /// The sessions of one worker, so shutdown can reach them and the worker can wait for them.
-#[derive(Default)]
 pub struct Sessions {
+    /// Where CLIENT KILL from any worker sends the ids of this worker's clients to close.
+    pub(super) killer: tokio::sync::mpsc::Sender<u64>,
     /// Live sessions by client id, with their service (the policy cell every generation of
     /// a service shares stands for it).
     pub(super) live: RefCell<HashMap<u64, (PolicyCell, Rc<ReplySlots>)>>,
@@ -53,6 +54,31 @@ pub struct Sessions {
 }
 
 impl Sessions {
+    /// A worker's sessions, with the task (on the current `LocalSet`) that closes the ones
+    /// CLIENT KILL names.
+    pub fn start() -> Rc<Sessions> {
+        let (killer, mut kills) = tokio::sync::mpsc::channel(super::directory::KILL_QUEUE);
+        let sessions = Rc::new(Sessions {
+            killer,
+            live: RefCell::default(),
+            big_replies_owed: Cell::new(0),
+            budget_waiters: RefCell::default(),
+        });
+        let weak = Rc::downgrade(&sessions);
+        tokio::task::spawn_local(async move {
+            while let Some(id) = kills.recv().await {
+                let Some(sessions) = weak.upgrade() else {
+                    return;
+                };
+                if let Some((_, core)) = sessions.live.borrow().get(&id) {
+                    core.killed.set(true);
+                    core.signal.notify();
+                }
+            }
+        });
+        sessions
+    }
+
     /// Sessions still running.
     pub fn len(&self) -> usize {
         self.live.borrow().len()

@@ -69,6 +69,8 @@ pub(super) struct ReplySlots {
     pub(super) tracked: RefCell<Option<Tracked>>,
     /// The size of this client's next upstream reply, as its last ones suggest.
     pub(super) estimate: ReplyEstimate,
+    /// CLIENT KILL named this client: the session ends.
+    pub(super) killed: Cell<bool>,
 }
 
 /// One session's requests whose replies are counted per command.

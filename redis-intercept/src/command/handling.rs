@@ -1,0 +1,93 @@
+//! How the proxy treats each command of the table: answered by the proxy, forwarded,
+//! refused, or run on a connection of the client's own. Policy, apart from the table itself.
+
+use super::{CommandInfo, flags};
+
+/// How the proxy treats a command. Lower layers decide *where* a command goes; this decides
+/// *whether and how* it can go anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
+    /// Sent to the upstream on a shared pipelined connection.
+    Forward,
+    /// Answered by the proxy itself.
+    Local(Local),
+    /// Needs a connection of its own for the whole MULTI…EXEC (`session/stateful.rs`).
+    Transaction,
+    /// Turns the connection into a subscriber (`session/pubsub.rs`).
+    PubSub,
+    /// May block its connection: served on a dedicated one (`session/stateful.rs`).
+    Blocking,
+    /// Makes no sense through a proxy, or would change the shared connection.
+    Unsupported,
+}
+
+/// Commands the proxy answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// PING [message]
+    Ping,
+    /// ECHO message
+    Echo,
+    /// QUIT: reply OK, then close after earlier replies.
+    Quit,
+    /// SELECT db: only database 0.
+    Select,
+    /// HELLO [protover [AUTH user pass] [SETNAME name]]
+    Hello,
+    /// AUTH [user] pass
+    Auth,
+    /// CLIENT ID
+    ClientId,
+    /// CLIENT SETNAME name
+    ClientSetName,
+    /// CLIENT GETNAME
+    ClientGetName,
+    /// CLIENT SETINFO LIB-NAME|LIB-VER value (sent by newer client libraries on connect)
+    ClientSetInfo,
+    /// CLIENT LIST: the service's clients.
+    ClientList,
+    /// CLIENT INFO: this client.
+    ClientInfo,
+    /// CLIENT KILL: some of the service's clients.
+    ClientKill,
+    /// RESET: back to a fresh connection's state.
+    Reset,
+}
+
+/// Decides the proxy's handling of a command by its full name and flags.
+pub fn handling_for(info: &CommandInfo) -> Handling {
+    use Handling::*;
+    match info.name {
+        "ping" => Local(self::Local::Ping),
+        "echo" => Local(self::Local::Echo),
+        "quit" => Local(self::Local::Quit),
+        "select" => Local(self::Local::Select),
+        "hello" => Local(self::Local::Hello),
+        "auth" => Local(self::Local::Auth),
+        "reset" => Local(self::Local::Reset),
+        "client|id" => Local(self::Local::ClientId),
+        "client|setname" => Local(self::Local::ClientSetName),
+        "client|getname" => Local(self::Local::ClientGetName),
+        "client|setinfo" => Local(self::Local::ClientSetInfo),
+        "client|list" => Local(self::Local::ClientList),
+        "client|info" => Local(self::Local::ClientInfo),
+        "client|kill" => Local(self::Local::ClientKill),
+        "multi" | "exec" | "discard" | "watch" | "unwatch" => Transaction,
+        "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
+        | "sunsubscribe" => PubSub,
+        // Would change or inspect the shared upstream connection, not the client's.
+        "readonly" | "readwrite" | "migrate" | "asking" | "sync" | "psync" | "replconf"
+        | "monitor" | "shutdown" => Unsupported,
+        name if name.starts_with("client|") || name.starts_with("cluster|") => Unsupported,
+        // The server's settings: forwarded (on a cluster SET/RESETSTAT/REWRITE: every node).
+        "config|get" | "config|set" | "config|resetstat" | "config|rewrite" | "config|help" => {
+            Forward
+        }
+        _ if info.has(flags::ADMIN) => Unsupported,
+        // Not flagged `blocking` by Redis 7.0, but it blocks its connection until replicas
+        // acknowledge (refused: see `session::dispatch`).
+        "wait" => Blocking,
+        _ if info.has(flags::BLOCKING) => Blocking,
+        _ => Forward,
+    }
+}
