@@ -154,10 +154,7 @@ pub fn start(config: &Config) -> Result<Proxy> {
             unsupported.join(", ")
         );
     }
-    let workers = match config.proxy.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let workers = config.proxy.worker_count();
     // listeners[service][worker]
     let mut listeners: Vec<Vec<TcpListener>> = Vec::new();
     let mut services = Vec::new();

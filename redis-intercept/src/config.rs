@@ -112,6 +112,25 @@ pub struct ProxyConfig {
     /// much stop being read (one at a time finishes its request); ordinary commands go on.
     #[serde(default = "default_query_buffer_budget")]
     pub query_buffer_budget: ByteSize,
+    /// Most keys the proxy remembers as read by tracking clients (`CLIENT TRACKING`), over
+    /// all workers, like Redis's `tracking-table-max-keys`: past it, keys are forgotten by
+    /// sending their readers an invalidation.
+    #[serde(default = "default_tracking_table_max_keys")]
+    pub tracking_table_max_keys: usize,
+}
+
+fn default_tracking_table_max_keys() -> usize {
+    1_000_000
+}
+
+impl ProxyConfig {
+    /// The worker threads to run: `workers`, or one per CPU.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 fn default_client_query_buffer_limit() -> ByteSize {
@@ -131,6 +150,7 @@ impl Default for ProxyConfig {
             watch_config: default_watch_config(),
             client_query_buffer_limit: default_client_query_buffer_limit(),
             query_buffer_budget: default_query_buffer_budget(),
+            tracking_table_max_keys: default_tracking_table_max_keys(),
         }
     }
 }

@@ -29,5 +29,6 @@ pub mod resp;
 pub mod route;
 pub mod service;
 pub mod session;
+pub mod tracking;
 pub mod upstream;
 pub mod wake;

@@ -143,6 +143,10 @@ pub struct Metrics {
     pub command_families: CommandFamilies,
     /// Requests a fault rule hit.
     pub faults: Family<FaultLabels, Counter>,
+    /// Keys in the client-side caching tables, summed over workers.
+    pub tracking_keys: Gauge,
+    /// Invalidation messages sent to tracking clients.
+    pub tracking_invalidations: Counter,
 }
 
 /// A `result` label.
@@ -183,6 +187,8 @@ impl Metrics {
             route_generations: Family::default(),
             command_families: CommandFamilies::default(),
             faults: Family::default(),
+            tracking_keys: Gauge::default(),
+            tracking_invalidations: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -290,6 +296,16 @@ impl Metrics {
             "query_buffer_bytes",
             "Bytes of unparsed client input held now, over all clients",
             m.query_buffer_bytes.clone(),
+        );
+        registry.register(
+            "tracking_keys",
+            "Keys read by tracking clients (CLIENT TRACKING) that the proxy remembers, over all workers",
+            m.tracking_keys.clone(),
+        );
+        registry.register(
+            "tracking_invalidations",
+            "Invalidation messages sent to tracking clients",
+            m.tracking_invalidations.clone(),
         );
         registry.register(
             "query_buffer_paused",

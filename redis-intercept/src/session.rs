@@ -45,6 +45,7 @@ mod replies;
 mod scan;
 mod stateful;
 mod target;
+mod tracking;
 mod window;
 
 pub use registry::{ClientGuard, Sessions, next_client_id};
@@ -83,6 +84,12 @@ struct ClientState {
     resp3: bool,
     /// What CLIENT LIST shows of it.
     entry: Arc<directory::ClientEntry>,
+    /// CLIENT TRACKING is on.
+    tracking: Option<Rc<crate::tracking::Client>>,
+    /// CLIENT CACHING YES|NO given for the next command.
+    caching: bool,
+    /// Keys of the transaction being queued, while tracking.
+    txn_keys: tracking::TxnKeys,
 }
 
 /// What ended a session's wait.
@@ -129,17 +136,22 @@ pub async fn run(
         tracked: RefCell::new(None),
         estimate: window::ReplyEstimate::default(),
         killed: Cell::new(false),
+        tracked_ops: RefCell::default(),
     });
     let entry = directory::ClientEntry::register(
         id,
         Arc::from(svc.name.as_str()),
         &stream,
-        sessions.killer.clone(),
+        sessions.mailbox.clone(),
     );
-    sessions
-        .live
-        .borrow_mut()
-        .insert(id, (Rc::clone(&svc.policy), Rc::clone(&core)));
+    sessions.live.borrow_mut().insert(
+        id,
+        registry::Live {
+            service: Rc::clone(&svc.policy),
+            core: Rc::clone(&core),
+            entry: Arc::clone(&entry),
+        },
+    );
     let connected = (
         GaugeGuard::new(&svc.metrics.connected),
         GaugeGuard::new(&svc.metrics.worker_connected),
@@ -155,6 +167,9 @@ pub async fn run(
             authenticated: !auth_required(&svc),
             resp3: false,
             entry,
+            tracking: None,
+            caching: false,
+            txn_keys: tracking::TxnKeys::default(),
         },
         forwarder: forward::Forwarder::new(&svc.routes, id, &svc.discard, &client_counts(&svc)),
         svc,
@@ -179,6 +194,7 @@ pub async fn run(
             pubsub::Piped::End(end) => break end,
         }
     };
+    session.end_tracking();
     session.state.entry.unregister();
     session.release_at_end();
     session.window.release(&sessions);
@@ -507,6 +523,9 @@ impl Session {
                             input.consume(n);
                             continue;
                         }
+                        let was_multi = self.stateful.multi;
+                        let token = self.core.next_token();
+                        let keys = tracking::keys_of(&self.state, &req, cmd);
                         let step = self.stateful(&req, cmd, deadline);
                         if matches!(step, stateful::Step::Wait | stateful::Step::Subscribe) {
                             // Offered again once the replies owed on shared connections
@@ -531,6 +550,7 @@ impl Session {
                         if !faulted && matches!(step, stateful::Step::Normal) {
                             self.dispatch_normal(&req, cmd, deadline);
                         }
+                        self.note_tracking(token, was_multi, cmd, keys);
                         self.core.untrack_unused(tracked);
                     }
                     input.consume(n);

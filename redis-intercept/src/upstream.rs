@@ -24,6 +24,7 @@ pub mod sentinel;
 mod sink;
 pub mod standalone;
 pub mod tls;
+pub mod tracking_listener;
 
 use bytes::Bytes;
 

@@ -270,6 +270,40 @@ impl RespReader {
         self.read_raw()
     }
 
+    /// Every frame that arrives until none has for `idle`, as bytes (invalidation pushes,
+    /// pub/sub messages).
+    pub fn drain_raw(&mut self, idle: Duration) -> Vec<Bytes> {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            let bytes = Bytes::copy_from_slice(&self.buf);
+            if let Some((_, len)) = Frame::parse(&bytes, &Limits::default()).unwrap() {
+                got.push(self.buf.split_to(len).freeze());
+                continue;
+            }
+            self.stream.set_read_timeout(Some(idle)).unwrap();
+            let read = self.stream.read(&mut chunk);
+            self.stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            match read {
+                Ok(n) => {
+                    assert!(n > 0, "connection closed");
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return got;
+                }
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
     fn read_both(&mut self) -> (Frame, Bytes) {
         let mut chunk = [0u8; 64 * 1024];
         loop {

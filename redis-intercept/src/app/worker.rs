@@ -82,7 +82,13 @@ impl WorkerPlan {
             kicks,
             query_budget,
         } = self;
-        let sessions = Sessions::start();
+        let sessions = Sessions::start(
+            config.proxy.tracking_table_max_keys / config.proxy.worker_count().max(1),
+            crate::tracking::TrackingMetrics {
+                keys: metrics.tracking_keys.clone(),
+                invalidations: metrics.tracking_invalidations.clone(),
+            },
+        );
         let mut ups = Upstreams {
             worker: index,
             auths: upstream_auths,

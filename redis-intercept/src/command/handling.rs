@@ -52,6 +52,14 @@ pub enum Local {
     ClientKill,
     /// RESET: back to a fresh connection's state.
     Reset,
+    /// CLIENT TRACKING ON|OFF …: client-side caching, by the proxy.
+    ClientTracking,
+    /// CLIENT CACHING YES|NO
+    ClientCaching,
+    /// CLIENT GETREDIR
+    ClientGetRedir,
+    /// CLIENT TRACKINGINFO
+    ClientTrackingInfo,
 }
 
 /// Decides the proxy's handling of a command by its full name and flags.
@@ -72,6 +80,10 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         "client|list" => Local(self::Local::ClientList),
         "client|info" => Local(self::Local::ClientInfo),
         "client|kill" => Local(self::Local::ClientKill),
+        "client|tracking" => Local(self::Local::ClientTracking),
+        "client|caching" => Local(self::Local::ClientCaching),
+        "client|getredir" => Local(self::Local::ClientGetRedir),
+        "client|trackinginfo" => Local(self::Local::ClientTrackingInfo),
         "multi" | "exec" | "discard" | "watch" | "unwatch" => Transaction,
         "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
         | "sunsubscribe" => PubSub,

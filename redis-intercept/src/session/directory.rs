@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
@@ -16,8 +16,29 @@ use crate::command::{Command, CommandInfo};
 use crate::locks::LockRecovered;
 use crate::upstream::error_reply;
 
-/// Kill requests a worker may have waiting; more are dropped (and not counted as killed).
-pub(super) const KILL_QUEUE: usize = 1024;
+/// Messages a worker may have waiting from other workers (kills, invalidations). A kill
+/// past it is dropped (and not counted as killed); an invalidation past it turns into an
+/// "invalidate everything" for its client (`ClientEntry::lost`).
+pub(super) const MAIL_QUEUE: usize = 16 * 1024;
+
+/// What reaches a worker's clients from other workers.
+pub(super) enum Mail {
+    /// CLIENT KILL named this client.
+    Kill(u64),
+    /// An invalidation message, encoded for the client.
+    Push(u64, Bytes),
+    /// Look for clients whose invalidations didn't fit in the queue.
+    Lost,
+}
+
+/// A worker's mail queue.
+#[derive(Clone)]
+pub(super) struct Mailbox {
+    /// The queue.
+    pub(super) tx: tokio::sync::mpsc::Sender<Mail>,
+    /// Some client of the worker has [`ClientEntry::lost`] set.
+    pub(super) lost: Arc<AtomicBool>,
+}
 
 /// Every connected client of the process, by id. Bounded by the services' `max_clients`.
 static CLIENTS: LazyLock<Mutex<HashMap<u64, Arc<ClientEntry>>>> = LazyLock::new(Default::default);
@@ -30,6 +51,12 @@ pub(super) mod flag {
     pub const PUBSUB: u8 = 2;
     /// Waiting on a blocking command (`b`).
     pub const BLOCKED: u8 = 4;
+    /// CLIENT TRACKING on (`t`).
+    pub const TRACKING: u8 = 8;
+    /// Its tracking redirect is gone (`R`).
+    pub const BROKEN_REDIRECT: u8 = 16;
+    /// Tracking in BCAST mode (`B`).
+    pub const BCAST: u8 = 32;
 }
 
 /// Names a client gave itself.
@@ -72,8 +99,11 @@ pub(super) struct ClientEntry {
     last_cmd: AtomicUsize,
     /// Names it gave itself (changed rarely).
     names: Mutex<Names>,
-    /// Its worker's kill channel.
-    killer: tokio::sync::mpsc::Sender<u64>,
+    /// Its worker's mail queue.
+    mailbox: Mailbox,
+    /// An invalidation for it didn't fit in its worker's queue: it must be told to drop
+    /// everything.
+    pub(super) lost: AtomicBool,
 }
 
 impl ClientEntry {
@@ -82,7 +112,7 @@ impl ClientEntry {
         id: u64,
         service: Arc<str>,
         stream: &tokio::net::TcpStream,
-        killer: tokio::sync::mpsc::Sender<u64>,
+        mailbox: Mailbox,
     ) -> Arc<ClientEntry> {
         use std::os::fd::AsRawFd;
         let entry = Arc::new(ClientEntry {
@@ -100,10 +130,31 @@ impl ClientEntry {
             ssub: AtomicU32::new(0),
             last_cmd: AtomicUsize::new(0),
             names: Mutex::new(Names::default()),
-            killer,
+            mailbox,
+            lost: AtomicBool::new(false),
         });
         CLIENTS.locked().insert(id, Arc::clone(&entry));
         entry
+    }
+
+    /// Whether it speaks RESP3, and whether it is subscribed.
+    pub(super) fn protocol(&self) -> (bool, bool) {
+        (
+            self.resp.load(Ordering::Relaxed) == 3,
+            self.flags.load(Ordering::Relaxed) & flag::PUBSUB != 0,
+        )
+    }
+
+    /// Queues `push` for this client on another worker. If the queue is full, the client is
+    /// marked so that it is told to drop everything instead.
+    pub(super) fn post(&self, push: Bytes) {
+        if self.mailbox.tx.try_send(Mail::Push(self.id, push)).is_err() {
+            self.lost.store(true, Ordering::Release);
+            self.mailbox.lost.store(true, Ordering::Release);
+            // Wakes the worker if it emptied the queue meanwhile; if the queue is still
+            // full, the worker is busy with it and sees the mark after.
+            let _ = self.mailbox.tx.try_send(Mail::Lost);
+        }
     }
 
     /// Removes the client (it left).
@@ -165,6 +216,9 @@ impl ClientEntry {
             (flag::MULTI, 'x'),
             (flag::PUBSUB, 'P'),
             (flag::BLOCKED, 'b'),
+            (flag::TRACKING, 't'),
+            (flag::BROKEN_REDIRECT, 'R'),
+            (flag::BCAST, 'B'),
         ] {
             if flags & bit != 0 {
                 f.push(c);
@@ -207,6 +261,11 @@ fn last_command(at: usize) -> &'static str {
     crate::command::all()
         .find(|c| std::ptr::from_ref::<CommandInfo>(c.info) as usize == at)
         .map_or("NULL", |c| c.info.name)
+}
+
+/// The connected client `id`, on any worker.
+pub(super) fn find(id: u64) -> Option<Arc<ClientEntry>> {
+    CLIENTS.locked().get(&id).cloned()
 }
 
 /// CLIENT LIST for a client of `service`: its service's clients, `args` filtering them
@@ -322,7 +381,7 @@ pub(super) fn kill(service: &str, me: u64, args: &[&[u8]]) -> Result<Bytes, Byte
         if *e.service != *service || (skip_me && e.id == me) || !filters.iter().all(|f| f(e)) {
             continue;
         }
-        if e.killer.try_send(e.id).is_ok() {
+        if e.mailbox.tx.try_send(Mail::Kill(e.id)).is_ok() {
             killed += 1;
         }
     }

@@ -61,6 +61,15 @@ pub(super) fn dispatch(
                 let _ = core.deliver(token, reply.into());
             }
         }
+        Some((
+            Handling::Local(
+                local @ (Local::ClientTracking
+                | Local::ClientCaching
+                | Local::ClientGetRedir
+                | Local::ClientTrackingInfo),
+            ),
+            _,
+        )) => super::tracking::command(local, req, state, core),
         Some((Handling::Local(local), _)) => {
             // Arity was checked when the request was read (`Session::refusal`).
             let reply = if local == Local::Select {
@@ -73,6 +82,11 @@ pub(super) fn dispatch(
             } else {
                 let resp3 = state.resp3;
                 if local == Local::Reset {
+                    // RESET turns tracking off, as in Redis.
+                    if state.tracking.take().is_some() {
+                        crate::tracking::tracker().disable(state.id);
+                    }
+                    state.caching = false;
                     // RESET selects database 0 again, as in Redis (0 is always valid).
                     let _ = forwarder.select(0);
                     state
@@ -150,7 +164,10 @@ impl Session {
             return Ok(());
         }
         let deadline = Instant::now() + self.svc.policy().op_timeout;
+        let token = self.core.next_token();
+        let keys = super::tracking::keys_of(&self.state, req, cmd);
         self.dispatch_normal(req, cmd, deadline);
+        self.note_tracking(token, false, cmd, keys);
         Ok(())
     }
 }

@@ -61,6 +61,15 @@ impl Session {
         if self.stateful.is_blocked() && self.core.unfilled.get() > 0 {
             flags |= directory::flag::BLOCKED;
         }
+        if let Some(t) = &self.state.tracking {
+            flags |= directory::flag::TRACKING;
+            if t.broken_redirect.get() {
+                flags |= directory::flag::BROKEN_REDIRECT;
+            }
+            if t.opts.borrow().bcast {
+                flags |= directory::flag::BCAST;
+            }
+        }
         let entry = &self.state.entry;
         if entry.flags.load(Relaxed) != flags {
             entry.flags.store(flags, Relaxed);

@@ -105,6 +105,11 @@ pub(super) fn local_reply(
             Bytes::from_static(b"+RESET\r\n")
         }
         Local::Hello => hello(req, state, svc),
+        // Answered by `tracking::command`, which may answer later.
+        Local::ClientTracking
+        | Local::ClientCaching
+        | Local::ClientGetRedir
+        | Local::ClientTrackingInfo => error_reply("internal error: tracking command misrouted"),
     }
 }
 

@@ -4,11 +4,15 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::rc::Weak;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::ReplySlots;
+use super::directory::{ClientEntry, Mail, Mailbox};
 use crate::service::{PolicyCell, ServiceCtx};
+use crate::tracking::{Message, TrackingMetrics, encode};
+use crate::upstream::ReplySink;
 
 /// Process-wide client ids, as CLIENT ID reports them.
 pub(super) static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
@@ -41,11 +45,11 @@ impl Drop for ClientGuard {
 
 /// The sessions of one worker, so shutdown can reach them and the worker can wait for them.
 pub struct Sessions {
-    /// Where CLIENT KILL from any worker sends the ids of this worker's clients to close.
-    pub(super) killer: tokio::sync::mpsc::Sender<u64>,
+    /// Where other workers send this worker's clients kills and invalidations.
+    pub(super) mailbox: Mailbox,
     /// Live sessions by client id, with their service (the policy cell every generation of
-    /// a service shares stands for it).
-    pub(super) live: RefCell<HashMap<u64, (PolicyCell, Rc<ReplySlots>)>>,
+    /// a service shares stands for it) and what CLIENT LIST shows of them.
+    pub(super) live: RefCell<HashMap<u64, Live>>,
     /// Estimated reply bytes owed upstream to this worker's big-reply clients
     /// (`big_reply_budget`; see `window.rs`).
     pub(super) big_replies_owed: Cell<usize>,
@@ -53,26 +57,69 @@ pub struct Sessions {
     pub(super) budget_waiters: RefCell<Vec<std::rc::Weak<ReplySlots>>>,
 }
 
+/// A live session as the worker reaches it.
+pub(super) struct Live {
+    /// Its service.
+    pub(super) service: PolicyCell,
+    /// Its reply slots.
+    pub(super) core: Rc<ReplySlots>,
+    /// Its directory entry.
+    pub(super) entry: Arc<ClientEntry>,
+}
+
 impl Sessions {
-    /// A worker's sessions, with the task (on the current `LocalSet`) that closes the ones
-    /// CLIENT KILL names.
-    pub fn start() -> Rc<Sessions> {
-        let (killer, mut kills) = tokio::sync::mpsc::channel(super::directory::KILL_QUEUE);
+    /// A worker's sessions, with the task (on the current `LocalSet`) that delivers what
+    /// other workers send them (CLIENT KILL, invalidations), and the worker's client-side
+    /// caching table (`max_tracked_keys` keys at most) delivering to them.
+    pub fn start(max_tracked_keys: usize, tracking: TrackingMetrics) -> Rc<Sessions> {
+        let (tx, mut mail) = tokio::sync::mpsc::channel(super::directory::MAIL_QUEUE);
         let sessions = Rc::new(Sessions {
-            killer,
+            mailbox: Mailbox {
+                tx,
+                lost: Arc::default(),
+            },
             live: RefCell::default(),
             big_replies_owed: Cell::new(0),
             budget_waiters: RefCell::default(),
         });
         let weak = Rc::downgrade(&sessions);
+        crate::tracking::tracker().install(
+            max_tracked_keys,
+            tracking,
+            Rc::new(move |target, redirected, msg| deliver(&weak, target, redirected, msg)),
+        );
+        let weak = Rc::downgrade(&sessions);
         tokio::task::spawn_local(async move {
-            while let Some(id) = kills.recv().await {
+            while let Some(m) = mail.recv().await {
                 let Some(sessions) = weak.upgrade() else {
                     return;
                 };
-                if let Some((_, core)) = sessions.live.borrow().get(&id) {
-                    core.killed.set(true);
-                    core.signal.notify();
+                let live = sessions.live.borrow();
+                match m {
+                    Mail::Kill(id) => {
+                        if let Some(l) = live.get(&id) {
+                            l.core.killed.set(true);
+                            l.core.signal.notify();
+                        }
+                    }
+                    Mail::Push(id, push) => {
+                        if let Some(l) = live.get(&id) {
+                            l.core.push_oob(push);
+                            l.core.flush();
+                        }
+                    }
+                    Mail::Lost => {}
+                }
+                if sessions.mailbox.lost.swap(false, Ordering::AcqRel) {
+                    for l in live.values() {
+                        if l.entry.lost.swap(false, Ordering::AcqRel) {
+                            let (resp3, pubsub) = l.entry.protocol();
+                            if let Some(all) = encode(&Message::All, resp3, pubsub) {
+                                l.core.push_oob(all);
+                                l.core.flush();
+                            }
+                        }
+                    }
                 }
             }
         });
@@ -92,27 +139,50 @@ impl Sessions {
     /// Wakes every session to read its service's [`Policy`] again after a reload: a wait
     /// that began before it (an idle client's, say) may end sooner now.
     pub fn wake_all(&self) {
-        for (_, core) in self.live.borrow().values() {
-            core.signal.notify();
+        for l in self.live.borrow().values() {
+            l.core.signal.notify();
         }
     }
 
     /// Asks every session to stop reading, finish the replies it owes, and close.
     pub fn shut_down(&self) {
-        for (_, core) in self.live.borrow().values() {
-            core.shutdown.set(true);
-            core.signal.notify();
+        for l in self.live.borrow().values() {
+            l.core.shutdown.set(true);
+            l.core.signal.notify();
         }
     }
 
     /// [`Sessions::shut_down`] for the clients of `svc`'s service only (a reload removed
     /// it).
     pub fn shut_down_service(&self, svc: &ServiceCtx) {
-        for (service, core) in self.live.borrow().values() {
-            if Rc::ptr_eq(service, &svc.policy) {
-                core.shutdown.set(true);
-                core.signal.notify();
+        for l in self.live.borrow().values() {
+            if Rc::ptr_eq(&l.service, &svc.policy) {
+                l.core.shutdown.set(true);
+                l.core.signal.notify();
             }
         }
     }
+}
+
+/// Hands an invalidation message to client `target`, on this worker or another, encoded for
+/// it; false when no such client is connected.
+fn deliver(sessions: &Weak<Sessions>, target: u64, redirected: bool, msg: &Message<'_>) -> bool {
+    if let Some(sessions) = sessions.upgrade()
+        && let Some(l) = sessions.live.borrow().get(&target)
+    {
+        let (resp3, pubsub) = l.entry.protocol();
+        if let Some(push) = encode(msg, resp3, redirected && pubsub) {
+            l.core.push_oob(push);
+            l.core.flush();
+        }
+        return true;
+    }
+    let Some(entry) = super::directory::find(target) else {
+        return false;
+    };
+    let (resp3, pubsub) = entry.protocol();
+    if let Some(push) = encode(msg, resp3, redirected && pubsub) {
+        entry.post(push);
+    }
+    true
 }

@@ -15,6 +15,7 @@ use super::output::{OWN_CHUNK, Output};
 use super::window::ReplyEstimate;
 use crate::command::Command;
 use crate::metrics::{CommandHandles, CommandStats, Latency, LatencyBatch, UNKNOWN};
+use crate::tracking;
 use crate::upstream::{Reply, ReplySink};
 use crate::wake::Wake;
 
@@ -71,6 +72,8 @@ pub(super) struct ReplySlots {
     pub(super) estimate: ReplyEstimate,
     /// CLIENT KILL named this client: the session ends.
     pub(super) killed: Cell<bool>,
+    /// Tracked requests waiting for their replies, in token order.
+    pub(super) tracked_ops: RefCell<VecDeque<TrackedOp>>,
 }
 
 /// One session's requests whose replies are counted per command.
@@ -82,8 +85,43 @@ pub(super) struct Tracked {
     pub(super) open: VecDeque<(u64, Rc<CommandHandles>, Instant)>,
 }
 
+/// A tracking client's request whose reply the tracker must see (`tracking.rs`).
+pub(super) struct TrackedOp {
+    /// Its slot.
+    pub(super) token: u64,
+    /// The client's id.
+    pub(super) id: u64,
+    /// Keys it reads (recorded when the reply comes).
+    pub(super) reads: Vec<Bytes>,
+    /// The tracker's sequence number when it was sent.
+    pub(super) seq: u64,
+}
+
 impl ReplySink for ReplySlots {
     fn deliver(&self, token: u64, reply: Reply<'_>) -> bool {
+        let flush = self.fill(token, reply);
+        if !self.tracked_ops.borrow().is_empty() {
+            self.settle_tracking(token);
+        }
+        flush
+    }
+
+    fn flush(&self) {
+        self.write_out();
+        let out_left = !self.out.borrow().is_empty();
+        if self.wake_on_progress.get() || out_left || self.failure.get().is_some() {
+            self.signal.notify();
+        }
+    }
+
+    fn expects_more(&self) -> bool {
+        self.unfilled.get() > 0
+    }
+}
+
+impl ReplySlots {
+    /// Puts `reply` in slot `token`; true when the caller should flush.
+    fn fill(&self, token: u64, reply: Reply<'_>) -> bool {
         if self.failure.get().is_some() {
             // The session is ending (or has ended, see `close`): nobody will read this, so
             // it isn't kept. Without this, a client that left with many big requests in
@@ -128,20 +166,44 @@ impl ReplySink for ReplySlots {
         head_ready && !self.flush_queued.replace(true)
     }
 
-    fn flush(&self) {
-        self.write_out();
-        let out_left = !self.out.borrow().is_empty();
-        if self.wake_on_progress.get() || out_left || self.failure.get().is_some() {
-            self.signal.notify();
+    /// The reply of slot `token` came: a tracked read is recorded (or invalidated at once,
+    /// behind the reply).
+    fn settle_tracking(&self, token: u64) {
+        let op = {
+            // Only slots waiting for a reply get an entry, and each such slot is filled
+            // once (or `fail` clears them all), so this stays as long as the pipeline.
+            let mut ops = self.tracked_ops.borrow_mut();
+            let at = ops.iter().position(|o| o.token == token);
+            at.and_then(|i| ops.remove(i))
+        };
+        if let Some(op) = op {
+            tracking::tracker().read_done(op.id, &op.reads, op.seq);
         }
     }
 
-    fn expects_more(&self) -> bool {
-        self.unfilled.get() > 0
+    /// Whether slot `token` waits for its reply.
+    pub(super) fn is_pending(&self, token: u64) -> bool {
+        token
+            .checked_sub(self.head.get())
+            .and_then(|i| self.slots.borrow().get(i as usize).map(Option::is_none))
+            .unwrap_or(false)
     }
-}
 
-impl ReplySlots {
+    /// Appends a message that isn't a reply (an invalidation push): behind every reply owed
+    /// now, so it never overtakes the reply it is about.
+    pub(super) fn push_oob(&self, msg: Bytes) {
+        if self.failure.get().is_some() {
+            return;
+        }
+        let mut slots = self.slots.borrow_mut();
+        if slots.is_empty() {
+            self.out.borrow_mut().push_slice(&msg);
+        } else {
+            self.held.set(self.held.get() + msg.len());
+            slots.push_back(Some(msg));
+        }
+    }
+
     /// Reserves the next slot; returns its token.
     /// The token the next slot will get.
     pub(super) fn next_token(&self) -> u64 {
@@ -217,6 +279,7 @@ impl ReplySlots {
         self.held.set(0);
         self.unfilled.set(0);
         self.out.borrow_mut().clear();
+        self.tracked_ops.borrow_mut().clear();
         if let Some(t) = self.tracked.borrow_mut().as_mut() {
             t.open.clear();
         }

@@ -387,6 +387,8 @@ impl ClusterNodes {
         let new = self.map.borrow();
         if old.shards() != new.shards() || old.covered() != new.covered() {
             info!(upstream = %self.settings.name, shards = new.shards().len(), covered = new.covered(), "cluster topology changed");
+            // Slots may have new masters, which don't know what was read from the old ones.
+            crate::tracking::tracker().topology_changed();
         }
         self.status.publish(self.settings.worker, view(&new));
     }

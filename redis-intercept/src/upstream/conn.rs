@@ -88,6 +88,9 @@ pub(super) struct Inner {
     /// Its task runs (or ran). A lazy connection (a node's bulk lane) starts it with its
     /// first request.
     pub(super) started: Cell<bool>,
+    /// The tracking epoch at which this connection last made sure its node has a tracking
+    /// listener (`tracking.rs`); 0: never.
+    pub(super) tracking_seen: Cell<u64>,
 }
 
 impl NodeConn {
@@ -116,6 +119,10 @@ impl NodeConn {
         metrics: NodeMetrics,
         dedicated: bool,
     ) -> NodeConn {
+        if settings.budget.is_some() {
+            // It carries clients' requests: client-side caching listens to its node.
+            crate::tracking::note_node(&addr, &settings);
+        }
         NodeConn(Rc::new(Inner {
             down: RefCell::new(UpstreamError::NotYet { addr: addr.clone() }),
             charged: Cell::new(0),
@@ -137,6 +144,7 @@ impl NodeConn {
             on_readonly: RefCell::new(None),
             dedicated,
             started: Cell::new(true),
+            tracking_seen: Cell::new(0),
         }))
     }
 
@@ -269,6 +277,9 @@ impl NodeConn {
                 },
                 other => other.clone(),
             });
+        }
+        if inner.settings.budget.is_some() {
+            crate::tracking::on_send(inner.addr.as_str(), &inner.settings, &inner.tracking_seen);
         }
         let mut out = inner.out.borrow_mut();
         if out.len() >= inner.settings.max_pending_bytes {

@@ -1,0 +1,570 @@
+//! Client-side caching through the proxy (`CLIENT TRACKING`): which client read which key,
+//! and the invalidation messages fanned out to them, per worker.
+//!
+//! Clients' reads go over the ordinary shared connections, so Redis can't know who read
+//! what. Instead each worker holds, per upstream node, one listener connection in RESP3
+//! with `CLIENT TRACKING ON BCAST` (`upstream/tracking_listener.rs`): Redis tells it of
+//! every key modified on that node. The worker keeps its own table of which client read
+//! which key (bounded, evicted by invalidating, as Redis does) and sends each reader its
+//! invalidation.
+//!
+//! Never stale: a read's reply and the listener's message for a later write come on
+//! different sockets, so the message may be handled before the reply. Every key the
+//! listeners report is remembered for a while with a sequence number (`Recent`); a read
+//! records the number when it is sent, and when its reply arrives, a key invalidated since
+//! (or any doubt: a listener down or restarted since, the memory overflowed) makes the
+//! proxy send the invalidation right after the reply instead of recording the read. A
+//! listener that comes up (a new node, a reconnect) invalidates everything its tracking
+//! clients hold, since writes before it went unseen.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::rc::{Rc, Weak};
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::upstream::ConnSettings;
+use crate::upstream::tracking_listener::Listener;
+
+/// How many invalidated keys a worker remembers for reads in flight; a read that took longer
+/// than this many invalidations is invalidated after its reply, to be safe.
+const RECENT: usize = 64 * 1024;
+
+/// Most `CLIENT TRACKING ON` replies waiting for listeners; past it they are answered at
+/// once (their first reads are then invalidated as soon as answered).
+const MAX_WAITING: usize = 4096;
+
+/// A client's `CLIENT TRACKING ON` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `REDIRECT id` (0: none).
+    pub redirect: u64,
+    /// `BCAST`.
+    pub bcast: bool,
+    /// `PREFIX`es (BCAST only; none means every key).
+    pub prefixes: Vec<Bytes>,
+    /// `OPTIN`.
+    pub optin: bool,
+    /// `OPTOUT`.
+    pub optout: bool,
+    /// `NOLOOP`.
+    pub noloop: bool,
+}
+
+/// One tracking client, shared by its session and the worker's tracker.
+pub struct Client {
+    /// Its client id.
+    pub id: u64,
+    /// Its options.
+    pub opts: RefCell<Options>,
+    /// Its redirect target was gone when an invalidation was due (`broken_redirect`).
+    pub broken_redirect: Cell<bool>,
+    /// Its `CLIENT TRACKING ON` was answered: the listeners were up. Until then its reads
+    /// are invalidated as soon as they are answered.
+    pub ready: Cell<bool>,
+    /// It may hold keys read since it was last told to drop everything: a flush seen by
+    /// several listeners (a cluster's FLUSHALL) tells it once.
+    holds: Cell<bool>,
+}
+
+impl Client {
+    /// A client with tracking on, with `opts`.
+    pub fn new(id: u64, opts: Options) -> Rc<Client> {
+        Rc::new(Client {
+            id,
+            opts: RefCell::new(opts),
+            broken_redirect: Cell::new(false),
+            ready: Cell::new(false),
+            holds: Cell::new(true),
+        })
+    }
+}
+
+/// An invalidation message, before it is encoded for its receiver's protocol.
+pub enum Message<'a> {
+    /// These keys changed.
+    Keys(&'a [Bytes]),
+    /// Everything (a flush, a listener restart).
+    All,
+    /// The client this one redirects to is gone (RESP3 only).
+    RedirBroken(u64),
+}
+
+/// Hands a message to client `target` (the tracking client itself, or the one it
+/// redirects to, `redirected`); false when no such client is connected.
+pub type Deliver = dyn Fn(u64, bool, &Message<'_>) -> bool;
+
+/// What the tracker counts, for metrics.
+#[derive(Clone, Default)]
+pub struct TrackingMetrics {
+    /// Keys in the tracking tables.
+    pub keys: Gauge,
+    /// Invalidation messages sent to clients.
+    pub invalidations: Counter,
+}
+
+/// Recently invalidated keys (by hash), with their sequence numbers.
+#[derive(Default)]
+struct Recent {
+    /// Hashes and their numbers, oldest first.
+    ring: VecDeque<(u64, u64)>,
+    /// The number of the newest entry dropped from `ring`.
+    evicted: u64,
+    /// Last number of each hash still in `ring`.
+    last: HashMap<u64, u64>,
+}
+
+/// A worker's tracking state.
+pub struct Tracker {
+    /// Tracking clients by id.
+    clients: RefCell<HashMap<u64, Rc<Client>>>,
+    /// Clients in BCAST mode.
+    bcast: RefCell<Vec<Weak<Client>>>,
+    /// Which clients read each key since its last invalidation.
+    table: RefCell<HashMap<Bytes, Vec<u64>>>,
+    /// Most keys in `table`.
+    max_keys: Cell<usize>,
+    /// Sequence number of the last invalidated key (or event).
+    seq: Cell<u64>,
+    /// Reads sent before this number are not recorded (a listener came up or went down).
+    reset_at: Cell<u64>,
+    /// Keys invalidated lately.
+    recent: RefCell<Recent>,
+    /// Listener per node address.
+    listeners: RefCell<HashMap<String, Rc<Listener>>>,
+    /// Listeners not up.
+    down: Cell<usize>,
+    /// Bumped when the listeners are all closed, so connections look again.
+    epoch: Cell<u64>,
+    /// Waiting for every listener to be up (`CLIENT TRACKING ON` replies then).
+    ready: RefCell<Vec<Box<dyn FnOnce()>>>,
+    /// Nodes this worker connects to, with settings to reach them.
+    nodes: RefCell<HashMap<String, ConnSettings>>,
+    /// The worker's sessions.
+    deliver: RefCell<Option<Rc<Deliver>>>,
+    /// Metrics.
+    metrics: RefCell<TrackingMetrics>,
+    /// Hasher for `recent`.
+    hasher: foldhash::fast::FixedState,
+}
+
+thread_local! {
+    /// This worker's tracker.
+    static TRACKER: Rc<Tracker> = Rc::new(Tracker::new());
+}
+
+/// This worker's tracker.
+pub fn tracker() -> Rc<Tracker> {
+    TRACKER.with(Rc::clone)
+}
+
+/// Remembers a node this worker's clients' requests go to (see [`Tracker::note_node`]).
+pub fn note_node(addr: &str, settings: &ConnSettings) {
+    TRACKER.with(|t| t.note_node(addr, settings));
+}
+
+/// A request is about to go to `addr`: while clients track keys, its node needs a listener.
+/// `seen` is the connection's last epoch, so this costs a comparison once it is sure.
+pub fn on_send(addr: &str, settings: &ConnSettings, seen: &Cell<u64>) {
+    TRACKER.with(|t| {
+        if seen.get() != t.epoch() && t.active() {
+            t.ensure_listener(addr, settings);
+            seen.set(t.epoch());
+        }
+    });
+}
+
+impl Tracker {
+    fn new() -> Tracker {
+        Tracker {
+            clients: RefCell::default(),
+            bcast: RefCell::default(),
+            table: RefCell::default(),
+            max_keys: Cell::new(1_000_000),
+            seq: Cell::new(0),
+            reset_at: Cell::new(0),
+            recent: RefCell::default(),
+            listeners: RefCell::default(),
+            down: Cell::new(0),
+            epoch: Cell::new(1),
+            ready: RefCell::default(),
+            nodes: RefCell::default(),
+            deliver: RefCell::default(),
+            metrics: RefCell::default(),
+            hasher: foldhash::fast::FixedState::default(),
+        }
+    }
+
+    /// Sets the worker's table size, metrics and sessions.
+    pub fn install(&self, max_keys: usize, metrics: TrackingMetrics, deliver: Rc<Deliver>) {
+        self.max_keys.set(max_keys.max(1));
+        *self.metrics.borrow_mut() = metrics;
+        *self.deliver.borrow_mut() = Some(deliver);
+    }
+
+    /// Whether any client of this worker tracks keys (connections then make sure their
+    /// node has a listener).
+    pub fn active(&self) -> bool {
+        !self.clients.borrow().is_empty()
+    }
+
+    /// The current epoch: a connection that saw it already made sure of its listener.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.get()
+    }
+
+    /// The sequence number a read sent now records.
+    pub fn seq(&self) -> u64 {
+        self.seq.get()
+    }
+
+    /// Remembers a node this worker connects to, so tracking can listen to it.
+    pub fn note_node(&self, addr: &str, settings: &ConnSettings) {
+        if !self.nodes.borrow().contains_key(addr) {
+            self.nodes
+                .borrow_mut()
+                .insert(addr.to_owned(), settings.clone());
+        }
+    }
+
+    /// Makes sure `addr` has a listener (tracking is active and a connection to it is used).
+    pub fn ensure_listener(self: &Rc<Self>, addr: &str, settings: &ConnSettings) {
+        if self.listeners.borrow().contains_key(addr) {
+            return;
+        }
+        self.note_node(addr, settings);
+        let listener = Listener::start(addr, settings, Rc::downgrade(self));
+        self.down.set(self.down.get() + 1);
+        self.listeners
+            .borrow_mut()
+            .insert(addr.to_owned(), listener);
+    }
+
+    /// Turns tracking on for `client`; `then` runs once every node this worker knows has a
+    /// listener up (at once if they are), so that the client's first reads are recorded.
+    pub fn enable(self: &Rc<Self>, client: &Rc<Client>, then: Box<dyn FnOnce()>) {
+        let nodes: Vec<(String, ConnSettings)> = self
+            .nodes
+            .borrow()
+            .iter()
+            .map(|(a, s)| (a.clone(), s.clone()))
+            .collect();
+        for (addr, settings) in &nodes {
+            self.ensure_listener(addr, settings);
+        }
+        self.clients
+            .borrow_mut()
+            .insert(client.id, Rc::clone(client));
+        if client.opts.borrow().bcast {
+            self.bcast.borrow_mut().push(Rc::downgrade(client));
+        }
+        if self.down.get() == 0 || self.ready.borrow().len() >= MAX_WAITING {
+            then();
+        } else {
+            self.ready.borrow_mut().push(then);
+        }
+    }
+
+    /// Tells client `id` to drop everything it holds (a transaction read more keys than the
+    /// proxy notes).
+    pub fn invalidate_client(&self, id: u64) {
+        let client = self.clients.borrow().get(&id).cloned();
+        if let Some(c) = client {
+            self.send(&c, &Message::All);
+        }
+    }
+
+    /// Turns tracking off for client `id` (its table entries go lazily, as in Redis).
+    pub fn disable(&self, id: u64) {
+        let gone = self.clients.borrow_mut().remove(&id);
+        if gone.is_none() {
+            return;
+        }
+        self.bcast
+            .borrow_mut()
+            .retain(|c| c.upgrade().is_some_and(|c| c.id != id));
+        if self.clients.borrow().is_empty() {
+            // Nobody tracks: stop the listeners (Redis sends them every write) and forget.
+            for (_, l) in self.listeners.borrow_mut().drain() {
+                l.close();
+            }
+            self.down.set(0);
+            self.epoch.set(self.epoch.get() + 1);
+            let dropped = self.table.borrow().len();
+            self.table.borrow_mut().clear();
+            self.metrics.borrow().keys.dec_by(dropped as i64);
+            for f in self.ready.borrow_mut().drain(..) {
+                f();
+            }
+        }
+    }
+
+    /// A tracked read of `keys` by client `id`, sent at `seq`, got its reply: record it, or
+    /// invalidate the keys at once if they may have changed since.
+    pub fn read_done(&self, id: u64, keys: &[Bytes], seq: u64) {
+        let Some(client) = self.clients.borrow().get(&id).cloned() else {
+            return;
+        };
+        if client.opts.borrow().bcast || keys.is_empty() {
+            return;
+        }
+        if !client.ready.get() || !self.safe_since(seq, keys) {
+            for key in keys {
+                self.send(&client, &Message::Keys(std::slice::from_ref(key)));
+            }
+            return;
+        }
+        client.holds.set(true);
+        let mut evict = Vec::new();
+        {
+            let mut table = self.table.borrow_mut();
+            for key in keys {
+                match table.get_mut(key) {
+                    Some(ids) => {
+                        if !ids.contains(&id) {
+                            ids.push(id);
+                        }
+                    }
+                    None => {
+                        if table.len() >= self.max_keys.get()
+                            && let Some(k) = table.keys().next().cloned()
+                            && let Some(ids) = table.remove(&k)
+                        {
+                            evict.push((k, ids));
+                        }
+                        table.insert(key.clone(), vec![id]);
+                        self.metrics.borrow().keys.inc();
+                    }
+                }
+            }
+        }
+        for (key, ids) in evict {
+            self.metrics.borrow().keys.dec();
+            self.fan_out_key(&key, &ids);
+        }
+    }
+
+    /// Whether nothing may have changed `keys` since `seq` unseen.
+    fn safe_since(&self, seq: u64, keys: &[Bytes]) -> bool {
+        if self.down.get() > 0 || seq < self.reset_at.get() || self.listeners.borrow().is_empty() {
+            return false;
+        }
+        let recent = self.recent.borrow();
+        if recent.evicted > seq {
+            return false;
+        }
+        keys.iter().all(|k| {
+            recent
+                .last
+                .get(&self.hasher.hash_one(k))
+                .is_none_or(|&at| at <= seq)
+        })
+    }
+
+    /// A listener reported `keys` modified on its node.
+    pub fn invalidated(&self, keys: &[Bytes]) {
+        {
+            let mut recent = self.recent.borrow_mut();
+            for key in keys {
+                let seq = self.seq.get() + 1;
+                self.seq.set(seq);
+                let h = self.hasher.hash_one(key);
+                recent.ring.push_back((h, seq));
+                recent.last.insert(h, seq);
+                if recent.ring.len() > RECENT
+                    && let Some((old, at)) = recent.ring.pop_front()
+                {
+                    if recent.last.get(&old) == Some(&at) {
+                        recent.last.remove(&old);
+                    }
+                    recent.evicted = at;
+                }
+            }
+        }
+        for key in keys {
+            let ids = self.table.borrow_mut().remove(key);
+            if let Some(ids) = ids {
+                self.metrics.borrow().keys.dec();
+                self.fan_out_key(key, &ids);
+            }
+        }
+        self.broadcast(keys);
+    }
+
+    /// Sends the invalidation of `key` to the clients in `ids`.
+    fn fan_out_key(&self, key: &Bytes, ids: &[u64]) {
+        for id in ids {
+            let client = self.clients.borrow().get(id).cloned();
+            if let Some(c) = client
+                && !c.opts.borrow().bcast
+            {
+                self.send(&c, &Message::Keys(std::slice::from_ref(key)));
+            }
+        }
+    }
+
+    /// Sends BCAST clients the keys that match their prefixes, one message per prefix.
+    fn broadcast(&self, keys: &[Bytes]) {
+        let clients: Vec<Rc<Client>> = self
+            .bcast
+            .borrow()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for c in clients {
+            let prefixes = c.opts.borrow().prefixes.clone();
+            let all = [Bytes::new()];
+            let prefixes = if prefixes.is_empty() {
+                &all[..]
+            } else {
+                &prefixes[..]
+            };
+            for p in prefixes {
+                let matching: Vec<Bytes> =
+                    keys.iter().filter(|k| k.starts_with(p)).cloned().collect();
+                if !matching.is_empty() {
+                    self.send(&c, &Message::Keys(&matching));
+                }
+            }
+        }
+    }
+
+    /// A listener reported a flush: every tracking client is told to drop everything.
+    pub fn flushed(&self) {
+        self.reset();
+        self.invalidate_all();
+    }
+
+    /// A listener came up (after `CLIENT TRACKING ON BCAST`): writes before went unseen, so
+    /// everything tracked until now is invalidated.
+    pub fn listener_up(&self) {
+        self.down.set(self.down.get().saturating_sub(1));
+        self.reset();
+        self.invalidate_all();
+        if self.down.get() == 0 {
+            let waiting: Vec<_> = self.ready.borrow_mut().drain(..).collect();
+            for f in waiting {
+                f();
+            }
+        }
+    }
+
+    /// A listener lost its connection: writes from now on go unseen until it is back.
+    pub fn listener_down(&self) {
+        self.down.set(self.down.get() + 1);
+        self.reset();
+        self.invalidate_all();
+    }
+
+    /// The cluster's slots moved (a failover, a resharding): a new master doesn't know what
+    /// was read from the old one.
+    pub fn topology_changed(&self) {
+        if self.active() {
+            self.reset();
+            self.invalidate_all();
+        }
+    }
+
+    /// Reads in flight from now on are not recorded.
+    fn reset(&self) {
+        self.seq.set(self.seq.get() + 1);
+        self.reset_at.set(self.seq.get());
+    }
+
+    /// Drops the table and tells every tracking client to drop everything.
+    fn invalidate_all(&self) {
+        let dropped = self.table.borrow().len();
+        if dropped > 0 {
+            self.table.borrow_mut().clear();
+            self.metrics.borrow().keys.dec_by(dropped as i64);
+        }
+        let clients: Vec<Rc<Client>> = self.clients.borrow().values().cloned().collect();
+        for c in clients.iter().filter(|c| c.ready.get()) {
+            let bcast = c.opts.borrow().bcast;
+            if c.holds.replace(bcast) {
+                self.send(c, &Message::All);
+            }
+        }
+    }
+
+    /// Sends `msg` to `client`, or to the client it redirects to.
+    fn send(&self, client: &Client, msg: &Message<'_>) {
+        let Some(deliver) = self.deliver.borrow().clone() else {
+            return;
+        };
+        let redirect = client.opts.borrow().redirect;
+        let target = if redirect == 0 { client.id } else { redirect };
+        if deliver(target, redirect != 0, msg) {
+            self.metrics.borrow().invalidations.inc();
+        } else if redirect != 0 {
+            client.broken_redirect.set(true);
+            deliver(client.id, false, &Message::RedirBroken(redirect));
+        }
+    }
+}
+
+/// Encodes `msg` for a receiver in RESP3 (`resp3`), or in RESP2 subscribed and redirected
+/// to (`pubsub`); `None` when Redis would send that receiver nothing.
+pub fn encode(msg: &Message<'_>, resp3: bool, redirected_pubsub: bool) -> Option<Bytes> {
+    use crate::resp::Frame;
+    let value = match msg {
+        Message::Keys(keys) => Frame::Array(keys.iter().cloned().map(Frame::Bulk).collect()),
+        Message::All if resp3 => Frame::Null,
+        Message::All => Frame::NullBulk,
+        Message::RedirBroken(id) if resp3 => {
+            return Some(
+                Frame::Push(vec![
+                    Frame::Bulk(Bytes::from_static(b"tracking-redir-broken")),
+                    Frame::Integer(*id as i64),
+                ])
+                .to_bytes(),
+            );
+        }
+        Message::RedirBroken(_) => return None,
+    };
+    if resp3 {
+        Some(Frame::Push(vec![Frame::Bulk(Bytes::from_static(b"invalidate")), value]).to_bytes())
+    } else if redirected_pubsub {
+        Some(
+            Frame::Array(vec![
+                Frame::Bulk(Bytes::from_static(b"message")),
+                Frame::Bulk(Bytes::from_static(b"__redis__:invalidate")),
+                value,
+            ])
+            .to_bytes(),
+        )
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_encoded_as_redis_sends_them() {
+        let keys = [Bytes::from_static(b"k")];
+        let msg = Message::Keys(&keys);
+        assert_eq!(
+            encode(&msg, true, false).as_deref(),
+            Some(&b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"[..])
+        );
+        assert_eq!(
+            encode(&msg, false, true).as_deref(),
+            Some(&b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$1\r\nk\r\n"[..])
+        );
+        assert_eq!(encode(&msg, false, false), None);
+        assert_eq!(
+            encode(&Message::All, true, false).as_deref(),
+            Some(&b">2\r\n$10\r\ninvalidate\r\n_\r\n"[..])
+        );
+        assert_eq!(
+            encode(&Message::All, false, true).as_deref(),
+            Some(&b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n$-1\r\n"[..])
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! A worker's listener on one node for client-side caching: a RESP3 connection in
+//! `CLIENT TRACKING ON BCAST` mode, to which Redis pushes every key modified on the node.
+//! It reports them to the worker's tracker (`tracking.rs`), and reports when it is up and
+//! when it is lost, since keys modified while it is down go unseen.
+
+use std::cell::Cell;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, warn};
+
+use super::ConnSettings;
+use super::connect::{open, read_replies};
+use super::driver::BACKOFF_START;
+use crate::config::NodeAddr;
+use crate::resp::Frame;
+use crate::tracking::Tracker;
+use crate::wake::Wake;
+
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// One node's listener.
+pub struct Listener {
+    /// The node.
+    addr: NodeAddr,
+    /// How to reach it (RESP3, no database, no READONLY).
+    settings: ConnSettings,
+    /// Set by [`Listener::close`].
+    closed: Cell<bool>,
+    /// Wakes the task to end.
+    wake_close: Wake,
+}
+
+impl Listener {
+    /// Starts the listener for `addr` on the current `LocalSet`.
+    pub fn start(addr: &str, settings: &ConnSettings, tracker: Weak<Tracker>) -> Rc<Listener> {
+        let mut settings = settings.clone();
+        settings.protocol = Some(3);
+        settings.readonly = false;
+        settings.db = 0;
+        settings.budget = None;
+        settings.write_delay = Duration::ZERO;
+        let listener = Rc::new(Listener {
+            addr: NodeAddr::unparsed(addr.to_owned()),
+            settings,
+            closed: Cell::new(false),
+            wake_close: Wake::default(),
+        });
+        tokio::task::spawn_local(Rc::clone(&listener).run(tracker));
+        listener
+    }
+
+    /// Ends the listener (nobody tracks any more).
+    pub fn close(&self) {
+        self.closed.set(true);
+        self.wake_close.notify();
+    }
+
+    async fn run(self: Rc<Self>, tracker: Weak<Tracker>) {
+        let mut backoff = BACKOFF_START;
+        while !self.closed.get() {
+            let served = tokio::select! {
+                r = self.serve(&tracker) => r,
+                () = self.wake_close.wait() => return,
+            };
+            let Some(t) = tracker.upgrade() else { return };
+            match served {
+                Ok(why) => {
+                    // It was up: the tracker counted it up, and counts it down now.
+                    warn!(upstream = %self.addr, reason = %why, "tracking listener lost");
+                    if self.closed.get() {
+                        return;
+                    }
+                    t.listener_down();
+                    backoff = BACKOFF_START;
+                }
+                Err(why) => {
+                    debug!(upstream = %self.addr, reason = %why, "tracking listener failed to start");
+                }
+            }
+            drop(t);
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = self.wake_close.wait() => return,
+            }
+            backoff = (backoff * 2).min(self.settings.backoff_max.max(BACKOFF_START));
+        }
+    }
+
+    /// Connects, turns tracking on and reports pushes until the connection fails: `Err`
+    /// before it was up, `Ok` after.
+    async fn serve(&self, tracker: &Weak<Tracker>) -> Result<String, String> {
+        // `Err` while not up yet; `Ok` once it was.
+        let connect = tokio::time::timeout(
+            self.settings.connect_timeout,
+            open(&self.addr, &self.settings),
+        );
+        let mut stream = match connect.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("connect timed out".to_owned()),
+        };
+        stream
+            .write_all(b"*4\r\n$6\r\nCLIENT\r\n$8\r\nTRACKING\r\n$2\r\nON\r\n$5\r\nBCAST\r\n")
+            .await
+            .map_err(|e| format!("write failed: {e}"))?;
+        let reply = read_replies(&mut stream, 1, &self.settings.limits).await?;
+        if reply.first().is_none_or(|r| !r.starts_with(b"+OK")) {
+            return Err(format!(
+                "CLIENT TRACKING refused: {}",
+                String::from_utf8_lossy(reply.first().map_or(&b""[..], |r| &r[..])).trim_end()
+            ));
+        }
+        let Some(t) = tracker.upgrade() else {
+            return Err("worker ended".to_owned());
+        };
+        t.listener_up();
+        drop(t);
+        Ok(self.pushes(stream, tracker).await)
+    }
+
+    /// Reports the pushes of an established listener until the connection fails; returns
+    /// why.
+    async fn pushes(&self, mut stream: super::tls::Stream, tracker: &Weak<Tracker>) -> String {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            buf.reserve(READ_CHUNK);
+            match stream.read_buf(&mut buf).await {
+                Ok(0) => return "closed by the server".to_owned(),
+                Ok(_) => {}
+                Err(e) => return format!("read failed: {e}"),
+            }
+            // Cut whole frames out of what was read; a partial one goes back to `buf`.
+            let data = buf.split().freeze();
+            let mut pos = 0;
+            loop {
+                match Frame::parse(&data.slice(pos..), &self.settings.limits) {
+                    Ok(Some((frame, len))) => {
+                        pos += len;
+                        let Some(t) = tracker.upgrade() else {
+                            return "worker ended".to_owned();
+                        };
+                        report(&t, frame);
+                    }
+                    Ok(None) => break,
+                    Err(e) => return format!("protocol error from server: {e}"),
+                }
+            }
+            buf.extend_from_slice(&data[pos..]);
+        }
+    }
+}
+
+/// Hands one push to the tracker: `invalidate` with keys, or with null for a flush.
+fn report(tracker: &Tracker, frame: Frame) {
+    let Frame::Push(mut parts) = frame else {
+        return;
+    };
+    if parts.len() != 2 || parts[0] != Frame::Bulk(Bytes::from_static(b"invalidate")) {
+        return;
+    }
+    match parts.pop() {
+        Some(Frame::Array(keys)) => {
+            let keys: Vec<Bytes> = keys
+                .into_iter()
+                .filter_map(|k| match k {
+                    Frame::Bulk(k) => Some(k),
+                    _ => None,
+                })
+                .collect();
+            tracker.invalidated(&keys);
+        }
+        Some(Frame::Null | Frame::NullBulk | Frame::NullArray) => tracker.flushed(),
+        _ => {}
+    }
+}

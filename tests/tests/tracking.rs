@@ -1,0 +1,318 @@
+//! End-to-end, differential: client-side caching (`CLIENT TRACKING`) through the proxy gives
+//! the same bytes as Redis: the replies of the tracking subcommands, the errors of bad
+//! options, and the invalidation messages (RESP3 pushes, and RESP2 `__redis__:invalidate`
+//! messages to a redirect target) that another client's writes cause, with a standalone
+//! server and a cluster behind.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis_intercept::resp::Frame;
+use redis_intercept_e2e::{
+    RedisCluster, RedisServer, RespReader, http_get, start_cluster_proxy, start_proxy,
+    start_proxy_config,
+};
+
+/// How long a client waits for invalidations that a write may cause.
+const SETTLE: Duration = Duration::from_millis(250);
+
+/// How long a client waits after a reply of its own for what may follow it.
+const AFTER_REPLY: Duration = Duration::from_millis(100);
+
+/// One step of a script: a command of the tracking client, or another client's write
+/// after which the tracking client's pushes are collected.
+enum Step {
+    /// The tracking client runs it; its reply is kept.
+    Mine(&'static [&'static str]),
+    /// The writer runs it; what reaches the tracking client meanwhile is kept.
+    Write(&'static [&'static str]),
+}
+
+use Step::{Mine, Write};
+
+/// Tracking subcommands, their errors, and invalidations, in RESP3 (pushes on the same
+/// connection). Keys sit on different cluster slots.
+const RESP3_SCRIPT: &[Step] = &[
+    Mine(&["CLIENT", "TRACKINGINFO"]),
+    Mine(&["CLIENT", "GETREDIR"]),
+    Mine(&["CLIENT", "CACHING", "yes"]),
+    Mine(&["CLIENT", "TRACKING", "ON"]),
+    Mine(&["CLIENT", "TRACKINGINFO"]),
+    Mine(&["CLIENT", "GETREDIR"]),
+    Mine(&["CLIENT", "CACHING", "yes"]),
+    Mine(&["GET", "a"]),
+    Mine(&["MGET", "a", "{t}b"]),
+    Write(&["SET", "a", "1"]),
+    Write(&["SET", "a", "2"]),
+    Mine(&["HGETALL", "h"]),
+    // Deleting a key that isn't there changes nothing: no invalidation.
+    Write(&["DEL", "{t}b"]),
+    Write(&["SET", "{t}b", "x"]),
+    Write(&["HSET", "h", "f", "v"]),
+    // The client's own write: the reply, then the invalidation.
+    Mine(&["GET", "a"]),
+    Mine(&["SET", "a", "3"]),
+    Write(&["PING"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "OPTIN"]),
+    Mine(&["GET", "c"]),
+    Write(&["SET", "c", "1"]),
+    Mine(&["CLIENT", "CACHING", "yes"]),
+    Mine(&["CLIENT", "TRACKINGINFO"]),
+    Mine(&["GET", "c"]),
+    Write(&["SET", "c", "2"]),
+    Mine(&["CLIENT", "CACHING", "no"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "OPTOUT"]),
+    Mine(&["CLIENT", "TRACKING", "OFF"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "OPTOUT"]),
+    Mine(&["CLIENT", "CACHING", "no"]),
+    Mine(&["GET", "d"]),
+    Write(&["SET", "d", "1"]),
+    Mine(&["GET", "d"]),
+    Write(&["SET", "d", "2"]),
+    Mine(&["CLIENT", "TRACKING", "OFF"]),
+    Mine(&[
+        "CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "p:", "PREFIX", "q:",
+    ]),
+    Mine(&["CLIENT", "TRACKINGINFO"]),
+    Write(&["SET", "p:1", "x"]),
+    Write(&["SET", "z", "1"]),
+    Write(&["SET", "q:3", "b"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "p"]),
+    Mine(&["CLIENT", "TRACKING", "ON"]),
+    Mine(&["CLIENT", "TRACKING", "OFF"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "BCAST"]),
+    Mine(&["CLIENT", "TRACKINGINFO"]),
+    Write(&["SET", "zz", "1"]),
+    Mine(&["CLIENT", "TRACKING", "OFF"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "PREFIX", "x"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "OPTIN", "OPTOUT"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "BCAST", "OPTIN"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "REDIRECT", "999999"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "REDIRECT", "x"]),
+    Mine(&["CLIENT", "TRACKING", "ON", "FOO"]),
+    Mine(&["CLIENT", "TRACKING", "MAYBE"]),
+    Mine(&[
+        "CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "a", "PREFIX", "ab",
+    ]),
+    Mine(&["CLIENT", "TRACKINGINFO"]),
+    Mine(&["CLIENT", "TRACKING", "ON"]),
+    Mine(&["GET", "a"]),
+    Mine(&["MULTI"]),
+    Mine(&["GET", "{t}b"]),
+    Mine(&["EXEC"]),
+    Write(&["SET", "{t}b", "y"]),
+    Mine(&["GET", "a"]),
+    Write(&["FLUSHALL"]),
+    Mine(&["CLIENT", "TRACKING", "OFF"]),
+    Write(&["SET", "a", "1"]),
+    Mine(&["CLIENT", "TRACKINGINFO"]),
+    Write(&["FLUSHALL"]),
+];
+
+/// Runs `script` with a RESP3 tracking client on `addr`; returns what it saw, step by step.
+fn run_resp3(addr: SocketAddr) -> Vec<Vec<Bytes>> {
+    let mut me = RespReader::connect(addr);
+    let mut writer = RespReader::connect(addr);
+    writer.call(&["FLUSHALL"]);
+    me.call(&["HELLO", "3"]);
+    run(&mut me, &mut writer, RESP3_SCRIPT)
+}
+
+fn run(me: &mut RespReader, writer: &mut RespReader, script: &[Step]) -> Vec<Vec<Bytes>> {
+    script
+        .iter()
+        .map(|step| match step {
+            Mine(cmd) => {
+                let mut seen = vec![me.call_raw(cmd)];
+                // Anything that follows the reply (the client's own invalidations).
+                seen.extend(me.drain_raw(AFTER_REPLY));
+                seen
+            }
+            Write(cmd) => {
+                writer.call(cmd);
+                me.drain_raw(SETTLE)
+            }
+        })
+        .collect()
+}
+
+fn text(steps: &[Vec<Bytes>]) -> Vec<String> {
+    steps
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect::<Vec<_>>()
+                .join("")
+        })
+        .collect()
+}
+
+fn compare(want: &[Vec<Bytes>], got: &[Vec<Bytes>], script: &[Step], what: &str) {
+    let (want, got) = (text(want), text(got));
+    for (i, step) in script.iter().enumerate() {
+        let name = match step {
+            Mine(c) => format!("mine {c:?}"),
+            Write(c) => format!("write {c:?}"),
+        };
+        assert_eq!(want[i], got[i], "{what}: step {i} ({name})");
+    }
+}
+
+#[test]
+fn tracking_in_resp3_through_a_standalone_proxy_is_redis_byte_for_byte() {
+    let direct = RedisServer::start();
+    let want = run_resp3(direct.addr);
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let got = run_resp3(proxy.addr("svc").unwrap());
+    compare(&want, &got, RESP3_SCRIPT, "standalone");
+    proxy.shutdown();
+}
+
+#[test]
+fn tracking_in_resp3_through_a_cluster_proxy_is_redis_byte_for_byte() {
+    let direct = RedisServer::start();
+    let want = run_resp3(direct.addr);
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    let got = run_resp3(proxy.addr("svc").unwrap());
+    compare(&want, &got, RESP3_SCRIPT, "cluster");
+    proxy.shutdown();
+}
+
+/// A RESP2 client redirecting its invalidations to a subscribed RESP2 client, and a RESP3
+/// one redirecting to a RESP3 client; then the target leaves. Ids are masked.
+fn run_redirect(addr: SocketAddr) -> Vec<String> {
+    let mut writer = RespReader::connect(addr);
+    writer.call(&["FLUSHALL"]);
+    let mut seen = Vec::new();
+    let mut note = |b: Vec<Bytes>, ids: &[i64]| {
+        let mut t: String = b.iter().map(|b| String::from_utf8_lossy(b)).collect();
+        for id in ids {
+            t = t.replace(&format!(":{id}\r\n"), ":ID\r\n");
+        }
+        seen.push(t);
+    };
+    // RESP2, redirected to a subscriber of __redis__:invalidate.
+    let mut target = RespReader::connect(addr);
+    let Frame::Integer(tid) = target.call(&["CLIENT", "ID"]) else {
+        panic!("CLIENT ID")
+    };
+    note(
+        vec![target.call_raw(&["SUBSCRIBE", "__redis__:invalidate"])],
+        &[tid],
+    );
+    let mut me = RespReader::connect(addr);
+    let tid_s = tid.to_string();
+    let on = ["CLIENT", "TRACKING", "ON", "REDIRECT", tid_s.as_str()];
+    note(vec![me.call_raw(&on)], &[tid]);
+    note(vec![me.call_raw(&["CLIENT", "GETREDIR"])], &[tid]);
+    note(vec![me.call_raw(&["GET", "a"])], &[]);
+    writer.call(&["SET", "a", "1"]);
+    note(target.drain_raw(SETTLE), &[]);
+    note(me.drain_raw(SETTLE), &[]);
+    note(vec![me.call_raw(&["GET", "a"])], &[]);
+    writer.call(&["FLUSHALL"]);
+    note(target.drain_raw(SETTLE), &[]);
+    note(vec![me.call_raw(&["GET", "a"])], &[]);
+    drop(target);
+    std::thread::sleep(SETTLE);
+    writer.call(&["SET", "a", "2"]);
+    note(me.drain_raw(SETTLE), &[]);
+    note(vec![me.call_raw(&["CLIENT", "TRACKINGINFO"])], &[tid]);
+    // RESP3, redirected to a RESP3 client; then the target leaves.
+    let mut target = RespReader::connect(addr);
+    target.call(&["HELLO", "3"]);
+    let Frame::Integer(tid) = target.call(&["CLIENT", "ID"]) else {
+        panic!("CLIENT ID")
+    };
+    let mut me = RespReader::connect(addr);
+    me.call(&["HELLO", "3"]);
+    let tid_s = tid.to_string();
+    let on = ["CLIENT", "TRACKING", "ON", "REDIRECT", tid_s.as_str()];
+    note(vec![me.call_raw(&on)], &[tid]);
+    note(vec![me.call_raw(&["GET", "b"])], &[]);
+    writer.call(&["SET", "b", "1"]);
+    note(target.drain_raw(SETTLE), &[]);
+    note(me.drain_raw(SETTLE), &[]);
+    note(vec![me.call_raw(&["GET", "b"])], &[]);
+    drop(target);
+    std::thread::sleep(SETTLE);
+    writer.call(&["SET", "b", "2"]);
+    note(me.drain_raw(SETTLE), &[tid]);
+    note(vec![me.call_raw(&["CLIENT", "TRACKINGINFO"])], &[tid]);
+    seen
+}
+
+#[test]
+fn redirected_invalidations_through_the_proxy_are_redis_byte_for_byte() {
+    let direct = RedisServer::start();
+    let want = run_redirect(direct.addr);
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    let got = run_redirect(proxy.addr("svc").unwrap());
+    assert_eq!(want, got, "standalone");
+    proxy.shutdown();
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    let got = run_redirect(proxy.addr("svc").unwrap());
+    assert_eq!(want, got, "cluster");
+    proxy.shutdown();
+}
+
+/// The proxy's table is bounded: past `tracking_table_max_keys`, the oldest keys are
+/// invalidated (as Redis's `tracking-table-max-keys` does), and the metrics count keys and
+/// invalidations.
+#[test]
+fn the_tracking_table_is_bounded_by_invalidating() {
+    let server = RedisServer::start();
+    let admin = redis_intercept_e2e::free_port();
+    let proxy = start_proxy_config(&format!(
+        r#"
+[proxy]
+workers = 1
+tracking_table_max_keys = 10
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[[upstream]]
+name = "r"
+mode = "standalone"
+nodes = ["{}"]
+
+[[service]]
+name = "svc"
+listen = "127.0.0.1:0"
+upstream = "r"
+"#,
+        server.addr
+    ));
+    let addr = proxy.addr("svc").unwrap();
+    let mut me = RespReader::connect(addr);
+    me.call(&["HELLO", "3"]);
+    assert_eq!(
+        me.call(&["CLIENT", "TRACKING", "ON"]),
+        Frame::Simple("OK".into())
+    );
+    for i in 0..15 {
+        me.call(&["GET", &format!("k{i}")]);
+    }
+    // Five keys over the limit: five invalidations, each of a key read earlier.
+    let pushes = me.drain_raw(SETTLE);
+    assert_eq!(pushes.len(), 5, "{pushes:?}");
+    let (_, metrics) = http_get(format!("127.0.0.1:{admin}").parse().unwrap(), "/metrics");
+    assert!(
+        metrics.contains("redis_intercept_tracking_keys 10"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("redis_intercept_tracking_invalidations_total 5"),
+        "{metrics}"
+    );
+    proxy.shutdown();
+}
