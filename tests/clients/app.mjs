@@ -1,6 +1,8 @@
 // An app-like script for node-redis with its default options (RESP3 since node-redis 6), run
 // through the proxy by tests/tests/libraries.rs: connect, a pipeline, a transaction, pub/sub,
-// a blocking pop and SCAN. Prints "ok" and exits 0 when every step gave what Redis gives.
+// a blocking pop, SCAN, and client-side caching (its `clientSideCache`: cached reads,
+// invalidated by another connection's write). Prints "ok" and exits 0 when every step gave
+// what Redis gives.
 import { createClient } from 'redis';
 import assert from 'node:assert/strict';
 
@@ -57,6 +59,30 @@ for await (const keys of client.scanIterator({ MATCH: k('scan:*'), COUNT: 5 })) 
   for (const key of keys) seen.add(key);
 }
 assert.equal(seen.size, 20);
+
+// Client-side caching: the second GET is served from the cache; a write from another
+// connection invalidates it, and the next reads see the new value.
+const cached = createClient({
+  url,
+  RESP: 3,
+  clientSideCache: { ttl: 0, maxEntries: 0 },
+  socket: { reconnectStrategy: false, connectTimeout: 5000 },
+});
+cached.on('error', fail);
+await cached.connect();
+await client.set(k('cached'), '1');
+assert.equal(await cached.get(k('cached')), '1');
+assert.equal(await cached.get(k('cached')), '1');
+assert.ok(cached.clientSideCache.stats().hitCount >= 1, 'a cache hit');
+await client.set(k('cached'), '2');
+const until = Date.now() + 5000;
+while ((await cached.get(k('cached'))) !== '2' && Date.now() < until) {
+  await new Promise((r) => setTimeout(r, 10));
+}
+assert.equal(await cached.get(k('cached')), '2');
+const invalidated = cached.clientSideCache.stats();
+assert.ok(invalidated.hitCount >= 2, `hits after the invalidation: ${JSON.stringify(invalidated)}`);
+await cached.quit();
 
 const hello = await client.sendCommand(['HELLO']);
 assert.equal(hello.proto, 3);

@@ -1,8 +1,9 @@
 //! End-to-end with real client libraries, as an app would use them with their default
 //! options: node-redis 6 (RESP3 only: it sends `HELLO 3` and never falls back) and redis-py
-//! 8 (its default, and `protocol=3`), each running `tests/clients/app.*` (connect, a pipeline,
-//! a transaction, pub/sub, a blocking pop, SCAN) through the proxy with a standalone server
-//! behind and with a cluster behind. `cargo xtask test` installs the libraries
+//! 8 (its default, `protocol=3`, and its client-side cache), each running
+//! `tests/clients/app.*` (connect, a pipeline, a transaction, pub/sub, a blocking pop, SCAN,
+//! cached reads invalidated by another connection's write) through the proxy with a
+//! standalone server behind and with a cluster behind. `cargo xtask test` installs the libraries
 //! (`cargo xtask setup` installs node and python).
 
 use std::net::SocketAddr;
@@ -44,7 +45,7 @@ fn apps(addr: SocketAddr, tag: &str) {
             .arg(format!("{tag}-node")),
     );
     let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/clients/py");
-    for mode in ["default", "resp3"] {
+    for mode in ["default", "resp3", "cache"] {
         run_app(
             &format!("redis-py {mode} ({tag})"),
             Command::new("python3")
