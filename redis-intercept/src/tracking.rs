@@ -230,6 +230,25 @@ impl Tracker {
         }
     }
 
+    /// `addr` left the cluster: nothing is read from it any more, so its listener goes (a
+    /// dead node's would count as down for ever, and no read would be cached).
+    pub fn forget_node(&self, addr: &str) {
+        self.nodes.borrow_mut().remove(addr);
+        let gone = self.listeners.borrow_mut().remove(addr);
+        if let Some(l) = gone {
+            if !l.is_up() {
+                self.down.set(self.down.get().saturating_sub(1));
+            }
+            l.close();
+            if self.down.get() == 0 {
+                let waiting: Vec<_> = self.ready.borrow_mut().drain(..).collect();
+                for f in waiting {
+                    f();
+                }
+            }
+        }
+    }
+
     /// Makes sure `addr` has a listener (tracking is active and a connection to it is used).
     pub fn ensure_listener(self: &Rc<Self>, addr: &str, settings: &ConnSettings) {
         if self.listeners.borrow().contains_key(addr) {

@@ -377,6 +377,7 @@ impl ClusterNodes {
                 for c in conns.iter() {
                     c.retire();
                 }
+                crate::tracking::tracker().forget_node(&addr);
             }
         }
         let masters: HashSet<&str> = map.shards().iter().map(|s| s.master.as_str()).collect();

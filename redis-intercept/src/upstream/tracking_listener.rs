@@ -32,6 +32,8 @@ pub struct Listener {
     closed: Cell<bool>,
     /// Wakes the task to end.
     wake_close: Wake,
+    /// Connected with tracking on.
+    up: Cell<bool>,
 }
 
 impl Listener {
@@ -48,9 +50,15 @@ impl Listener {
             settings,
             closed: Cell::new(false),
             wake_close: Wake::default(),
+            up: Cell::new(false),
         });
         tokio::task::spawn_local(Rc::clone(&listener).run(tracker));
         listener
+    }
+
+    /// Whether it is connected with tracking on.
+    pub fn is_up(&self) -> bool {
+        self.up.get()
     }
 
     /// Ends the listener (nobody tracks any more).
@@ -117,9 +125,12 @@ impl Listener {
         let Some(t) = tracker.upgrade() else {
             return Err("worker ended".to_owned());
         };
+        self.up.set(true);
         t.listener_up();
         drop(t);
-        Ok(self.pushes(stream, tracker).await)
+        let why = self.pushes(stream, tracker).await;
+        self.up.set(false);
+        Ok(why)
     }
 
     /// Reports the pushes of an established listener until the connection fails; returns
