@@ -114,7 +114,38 @@ struct Recent {
     /// The number of the newest entry dropped from `ring`.
     evicted: u64,
     /// Last number of each hash still in `ring`.
-    last: HashMap<u64, u64>,
+    last: HashMap<u64, u64, foldhash::fast::FixedState>,
+}
+
+/// The clients that read a key: nearly always one, kept without an allocation.
+enum Readers {
+    /// One client.
+    One(u64),
+    /// Several.
+    Many(Vec<u64>),
+}
+
+impl Readers {
+    /// Adds client `id` once.
+    fn add(&mut self, id: u64) {
+        match self {
+            Readers::One(first) if *first != id => *self = Readers::Many(vec![*first, id]),
+            Readers::One(_) => {}
+            Readers::Many(ids) => {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+    }
+
+    /// The clients.
+    fn ids(&self) -> &[u64] {
+        match self {
+            Readers::One(id) => std::slice::from_ref(id),
+            Readers::Many(ids) => ids,
+        }
+    }
 }
 
 /// A worker's tracking state.
@@ -124,7 +155,7 @@ pub struct Tracker {
     /// Clients in BCAST mode.
     bcast: RefCell<Vec<Weak<Client>>>,
     /// Which clients read each key since its last invalidation.
-    table: RefCell<HashMap<Bytes, Vec<u64>>>,
+    table: RefCell<HashMap<Bytes, Readers, foldhash::fast::RandomState>>,
     /// Most keys in `table`.
     max_keys: Cell<usize>,
     /// Sequence number of the last invalidated key (or event).
@@ -159,6 +190,16 @@ thread_local! {
 /// This worker's tracker.
 pub fn tracker() -> Rc<Tracker> {
     TRACKER.with(Rc::clone)
+}
+
+/// The sequence number a read sent now records (see [`Tracker::seq`]).
+pub fn seq() -> u64 {
+    TRACKER.with(|t| t.seq())
+}
+
+/// A tracked read got its reply (see [`Tracker::read_done`]).
+pub fn read_done(id: u64, keys: &[Bytes], seq: u64) {
+    TRACKER.with(|t| t.read_done(id, keys, seq));
 }
 
 /// Remembers a node this worker's clients' requests go to (see [`Tracker::note_node`]).
@@ -324,7 +365,8 @@ impl Tracker {
     /// A tracked read of `keys` by client `id`, sent at `seq`, got its reply: record it, or
     /// invalidate the keys at once if they may have changed since.
     pub fn read_done(&self, id: u64, keys: &[Bytes], seq: u64) {
-        let Some(client) = self.clients.borrow().get(&id).cloned() else {
+        let client = self.clients.borrow().get(&id).cloned();
+        let Some(client) = client else {
             return;
         };
         if client.opts.borrow().bcast || keys.is_empty() {
@@ -341,28 +383,25 @@ impl Tracker {
         {
             let mut table = self.table.borrow_mut();
             for key in keys {
-                match table.get_mut(key) {
-                    Some(ids) => {
-                        if !ids.contains(&id) {
-                            ids.push(id);
-                        }
-                    }
-                    None => {
-                        if table.len() >= self.max_keys.get()
-                            && let Some(k) = table.keys().next().cloned()
-                            && let Some(ids) = table.remove(&k)
-                        {
-                            evict.push((k, ids));
-                        }
-                        table.insert(key.clone(), vec![id]);
+                let full = table.len() >= self.max_keys.get();
+                match table.entry(key.clone()) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(id),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(Readers::One(id));
                         self.metrics.borrow().keys.inc();
+                        if full
+                            && let Some(k) = table.keys().find(|k| *k != key).cloned()
+                            && let Some(readers) = table.remove(&k)
+                        {
+                            evict.push((k, readers));
+                        }
                     }
                 }
             }
         }
-        for (key, ids) in evict {
+        for (key, readers) in evict {
             self.metrics.borrow().keys.dec();
-            self.fan_out_key(&key, &ids);
+            self.fan_out_key(&key, readers.ids());
         }
     }
 
@@ -374,6 +413,10 @@ impl Tracker {
         let recent = self.recent.borrow();
         if recent.evicted > seq {
             return false;
+        }
+        if recent.ring.back().is_none_or(|&(_, at)| at <= seq) {
+            // Nothing was reported since the read was sent.
+            return true;
         }
         keys.iter().all(|k| {
             recent
@@ -404,10 +447,10 @@ impl Tracker {
             }
         }
         for key in keys {
-            let ids = self.table.borrow_mut().remove(key);
-            if let Some(ids) = ids {
+            let readers = self.table.borrow_mut().remove(key);
+            if let Some(readers) = readers {
                 self.metrics.borrow().keys.dec();
-                self.fan_out_key(key, &ids);
+                self.fan_out_key(key, readers.ids());
             }
         }
         self.broadcast(keys);

@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// plain proxy.
     #[arg(long)]
     policy: bool,
+    /// Instead: only the client-side caching rows (RESP3 GETs from clients with and without
+    /// `CLIENT TRACKING ON`, the proxy's CPU per request of each).
+    #[arg(long)]
+    tracking: bool,
     /// Instead: a local 3-master Redis Cluster, directly (`redis-benchmark --cluster
     /// --threads 1`) against through the proxy; SET and GET `-P 16` once more with one
     /// redis-benchmark per master (keys tagged for it) on both sides; and MSET of 10 keys
@@ -339,11 +343,11 @@ fn clock_hz() -> f64 {
 
 /// CPU microseconds per request of each process in one redis-benchmark run.
 #[derive(Clone, Copy, Default)]
-struct Cpu {
+pub(crate) struct Cpu {
     /// redis-benchmark.
     client: f64,
     /// The proxy; zero in a direct run.
-    proxy: f64,
+    pub(crate) proxy: f64,
     /// The proxy's system (kernel) part of `proxy`: what its socket calls and wake-ups cost,
     /// which no user-space work can save.
     proxy_sys: f64,
@@ -381,7 +385,7 @@ fn machine_ticks() -> Result<f64> {
 
 /// Runs `run` (one redis-benchmark of `requests` requests) and measures what it cost the
 /// client, the proxy (if `proxy` is given), the Redis processes `redis` and the machine.
-fn measured(
+pub(crate) fn measured(
     requests: usize,
     proxy: Option<u32>,
     redis: &[u32],
@@ -496,7 +500,7 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -517,6 +521,21 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
     let workers = args.workers.to_string();
     let proxy = ProxyProcess::start(&bin, &server.addr.to_string(), &["--workers", &workers])?;
     std::thread::sleep(Duration::from_millis(500));
+    if args.tracking {
+        say(&format!(
+            "redis-intercept {} with {}: {} rounds of {} GETs, tracked and not",
+            proxy.addr,
+            workers_text(args.workers),
+            args.rounds,
+            args.requests
+        ));
+        return crate::bench_tracking::tracked_reads(
+            proxy.pid(),
+            proxy.addr,
+            args.rounds,
+            args.requests,
+        );
+    }
     let idle_rss = status_kib(proxy.pid(), "VmRSS")?;
     say(&format!(
         "redis-server {} vs redis-intercept {} with {} ({} rounds of {} requests, × depth when pipelined, -c 50 -r 100000 -d 64)",
@@ -591,6 +610,7 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
         "proxy peak RSS during the runs: {:.1} MiB",
         peak as f64 / 1024.0
     );
+    crate::bench_tracking::tracked_reads(proxy.pid(), proxy.addr, args.rounds, args.requests)?;
     idle_clients(&proxy, args.idle_clients)?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's set-up, build, demo, test and benchmark entry points.
 
 mod bench;
+mod bench_tracking;
 mod chaos;
 mod demo;
 mod gen_commands;
@@ -85,6 +86,7 @@ fn cargo(root: &std::path::Path) -> Command {
 /// The end-to-end test files run a second time with Valkey as the server.
 const VALKEY_TESTS: &[&str] = &[
     "resp3",
+    "tracking",
     "libraries",
     "config",
     "clients",

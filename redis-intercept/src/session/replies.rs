@@ -177,7 +177,7 @@ impl ReplySlots {
             at.and_then(|i| ops.remove(i))
         };
         if let Some(op) = op {
-            tracking::tracker().read_done(op.id, &op.reads, op.seq);
+            tracking::read_done(op.id, &op.reads, op.seq);
         }
     }
 

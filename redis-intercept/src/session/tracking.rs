@@ -367,7 +367,7 @@ impl Session {
             token,
             id: client.id,
             reads,
-            seq: tracking::tracker().seq(),
+            seq: tracking::seq(),
         });
     }
 
