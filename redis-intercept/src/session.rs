@@ -137,6 +137,7 @@ pub async fn run(
         estimate: window::ReplyEstimate::default(),
         killed: Cell::new(false),
         tracked_ops: RefCell::default(),
+        redo: RefCell::default(),
     });
     let entry = directory::ClientEntry::register(
         id,
@@ -182,6 +183,7 @@ pub async fn run(
         declined: None,
         window: window::Window::default(),
         sessions: Rc::clone(&sessions),
+        noloop_pending: None,
     };
     let mut input = InputBuf::new(Arc::clone(&session.svc.query_budget), id);
     let end = loop {
@@ -266,6 +268,8 @@ struct Session {
     window: window::Window,
     /// The worker's sessions (and their big-reply total).
     sessions: Rc<Sessions>,
+    /// The slot of a NOLOOP write sent on a tracking listener: later commands wait for it.
+    noloop_pending: Option<u64>,
 }
 
 impl Session {
@@ -301,6 +305,15 @@ impl Session {
                     // A blocked command may wait for ever; closing its connection ends it.
                     return End::Done;
                 }
+            }
+            let redo = self.core.redo.borrow_mut().take();
+            if let Some((token, request)) = redo {
+                // A NOLOOP write a listener gave back goes the ordinary way, from its slot.
+                self.delayed = Some(Delayed {
+                    until: Instant::now(),
+                    request,
+                    token,
+                });
             }
             if self
                 .delayed
@@ -526,7 +539,10 @@ impl Session {
                         let was_multi = self.stateful.multi;
                         let token = self.core.next_token();
                         let keys = tracking::keys_of(&self.state, &req, cmd);
-                        let step = self.stateful(&req, cmd, deadline);
+                        let step = match self.noloop_write(&req, cmd) {
+                            Some(step) => step,
+                            None => self.stateful(&req, cmd, deadline),
+                        };
                         if matches!(step, stateful::Step::Wait | stateful::Step::Subscribe) {
                             // Offered again once the replies owed on shared connections
                             // are in (the parser is resumable, so nothing is lost).

@@ -18,7 +18,7 @@
 //! clients hold, since writes before it went unseen.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::rc::{Rc, Weak};
 
@@ -27,11 +27,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::upstream::ConnSettings;
-use crate::upstream::tracking_listener::Listener;
+use crate::upstream::tracking_listener::{Listener, NoloopWrite};
 
-/// How many invalidated keys a worker remembers for reads in flight; a read that took longer
-/// than this many invalidations is invalidated after its reply, to be safe.
-const RECENT: usize = 64 * 1024;
+mod message;
+mod table;
+
+pub use message::{Deliver, Message, encode};
+use table::{Readers, Recent};
 
 /// Most `CLIENT TRACKING ON` replies waiting for listeners; past it they are answered at
 /// once (their first reads are then invalidated as soon as answered).
@@ -83,20 +85,6 @@ impl Client {
     }
 }
 
-/// An invalidation message, before it is encoded for its receiver's protocol.
-pub enum Message<'a> {
-    /// These keys changed.
-    Keys(&'a [Bytes]),
-    /// Everything (a flush, a listener restart).
-    All,
-    /// The client this one redirects to is gone (RESP3 only).
-    RedirBroken(u64),
-}
-
-/// Hands a message to client `target` (the tracking client itself, or the one it
-/// redirects to, `redirected`); false when no such client is connected.
-pub type Deliver = dyn Fn(u64, bool, &Message<'_>) -> bool;
-
 /// What the tracker counts, for metrics.
 #[derive(Clone, Default)]
 pub struct TrackingMetrics {
@@ -104,48 +92,6 @@ pub struct TrackingMetrics {
     pub keys: Gauge,
     /// Invalidation messages sent to clients.
     pub invalidations: Counter,
-}
-
-/// Recently invalidated keys (by hash), with their sequence numbers.
-#[derive(Default)]
-struct Recent {
-    /// Hashes and their numbers, oldest first.
-    ring: VecDeque<(u64, u64)>,
-    /// The number of the newest entry dropped from `ring`.
-    evicted: u64,
-    /// Last number of each hash still in `ring`.
-    last: HashMap<u64, u64, foldhash::fast::FixedState>,
-}
-
-/// The clients that read a key: nearly always one, kept without an allocation.
-enum Readers {
-    /// One client.
-    One(u64),
-    /// Several.
-    Many(Vec<u64>),
-}
-
-impl Readers {
-    /// Adds client `id` once.
-    fn add(&mut self, id: u64) {
-        match self {
-            Readers::One(first) if *first != id => *self = Readers::Many(vec![*first, id]),
-            Readers::One(_) => {}
-            Readers::Many(ids) => {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
-            }
-        }
-    }
-
-    /// The clients.
-    fn ids(&self) -> &[u64] {
-        match self {
-            Readers::One(id) => std::slice::from_ref(id),
-            Readers::Many(ids) => ids,
-        }
-    }
 }
 
 /// A worker's tracking state.
@@ -401,7 +347,7 @@ impl Tracker {
         }
         for (key, readers) in evict {
             self.metrics.borrow().keys.dec();
-            self.fan_out_key(&key, readers.ids());
+            self.fan_out_key(&key, readers.ids(), None);
         }
     }
 
@@ -410,55 +356,86 @@ impl Tracker {
         if self.down.get() > 0 || seq < self.reset_at.get() || self.listeners.borrow().is_empty() {
             return false;
         }
-        let recent = self.recent.borrow();
-        if recent.evicted > seq {
-            return false;
+        self.recent
+            .borrow()
+            .unchanged_since(seq, keys.iter().map(|k| self.hasher.hash_one(k)))
+    }
+
+    /// Whether `addr`'s listener is up, and every other one (so writes can run on it).
+    pub fn is_listening(&self, addr: &str) -> bool {
+        self.down.get() == 0 && self.listeners.borrow().contains_key(addr)
+    }
+
+    /// Sends a NOLOOP client's write over `addr`'s listener (see `upstream/tracking_listener.rs`);
+    /// gives it back when that listener isn't up.
+    pub fn noloop_write(
+        &self,
+        addr: &str,
+        request: &[u8],
+        write: NoloopWrite,
+    ) -> Result<(), NoloopWrite> {
+        let listener = self.listeners.borrow().get(addr).cloned();
+        match listener {
+            Some(l) if self.down.get() == 0 => l.send(request, write),
+            _ => Err(write),
         }
-        if recent.ring.back().is_none_or(|&(_, at)| at <= seq) {
-            // Nothing was reported since the read was sent.
-            return true;
+    }
+
+    /// A NOLOOP write run on a listener was answered: the reply goes to its client, and
+    /// since Redis reports the write to no one, every other reader of its keys is told here.
+    /// A redirected write didn't run: it goes again the ordinary way.
+    pub fn noloop_answered(&self, write: NoloopWrite, frame: crate::resp::Frame, raw: Bytes) {
+        use crate::resp::Frame;
+        if let Frame::Error(e) = &frame
+            && (e.starts_with(b"MOVED ")
+                || e.starts_with(b"ASK ")
+                || e.starts_with(b"TRYAGAIN")
+                || e.starts_with(b"CLUSTERDOWN"))
+        {
+            (write.redo)();
+            return;
         }
-        keys.iter().all(|k| {
-            recent
-                .last
-                .get(&self.hasher.hash_one(k))
-                .is_none_or(|&at| at <= seq)
-        })
+        let failed = matches!(frame, Frame::Error(_) | Frame::BulkError(_));
+        let reply = if write.resp2 {
+            frame.into_resp2().to_bytes()
+        } else {
+            raw
+        };
+        write.to.answer(reply);
+        if !failed {
+            self.modified(&write.keys, Some(write.client));
+        }
     }
 
     /// A listener reported `keys` modified on its node.
     pub fn invalidated(&self, keys: &[Bytes]) {
+        self.modified(keys, None);
+    }
+
+    /// `keys` were modified (by the NOLOOP client `writer`, if known): their readers are told,
+    /// the writer excepted.
+    fn modified(&self, keys: &[Bytes], writer: Option<u64>) {
         {
             let mut recent = self.recent.borrow_mut();
             for key in keys {
                 let seq = self.seq.get() + 1;
                 self.seq.set(seq);
-                let h = self.hasher.hash_one(key);
-                recent.ring.push_back((h, seq));
-                recent.last.insert(h, seq);
-                if recent.ring.len() > RECENT
-                    && let Some((old, at)) = recent.ring.pop_front()
-                {
-                    if recent.last.get(&old) == Some(&at) {
-                        recent.last.remove(&old);
-                    }
-                    recent.evicted = at;
-                }
+                recent.record(self.hasher.hash_one(key), seq);
             }
         }
         for key in keys {
             let readers = self.table.borrow_mut().remove(key);
             if let Some(readers) = readers {
                 self.metrics.borrow().keys.dec();
-                self.fan_out_key(key, readers.ids());
+                self.fan_out_key(key, readers.ids(), writer);
             }
         }
-        self.broadcast(keys);
+        self.broadcast(keys, writer);
     }
 
-    /// Sends the invalidation of `key` to the clients in `ids`.
-    fn fan_out_key(&self, key: &Bytes, ids: &[u64]) {
-        for id in ids {
+    /// Sends the invalidation of `key` to the clients in `ids` but `writer`.
+    fn fan_out_key(&self, key: &Bytes, ids: &[u64], writer: Option<u64>) {
+        for id in ids.iter().filter(|&&id| Some(id) != writer) {
             let client = self.clients.borrow().get(id).cloned();
             if let Some(c) = client
                 && !c.opts.borrow().bcast
@@ -468,13 +445,15 @@ impl Tracker {
         }
     }
 
-    /// Sends BCAST clients the keys that match their prefixes, one message per prefix.
-    fn broadcast(&self, keys: &[Bytes]) {
+    /// Sends BCAST clients (but `writer`) the keys that match their prefixes, one message
+    /// per prefix.
+    fn broadcast(&self, keys: &[Bytes], writer: Option<u64>) {
         let clients: Vec<Rc<Client>> = self
             .bcast
             .borrow()
             .iter()
             .filter_map(Weak::upgrade)
+            .filter(|c| Some(c.id) != writer)
             .collect();
         for c in clients {
             let prefixes = c.opts.borrow().prefixes.clone();
@@ -565,68 +544,5 @@ impl Tracker {
             client.broken_redirect.set(true);
             deliver(client.id, false, &Message::RedirBroken(redirect));
         }
-    }
-}
-
-/// Encodes `msg` for a receiver in RESP3 (`resp3`), or in RESP2 subscribed and redirected
-/// to (`pubsub`); `None` when Redis would send that receiver nothing.
-pub fn encode(msg: &Message<'_>, resp3: bool, redirected_pubsub: bool) -> Option<Bytes> {
-    use crate::resp::Frame;
-    let value = match msg {
-        Message::Keys(keys) => Frame::Array(keys.iter().cloned().map(Frame::Bulk).collect()),
-        Message::All if resp3 => Frame::Null,
-        Message::All => Frame::NullBulk,
-        Message::RedirBroken(id) if resp3 => {
-            return Some(
-                Frame::Push(vec![
-                    Frame::Bulk(Bytes::from_static(b"tracking-redir-broken")),
-                    Frame::Integer(*id as i64),
-                ])
-                .to_bytes(),
-            );
-        }
-        Message::RedirBroken(_) => return None,
-    };
-    if resp3 {
-        Some(Frame::Push(vec![Frame::Bulk(Bytes::from_static(b"invalidate")), value]).to_bytes())
-    } else if redirected_pubsub {
-        Some(
-            Frame::Array(vec![
-                Frame::Bulk(Bytes::from_static(b"message")),
-                Frame::Bulk(Bytes::from_static(b"__redis__:invalidate")),
-                value,
-            ])
-            .to_bytes(),
-        )
-    } else {
-        None
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_are_encoded_as_redis_sends_them() {
-        let keys = [Bytes::from_static(b"k")];
-        let msg = Message::Keys(&keys);
-        assert_eq!(
-            encode(&msg, true, false).as_deref(),
-            Some(&b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"[..])
-        );
-        assert_eq!(
-            encode(&msg, false, true).as_deref(),
-            Some(&b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$1\r\nk\r\n"[..])
-        );
-        assert_eq!(encode(&msg, false, false), None);
-        assert_eq!(
-            encode(&Message::All, true, false).as_deref(),
-            Some(&b">2\r\n$10\r\ninvalidate\r\n_\r\n"[..])
-        );
-        assert_eq!(
-            encode(&Message::All, false, true).as_deref(),
-            Some(&b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n$-1\r\n"[..])
-        );
     }
 }

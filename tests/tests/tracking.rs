@@ -4,6 +4,8 @@
 //! messages to a redirect target) that another client's writes cause, with a standalone
 //! server and a cluster behind.
 
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -108,6 +110,13 @@ const RESP3_SCRIPT: &[Step] = &[
     Write(&["SET", "a", "1"]),
     Mine(&["CLIENT", "TRACKINGINFO"]),
     Write(&["FLUSHALL"]),
+    // RESET turns tracking off (and the protocol back to RESP2).
+    Mine(&["CLIENT", "TRACKING", "ON", "OPTOUT", "NOLOOP"]),
+    Mine(&["GET", "a"]),
+    Mine(&["RESET"]),
+    Write(&["SET", "a", "2"]),
+    Mine(&["CLIENT", "TRACKINGINFO"]),
+    Mine(&["CLIENT", "GETREDIR"]),
 ];
 
 /// Runs `script` with a RESP3 tracking client on `addr`; returns what it saw, step by step.
@@ -247,21 +256,27 @@ fn run_redirect(addr: SocketAddr) -> Vec<String> {
     seen
 }
 
-#[test]
-fn redirected_invalidations_through_the_proxy_are_redis_byte_for_byte() {
+/// Runs `script` on a plain Redis, and through the proxy with a standalone server and then a
+/// cluster behind: all three must see the same.
+fn agree(script: fn(SocketAddr) -> Vec<String>) {
     let direct = RedisServer::start();
-    let want = run_redirect(direct.addr);
+    let want = script(direct.addr);
     let server = RedisServer::start();
     let proxy = start_proxy(server.addr, "");
-    let got = run_redirect(proxy.addr("svc").unwrap());
+    let got = script(proxy.addr("svc").unwrap());
     assert_eq!(want, got, "standalone");
     proxy.shutdown();
     let cluster = RedisCluster::start(3, 0);
     let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
     let proxy = start_cluster_proxy(&seeds, "", "");
-    let got = run_redirect(proxy.addr("svc").unwrap());
+    let got = script(proxy.addr("svc").unwrap());
     assert_eq!(want, got, "cluster");
     proxy.shutdown();
+}
+
+#[test]
+fn redirected_invalidations_through_the_proxy_are_redis_byte_for_byte() {
+    agree(run_redirect);
 }
 
 /// The proxy's table is bounded: past `tracking_table_max_keys`, the oldest keys are
@@ -315,4 +330,72 @@ upstream = "r"
         "{metrics}"
     );
     proxy.shutdown();
+}
+
+/// NOLOOP: a client isn't told of its own writes, while another tracking client is; in
+/// RESP3, in BCAST mode, and in RESP2 redirected to a subscriber.
+fn run_noloop(addr: SocketAddr) -> Vec<String> {
+    let mut writer = RespReader::connect(addr);
+    writer.call(&["FLUSHALL"]);
+    let mut seen = Vec::new();
+    let mut note = |b: Vec<Bytes>| {
+        seen.push(
+            b.iter()
+                .map(|b| String::from_utf8_lossy(b))
+                .collect::<String>(),
+        )
+    };
+    let mut me = RespReader::connect(addr);
+    me.call(&["HELLO", "3"]);
+    let mut other = RespReader::connect(addr);
+    other.call(&["HELLO", "3"]);
+    note(vec![me.call_raw(&["CLIENT", "TRACKING", "ON", "NOLOOP"])]);
+    note(vec![other.call_raw(&["CLIENT", "TRACKING", "ON"])]);
+    note(vec![me.call_raw(&["CLIENT", "TRACKINGINFO"])]);
+    for c in [&mut me, &mut other] {
+        c.call(&["GET", "n1"]);
+        c.call(&["GET", "{n1}b"]);
+    }
+    note(vec![me.call_raw(&["SET", "n1", "x"])]);
+    note(vec![me.call_raw(&["MSET", "n1", "y", "{n1}b", "z"])]);
+    note(vec![me.call_raw(&["INCR", "{n1}c"])]);
+    note(me.drain_raw(SETTLE));
+    note(other.drain_raw(SETTLE));
+    // Its own write dropped its tracking of n1, as in Redis: another's write tells nothing.
+    writer.call(&["SET", "n1", "w"]);
+    note(me.drain_raw(SETTLE));
+    note(vec![me.call_raw(&["GET", "n1"])]);
+    writer.call(&["SET", "n1", "v"]);
+    note(me.drain_raw(SETTLE));
+    note(vec![me.call_raw(&["CLIENT", "TRACKING", "OFF"])]);
+    // BCAST with NOLOOP.
+    note(vec![me.call_raw(&[
+        "CLIENT", "TRACKING", "ON", "BCAST", "NOLOOP", "PREFIX", "nl:",
+    ])]);
+    note(vec![me.call_raw(&["SET", "nl:1", "a"])]);
+    note(me.drain_raw(SETTLE));
+    writer.call(&["SET", "nl:1", "b"]);
+    note(me.drain_raw(SETTLE));
+    // RESP2, redirected to a subscriber.
+    let mut target = RespReader::connect(addr);
+    let Frame::Integer(tid) = target.call(&["CLIENT", "ID"]) else {
+        panic!("CLIENT ID")
+    };
+    target.call(&["SUBSCRIBE", "__redis__:invalidate"]);
+    let mut old = RespReader::connect(addr);
+    let tid = tid.to_string();
+    old.call(&["CLIENT", "TRACKING", "ON", "NOLOOP", "REDIRECT", &tid]);
+    old.call(&["GET", "r2"]);
+    note(vec![old.call_raw(&["SET", "r2", "1", "GET"])]);
+    note(vec![old.call_raw(&["SET", "r2", "2", "NX"])]);
+    note(target.drain_raw(SETTLE));
+    old.call(&["GET", "r2"]);
+    writer.call(&["SET", "r2", "3"]);
+    note(target.drain_raw(SETTLE));
+    seen
+}
+
+#[test]
+fn noloop_through_the_proxy_is_redis_byte_for_byte() {
+    agree(run_noloop);
 }

@@ -93,6 +93,32 @@ impl Frame {
         self.encode(&mut out);
         out.freeze()
     }
+
+    /// The same value as Redis sends it to a RESP2 client: maps as flat arrays, sets and
+    /// pushes as arrays, doubles and big numbers as bulk strings, booleans as 1 and 0,
+    /// verbatim strings without their format, and null as the null bulk string (what Redis's
+    /// `addReplyNull` gives; replies that use its null *array* in RESP2 can't be told apart
+    /// in RESP3, so callers don't re-encode those).
+    pub fn into_resp2(self) -> Frame {
+        match self {
+            Frame::Null => Frame::NullBulk,
+            Frame::Boolean(b) => Frame::Integer(i64::from(b)),
+            Frame::Double(t) | Frame::BigNumber(t) => Frame::Bulk(t),
+            Frame::BulkError(e) => Frame::Error(e),
+            Frame::Verbatim(t) => Frame::Bulk(if t.len() >= 4 { t.slice(4..) } else { t }),
+            Frame::Array(items) | Frame::Set(items) | Frame::Push(items) => {
+                Frame::Array(items.into_iter().map(Frame::into_resp2).collect())
+            }
+            Frame::Map(pairs) => Frame::Array(
+                pairs
+                    .into_iter()
+                    .flat_map(|(k, v)| [k.into_resp2(), v.into_resp2()])
+                    .collect(),
+            ),
+            Frame::Attribute(_, value) => value.into_resp2(),
+            other => other,
+        }
+    }
 }
 
 fn line(out: &mut BytesMut, kind: u8, text: &[u8]) {

@@ -74,6 +74,9 @@ pub(super) struct ReplySlots {
     pub(super) killed: Cell<bool>,
     /// Tracked requests waiting for their replies, in token order.
     pub(super) tracked_ops: RefCell<VecDeque<TrackedOp>>,
+    /// A NOLOOP write a listener gave back (redirected, or the listener went down before
+    /// sending it): its slot and bytes, for the session to send the ordinary way.
+    pub(super) redo: RefCell<Option<(u64, Bytes)>>,
 }
 
 /// One session's requests whose replies are counted per command.

@@ -380,3 +380,117 @@ impl Session {
         self.state.txn_keys = TxnKeys::default();
     }
 }
+
+/// Commands whose RESP2 reply can be Redis's null *array*, which RESP3 doesn't tell apart
+/// from its null bulk: a RESP2 client's write of these never runs on a listener.
+fn null_array_in_resp2(name: &str) -> bool {
+    matches!(name, "lpop" | "rpop" | "lmpop" | "zmpop")
+}
+
+/// Whether every key of `info` comes from key specs the proxy reads (no command logic).
+fn keys_fully_known(info: &crate::command::CommandInfo) -> bool {
+    use crate::command::{BeginSearch, FindKeys};
+    !info.key_specs.is_empty()
+        && info
+            .key_specs
+            .iter()
+            .all(|s| s.begin != BeginSearch::Unknown && s.find != FindKeys::Unknown)
+}
+
+impl Session {
+    /// A NOLOOP client's write runs on the listener of its node, so that Redis reports it to
+    /// nobody and the proxy tells every other reader itself (`tracking.rs`): Redis's own
+    /// reports can't say who wrote. It waits for the client's earlier commands, and holds
+    /// its later ones until answered, so order is kept. `None`: the ordinary way (not a
+    /// NOLOOP client's plain write of known keys on one node, or mirrors or faults apply;
+    /// then the client may also get its own write's invalidation).
+    pub(super) fn noloop_write(
+        &mut self,
+        req: &Request<'_>,
+        cmd: Option<Command>,
+    ) -> Option<super::stateful::Step> {
+        use super::stateful::Step;
+        let noloop = self
+            .state
+            .tracking
+            .as_ref()
+            .is_some_and(|t| t.opts.borrow().noloop);
+        if !noloop {
+            return None;
+        }
+        if self.noloop_pending.is_some_and(|t| self.core.is_pending(t)) {
+            self.stateful.barrier = true;
+            return Some(Step::Wait);
+        }
+        let cmd = cmd?;
+        let info = cmd.info;
+        let svc = &self.svc;
+        let eligible = info.has(flags::WRITE)
+            && !info.has(flags::BLOCKING)
+            && matches!(cmd.handling, crate::command::Handling::Forward)
+            && keys_fully_known(info)
+            && (self.state.resp3 || !null_array_in_resp2(info.name))
+            && self.state.authenticated
+            && !self.stateful.active(&self.forwarder)
+            && self.forwarder.db() == 0
+            && svc.routes.len() == 1
+            && svc.routes.iter().all(|r| r.mirrors.is_empty())
+            && svc.prefixes.is_empty()
+            && self.svc.policy().faults.is_empty();
+        if !eligible {
+            return None;
+        }
+        let mut at = Vec::new();
+        info.key_indexes(req, &mut at);
+        let keys: Vec<Bytes> = at
+            .into_iter()
+            .filter_map(|i| req.arg(i).map(Bytes::copy_from_slice))
+            .collect();
+        let slot = crate::cluster::Slot::for_key(keys.first()?);
+        if keys
+            .iter()
+            .any(|k| crate::cluster::Slot::for_key(k) != slot)
+        {
+            return None;
+        }
+        let (addr, _) = self
+            .forwarder
+            .pubsub_target(keys.first().map(|k| &k[..]))
+            .ok()?;
+        if !tracking::tracker().is_listening(&addr) {
+            return None;
+        }
+        if self.core.unfilled.get() > 0 {
+            // Its earlier commands go first.
+            self.stateful.barrier = true;
+            return Some(Step::Wait);
+        }
+        let token = self.core.push_pending();
+        let request = super::stateful::encode(req);
+        let sink: Rc<dyn ReplySink> = self.core.clone();
+        let deadline = tokio::time::Instant::now() + self.svc.policy().op_timeout;
+        let redo = {
+            let core = Rc::downgrade(&self.core);
+            let request = request.clone();
+            Box::new(move || {
+                if let Some(core) = core.upgrade() {
+                    *core.redo.borrow_mut() = Some((token, request));
+                    core.signal.notify();
+                }
+            })
+        };
+        let write = crate::upstream::tracking_listener::NoloopWrite {
+            to: crate::upstream::ReplyTo::new(sink, token, deadline),
+            client: self.state.id,
+            keys,
+            resp2: !self.state.resp3,
+            redo,
+        };
+        if let Err(write) = tracking::tracker().noloop_write(&addr, &request, write) {
+            // The listener went down just now: the ordinary way, from the same slot.
+            (write.redo)();
+        }
+        self.noloop_pending = Some(token);
+        Some(Step::Done)
+    }
+}

@@ -1,9 +1,12 @@
 //! A worker's listener on one node for client-side caching: a RESP3 connection in
-//! `CLIENT TRACKING ON BCAST` mode, to which Redis pushes every key modified on the node.
-//! It reports them to the worker's tracker (`tracking.rs`), and reports when it is up and
-//! when it is lost, since keys modified while it is down go unseen.
+//! `CLIENT TRACKING ON BCAST NOLOOP` mode, to which Redis pushes every key modified on the
+//! node by anyone but the listener itself. It reports them to the worker's tracker
+//! (`tracking.rs`), and reports when it is up and when it is lost, since keys modified while
+//! it is down go unseen. NOLOOP clients' writes run on it, so that Redis doesn't report them
+//! and the proxy knows who wrote (it tells every other reader itself).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
@@ -11,9 +14,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use super::ConnSettings;
 use super::connect::{open, read_replies};
 use super::driver::BACKOFF_START;
+use super::{ConnSettings, ReplyTo, UpstreamError};
 use crate::config::NodeAddr;
 use crate::resp::Frame;
 use crate::tracking::Tracker;
@@ -21,6 +24,10 @@ use crate::wake::Wake;
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// Most NOLOOP writes waiting on one listener (each client has at most one); more go the
+/// ordinary way.
+const MAX_WRITES: usize = 4096;
 
 /// One node's listener.
 pub struct Listener {
@@ -34,6 +41,28 @@ pub struct Listener {
     wake_close: Wake,
     /// Connected with tracking on.
     up: Cell<bool>,
+    /// NOLOOP clients' writes sent on it, waiting for their replies, in order.
+    waiting: RefCell<VecDeque<NoloopWrite>>,
+    /// Their bytes not yet written.
+    out: RefCell<BytesMut>,
+    /// Wakes the task to write them.
+    wake_write: Wake,
+}
+
+/// A NOLOOP client's write sent over a listener (see `tracking.rs`): Redis reports the keys
+/// it modifies to no one (the listener is in NOLOOP mode), and the proxy tells the other
+/// clients itself.
+pub struct NoloopWrite {
+    /// Where its reply goes.
+    pub to: ReplyTo,
+    /// The writing client.
+    pub client: u64,
+    /// The keys it writes.
+    pub keys: Vec<bytes::Bytes>,
+    /// The client speaks RESP2: the listener's RESP3 reply is re-encoded.
+    pub resp2: bool,
+    /// Sends the write again the ordinary way (it was redirected, so it didn't run).
+    pub redo: Box<dyn FnOnce()>,
 }
 
 impl Listener {
@@ -51,6 +80,9 @@ impl Listener {
             closed: Cell::new(false),
             wake_close: Wake::default(),
             up: Cell::new(false),
+            waiting: RefCell::default(),
+            out: RefCell::default(),
+            wake_write: Wake::default(),
         });
         tokio::task::spawn_local(Rc::clone(&listener).run(tracker));
         listener
@@ -59,6 +91,31 @@ impl Listener {
     /// Whether it is connected with tracking on.
     pub fn is_up(&self) -> bool {
         self.up.get()
+    }
+
+    /// Sends a NOLOOP client's write; gives it back if the listener is down.
+    pub fn send(&self, request: &[u8], write: NoloopWrite) -> Result<(), NoloopWrite> {
+        if !self.up.get() || self.waiting.borrow().len() >= MAX_WRITES {
+            return Err(write);
+        }
+        self.out.borrow_mut().extend_from_slice(request);
+        self.waiting.borrow_mut().push_back(write);
+        self.wake_write.notify();
+        Ok(())
+    }
+
+    /// Fails the writes waiting for a reply: the connection is gone, and whether they ran is
+    /// unknown, as for any lost connection.
+    fn fail_writes(&self, why: &str) {
+        self.out.borrow_mut().clear();
+        let waiting: Vec<NoloopWrite> = self.waiting.borrow_mut().drain(..).collect();
+        let error = UpstreamError::Lost {
+            addr: self.addr.to_string(),
+            reason: why.to_owned(),
+        };
+        for w in waiting {
+            w.to.answer(error.reply());
+        }
     }
 
     /// Ends the listener (nobody tracks any more).
@@ -112,7 +169,9 @@ impl Listener {
             Err(_) => return Err("connect timed out".to_owned()),
         };
         stream
-            .write_all(b"*4\r\n$6\r\nCLIENT\r\n$8\r\nTRACKING\r\n$2\r\nON\r\n$5\r\nBCAST\r\n")
+            .write_all(
+                b"*5\r\n$6\r\nCLIENT\r\n$8\r\nTRACKING\r\n$2\r\nON\r\n$5\r\nBCAST\r\n$6\r\nNOLOOP\r\n",
+            )
             .await
             .map_err(|e| format!("write failed: {e}"))?;
         let reply = read_replies(&mut stream, 1, &self.settings.limits).await?;
@@ -130,16 +189,40 @@ impl Listener {
         drop(t);
         let why = self.pushes(stream, tracker).await;
         self.up.set(false);
+        self.fail_writes(&why);
         Ok(why)
     }
 
     /// Reports the pushes of an established listener until the connection fails; returns
     /// why.
-    async fn pushes(&self, mut stream: super::tls::Stream, tracker: &Weak<Tracker>) -> String {
+    async fn pushes(&self, stream: super::tls::Stream, tracker: &Weak<Tracker>) -> String {
+        let (mut rd, mut wr) = tokio::io::split(stream);
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         loop {
             buf.reserve(READ_CHUNK);
-            match stream.read_buf(&mut buf).await {
+            // The oldest write's deadline, as on any connection (op_timeout).
+            let deadline = self.waiting.borrow().front().map(|w| w.to.deadline);
+            let read = tokio::select! {
+                r = rd.read_buf(&mut buf) => r,
+                () = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)),
+                    if deadline.is_some() =>
+                {
+                    return "a request timed out (op_timeout)".to_owned();
+                }
+                () = self.wake_write.wait() => {
+                    let out = std::mem::take(&mut *self.out.borrow_mut());
+                    if !out.is_empty() {
+                        if let Err(e) = wr.write_all(&out).await {
+                            return format!("write failed: {e}");
+                        }
+                        if let Err(e) = wr.flush().await {
+                            return format!("write failed: {e}");
+                        }
+                    }
+                    continue;
+                }
+            };
+            match read {
                 Ok(0) => return "closed by the server".to_owned(),
                 Ok(_) => {}
                 Err(e) => return format!("read failed: {e}"),
@@ -150,11 +233,20 @@ impl Listener {
             loop {
                 match Frame::parse(&data.slice(pos..), &self.settings.limits) {
                     Ok(Some((frame, len))) => {
+                        let raw = data.slice(pos..pos + len);
                         pos += len;
                         let Some(t) = tracker.upgrade() else {
                             return "worker ended".to_owned();
                         };
-                        report(&t, frame);
+                        if matches!(frame, Frame::Push(_)) {
+                            report(&t, frame);
+                        } else {
+                            // The reply to the oldest NOLOOP write.
+                            let Some(write) = self.waiting.borrow_mut().pop_front() else {
+                                return "reply with no request waiting".to_owned();
+                            };
+                            t.noloop_answered(write, frame, raw);
+                        }
                     }
                     Ok(None) => break,
                     Err(e) => return format!("protocol error from server: {e}"),
@@ -163,6 +255,11 @@ impl Listener {
             buf.extend_from_slice(&data[pos..]);
         }
     }
+}
+
+/// A deadline that never comes (for a timer with nothing to time).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
 }
 
 /// Hands one push to the tracker: `invalidate` with keys, or with null for a flush.
