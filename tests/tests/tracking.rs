@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis_intercept::resp::Frame;
 use redis_intercept_e2e::{
-    RedisCluster, RedisServer, RespReader, http_get, start_cluster_proxy, start_proxy,
+    RedisCluster, RedisServer, RespReader, http_get, redis_cli, start_cluster_proxy, start_proxy,
     start_proxy_config,
 };
 
@@ -398,4 +398,58 @@ fn run_noloop(addr: SocketAddr) -> Vec<String> {
 #[test]
 fn noloop_through_the_proxy_is_redis_byte_for_byte() {
     agree(run_noloop);
+}
+
+/// The `redis` crate in RESP3, as a Rust app uses it: its push channel gets the
+/// invalidations; and `redis-cli -3` shows RESP3 replies as it shows Redis's.
+fn rust_and_cli(addr: SocketAddr) -> Vec<String> {
+    let client = redis::Client::open(format!("redis://{addr}/?protocol=resp3")).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    c.set_push_sender(tx);
+    let mut seen = Vec::new();
+    let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("TRACKING")
+        .arg("ON")
+        .query(&mut c)
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg("f")
+        .arg("1")
+        .query(&mut c)
+        .unwrap();
+    let v: Option<String> = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    seen.push(format!("{v:?}"));
+    let h: redis::Value = redis::cmd("HGETALL").arg("h").query(&mut c).unwrap();
+    seen.push(format!("{h:?}"));
+    let mut writer = RespReader::connect(addr);
+    writer.call(&["SET", "k", "1"]);
+    writer.call(&["HSET", "h", "f", "2"]);
+    std::thread::sleep(SETTLE);
+    // Replies to later commands carry the pushes that came first to the channel.
+    let _: String = redis::cmd("PING").query(&mut c).unwrap();
+    let mut pushes: Vec<String> = rx.try_iter().map(|p| format!("{p:?}")).collect();
+    pushes.sort();
+    assert_eq!(pushes.len(), 2, "an invalidation per key read: {pushes:?}");
+    seen.extend(pushes);
+    for cmd in [
+        &["HGETALL", "h"][..],
+        &["CLIENT", "TRACKINGINFO"],
+        &["ZADD", "z", "1.5", "m"],
+        &["ZSCORE", "z", "m"],
+        &["SMEMBERS", "missing"],
+        &["GET", "missing"],
+    ] {
+        let mut args = vec!["-3"];
+        args.extend_from_slice(cmd);
+        seen.push(redis_cli(addr, &args));
+    }
+    seen
+}
+
+#[test]
+fn the_redis_crate_and_redis_cli_in_resp3_through_the_proxy() {
+    agree(rust_and_cli);
 }
