@@ -36,6 +36,7 @@ mod input;
 mod local;
 mod merge;
 mod mirror;
+mod modes;
 mod output;
 mod probe;
 mod pubsub;
@@ -90,6 +91,8 @@ struct ClientState {
     caching: bool,
     /// Keys of the transaction being queued, while tracking.
     txn_keys: tracking::TxnKeys,
+    /// Its service, across workers (CLIENT PAUSE holds the service's clients).
+    service_key: usize,
 }
 
 /// What ended a session's wait.
@@ -111,7 +114,7 @@ pub async fn run(
     stream: TcpStream,
     svc: Rc<ServiceCtx>,
     sessions: Rc<Sessions>,
-    _guard: ClientGuard,
+    guard: ClientGuard,
 ) {
     let id = next_client_id();
     let peer = stream.peer_addr().ok();
@@ -138,6 +141,8 @@ pub async fn run(
         killed: Cell::new(false),
         tracked_ops: RefCell::default(),
         redo: RefCell::default(),
+        muting: Cell::new(false),
+        muted: RefCell::default(),
     });
     let entry = directory::ClientEntry::register(
         id,
@@ -171,6 +176,7 @@ pub async fn run(
             tracking: None,
             caching: false,
             txn_keys: tracking::TxnKeys::default(),
+            service_key: guard.service_key(),
         },
         forwarder: forward::Forwarder::new(&svc.routes, id, &svc.discard, &client_counts(&svc)),
         svc,
@@ -184,6 +190,9 @@ pub async fn run(
         window: window::Window::default(),
         sessions: Rc::clone(&sessions),
         noloop_pending: None,
+        reply_mode: modes::ReplyMode::default(),
+        txn_writes: false,
+        held_by_pause: false,
     };
     let mut input = InputBuf::new(Arc::clone(&session.svc.query_budget), id);
     let end = loop {
@@ -270,6 +279,12 @@ struct Session {
     sessions: Rc<Sessions>,
     /// The slot of a NOLOOP write sent on a tracking listener: later commands wait for it.
     noloop_pending: Option<u64>,
+    /// CLIENT REPLY.
+    reply_mode: modes::ReplyMode,
+    /// The transaction being queued has a write (CLIENT PAUSE WRITE holds its EXEC).
+    txn_writes: bool,
+    /// A CLIENT PAUSE holds the next command: look again shortly.
+    held_by_pause: bool,
 }
 
 impl Session {
@@ -371,7 +386,7 @@ impl Session {
             if room == window::Room::Budget {
                 window::wait_for_budget(&core, &self.sessions);
             }
-            let recheck = paused || room == window::Room::Budget;
+            let recheck = paused || room == window::Room::Budget || self.held_by_pause;
             if recheck {
                 budget_sleep.as_mut().reset(Instant::now() + BUDGET_RECHECK);
             }
@@ -511,6 +526,7 @@ impl Session {
         }
         let before = self.commands;
         self.stateful.barrier = false;
+        self.held_by_pause = false;
         // Out of `self` while its requests borrow it; put back below (no early return).
         let mut parser = std::mem::replace(&mut self.parser, RequestParser::new(self.svc.limits));
         while !self.state.closing
@@ -536,6 +552,14 @@ impl Session {
                             input.consume(n);
                             continue;
                         }
+                        if self.paused(cmd) {
+                            // Offered again shortly (the parser is resumable).
+                            self.core.untrack_unused(tracked);
+                            break;
+                        }
+                        let mode_before = self.reply_mode;
+                        let muted = self.reply_muted(&req, cmd);
+                        self.core.muting.set(muted);
                         let was_multi = self.stateful.multi;
                         let token = self.core.next_token();
                         let keys = tracking::keys_of(&self.state, &req, cmd);
@@ -546,6 +570,8 @@ impl Session {
                         if matches!(step, stateful::Step::Wait | stateful::Step::Subscribe) {
                             // Offered again once the replies owed on shared connections
                             // are in (the parser is resumable, so nothing is lost).
+                            self.reply_mode = mode_before;
+                            self.core.muting.set(false);
                             self.core.untrack_unused(tracked);
                             break;
                         }
@@ -567,6 +593,7 @@ impl Session {
                             self.dispatch_normal(&req, cmd, deadline);
                         }
                         self.note_tracking(token, was_multi, cmd, keys);
+                        self.core.muting.set(false);
                         self.core.untrack_unused(tracked);
                     }
                     input.consume(n);

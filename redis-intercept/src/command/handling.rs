@@ -60,6 +60,14 @@ pub enum Local {
     ClientGetRedir,
     /// CLIENT TRACKINGINFO
     ClientTrackingInfo,
+    /// CLIENT REPLY ON|OFF|SKIP: the client's replies, dropped by the proxy.
+    ClientReply,
+    /// CLIENT PAUSE: the service's clients' commands, held by the proxy.
+    ClientPause,
+    /// CLIENT UNPAUSE
+    ClientUnpause,
+    /// CLIENT NO-EVICT ON|OFF
+    ClientNoEvict,
 }
 
 /// Decides the proxy's handling of a command by its full name and flags.
@@ -84,6 +92,10 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         "client|caching" => Local(self::Local::ClientCaching),
         "client|getredir" => Local(self::Local::ClientGetRedir),
         "client|trackinginfo" => Local(self::Local::ClientTrackingInfo),
+        "client|reply" => Local(self::Local::ClientReply),
+        "client|pause" => Local(self::Local::ClientPause),
+        "client|unpause" => Local(self::Local::ClientUnpause),
+        "client|no-evict" => Local(self::Local::ClientNoEvict),
         "multi" | "exec" | "discard" | "watch" | "unwatch" => Transaction,
         "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
         | "sunsubscribe" => PubSub,

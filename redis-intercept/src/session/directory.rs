@@ -104,6 +104,8 @@ pub(super) struct ClientEntry {
     /// An invalidation for it didn't fit in its worker's queue: it must be told to drop
     /// everything.
     pub(super) lost: AtomicBool,
+    /// CLIENT NO-EVICT ON (`e`).
+    pub(super) no_evict: AtomicBool,
 }
 
 impl ClientEntry {
@@ -132,6 +134,7 @@ impl ClientEntry {
             names: Mutex::new(Names::default()),
             mailbox,
             lost: AtomicBool::new(false),
+            no_evict: AtomicBool::new(false),
         });
         CLIENTS.locked().insert(id, Arc::clone(&entry));
         entry
@@ -223,6 +226,9 @@ impl ClientEntry {
             if flags & bit != 0 {
                 f.push(c);
             }
+        }
+        if self.no_evict.load(Ordering::Relaxed) {
+            f.push('e');
         }
         if f.is_empty() {
             f.push('N');

@@ -105,6 +105,10 @@ pub(super) fn local_reply(
             Bytes::from_static(b"+RESET\r\n")
         }
         Local::Hello => hello(req, state, svc),
+        Local::ClientReply => super::modes::reply(req),
+        Local::ClientPause => super::modes::pause(state.service_key, req),
+        Local::ClientUnpause => super::modes::unpause(state.service_key),
+        Local::ClientNoEvict => super::modes::no_evict(req, &state.entry),
         // Answered by `tracking::command`, which may answer later.
         Local::ClientTracking
         | Local::ClientCaching

@@ -37,6 +37,14 @@ impl ClientGuard {
     }
 }
 
+impl ClientGuard {
+    /// Names the service across workers (and apart from another proxy's service of the same
+    /// name in one process): the address of the count it shares.
+    pub(super) fn service_key(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+}
+
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);

@@ -74,6 +74,10 @@ pub(super) struct ReplySlots {
     pub(super) killed: Cell<bool>,
     /// Tracked requests waiting for their replies, in token order.
     pub(super) tracked_ops: RefCell<VecDeque<TrackedOp>>,
+    /// CLIENT REPLY OFF or SKIP: the slots taken now get no reply.
+    pub(super) muting: Cell<bool>,
+    /// Slots taken while muting whose reply hasn't come, in order.
+    pub(super) muted: RefCell<VecDeque<u64>>,
     /// A NOLOOP write a listener gave back (redirected, or the listener went down before
     /// sending it): its slot and bytes, for the session to send the ordinary way.
     pub(super) redo: RefCell<Option<(u64, Bytes)>>,
@@ -124,7 +128,7 @@ impl ReplySink for ReplySlots {
 
 impl ReplySlots {
     /// Puts `reply` in slot `token`; true when the caller should flush.
-    fn fill(&self, token: u64, reply: Reply<'_>) -> bool {
+    fn fill(&self, token: u64, mut reply: Reply<'_>) -> bool {
         if self.failure.get().is_some() {
             // The session is ending (or has ended, see `close`): nobody will read this, so
             // it isn't kept. Without this, a client that left with many big requests in
@@ -142,6 +146,10 @@ impl ReplySlots {
             self.unfilled.set(self.unfilled.get().saturating_sub(1));
             self.estimate.observe(reply.as_slice().len());
             self.settle(token, reply.as_slice());
+            if self.is_muted(token) {
+                // CLIENT REPLY OFF or SKIP: the reply was read, and goes nowhere.
+                reply = Reply::Held(Bytes::new());
+            }
             if index == 0 {
                 // Next in line: straight to the output, nothing kept.
                 slots.pop_front();
@@ -217,11 +225,40 @@ impl ReplySlots {
         let mut slots = self.slots.borrow_mut();
         slots.push_back(None);
         self.unfilled.set(self.unfilled.get() + 1);
-        self.head.get() + slots.len() as u64 - 1
+        let token = self.head.get() + slots.len() as u64 - 1;
+        if self.muting.get() {
+            self.muted.borrow_mut().push_back(token);
+        }
+        token
+    }
+
+    /// Whether slot `token`'s reply is dropped (CLIENT REPLY); forgets it if so.
+    fn is_muted(&self, token: u64) -> bool {
+        let mut muted = self.muted.borrow_mut();
+        if muted.is_empty() {
+            return false;
+        }
+        let head = self.head.get();
+        // Slots before the head went out (or were dropped with a failure).
+        while muted.front().is_some_and(|&t| t < head) {
+            muted.pop_front();
+        }
+        match muted.iter().position(|&t| t == token) {
+            Some(i) => {
+                muted.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Appends a reply the proxy made itself.
     pub(super) fn push_ready(&self, reply: Bytes) {
+        let reply = if self.muting.get() {
+            Bytes::new()
+        } else {
+            reply
+        };
         if self.tracked.borrow().is_some() {
             self.settle(self.next_token(), &reply);
         }
