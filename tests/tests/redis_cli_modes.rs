@@ -2,6 +2,8 @@
 //! `--bigkeys`, `--memkeys`, `--stat` and `--latency`, with a standalone server and a
 //! cluster behind.
 
+#![expect(clippy::expect_used, reason = "tests panic on failure")]
+
 use std::net::SocketAddr;
 use std::process::Command;
 
