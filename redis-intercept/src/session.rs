@@ -37,6 +37,7 @@ mod local;
 mod merge;
 mod mirror;
 mod modes;
+mod monitor;
 mod output;
 mod probe;
 mod pubsub;
@@ -62,7 +63,7 @@ use crate::command::{self, Command};
 use crate::metrics::GaugeGuard;
 use crate::resp::{Request, RequestParser};
 use crate::service::ServiceCtx;
-use crate::upstream::{ReplySink, ReplyTo, error_reply};
+use crate::upstream::error_reply;
 use crate::wake::Wake;
 
 /// How often a client that stopped being read because the input budget was spent looks
@@ -206,6 +207,7 @@ pub async fn run(
         }
     };
     session.end_tracking();
+    monitor::stop(id);
     session.state.entry.unregister();
     session.release_at_end();
     session.window.release(&sessions);
@@ -464,38 +466,6 @@ impl Session {
         }
     }
 
-    /// Sends the request a delay fault held back.
-    fn send_delayed(&mut self) {
-        let Some(d) = self.delayed.take() else {
-            return;
-        };
-        let deadline = Instant::now() + self.svc.policy().op_timeout;
-        let sink: Rc<dyn ReplySink> = self.core.clone();
-        // The held request was encoded from a parsed one, so it parses again.
-        let mut parser = RequestParser::new(self.svc.limits);
-        let sent = match parser.parse(&d.request) {
-            Ok(Some(n)) => {
-                let req = parser.request(&d.request[..n]);
-                let routing = routing(&self.svc);
-                let mut cx = forward::Ctx {
-                    svc: &routing,
-                    dice: &mut self.dice,
-                };
-                self.forwarder.forward(
-                    &mut cx,
-                    &req,
-                    command::lookup(&req),
-                    ReplyTo::new(sink, d.token, deadline),
-                )
-            }
-            _ => Err(error_reply("internal error: delayed request lost")),
-        };
-        if let Err(reply) = sent {
-            // The session writes its output right after this; no flush needed.
-            let _ = self.core.deliver(d.token, reply.into());
-        }
-    }
-
     /// [`dispatch`] with the session's parts.
     fn dispatch_normal(&mut self, req: &Request<'_>, cmd: Option<Command>, deadline: Instant) {
         dispatch(
@@ -575,6 +545,7 @@ impl Session {
                             self.core.untrack_unused(tracked);
                             break;
                         }
+                        monitor::feed(self.state.service_key, &self.state.entry, &req, cmd);
                         self.commands += 1;
                         let faulted = matches!(step, stateful::Step::Normal)
                             && self.state.authenticated

@@ -130,3 +130,47 @@ fn client_pause_holds_the_services_writers_and_then_everyone() {
     );
     proxy.shutdown();
 }
+
+/// What a monitor saw of `who`'s `SET`, `GET` and `AUTH`-free commands at `addr`, with the
+/// timestamps cut: `[db address] "args"…`. Checks the address is `who`'s own.
+fn monitored(addr: SocketAddr) -> Vec<String> {
+    let mut monitor = RespReader::connect(addr);
+    assert_eq!(monitor.call(&["MONITOR"]), Frame::Simple("OK".into()));
+    let mut who = RespReader::connect(addr);
+    let me = who.stream.local_addr().unwrap().to_string();
+    who.call(&["SET", "k", "v\n\"x\""]);
+    who.call(&["GET", "k"]);
+    who.call(&["SELECT", "0"]);
+    who.call(&["HSET", "h", "f", "\x01"]);
+    who.call(&["DEL", "k", "h"]);
+    let lines: Vec<String> = monitor
+        .drain_raw(Duration::from_millis(300))
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect();
+    lines
+        .iter()
+        .map(|l| {
+            let (stamp, rest) = l.split_once(' ').unwrap();
+            assert!(stamp.starts_with('+') && stamp.contains('.'), "{l}");
+            assert!(rest.contains(&format!(" {me}]")), "{l} is not from {me}");
+            rest.replace(&me, "ADDR")
+        })
+        .collect()
+}
+
+#[test]
+fn monitor_shows_another_clients_commands_with_its_address() {
+    let direct = RedisServer::start();
+    let want = monitored(direct.addr);
+    assert_eq!(want.len(), 5, "{want:?}");
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    assert_eq!(want, monitored(proxy.addr("svc").unwrap()), "standalone");
+    proxy.shutdown();
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    assert_eq!(want, monitored(proxy.addr("svc").unwrap()), "cluster");
+    proxy.shutdown();
+}

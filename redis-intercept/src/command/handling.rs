@@ -68,6 +68,8 @@ pub enum Local {
     ClientUnpause,
     /// CLIENT NO-EVICT ON|OFF
     ClientNoEvict,
+    /// MONITOR: the service's clients' commands, shown by the proxy.
+    Monitor,
 }
 
 /// Decides the proxy's handling of a command by its full name and flags.
@@ -96,12 +98,13 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         "client|pause" => Local(self::Local::ClientPause),
         "client|unpause" => Local(self::Local::ClientUnpause),
         "client|no-evict" => Local(self::Local::ClientNoEvict),
+        "monitor" => Local(self::Local::Monitor),
         "multi" | "exec" | "discard" | "watch" | "unwatch" => Transaction,
         "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
         | "sunsubscribe" => PubSub,
         // Would change or inspect the shared upstream connection, not the client's.
         "readonly" | "readwrite" | "migrate" | "asking" | "sync" | "psync" | "replconf"
-        | "monitor" | "shutdown" => Unsupported,
+        | "shutdown" => Unsupported,
         name if name.starts_with("client|") || name.starts_with("cluster|") => Unsupported,
         // The server's settings: forwarded (on a cluster SET/RESETSTAT/REWRITE: every node).
         "config|get" | "config|set" | "config|resetstat" | "config|rewrite" | "config|help" => {

@@ -160,6 +160,19 @@ impl ClientEntry {
         }
     }
 
+    /// A MONITOR line for this client on another worker; a monitor that can't keep up is
+    /// closed, as Redis closes a monitor past its output limit.
+    pub(super) fn post_or_close(&self, line: Bytes) {
+        if self.mailbox.tx.try_send(Mail::Push(self.id, line)).is_err() {
+            let _ = self.mailbox.tx.try_send(Mail::Kill(self.id));
+        }
+    }
+
+    /// Its address as CLIENT LIST and MONITOR show it.
+    pub(super) fn addr_text(&self) -> String {
+        self.addr.map(|a| a.to_string()).unwrap_or_default()
+    }
+
     /// Removes the client (it left).
     pub(super) fn unregister(&self) {
         CLIENTS.locked().remove(&self.id);

@@ -10,6 +10,13 @@ use crate::command::{Command, Handling};
 use crate::metrics::ServiceMetrics;
 use crate::resp::Request;
 use crate::service::{Fault, FaultAction};
+use std::rc::Rc;
+
+use super::dispatch::routing;
+use super::forward;
+use crate::command;
+use crate::resp::RequestParser;
+use crate::upstream::{ReplySink, ReplyTo, error_reply};
 
 /// A small xorshift generator for fault dice: statistically fine for percentages, and
 /// cheaper than a shared generator.
@@ -114,4 +121,38 @@ pub(super) fn pick_fault<'f>(
         }
     }
     None
+}
+
+impl super::Session {
+    /// Sends the request a delay fault held back.
+    pub(super) fn send_delayed(&mut self) {
+        let Some(d) = self.delayed.take() else {
+            return;
+        };
+        let deadline = Instant::now() + self.svc.policy().op_timeout;
+        let sink: Rc<dyn ReplySink> = self.core.clone();
+        // The held request was encoded from a parsed one, so it parses again.
+        let mut parser = RequestParser::new(self.svc.limits);
+        let sent = match parser.parse(&d.request) {
+            Ok(Some(n)) => {
+                let req = parser.request(&d.request[..n]);
+                let routing = routing(&self.svc);
+                let mut cx = forward::Ctx {
+                    svc: &routing,
+                    dice: &mut self.dice,
+                };
+                self.forwarder.forward(
+                    &mut cx,
+                    &req,
+                    command::lookup(&req),
+                    ReplyTo::new(sink, d.token, deadline),
+                )
+            }
+            _ => Err(error_reply("internal error: delayed request lost")),
+        };
+        if let Err(reply) = sent {
+            // The session writes its output right after this; no flush needed.
+            let _ = self.core.deliver(d.token, reply.into());
+        }
+    }
 }

@@ -94,6 +94,7 @@ pub(super) fn local_reply(
             }
         }
         Local::Reset => {
+            super::monitor::stop(state.id);
             state.name = None;
             state.entry.set_name(None);
             state
@@ -109,6 +110,10 @@ pub(super) fn local_reply(
         Local::ClientPause => super::modes::pause(state.service_key, req),
         Local::ClientUnpause => super::modes::unpause(state.service_key),
         Local::ClientNoEvict => super::modes::no_evict(req, &state.entry),
+        Local::Monitor => {
+            super::monitor::start(state.service_key, &state.entry);
+            Bytes::from_static(OK)
+        }
         // Answered by `tracking::command`, which may answer later.
         Local::ClientTracking
         | Local::ClientCaching
