@@ -3,6 +3,8 @@
 //! plain Redis, standalone and cluster behind), a paused writer held while a reader goes on,
 //! and `ALL` holding both until it ends.
 
+#![expect(clippy::unwrap_used, reason = "tests panic on failure")]
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
