@@ -53,6 +53,8 @@ pub enum Keyless {
     /// PUBSUB NUMSUB / SHARDNUMSUB: every master's `[name, count, …]`, counts added up by
     /// position.
     NumSub,
+    /// LASTSAVE: every master's integer, the smallest (every master has saved since).
+    Min,
 }
 
 /// Where a request goes on a cluster.
@@ -99,6 +101,11 @@ fn keyless(name: &str) -> Keyless {
         "config|set" | "config|resetstat" | "config|rewrite" => Keyless::EveryNode,
         "script|exists" => Keyless::AllHave,
         "script|kill" | "function|kill" => Keyless::AnyOk,
+        "slowlog|len" | "latency|reset" => Keyless::Sum,
+        "slowlog|get" | "latency|latest" => Keyless::Concat,
+        "slowlog|reset" | "memory|purge" => Keyless::AllOk,
+        "bgsave" | "bgrewriteaof" | "save" => Keyless::First,
+        "lastsave" => Keyless::Min,
         _ => Keyless::AnyMaster,
     }
 }
@@ -114,6 +121,12 @@ pub fn plan(cmd: Option<Command>, req: &Request<'_>, keys: &mut Vec<usize>) -> P
     cmd.info.key_indexes(req, keys);
     let mut slots = keys.iter().filter_map(|&i| req.arg(i)).map(Slot::for_key);
     let Some(first) = slots.next() else {
+        if cmd.info.name == "debug"
+            && let Some(key) = req.arg(2)
+        {
+            // DEBUG OBJECT key (the only DEBUG the proxy forwards) goes to the key's master.
+            return Plan::Slot(Slot::for_key(key));
+        }
         if cmd.info.name == "publish"
             && let Some(channel) = req.arg(1)
         {
@@ -280,6 +293,20 @@ pub fn pick_node<'a>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn debug_object_goes_to_its_keys_slot() {
+        let mut parser = crate::resp::RequestParser::new(crate::resp::Limits::default());
+        let raw = b"*3\r\n$5\r\nDEBUG\r\n$6\r\nOBJECT\r\n$3\r\n{a}\r\n";
+        let n = parser.parse(raw).unwrap().unwrap();
+        let req = parser.request(&raw[..n]);
+        let cmd = crate::command::lookup(&req);
+        assert_eq!(
+            plan(cmd, &req, &mut Vec::new()),
+            Plan::Slot(Slot::for_key(b"{a}"))
+        );
+    }
+
     use super::*;
     use crate::command::lookup;
     use crate::resp::{Limits, RequestParser};

@@ -110,6 +110,31 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         "config|get" | "config|set" | "config|resetstat" | "config|rewrite" | "config|help" => {
             Forward
         }
+        // The server's logs, memory report and persistence: forwarded to a standalone
+        // server; on a cluster summed, concatenated, sent to every master or asked of one
+        // (`route::keyless`). DEBUG: only DEBUG OBJECT (`Session::refusal`).
+        "slowlog|get"
+        | "slowlog|len"
+        | "slowlog|reset"
+        | "slowlog|help"
+        | "latency|doctor"
+        | "latency|graph"
+        | "latency|help"
+        | "latency|histogram"
+        | "latency|history"
+        | "latency|latest"
+        | "latency|reset"
+        | "memory|doctor"
+        | "memory|help"
+        | "memory|malloc-stats"
+        | "memory|purge"
+        | "memory|stats"
+        | "memory|usage"
+        | "lastsave"
+        | "bgsave"
+        | "bgrewriteaof"
+        | "save"
+        | "debug" => Forward,
         _ if info.has(flags::ADMIN) => Unsupported,
         // Not flagged `blocking` by Redis 7.0, but it blocks its connection until replicas
         // acknowledge (refused: see `session::dispatch`).

@@ -376,6 +376,7 @@ impl ClusterClient {
             | Keyless::First
             | Keyless::Union
             | Keyless::NumSub
+            | Keyless::Min
             | Keyless::AllHave => {
                 self.broadcast(&masters, self.encode(req), MergeKind::All(kind), to)
             }

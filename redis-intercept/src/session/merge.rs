@@ -191,6 +191,18 @@ pub(super) fn merge(kind: &MergeKind, parts: &[Bytes]) -> Result<Bytes, Bytes> {
             Ok(Bytes::from_static(b"+OK\r\n"))
         }
         MergeKind::Split(SplitKind::Sum, ..) | MergeKind::All(Keyless::Sum) => sum(parts),
+        MergeKind::All(Keyless::Min) => {
+            let mut least: Option<i64> = None;
+            for p in parts {
+                match frame(p)? {
+                    Frame::Integer(n) => least = Some(least.map_or(n, |l| l.min(n))),
+                    _ => return Err(error_reply("unexpected reply from a cluster node")),
+                }
+            }
+            least
+                .map(|n| Frame::Integer(n).to_bytes())
+                .ok_or_else(|| error_reply("no master answered"))
+        }
         MergeKind::All(Keyless::Concat) => {
             let mut all = Vec::new();
             for p in parts {

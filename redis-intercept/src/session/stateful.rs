@@ -153,6 +153,19 @@ impl Session {
             return Some(e);
         };
         let info = cmd.info;
+        if info.name == "debug"
+            && info.arity_ok(req.len())
+            && !req
+                .arg(1)
+                .is_some_and(|a| a.eq_ignore_ascii_case(b"object"))
+        {
+            // DEBUG SLEEP, RELOAD, SEGFAULT… would act on the server every client of the
+            // proxy shares (and hold the shared connection).
+            return Some(format!(
+                "'DEBUG {}' is not supported by redis-intercept: it would act on the server as a whole (DEBUG OBJECT is forwarded)",
+                String::from_utf8_lossy(req.arg(1).unwrap_or_default()).to_uppercase()
+            ));
+        }
         if let Some(e) = info.arity_error(req) {
             if !self.stateful.multi {
                 return Some(e);
