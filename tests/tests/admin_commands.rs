@@ -127,3 +127,60 @@ fn admin_commands_have_their_cluster_wide_meaning() {
     assert!(int(&p.call(&["LATENCY", "RESET"])) >= 0);
     proxy.shutdown();
 }
+
+/// WAIT counts the replicas that have the client's writes, on a connection of the client's
+/// own: a WAIT that can't be satisfied blocks only its client.
+#[test]
+fn wait_counts_the_replicas_of_the_clients_writes_and_blocks_nobody_else() {
+    let master = RedisServer::start();
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.addr.port().to_string()]);
+    wait_until(Duration::from_secs(10), || {
+        text(&replica.cmd(&["INFO", "replication"])).contains("master_link_status:up")
+    });
+    let proxy = start_proxy(master.addr, "");
+    let addr = proxy.addr("svc").unwrap();
+    let mut c = RespReader::connect(addr);
+    for i in 0..50 {
+        c.call(&["SET", &format!("w{i}"), "v"]);
+    }
+    assert_eq!(c.call(&["WAIT", "1", "2000"]), Frame::Integer(1));
+    // The replica has every write once WAIT says so.
+    assert_eq!(replica.cmd(&["GET", "w49"]), Frame::Bulk("v".into()));
+    // Two replicas never come: WAIT times out after 600 ms with 1, and meanwhile another
+    // client's commands go on at once.
+    let waiter = std::thread::spawn(move || {
+        let at = std::time::Instant::now();
+        let r = c.call(&["WAIT", "2", "600"]);
+        (r, at.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut other = RespReader::connect(addr);
+    let at = std::time::Instant::now();
+    assert_eq!(other.call(&["SET", "o", "1"]), Frame::Simple("OK".into()));
+    assert!(
+        at.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        at.elapsed()
+    );
+    let (r, took) = waiter.join().unwrap();
+    assert_eq!(r, Frame::Integer(1));
+    assert!(took >= Duration::from_millis(550), "{took:?}");
+    proxy.shutdown();
+    // A cluster's keys are on several masters: WAIT is refused, saying why.
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    let mut c = RespReader::connect(proxy.addr("svc").unwrap());
+    let refused = c.call(&["WAIT", "0", "0"]);
+    assert!(
+        is_err(&refused, "counts one server's replicas"),
+        "{refused:?}"
+    );
+    let refused = c.call(&["WAITAOF", "0", "0", "0"]);
+    assert!(
+        is_err(&refused, "'WAITAOF' is not supported"),
+        "{refused:?}"
+    );
+    proxy.shutdown();
+}

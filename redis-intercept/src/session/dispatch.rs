@@ -120,7 +120,8 @@ pub(super) fn dispatch(
                     "a client can't subscribe during a transaction, a WATCH or a blocking command"
                 }
                 Handling::Blocking => {
-                    "WAIT counts the replicas that acknowledged one connection's writes, and the proxy sends a client's writes over shared connections"
+                    core.push_ready(error_reply(super::stateful::WAIT_ON_CLUSTER));
+                    return;
                 }
                 _ => {
                     "it would act on the proxy's shared upstream connection or on the server as a whole"

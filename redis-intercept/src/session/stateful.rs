@@ -119,6 +119,17 @@ pub(super) fn is_blocking(cmd: Option<Command>) -> bool {
 }
 
 impl Session {
+    /// Whether `req` is WAIT (or WAITAOF, newer than the command table) on a service whose
+    /// one route is a standalone server: it runs on a connection of the client's own.
+    pub(super) fn is_wait(&self, req: &Request<'_>, cmd: Option<Command>) -> bool {
+        let name = req.arg(0).unwrap_or_default();
+        let wait = match cmd {
+            Some(c) => c.info.name == "wait",
+            None => name.eq_ignore_ascii_case(b"waitaof"),
+        };
+        wait && self.forwarder.pins_without_key(&routing(&self.svc))
+    }
+
     /// Gives the pinned connection back once the client's state is clean and nothing is owed
     /// on it.
     pub(super) fn maybe_unpin(&mut self) {
@@ -147,6 +158,13 @@ impl Session {
     /// fail with `EXECABORT`, as in Redis. Subscribed clients never get here.
     pub(super) fn refusal(&mut self, req: &Request<'_>, cmd: Option<Command>) -> Option<String> {
         let Some(cmd) = cmd else {
+            if req
+                .arg(0)
+                .is_some_and(|n| n.eq_ignore_ascii_case(b"waitaof"))
+                && !self.is_wait(req, None)
+            {
+                return Some(WAIT_ON_CLUSTER.replace("WAIT", "WAITAOF"));
+            }
             // Queued as an error inside MULTI, as Redis does with any unknown command.
             let e = command::unknown_subcommand(req)?;
             self.stateful.dirty |= self.stateful.multi;
@@ -222,7 +240,8 @@ impl Session {
         }
         self.maybe_unpin();
         let txn = txn_kind(cmd);
-        let blocking = is_blocking(cmd);
+        let wait = !self.stateful.multi && self.is_wait(req, cmd);
+        let blocking = is_blocking(cmd) || wait;
         if !self.forwarder.is_pinned() && self.stateful.held.is_empty() {
             match txn {
                 // Redis's own answers for a client with no transaction or WATCH.
@@ -333,6 +352,15 @@ impl Session {
         if let Err(e) = self.forwarder.pin(&routing, route, Some((req, cmd))) {
             self.core.push_ready(e);
             return Step::Done;
+        }
+        if self.is_wait(req, cmd) {
+            // WAIT counts the replicas that acknowledged the connection's writes up to its
+            // last one. The client's went over shared connections and are answered (the
+            // barrier above), so a PUBLISH on its own connection (Redis replicates it even
+            // with no subscriber) moves that connection's offset past them: WAIT then counts
+            // the replicas that have the client's writes, and blocks nobody else.
+            let publish = encode_args(&[b"PUBLISH", WAIT_CHANNEL, b""]);
+            self.send_held(&[publish], deadline);
         }
         if txn == Some(Txn::Watch) {
             self.stateful.watching = true;
@@ -592,6 +620,19 @@ pub(super) fn refused_in_multi(cmd: Option<Command>) -> bool {
                 | Handling::Blocking
         )
     })
+}
+
+/// Why WAIT is refused when the service isn't one standalone server.
+pub(super) const WAIT_ON_CLUSTER: &str = "'WAIT' is not supported by redis-intercept here: it counts one server's replicas, and this service's keys are on several servers (a cluster, or key-prefix routes)";
+
+/// The channel of the PUBLISH sent before a client's WAIT (see `Session::start`).
+const WAIT_CHANNEL: &[u8] = b"__redis-intercept__:wait";
+
+/// A command encoded from its arguments.
+fn encode_args(args: &[&[u8]]) -> Bytes {
+    let mut out = BytesMut::new();
+    crate::resp::encode_command(args.iter().copied(), &mut out);
+    out.freeze()
 }
 
 /// `req` as RESP, to hold it.

@@ -192,12 +192,20 @@ pub(crate) async fn open(
         || settings.db != 0
         || settings.protocol.is_some()
     {
-        handshake(&mut stream, settings)
-            .await
-            .map_err(|reason| UpstreamError::Auth {
-                addr: addr.to_string(),
-                reason,
-            })?;
+        handshake(&mut stream, settings).await.map_err(|reason| {
+            // A connection lost in the middle (a server going down) is not a refusal.
+            let lost = reason.starts_with("read failed")
+                || reason.starts_with("write failed")
+                || reason == "closed by the server";
+            if lost {
+                failed(reason)
+            } else {
+                UpstreamError::Auth {
+                    addr: addr.to_string(),
+                    reason,
+                }
+            }
+        })?;
     }
     Ok(stream)
 }
