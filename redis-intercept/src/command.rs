@@ -6,6 +6,7 @@
 //! the running redis-server. How the proxy treats each command ([`Handling`]) is policy and is
 //! written by hand in [`handling_for`].
 
+pub mod acl;
 mod handling;
 mod table;
 
@@ -157,6 +158,8 @@ pub struct CommandInfo {
     pub last_key: i16,
     /// Legacy key step.
     pub step: i16,
+    /// ACL categories (`COMMAND INFO` field 7, without the `@`).
+    pub acl_categories: &'static [&'static str],
     /// Key specs, in Redis's order.
     pub key_specs: &'static [KeySpec],
     /// Subcommands, for container commands like CONFIG and CLIENT.
@@ -315,6 +318,7 @@ static CLIENT_SETINFO: CommandInfo = CommandInfo {
     first_key: 0,
     last_key: 0,
     step: 0,
+    acl_categories: &["slow", "connection"],
     key_specs: &[],
     subcommands: &[],
 };

@@ -137,6 +137,8 @@ pub struct Policy {
     pub command_stats: bool,
     /// Fault injection rules, tried in order; the first that matches and hits applies.
     pub faults: Vec<Fault>,
+    /// The commands the service's clients may run (`None`: all).
+    pub acl: Option<std::sync::Arc<crate::command::acl::Acl>>,
 }
 
 /// Swallows mirror replies: they are read (to keep the connection in step) and dropped,

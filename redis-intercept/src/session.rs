@@ -63,7 +63,6 @@ use crate::command::{self, Command};
 use crate::metrics::GaugeGuard;
 use crate::resp::{Request, RequestParser};
 use crate::service::ServiceCtx;
-use crate::upstream::error_reply;
 use crate::wake::Wake;
 
 /// How often a client that stopped being read because the input budget was spent looks
@@ -517,7 +516,7 @@ impl Session {
                         // before running or queueing: a split MSET must never run a half.
                         if let Some(refusal) = self.refusal(&req, cmd) {
                             self.commands += 1;
-                            self.core.push_ready(error_reply(&refusal));
+                            self.core.push_ready(stateful::refusal_reply(&refusal));
                             self.core.untrack_unused(tracked);
                             input.consume(n);
                             continue;

@@ -104,6 +104,11 @@ fn command(c: &Frame, indent: &str) -> Result<String> {
     } else {
         bits.join(" | ")
     };
+    let categories = items(&f[6])?
+        .iter()
+        .map(|c| text(c).map(|t| format!("{:?}", t.trim_start_matches('@'))))
+        .collect::<Result<Vec<_>>>()?
+        .join(", ");
     let mut specs = String::new();
     for spec in items(&f[8])? {
         specs.push_str(&key_spec(items(spec)?)?);
@@ -125,7 +130,7 @@ fn command(c: &Frame, indent: &str) -> Result<String> {
     };
     Ok(format!(
         "{indent}CommandInfo {{ name: {name:?}, arity: {}, flags: {flags}, first_key: {}, last_key: {}, step: {}, \
-         key_specs: &[{}], subcommands: {subcommands} }},\n",
+         acl_categories: &[{categories}], key_specs: &[{}], subcommands: {subcommands} }},\n",
         int(&f[1])?,
         int(&f[3])?,
         int(&f[4])?,

@@ -24,6 +24,7 @@ pub(super) fn take_live(running: &mut ServiceConfig, new: &ServiceConfig) {
     running.legacy_auth = new.legacy_auth;
     running.command_stats = new.command_stats;
     running.faults.clone_from(&new.faults);
+    running.acl.clone_from(&new.acl);
     // Routing: workers build a new generation of the service's routes when these change.
     running.upstream.clone_from(&new.upstream);
     running.read_policy = new.read_policy;

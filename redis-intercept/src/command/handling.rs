@@ -70,6 +70,10 @@ pub enum Local {
     ClientNoEvict,
     /// MONITOR: the service's clients' commands, shown by the proxy.
     Monitor,
+    /// ACL WHOAMI: the user the client authenticated as with the proxy.
+    AclWhoami,
+    /// ACL CAT [category]: the categories, or a category's commands.
+    AclCat,
 }
 
 /// Decides the proxy's handling of a command by its full name and flags.
@@ -99,6 +103,8 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         "client|unpause" => Local(self::Local::ClientUnpause),
         "client|no-evict" => Local(self::Local::ClientNoEvict),
         "monitor" => Local(self::Local::Monitor),
+        "acl|whoami" => Local(self::Local::AclWhoami),
+        "acl|cat" => Local(self::Local::AclCat),
         "multi" | "exec" | "discard" | "watch" | "unwatch" => Transaction,
         "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
         | "sunsubscribe" => PubSub,

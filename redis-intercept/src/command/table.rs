@@ -12,6 +12,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -21,6 +22,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -31,6 +33,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -41,6 +44,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -51,6 +55,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -61,6 +66,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -71,6 +77,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -81,6 +88,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -91,6 +99,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -101,6 +110,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -111,6 +121,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -121,6 +132,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -131,6 +143,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -141,6 +154,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -153,6 +167,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -171,6 +186,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -181,6 +197,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -191,6 +208,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -201,6 +219,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -211,6 +230,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "bitmap", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -229,6 +249,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "bitmap", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -247,6 +268,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "bitmap", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -265,6 +287,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 2,
         last_key: -1,
         step: 1,
+        acl_categories: &["write", "bitmap", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(2),
@@ -294,6 +317,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "bitmap", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -312,6 +336,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["write", "list", "slow", "blocking"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -341,6 +366,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["write", "list", "slow", "blocking"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
@@ -359,6 +385,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -2,
         step: 1,
+        acl_categories: &["write", "list", "slow", "blocking"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -377,6 +404,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -2,
         step: 1,
+        acl_categories: &["write", "list", "slow", "blocking"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -395,6 +423,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["write", "list", "slow", "blocking"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -424,6 +453,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["write", "sortedset", "slow", "blocking"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
@@ -442,6 +472,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -2,
         step: 1,
+        acl_categories: &["write", "sortedset", "fast", "blocking"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -460,6 +491,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -2,
         step: 1,
+        acl_categories: &["write", "sortedset", "fast", "blocking"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -478,6 +510,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -487,6 +520,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -497,6 +531,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -507,6 +542,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -517,6 +553,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -527,6 +564,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -537,6 +575,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -547,6 +586,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -557,6 +597,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -567,6 +608,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -577,6 +619,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -587,6 +630,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -597,6 +641,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -607,6 +652,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -617,6 +663,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -627,6 +674,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -637,6 +685,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -649,6 +698,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -658,6 +708,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -668,6 +719,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -678,6 +730,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -688,6 +741,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -698,6 +752,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -708,6 +763,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -718,6 +774,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -728,6 +785,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -738,6 +796,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -748,6 +807,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -758,6 +818,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -768,6 +829,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -778,6 +840,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -788,6 +851,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -798,6 +862,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -808,6 +873,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -818,6 +884,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -828,6 +895,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -838,6 +906,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -848,6 +917,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -858,6 +928,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -868,6 +939,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -878,6 +950,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -888,6 +961,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -898,6 +972,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -908,6 +983,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -918,6 +994,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -930,6 +1007,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow", "connection"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -939,6 +1017,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -949,6 +1028,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -959,6 +1039,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -969,6 +1050,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -979,6 +1061,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -989,6 +1072,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -999,6 +1083,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "connection"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1011,6 +1096,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -1020,6 +1106,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1030,6 +1117,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1040,6 +1128,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1050,6 +1139,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1060,6 +1150,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1072,6 +1163,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["keyspace", "write", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -1101,6 +1193,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["keyspace", "read", "fast"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -1111,6 +1204,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -1121,6 +1215,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1139,6 +1234,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1157,6 +1253,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["keyspace", "write", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1175,6 +1272,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "transaction"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -1185,6 +1283,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "read", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1203,6 +1302,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -1213,6 +1313,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow", "scripting"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
@@ -1231,6 +1332,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow", "scripting"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
@@ -1249,6 +1351,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow", "scripting"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
@@ -1267,6 +1370,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow", "scripting"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
@@ -1285,6 +1389,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow", "transaction"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -1295,6 +1400,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["keyspace", "read", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1313,6 +1419,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "write", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1331,6 +1438,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "write", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1349,6 +1457,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "read", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1367,6 +1476,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -1377,6 +1487,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow", "scripting"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
@@ -1395,6 +1506,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow", "scripting"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(2),
             find: FindKeys::Keynum {
@@ -1413,6 +1525,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["keyspace", "write", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -1423,6 +1536,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["keyspace", "write", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -1433,6 +1547,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -1442,6 +1557,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["write", "slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1452,6 +1568,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1462,6 +1579,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["write", "slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1472,6 +1590,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1482,6 +1601,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1492,6 +1612,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1502,6 +1623,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["write", "slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1512,6 +1634,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["write", "slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1522,6 +1645,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1534,6 +1658,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "geo", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1552,6 +1677,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "geo", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1570,6 +1696,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "geo", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1588,6 +1715,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "geo", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1606,6 +1734,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "geo", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -1650,6 +1779,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "geo", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1668,6 +1798,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "geo", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -1712,6 +1843,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "geo", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1730,6 +1862,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "geo", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1748,6 +1881,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["write", "geo", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -1777,6 +1911,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1795,6 +1930,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "bitmap", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1813,6 +1949,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1831,6 +1968,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1849,6 +1987,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "string", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1867,6 +2006,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1885,6 +2025,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1903,6 +2044,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -1913,6 +2055,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1931,6 +2074,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1949,6 +2093,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "hash", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1967,6 +2112,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -1985,6 +2131,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2003,6 +2150,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "hash", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2021,6 +2169,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2039,6 +2188,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2057,6 +2207,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2075,6 +2226,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "hash", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2093,6 +2245,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "hash", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2111,6 +2264,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2129,6 +2283,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2147,6 +2302,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "hash", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2165,6 +2321,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "hash", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2183,6 +2340,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2201,6 +2359,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2219,6 +2378,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2237,6 +2397,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -2247,6 +2408,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["keyspace", "read", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -2257,6 +2419,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "fast", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -2267,6 +2430,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -2276,6 +2440,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2286,6 +2451,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2296,6 +2462,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2306,6 +2473,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2316,6 +2484,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2326,6 +2495,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2336,6 +2506,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2348,6 +2519,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["read", "string", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2366,6 +2538,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "list", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2384,6 +2557,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "list", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2402,6 +2576,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "list", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2420,6 +2595,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["write", "list", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -2449,6 +2625,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["write", "list", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
@@ -2467,6 +2644,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["read", "fast"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -2477,6 +2655,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "list", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2495,6 +2674,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "list", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2513,6 +2693,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "list", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2531,6 +2712,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "list", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2549,6 +2731,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "list", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2567,6 +2750,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "list", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2585,6 +2769,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "list", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2603,6 +2788,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "list", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2621,6 +2807,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -2630,6 +2817,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2640,6 +2828,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2650,6 +2839,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2660,6 +2850,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2670,6 +2861,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2680,6 +2872,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["read", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -2700,6 +2893,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["read", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2718,6 +2912,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 3,
         last_key: 3,
         step: 1,
+        acl_categories: &["keyspace", "write", "slow", "dangerous"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(3),
@@ -2750,6 +2945,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -2759,6 +2955,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2769,6 +2966,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2779,6 +2977,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2789,6 +2988,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2799,6 +2999,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2811,6 +3012,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -2821,6 +3023,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "write", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2839,6 +3042,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 2,
+        acl_categories: &["write", "string", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2857,6 +3061,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 2,
+        acl_categories: &["write", "string", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2875,6 +3080,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "transaction"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -2885,6 +3091,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -2894,6 +3101,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["keyspace", "read", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -2912,6 +3120,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["keyspace", "read", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -2930,6 +3139,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["keyspace", "slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2940,6 +3150,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["keyspace", "read", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -2958,6 +3169,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["keyspace", "read", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -2978,6 +3190,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "write", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -2996,6 +3209,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "write", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3014,6 +3228,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "write", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3032,6 +3247,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "read", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3050,6 +3266,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "hyperloglog", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3068,6 +3285,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["read", "hyperloglog", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3086,6 +3304,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 2,
         last_key: 2,
         step: 1,
+        acl_categories: &["write", "hyperloglog", "admin", "slow", "dangerous"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(2),
             find: FindKeys::Range {
@@ -3104,6 +3323,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["write", "hyperloglog", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -3133,6 +3353,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["hyperloglog", "admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3143,6 +3364,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3153,6 +3375,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3171,6 +3394,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["pubsub", "slow"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3181,6 +3405,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3191,6 +3416,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "read", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3209,6 +3435,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["pubsub", "fast"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3219,6 +3446,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -3228,6 +3456,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["pubsub", "slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3238,6 +3467,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3248,6 +3478,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["pubsub", "slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3258,6 +3489,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["pubsub", "slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3268,6 +3500,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["pubsub", "slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3278,6 +3511,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["pubsub", "slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3290,6 +3524,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["pubsub", "slow"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3300,6 +3535,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3310,6 +3546,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["keyspace", "read", "slow"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3320,6 +3557,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3330,6 +3568,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3340,6 +3579,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["keyspace", "write", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -3369,6 +3609,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["keyspace", "write", "fast"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -3398,6 +3639,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3408,6 +3650,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3418,6 +3661,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3428,6 +3672,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "write", "slow", "dangerous"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3446,6 +3691,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "write", "slow", "dangerous"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3464,6 +3710,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "fast", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3474,6 +3721,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "list", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3492,6 +3740,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["write", "list", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -3521,6 +3770,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "list", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3539,6 +3789,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "list", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3557,6 +3808,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "set", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3575,6 +3827,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3585,6 +3838,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["keyspace", "read", "slow"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3595,6 +3849,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "set", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3613,6 +3868,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -3622,6 +3878,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3632,6 +3889,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3642,6 +3900,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3652,6 +3911,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3662,6 +3922,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3672,6 +3933,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow", "scripting"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3684,6 +3946,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["read", "set", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3702,6 +3965,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["write", "set", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -3731,6 +3995,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3741,6 +4006,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3759,6 +4025,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "bitmap", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3777,6 +4044,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3795,6 +4063,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3813,6 +4082,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "string", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3831,6 +4101,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3841,6 +4112,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["read", "set", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3859,6 +4131,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["read", "set", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
@@ -3877,6 +4150,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["write", "set", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -3906,6 +4180,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "set", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -3924,6 +4199,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -3934,6 +4210,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -3943,6 +4220,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3953,6 +4231,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3963,6 +4242,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3973,6 +4253,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["admin", "slow", "dangerous"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3985,6 +4266,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "set", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4003,6 +4285,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "set", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4021,6 +4304,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["write", "set", "fast"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -4050,6 +4334,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "set", "sortedset", "list", "slow", "dangerous"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -4080,6 +4365,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "set", "sortedset", "list", "slow", "dangerous"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -4105,6 +4391,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "set", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4123,6 +4410,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["pubsub", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4141,6 +4429,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "set", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4159,6 +4448,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "set", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4177,6 +4467,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "set", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4195,6 +4486,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["pubsub", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4213,6 +4505,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "string", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4231,6 +4524,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["pubsub", "slow"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -4241,6 +4535,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "string", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4259,6 +4554,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["read", "set", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4277,6 +4573,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["write", "set", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -4306,6 +4603,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["pubsub", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4324,6 +4622,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["keyspace", "write", "fast", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -4334,6 +4633,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["admin", "slow", "dangerous"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -4344,6 +4644,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -4354,6 +4655,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["keyspace", "read", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4372,6 +4674,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "read", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4390,6 +4693,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["keyspace", "read", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4408,6 +4712,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["keyspace", "write", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4426,6 +4731,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["pubsub", "slow"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -4436,6 +4742,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["fast", "transaction"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -4446,6 +4753,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow", "connection"],
         key_specs: &[],
         subcommands: &[],
     },
@@ -4456,6 +4764,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: -1,
         step: 1,
+        acl_categories: &["fast", "transaction"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4474,6 +4783,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "stream", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4492,6 +4802,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "stream", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4510,6 +4821,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "stream", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4528,6 +4840,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "stream", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4546,6 +4859,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "stream", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4564,6 +4878,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -4573,6 +4888,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["write", "stream", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -4591,6 +4907,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["write", "stream", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -4609,6 +4926,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["write", "stream", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -4627,6 +4945,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["write", "stream", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -4645,6 +4964,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["stream", "slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -4655,6 +4975,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["write", "stream", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -4675,6 +4996,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["slow"],
         key_specs: &[],
         subcommands: &[
             CommandInfo {
@@ -4684,6 +5006,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["read", "stream", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -4702,6 +5025,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["read", "stream", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -4720,6 +5044,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
+                acl_categories: &["stream", "slow"],
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -4730,6 +5055,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 first_key: 2,
                 last_key: 2,
                 step: 1,
+                acl_categories: &["read", "stream", "slow"],
                 key_specs: &[KeySpec {
                     begin: BeginSearch::Index(2),
                     find: FindKeys::Range {
@@ -4750,6 +5076,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "stream", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4768,6 +5095,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "stream", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4786,6 +5114,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "stream", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4804,6 +5133,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["read", "stream", "slow", "blocking"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Keyword {
                 keyword: "STREAMS",
@@ -4825,6 +5155,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["write", "stream", "slow", "blocking"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Keyword {
                 keyword: "STREAMS",
@@ -4846,6 +5177,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "stream", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4864,6 +5196,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "stream", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4882,6 +5215,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "stream", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4900,6 +5234,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4918,6 +5253,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4936,6 +5272,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -4954,6 +5291,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
@@ -4972,6 +5310,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -5001,6 +5340,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5019,6 +5359,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
@@ -5037,6 +5378,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
@@ -5055,6 +5397,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -5084,6 +5427,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5102,6 +5446,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["write", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
@@ -5120,6 +5465,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5138,6 +5484,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5156,6 +5503,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5174,6 +5522,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5192,6 +5541,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5210,6 +5560,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5228,6 +5579,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5246,6 +5598,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 2,
         step: 1,
+        acl_categories: &["write", "sortedset", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),
@@ -5275,6 +5628,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5293,6 +5647,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5311,6 +5666,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5329,6 +5685,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5347,6 +5704,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5365,6 +5723,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5383,6 +5742,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5401,6 +5761,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5419,6 +5780,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5437,6 +5799,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5455,6 +5818,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["read", "sortedset", "fast"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Range {
@@ -5473,6 +5837,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
+        acl_categories: &["read", "sortedset", "slow"],
         key_specs: &[KeySpec {
             begin: BeginSearch::Index(1),
             find: FindKeys::Keynum {
@@ -5491,6 +5856,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         first_key: 1,
         last_key: 1,
         step: 1,
+        acl_categories: &["write", "sortedset", "slow"],
         key_specs: &[
             KeySpec {
                 begin: BeginSearch::Index(1),

@@ -78,6 +78,11 @@ pub struct ServiceConfig {
     /// error for AUTH without a configured password).
     #[serde(default)]
     pub legacy_auth: LegacyAuth,
+    /// Which commands the service's clients may run, in Redis's ACL rule syntax
+    /// (`rules = "+@all -@admin -flushall"`). Absent: every command, with the upstream
+    /// user's own ACL as the only limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl: Option<AclConfig>,
     /// Count calls and reply latency per command (`command_calls_total`,
     /// `command_duration_seconds`). Off by default: it reads the clock once per reply.
     #[serde(default)]
@@ -110,6 +115,14 @@ fn default_reply_window() -> ByteSize {
 }
 fn default_big_reply_budget() -> ByteSize {
     ByteSize(4 * 1024 * 1024)
+}
+
+/// A service's command policy (`[service.acl]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclConfig {
+    /// Rules such as `+@all -@admin -flushall`, applied left to right from no commands.
+    pub rules: String,
 }
 
 /// Client-facing authentication of a service.

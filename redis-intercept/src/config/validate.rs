@@ -307,6 +307,11 @@ fn check_service(
     if s.big_reply_budget.0 == 0 {
         err(at("big_reply_budget"), "must be more than 0");
     }
+    if let Some(acl) = &s.acl
+        && let Err(e) = crate::command::acl::Acl::compile(&acl.rules)
+    {
+        err(at("acl.rules"), &e);
+    }
     if let Some(a) = &s.auth
         && a.passwords.is_empty()
         && a.password_file.is_none()

@@ -419,6 +419,12 @@ pub fn policy(svc: &ServiceConfig) -> Policy {
         legacy_auth_reject: svc.legacy_auth == LegacyAuth::Reject,
         command_stats: svc.command_stats,
         faults: svc.faults.iter().map(fault).collect(),
+        // Checked when the config was loaded; a rule set that no longer compiles can't occur.
+        acl: svc.acl.as_ref().and_then(|a| {
+            crate::command::acl::Acl::compile(&a.rules)
+                .ok()
+                .map(std::sync::Arc::new)
+        }),
     }
 }
 

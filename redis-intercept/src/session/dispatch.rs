@@ -161,7 +161,7 @@ impl Session {
             ))));
         }
         if let Some(refusal) = self.refusal(req, cmd) {
-            self.core.push_ready(error_reply(&refusal));
+            self.core.push_ready(stateful::refusal_reply(&refusal));
             return Ok(());
         }
         let deadline = Instant::now() + self.svc.policy().op_timeout;

@@ -6,6 +6,7 @@ use bytes::{Bytes, BytesMut};
 use super::auth::{auth, auth_required, check_credentials};
 use super::{ClientState, directory, forward};
 use crate::command::Local;
+use crate::locks::RwLockRecovered;
 use crate::resp::Request;
 use crate::service::ServiceCtx;
 use crate::upstream::error_reply;
@@ -44,6 +45,31 @@ pub(super) const OK: &[u8] = b"+OK\r\n";
 /// A null reply in the client's protocol.
 pub(super) fn null(resp3: bool) -> Bytes {
     Bytes::from_static(if resp3 { b"_\r\n" } else { b"$-1\r\n" })
+}
+
+/// `ACL CAT [category]`: Redis 7.0's categories, or the commands (and subcommands) of one.
+fn acl_cat(category: Option<&[u8]>) -> Bytes {
+    use crate::command::acl;
+    use crate::resp::Frame;
+    let names: Vec<&str> = match category {
+        None => acl::CATEGORIES.to_vec(),
+        Some(c) => match acl::commands_in(&String::from_utf8_lossy(c)) {
+            Some(names) => names,
+            None => {
+                return error_reply(&format!(
+                    "Unknown category '{}'",
+                    String::from_utf8_lossy(c)
+                ));
+            }
+        },
+    };
+    Frame::Array(
+        names
+            .into_iter()
+            .map(|n| Frame::Bulk(Bytes::copy_from_slice(n.as_bytes())))
+            .collect(),
+    )
+    .to_bytes()
 }
 
 /// Answers a command the proxy handles itself. Arity was checked by the caller.
@@ -110,6 +136,12 @@ pub(super) fn local_reply(
         Local::ClientPause => super::modes::pause(state.service_key, req),
         Local::ClientUnpause => super::modes::unpause(state.service_key),
         Local::ClientNoEvict => super::modes::no_evict(req, &state.entry),
+        Local::AclWhoami => {
+            let auth = svc.auth.read_recovered();
+            let user = auth.as_ref().map_or("default", |a| a.username.as_str());
+            bulk(user.as_bytes())
+        }
+        Local::AclCat => acl_cat(req.arg(2)),
         Local::Monitor => {
             super::monitor::start(state.service_key, &state.entry);
             Bytes::from_static(OK)

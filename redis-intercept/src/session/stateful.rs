@@ -197,6 +197,17 @@ impl Session {
             self.stateful.dirty = true;
             return Some(e);
         }
+        if self.state.authenticated
+            && let Some(acl) = &self.svc.policy().acl
+            && !acl.allows(info)
+        {
+            // Redis's refusal; inside MULTI it fails the transaction, as there.
+            self.stateful.dirty |= self.stateful.multi;
+            return Some(format!(
+                "NOPERM this user has no permissions to run the '{}' command",
+                info.name
+            ));
+        }
         if self.stateful.multi {
             return None;
         }
@@ -620,6 +631,15 @@ pub(super) fn refused_in_multi(cmd: Option<Command>) -> bool {
                 | Handling::Blocking
         )
     })
+}
+
+/// The reply for a refusal ([`Session::refusal`]'s text): Redis's `-NOPERM`, or `-ERR`.
+pub(super) fn refusal_reply(why: &str) -> Bytes {
+    if why.starts_with("NOPERM ") {
+        Bytes::from(format!("-{why}\r\n"))
+    } else {
+        error_reply(why)
+    }
 }
 
 /// Why WAIT is refused when the service isn't one standalone server.
