@@ -48,6 +48,7 @@ mod scan;
 mod stateful;
 mod target;
 mod tracking;
+mod unblock;
 mod window;
 
 pub use registry::{ClientGuard, Sessions, next_client_id};
@@ -348,6 +349,8 @@ impl Session {
                 self.process_input(input);
             }
             self.maybe_unpin();
+            // Again after the input: a command just sent may have blocked the client.
+            self.show_flags();
             core.write_out();
             match core.failure.get() {
                 Some(Failure::SlowReader) => return End::SlowReader,

@@ -29,7 +29,7 @@ pub mod tracking_listener;
 use bytes::Bytes;
 
 pub use conn::NodeConn;
-pub use connect::{ConnSettings, PasswordSource, ServerVersion, UpstreamAuth};
+pub use connect::{ConnSettings, PasswordSource, ServerVersion, UpstreamAuth, one_command};
 pub(crate) use connect::{open, read_replies};
 pub use error::UpstreamError;
 pub use sink::{Reply, ReplySink, ReplyTo};

@@ -176,3 +176,44 @@ fn monitor_shows_another_clients_commands_with_its_address() {
     assert_eq!(want, monitored(proxy.addr("svc").unwrap()), "cluster");
     proxy.shutdown();
 }
+
+/// CLIENT UNBLOCK of another client's BLPOP, with TIMEOUT and with ERROR; 0 for a client
+/// that isn't blocked; Redis's errors. What both clients see, as against Redis.
+fn unblocking(addr: SocketAddr) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut blocked = RespReader::connect(addr);
+    let Frame::Integer(id) = blocked.call(&["CLIENT", "ID"]) else {
+        panic!("CLIENT ID")
+    };
+    let id = id.to_string();
+    let mut admin = RespReader::connect(addr);
+    let raw = |b: bytes::Bytes| String::from_utf8_lossy(&b).into_owned();
+    seen.push(raw(admin.call_raw(&["CLIENT", "UNBLOCK", &id])));
+    for mode in ["TIMEOUT", "ERROR"] {
+        blocked.send(&encode(&["BLPOP", "q", "0"]));
+        std::thread::sleep(Duration::from_millis(200));
+        seen.push(raw(admin.call_raw(&["CLIENT", "UNBLOCK", &id, mode])));
+        seen.push(raw(blocked.read_raw()));
+    }
+    seen.push(raw(admin.call_raw(&["CLIENT", "UNBLOCK", "x"])));
+    seen.push(raw(admin.call_raw(&["CLIENT", "UNBLOCK", &id, "FOO"])));
+    // The unblocked client goes on.
+    seen.push(raw(blocked.call_raw(&["RPUSH", "q", "1"])));
+    seen.push(raw(blocked.call_raw(&["BLPOP", "q", "0"])));
+    seen
+}
+
+#[test]
+fn client_unblock_reaches_a_blocked_command() {
+    let direct = RedisServer::start();
+    let want = unblocking(direct.addr);
+    let server = RedisServer::start();
+    let proxy = start_proxy(server.addr, "");
+    assert_eq!(want, unblocking(proxy.addr("svc").unwrap()), "standalone");
+    proxy.shutdown();
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.addrs().iter().map(ToString::to_string).collect();
+    let proxy = start_cluster_proxy(&seeds, "", "");
+    assert_eq!(want, unblocking(proxy.addr("svc").unwrap()), "cluster");
+    proxy.shutdown();
+}

@@ -74,6 +74,8 @@ pub enum Local {
     AclWhoami,
     /// ACL CAT [category]: the categories, or a category's commands.
     AclCat,
+    /// CLIENT UNBLOCK id [TIMEOUT|ERROR]: reaches the client's dedicated connection.
+    ClientUnblock,
 }
 
 /// Decides the proxy's handling of a command by its full name and flags.
@@ -105,6 +107,7 @@ pub fn handling_for(info: &CommandInfo) -> Handling {
         "monitor" => Local(self::Local::Monitor),
         "acl|whoami" => Local(self::Local::AclWhoami),
         "acl|cat" => Local(self::Local::AclCat),
+        "client|unblock" => Local(self::Local::ClientUnblock),
         "multi" | "exec" | "discard" | "watch" | "unwatch" => Transaction,
         "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
         | "sunsubscribe" => PubSub,

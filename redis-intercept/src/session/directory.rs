@@ -106,6 +106,19 @@ pub(super) struct ClientEntry {
     pub(super) lost: AtomicBool,
     /// CLIENT NO-EVICT ON (`e`).
     pub(super) no_evict: AtomicBool,
+    /// The dedicated connection of its last blocking command (CLIENT UNBLOCK).
+    pub(super) blocked_on: Mutex<Option<BlockedOn>>,
+}
+
+/// Where a client's blocking command runs: its dedicated connection's node and id there.
+#[derive(Clone)]
+pub(super) struct BlockedOn {
+    /// The node.
+    pub(super) addr: String,
+    /// How to reach it.
+    pub(super) settings: crate::upstream::ConnSettings,
+    /// The connection's CLIENT ID on the node.
+    pub(super) upstream_id: i64,
 }
 
 impl ClientEntry {
@@ -135,6 +148,7 @@ impl ClientEntry {
             mailbox,
             lost: AtomicBool::new(false),
             no_evict: AtomicBool::new(false),
+            blocked_on: Mutex::new(None),
         });
         CLIENTS.locked().insert(id, Arc::clone(&entry));
         entry
@@ -166,6 +180,11 @@ impl ClientEntry {
         if self.mailbox.tx.try_send(Mail::Push(self.id, line)).is_err() {
             let _ = self.mailbox.tx.try_send(Mail::Kill(self.id));
         }
+    }
+
+    /// Whether `other` is a client of the same service.
+    pub(super) fn same_service(&self, other: &ClientEntry) -> bool {
+        self.service == other.service
     }
 
     /// Its address as CLIENT LIST and MONITOR show it.

@@ -70,6 +70,9 @@ pub(super) fn dispatch(
             ),
             _,
         )) => super::tracking::command(local, req, state, core),
+        Some((Handling::Local(Local::ClientUnblock), _)) => {
+            super::unblock::unblock(req, state, core)
+        }
         Some((Handling::Local(local), _)) => {
             // Arity was checked when the request was read (`Session::refusal`).
             let reply = if local == Local::Select {

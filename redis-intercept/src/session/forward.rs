@@ -18,7 +18,7 @@ use super::Sampler;
 use super::cluster::ClientCounts;
 use super::merge::{Merge, MergeKind, Positions};
 use super::mirror::mirror;
-use super::target::Target;
+use super::target::{Target, cut_keys};
 use crate::cluster::{Redirect, RedirectKind, Slot};
 use crate::command::Command;
 use crate::resp::{Limits, Request, RequestParser, encode_command};
@@ -208,6 +208,11 @@ impl Forwarder {
             Some(r) => r.main.plain_target(channel),
             None => Err(error_reply("service has no upstream")),
         }
+    }
+
+    /// The connection pinned to the client, if any (CLIENT UNBLOCK reaches its node).
+    pub fn pinned_conn(&self) -> Option<&NodeConn> {
+        self.pinned.as_ref().map(|p| &p.conn)
     }
 
     /// Whether a transaction's connection can be picked before any key is seen: the service
@@ -573,22 +578,6 @@ fn pinned_send(
     }
     let out = cut_keys(req, keys, cut);
     pinned.conn.send_encoded(&out, to).map_err(Bytes::from)
-}
-
-/// `req` encoded with the first `cut` bytes of each key (at `keys`) removed.
-fn cut_keys(req: &Request<'_>, keys: &[usize], cut: usize) -> BytesMut {
-    let mut out = BytesMut::new();
-    encode_command(
-        req.args().enumerate().map(|(i, a)| {
-            if keys.contains(&i) {
-                a.get(cut..).unwrap_or_default()
-            } else {
-                a
-            }
-        }),
-        &mut out,
-    );
-    out
 }
 
 /// The refusal for a request routed to a cluster while the client has another database

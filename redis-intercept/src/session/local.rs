@@ -150,7 +150,8 @@ pub(super) fn local_reply(
         Local::ClientTracking
         | Local::ClientCaching
         | Local::ClientGetRedir
-        | Local::ClientTrackingInfo => error_reply("internal error: tracking command misrouted"),
+        | Local::ClientTrackingInfo
+        | Local::ClientUnblock => error_reply("internal error: command misrouted"),
     }
 }
 

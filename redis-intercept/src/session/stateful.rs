@@ -377,6 +377,7 @@ impl Session {
             self.stateful.watching = true;
         } else {
             self.stateful.blocking = true;
+            self.learn_blocked_conn(deadline);
         }
         if self.forwarder.pinned_to_cluster() {
             self.stateful.arm_probe = Some(Vec::new());
@@ -518,7 +519,10 @@ impl Session {
                     return;
                 }
             }
-            _ if blocking && !st.multi => st.blocking = true,
+            _ if blocking && !st.multi => {
+                st.blocking = true;
+                self.learn_blocked_conn(deadline);
+            }
             _ => {}
         }
         self.send(req, cmd, deadline);

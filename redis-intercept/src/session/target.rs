@@ -255,3 +255,19 @@ pub(super) fn pick(db: &Db, client: u64) -> Option<(NodeConn, Rc<DedicatedPool>)
         )
     })
 }
+
+/// `req` encoded with the first `cut` bytes of each key (at `keys`) removed.
+pub(super) fn cut_keys(req: &Request<'_>, keys: &[usize], cut: usize) -> bytes::BytesMut {
+    let mut out = bytes::BytesMut::new();
+    crate::resp::encode_command(
+        req.args().enumerate().map(|(i, a)| {
+            if keys.contains(&i) {
+                a.get(cut..).unwrap_or_default()
+            } else {
+                a
+            }
+        }),
+        &mut out,
+    );
+    out
+}

@@ -222,6 +222,11 @@ impl NodeConn {
         Ok(())
     }
 
+    /// How it connects (for another connection to the same node).
+    pub fn settings(&self) -> &ConnSettings {
+        &self.0.settings
+    }
+
     /// The node this connection goes to.
     pub fn addr(&self) -> &str {
         self.0.addr.as_str()

@@ -297,3 +297,37 @@ pub(crate) async fn read_replies<S: AsyncRead + Unpin>(
     }
     Ok(replies)
 }
+
+/// Sends one command on a connection of its own to `addr` and returns the reply: for the
+/// rare command that must reach a node outside the shared connections (CLIENT UNBLOCK of a
+/// client's dedicated connection).
+///
+/// # Errors
+/// The connection's failure.
+pub async fn one_command(
+    addr: &str,
+    settings: &ConnSettings,
+    args: &[&[u8]],
+) -> Result<Bytes, UpstreamError> {
+    let node = NodeAddr::parse(addr).unwrap_or_else(|_| NodeAddr::unparsed(addr.to_owned()));
+    let mut stream = tokio::time::timeout(settings.connect_timeout, open(&node, settings))
+        .await
+        .map_err(|_| UpstreamError::Connect {
+            addr: addr.to_owned(),
+            reason: "connect timed out".to_owned(),
+        })??;
+    let mut out = BytesMut::new();
+    encode_command(args.iter().copied(), &mut out);
+    let lost = |reason: String| UpstreamError::Lost {
+        addr: addr.to_owned(),
+        reason,
+    };
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| lost(format!("write failed: {e}")))?;
+    let mut replies = read_replies(&mut stream, 1, &settings.limits)
+        .await
+        .map_err(lost)?;
+    replies.pop().ok_or_else(|| lost("no reply".to_owned()))
+}
