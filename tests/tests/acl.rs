@@ -1,6 +1,6 @@
 //! End-to-end: a service's command policy (`[service.acl] rules`): refused commands,
-//! subcommands and categories get Redis's `-NOPERM` (compared with a Redis user given the
-//! same rules), a refusal inside MULTI fails the transaction, `ACL WHOAMI` and `ACL CAT` are
+//! subcommands and categories get the server's `-NOPERM` (compared with a Redis, or Valkey,
+//! user given the same rules), a refusal inside MULTI fails the transaction, `ACL WHOAMI` and `ACL CAT` are
 //! the proxy's, and a reload that changes the rules applies to connected clients.
 
 use redis_intercept::resp::Frame;
@@ -74,9 +74,9 @@ fn acl_rules_refuse_as_redis_does_and_follow_a_reload() {
     let narrower = config(server.addr, "+@all -@write");
     assert!(reload(&proxy, &narrower).is_empty());
     let refused = p.call(&["SET", "k", "x"]);
-    assert_eq!(
-        refused,
-        Frame::Error("NOPERM this user has no permissions to run the 'set' command".into())
+    assert!(
+        redis_intercept_e2e::is_err(&refused, "no permissions to run the 'set' command"),
+        "{refused:?}"
     );
     assert_eq!(p.call(&["GET", "k"]), Frame::Bulk("v".into()));
     proxy.shutdown();

@@ -87,6 +87,11 @@ fn cargo(root: &std::path::Path) -> Command {
 const VALKEY_TESTS: &[&str] = &[
     "resp3",
     "tracking",
+    "tracking_churn",
+    "client_modes",
+    "acl",
+    "admin_commands",
+    "redis_cli_modes",
     "libraries",
     "config",
     "clients",

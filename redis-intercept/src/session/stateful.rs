@@ -203,10 +203,7 @@ impl Session {
         {
             // Redis's refusal; inside MULTI it fails the transaction, as there.
             self.stateful.dirty |= self.stateful.multi;
-            return Some(format!(
-                "NOPERM this user has no permissions to run the '{}' command",
-                info.name
-            ));
+            return Some(noperm(&self.svc, info.name));
         }
         if self.stateful.multi {
             return None;
@@ -635,6 +632,21 @@ pub(super) fn refused_in_multi(cmd: Option<Command>) -> bool {
                 | Handling::Blocking
         )
     })
+}
+
+/// Redis's NOPERM text for `command`, in the words of the server behind: Redis 7.2 and
+/// Valkey name the user, 7.0 says "this user".
+fn noperm(svc: &crate::service::ServiceCtx, command: &str) -> String {
+    let (server, version) = svc.upstream_identity();
+    let mut v = version.split('.').filter_map(|n| n.parse::<u32>().ok());
+    let newer = server != "redis" || (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (7, 2);
+    if newer {
+        let auth = crate::locks::RwLockRecovered::read_recovered(&*svc.auth);
+        let user = auth.as_ref().map_or("default", |a| a.username.as_str());
+        format!("NOPERM User {user} has no permissions to run the '{command}' command")
+    } else {
+        format!("NOPERM this user has no permissions to run the '{command}' command")
+    }
 }
 
 /// The reply for a refusal ([`Session::refusal`]'s text): Redis's `-NOPERM`, or `-ERR`.
