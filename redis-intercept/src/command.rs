@@ -8,6 +8,7 @@
 
 pub mod acl;
 mod handling;
+pub mod learned;
 mod table;
 
 use std::collections::HashMap;
@@ -357,7 +358,10 @@ pub fn lookup(req: &Request<'_>) -> Option<Command> {
     let name = req.arg(0)?;
     let mut buf = [0u8; MAX_NAME];
     let top = lower_into(name, &mut buf)?;
-    let cmd = *BY_NAME.get(top)?;
+    let Some(&cmd) = BY_NAME.get(top) else {
+        // Newer than the built-in table: the upstream's own entry, if it has one.
+        return learned::get(top);
+    };
     if cmd.info.subcommands.is_empty() {
         return Some(cmd);
     }
@@ -372,7 +376,7 @@ pub fn lookup(req: &Request<'_>) -> Option<Command> {
     buf[n] = b'|';
     let full = lower_into(sub, &mut buf[n + 1..]).map(|s| s.len())?;
     let full = std::str::from_utf8(&buf[..n + 1 + full]).ok()?;
-    BY_NAME.get(full).copied()
+    BY_NAME.get(full).copied().or_else(|| learned::get(full))
 }
 
 /// Redis's error for a subcommand the table doesn't know, of a command it does (`CLIENT

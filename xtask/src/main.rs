@@ -92,6 +92,7 @@ const VALKEY_TESTS: &[&str] = &[
     "acl",
     "admin_commands",
     "redis_cli_modes",
+    "upstream_commands",
     "libraries",
     "config",
     "clients",

@@ -123,7 +123,9 @@ pub(super) fn dispatch(
                     "a client can't subscribe during a transaction, a WATCH or a blocking command"
                 }
                 Handling::Blocking => {
-                    core.push_ready(error_reply(super::stateful::WAIT_ON_CLUSTER));
+                    let why =
+                        super::stateful::WAIT_ON_CLUSTER.replace("'WAIT'", &format!("'{name}'"));
+                    core.push_ready(error_reply(&why));
                     return;
                 }
                 _ => {

@@ -115,7 +115,9 @@ pub(super) fn txn_kind(cmd: Option<Command>) -> Option<Txn> {
 /// Blocking commands that get a connection of their own (not WAIT: it counts replicas
 /// acknowledging one connection's writes, and the client's writes go over shared ones).
 pub(super) fn is_blocking(cmd: Option<Command>) -> bool {
-    cmd.is_some_and(|c| c.handling == Handling::Blocking && c.info.name != "wait")
+    cmd.is_some_and(|c| {
+        c.handling == Handling::Blocking && !matches!(c.info.name, "wait" | "waitaof")
+    })
 }
 
 impl Session {
@@ -124,7 +126,8 @@ impl Session {
     pub(super) fn is_wait(&self, req: &Request<'_>, cmd: Option<Command>) -> bool {
         let name = req.arg(0).unwrap_or_default();
         let wait = match cmd {
-            Some(c) => c.info.name == "wait",
+            // WAITAOF is in the table once learned from the upstream.
+            Some(c) => matches!(c.info.name, "wait" | "waitaof"),
             None => name.eq_ignore_ascii_case(b"waitaof"),
         };
         wait && self.forwarder.pins_without_key(&routing(&self.svc))

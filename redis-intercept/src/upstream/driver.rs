@@ -56,6 +56,13 @@ impl NodeConn {
                         info!(upstream = %inner.addr, "connected");
                     }
                     inner.state.set(State::Up);
+                    if inner.settings.budget.is_some() && crate::command::learned::start_learning()
+                    {
+                        // The first upstream the proxy reaches teaches it the commands newer
+                        // than its built-in table.
+                        let (addr, settings) = (inner.addr.to_string(), inner.settings.clone());
+                        tokio::task::spawn_local(learn_commands(addr, settings));
+                    }
                     let up = GaugeGuard::new(&inner.metrics.up);
                     backoff = BACKOFF_START;
                     let reason = self.serve(stream).await;
@@ -446,6 +453,23 @@ impl Replies {
             self.buf.reserve(READ_CHUNK);
         }
         &mut self.buf
+    }
+}
+
+/// Reads `COMMAND` from `addr` and merges what the built-in table lacks
+/// (`command::learned`).
+async fn learn_commands(addr: String, settings: super::ConnSettings) {
+    match super::one_command(&addr, &settings, &[b"COMMAND"]).await {
+        Ok(reply) => match crate::resp::Frame::parse(&reply, &settings.limits) {
+            Ok(Some((frame, _))) => {
+                let n = crate::command::learned::learn(&frame);
+                info!(upstream = %addr, commands = n, "learned the commands the upstream has beyond the built-in table");
+            }
+            _ => warn!(upstream = %addr, "COMMAND reply unreadable; unknown commands stay unknown"),
+        },
+        Err(e) => {
+            warn!(upstream = %addr, error = %e, "COMMAND failed; unknown commands stay unknown")
+        }
     }
 }
 
