@@ -475,15 +475,21 @@ mod tests {
         assert_eq!(h("ping"), Handling::Local(Local::Ping));
         assert_eq!(h("client|setname"), Handling::Local(Local::ClientSetName));
         assert_eq!(h("client|kill"), Handling::Local(Local::ClientKill));
-        assert_eq!(h("client|pause"), Handling::Unsupported);
+        assert_eq!(h("client|pause"), Handling::Local(Local::ClientPause));
+        assert_eq!(h("client|unblock"), Handling::Local(Local::ClientUnblock));
+        assert_eq!(h("client|tracking"), Handling::Local(Local::ClientTracking));
+        assert_eq!(h("acl|whoami"), Handling::Local(Local::AclWhoami));
+        assert_eq!(h("acl|setuser"), Handling::Unsupported);
+        assert_eq!(h("slowlog|get"), Handling::Forward);
         assert_eq!(h("blpop"), Handling::Blocking);
         assert_eq!(h("wait"), Handling::Blocking);
         assert_eq!(h("multi"), Handling::Transaction);
         assert_eq!(h("subscribe"), Handling::PubSub);
         assert_eq!(h("shutdown"), Handling::Unsupported);
-        assert_eq!(h("monitor"), Handling::Unsupported);
+        assert_eq!(h("monitor"), Handling::Local(Local::Monitor));
         assert_eq!(h("config|set"), Handling::Forward);
-        assert_eq!(h("debug"), Handling::Unsupported);
+        // Only DEBUG OBJECT gets past `Session::refusal`.
+        assert_eq!(h("debug"), Handling::Forward);
         assert!(by_name("client|setinfo").is_some());
     }
 
