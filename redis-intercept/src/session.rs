@@ -42,6 +42,7 @@ mod output;
 mod probe;
 mod pubsub;
 mod pubsub_node;
+mod refusal;
 mod registry;
 mod replies;
 mod scan;
@@ -519,7 +520,7 @@ impl Session {
                         // before running or queueing: a split MSET must never run a half.
                         if let Some(refusal) = self.refusal(&req, cmd) {
                             self.commands += 1;
-                            self.core.push_ready(stateful::refusal_reply(&refusal));
+                            self.core.push_ready(refusal::refusal_reply(&refusal));
                             self.core.untrack_unused(tracked);
                             input.consume(n);
                             continue;

@@ -124,7 +124,7 @@ pub(super) fn dispatch(
                 }
                 Handling::Blocking => {
                     let why =
-                        super::stateful::WAIT_ON_CLUSTER.replace("'WAIT'", &format!("'{name}'"));
+                        super::refusal::WAIT_ON_CLUSTER.replace("'WAIT'", &format!("'{name}'"));
                     core.push_ready(error_reply(&why));
                     return;
                 }
@@ -166,7 +166,8 @@ impl Session {
             ))));
         }
         if let Some(refusal) = self.refusal(req, cmd) {
-            self.core.push_ready(stateful::refusal_reply(&refusal));
+            self.core
+                .push_ready(super::refusal::refusal_reply(&refusal));
             return Ok(());
         }
         let deadline = Instant::now() + self.svc.policy().op_timeout;
