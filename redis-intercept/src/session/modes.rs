@@ -104,6 +104,11 @@ impl Session {
     /// again shortly). `CLIENT PAUSE` and `UNPAUSE` themselves always go, and so do commands
     /// queued in a transaction: its `EXEC` waits if the transaction writes.
     pub(super) fn paused(&mut self, cmd: Option<Command>) -> bool {
+        if !self.stateful.multi && !ANY_PAUSE.load(Ordering::Acquire) {
+            // The request path's usual case: no pause anywhere.
+            self.txn_writes = false;
+            return false;
+        }
         let name = cmd.map_or("", |c| c.info.name);
         if matches!(name, "client|pause" | "client|unpause") {
             return false;
