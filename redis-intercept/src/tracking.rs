@@ -98,6 +98,8 @@ pub struct TrackingMetrics {
 pub struct Tracker {
     /// Tracking clients by id.
     clients: RefCell<HashMap<u64, Rc<Client>>>,
+    /// `clients` isn't empty (read on every request, so kept apart).
+    any: Cell<bool>,
     /// Clients in BCAST mode.
     bcast: RefCell<Vec<Weak<Client>>>,
     /// Which clients read each key since its last invalidation.
@@ -168,6 +170,7 @@ impl Tracker {
     fn new() -> Tracker {
         Tracker {
             clients: RefCell::default(),
+            any: Cell::new(false),
             bcast: RefCell::default(),
             table: RefCell::default(),
             max_keys: Cell::new(1_000_000),
@@ -195,7 +198,7 @@ impl Tracker {
     /// Whether any client of this worker tracks keys (connections then make sure their
     /// node has a listener).
     pub fn active(&self) -> bool {
-        !self.clients.borrow().is_empty()
+        self.any.get()
     }
 
     /// The current epoch: a connection that saw it already made sure of its listener.
@@ -293,6 +296,7 @@ impl Tracker {
             .borrow_mut()
             .retain(|c| c.upgrade().is_some_and(|c| c.id != id));
         if self.clients.borrow().is_empty() {
+            self.any.set(false);
             // Nobody tracks: stop the listeners (Redis sends them every write) and forget.
             for (_, l) in self.listeners.borrow_mut().drain() {
                 l.close();
