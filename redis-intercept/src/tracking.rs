@@ -267,6 +267,7 @@ impl Tracker {
         self.clients
             .borrow_mut()
             .insert(client.id, Rc::clone(client));
+        self.any.set(true);
         if client.opts.borrow().bcast {
             self.bcast.borrow_mut().push(Rc::downgrade(client));
         }
