@@ -625,13 +625,13 @@ fn a_subscriber_that_unsubscribes_or_resets_is_an_ordinary_client_again() {
     );
     assert_eq!(subscribed(), 1.0);
     // Unsubscribing from everything ends subscribed mode; commands pipelined behind it are
-    // served by the proxy as any client's: CLIENT PAUSE is the proxy's refusal, which Redis
+    // served by the proxy as any client's: DEBUG SLEEP is the proxy's refusal, which Redis
     // would have answered.
     c.send(
         &[
             encode(&["UNSUBSCRIBE"]),
             encode(&["GET", "k"]),
-            encode(&["CLIENT", "PAUSE", "10"]),
+            encode(&["DEBUG", "SLEEP", "0"]),
         ]
         .concat(),
     );
